@@ -1,0 +1,3 @@
+"""instanas: instance-aware neural architecture search (InstaNAS) with measured latency."""
+
+__version__ = "0.1.0"
