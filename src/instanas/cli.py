@@ -1,0 +1,185 @@
+"""The `instanas` command: the whole pipeline or one stage at a time, on one run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import CheckpointError
+from .config import (ConfigError, all_keys, apply_overrides, default_value, help_text,
+                     load_config_file, load_preset, preset_names)
+from .data import DataError
+from .training import TrainingError
+
+log = logging.getLogger("instanas")
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
+
+DESCRIPTIONS = {
+    "run": "the whole pipeline: latency table, MobileNetV2-path baseline, pretrain, search, "
+           "fine-tune, evaluate",
+    "pretrain": "stage 1: one-shot pretraining of the meta-graph",
+    "search": "stage 2: alternate controller and meta-graph epochs (needs pretrain)",
+    "finetune": "stage 3: fine-tune under the frozen controller (needs search)",
+    "baseline": "train the MobileNetV2-path baseline standalone",
+    "evaluate": "test accuracy and measured batch-1 latency (needs finetune and baseline)",
+    "profile": "measure the latency lookup table on this machine",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instanas", description="InstaNAS: instance-aware neural architecture search.")
+    parser.add_argument("--version", action="version", version=f"instanas {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in DESCRIPTIONS.items():
+        p = sub.add_parser(name, help=text, description=text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_run_options(p, name)
+        _add_config_options(p)
+    sub.add_parser("presets", help="list the shipped presets")
+    return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser, command: str) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", default=None,
+                   help=f"starting configuration: {', '.join(preset_names())} "
+                        "(default fashion-cpu for a new run)")
+    g.add_argument("--config", default=None, help="YAML config file instead of a preset")
+    g.add_argument("--output", "-o", default=None,
+                   help="run directory (default runs/PRESET-TIMESTAMP for a new run)")
+    if command == "run":
+        g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="continue an interrupted run, skipping finished stages")
+    if command == "profile":
+        g.add_argument("--table-out", default=None,
+                       help="also write the table to this JSON file")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for key in all_keys():
+        if key == "preset":  # set by --preset itself
+            continue
+        section = key.split(".")[0] if "." in key else "general"
+        if section not in sections:
+            sections[section] = p.add_argument_group(f"config: {section}")
+        default = default_value(key)
+        sections[section].add_argument(
+            f"--{key}", dest=f"cfg:{key}", default=None, metavar="V",
+            help=f"{help_text(key)} (built-in default {default!r}; presets may differ)")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+
+
+def resolve_config(args: argparse.Namespace, run_dir: Path | None):
+    from .pipeline import existing_config
+
+    stored = existing_config(run_dir) if run_dir is not None else None
+    if stored is not None and (args.preset or args.config):
+        raise ConfigError(f"{run_dir} already has a config.yaml: drop --preset/--config to "
+                          "continue it, or choose a new --output")
+    if stored is not None:
+        config = stored
+    elif args.config:
+        config = load_config_file(args.config)
+    else:
+        config = load_preset(args.preset or "fashion-cpu")
+    return apply_overrides(config, _overrides(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "presets":
+        print("\n".join(preset_names()))
+        return 0
+    _setup_logging(args.quiet)
+    try:
+        return _dispatch(args)
+    except USER_ERRORS as exc:
+        print(f"instanas: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("instanas: interrupted; finished stages are kept, continue with "
+              "`instanas run --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+def _setup_logging(quiet: bool) -> None:
+    import os
+
+    if quiet:
+        os.environ["INSTANAS_NO_PROGRESS"] = "1"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .pipeline import (default_run_dir, finalize_results, latency_table, open_run, run_all,
+                           run_stage, save_timings)
+
+    resume = getattr(args, "resume", None)
+    if resume and args.output:
+        raise ConfigError("give either --output or --resume, not both")
+    run_dir = Path(resume or args.output) if (resume or args.output) else None
+    if resume and not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): check the path")
+    config = resolve_config(args, run_dir)
+    if run_dir is None:
+        run_dir = default_run_dir(config)
+    if args.command == "run" and not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already exists: choose a new --output or "
+                          f"continue it with --resume {run_dir}")
+    if args.command in ("pretrain", "search", "finetune", "baseline") and \
+            stage_path_exists(run_dir, args.command):
+        raise ConfigError(f"{run_dir} already has {args.command} output: choose a new --output "
+                          "or delete that stage's folder to redo it")
+    ctx = open_run(config, run_dir)
+    start = time.perf_counter()
+    if args.command == "run":
+        timings = run_all(ctx, resume=bool(resume))
+        timings["total"] = time.perf_counter() - start
+        save_timings(run_dir, timings)
+        results = finalize_results(ctx)
+        _print_summary(run_dir, results)
+    elif args.command == "profile":
+        table = latency_table(ctx)
+        if args.table_out:
+            table.save(args.table_out)
+        print(json.dumps({"key": table.key, "fixed_ms": {k: v.median_ms for k, v in
+                                                          table.fixed.items()},
+                          "cells_ms_mbv2": table.bounds(ctx.space.forced_mask()).mbv2},
+                         indent=1))
+    else:
+        timings: dict[str, float] = {}
+        run_stage(ctx, args.command, timings)
+        save_timings(run_dir, timings)
+        if args.command == "evaluate":
+            _print_summary(run_dir, finalize_results(ctx))
+    return 0
+
+
+def stage_path_exists(run_dir: Path, stage: str) -> bool:
+    from .stages.common import STAGE_FILES
+
+    return (run_dir / STAGE_FILES[stage]).exists()
+
+
+def _print_summary(run_dir: Path, results: dict) -> None:
+    print((run_dir / "results.md").read_text())
+    print(f"run directory: {run_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

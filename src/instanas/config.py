@@ -1,0 +1,341 @@
+"""Run configuration: typed sections, YAML presets shipped in the package, dotted overrides.
+
+Every field has a help text; the command line exposes each one as ``--section.field VALUE``.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with a one-line
+message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .controller import ControllerSpec
+from .space import SearchSpace, Stage
+
+
+class ConfigError(ValueError):
+    """A bad preset, key or value; the message is one line with the fix."""
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("fashion-mnist", "fashion-mnist | cifar10 | cifar100 | folder",
+                      choices=("fashion-mnist", "cifar10", "cifar100", "folder"))
+    root: str | None = _f(None, "folder holding the data set (fashion-mnist: the four IDX files; "
+                                "cifar: the python-batch folder; folder: class-per-folder tree)")
+    val_fraction: float = _f(0.1, "share of the training data held out for validation",
+                             gt=0.0, le=0.5)
+    image_size: int | None = _f(None, "side images are resized to (default: the data set's own)",
+                                gt=0)
+    limit_train: int | None = _f(None, "use only this many training images (smoke runs)", gt=1)
+    limit_test: int | None = _f(None, "use only this many test images (smoke runs)", gt=0)
+
+
+@dataclass
+class SpaceConfig:
+    width: float = _f(1.0, "width multiplier of all channels", gt=0.0)
+    stem_channels: int = _f(32, "stem output channels before the width multiplier", gt=0)
+    stem_stride: int = _f(1, "stride of the stem convolution", ge=1)
+    stages: list = _f([[16, 1, 1], [24, 2, 1], [32, 3, 2], [64, 4, 2], [96, 3, 1], [160, 3, 2],
+                       [320, 1, 1]], "MobileNetV2 stage table: [channels, cells, stride] per stage")
+    head_channels: int = _f(1280, "channels of the 1x1 head convolution", gt=0)
+    scale_head: bool = _f(False, "apply the width multiplier to the head as well")
+
+
+@dataclass
+class ControllerConfig:
+    input_size: int = _f(32, "side the controller's input image is resized to", gt=0)
+    widths: list = _f([16, 32, 64], "channels of the controller's three residual stages")
+    alpha: float = _f(0.8, "probability bounding a: p~ = a*p + (1-a)*(1-p)", gt=0.5, le=1.0)
+    beta: float = _f(0.8, "weight of the entropy bonus", ge=0.0)
+    lr: float = _f(5e-4, "Adam learning rate of the controller", gt=0.0)
+    pos_w: float = _f(30.0, "reward of a correct prediction at the window's centre", gt=0.0)
+    neg_w: float = _f(0.0, "reward of a wrong prediction")
+    window: str = _f("dynamic", "latency window: dynamic (UB shrinks) | static",
+                     choices=("dynamic", "static"))
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = _f(100, "one-shot pretraining epochs (first half every module on)", gt=0)
+    batch_size: int = _f(128, "batch size", gt=0)
+    lr: float = _f(0.1, "SGD learning rate (x0.1 at the milestones)", gt=0.0)
+    weight_decay: float = _f(1e-4, "SGD weight decay", ge=0.0)
+    milestones: list = _f([0.5, 0.75], "fractions of training where the learning rate drops x0.1")
+    final_keep: float = _f(0.5, "drop-path keep probability at the end of pretraining",
+                           gt=0.0, le=1.0)
+
+
+@dataclass
+class SearchConfig:
+    epochs: int = _f(500, "search epochs (each: a controller epoch, then a meta-graph epoch)",
+                     gt=0)
+    batch_size: int = _f(32, "batch size of both alternating epochs", gt=0)
+    metagraph_lr: float = _f(0.01, "SGD learning rate of the meta-graph during search", gt=0.0)
+    weight_decay: float = _f(1e-4, "SGD weight decay of the meta-graph during search", ge=0.0)
+    select_tolerance: float = _f(0.01, "checkpoint choice: fastest epoch whose validation "
+                                       "accuracy is within this of the best", ge=0.0, le=1.0)
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = _f(300, "fine-tuning epochs under the frozen controller's greedy policies",
+                     gt=0)
+    batch_size: int = _f(256, "batch size", gt=0)
+    lr: float = _f(1e-3, "SGD learning rate (cosine schedule)", gt=0.0)
+    weight_decay: float = _f(4e-5, "SGD weight decay", ge=0.0)
+
+
+@dataclass
+class BaselineConfig:
+    epochs: int | None = _f(None, "epochs of the standalone MobileNetV2-path baseline "
+                                  "(default: pretrain + search + finetune epochs)", gt=0)
+    batch_size: int = _f(256, "batch size", gt=0)
+    lr: float = _f(0.1, "SGD learning rate (cosine schedule)", gt=0.0)
+    weight_decay: float = _f(4e-5, "SGD weight decay", ge=0.0)
+
+
+@dataclass
+class LatencyConfig:
+    threads: int = _f(1, "CPU threads for every latency measurement", gt=0)
+    warmup: int = _f(10, "untimed warm-up rounds before timing", ge=0)
+    repeats: int = _f(50, "timed rounds per (cell, module) in the lookup table", ge=30)
+    table: str | None = _f(None, "latency table JSON to reuse (re-profiled if its key differs); "
+                                 "default: a per-device cache under ~/.cache/instanas")
+    eval_images: int | None = _f(None, "test images timed end to end at batch 1 (default: all)",
+                                 gt=0)
+
+
+@dataclass
+class Config:
+    preset: str = _f("custom", "name of the preset this config started from")
+    seed: int = _f(0, "seed of every random number generator", ge=0)
+    device: str = _f("cpu", "cpu | cuda | cuda:N", )
+    channels_last: bool = _f(True, "train in channels-last memory format (faster on CPU)")
+    data: DataConfig = field(default_factory=DataConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def baseline_epochs(self) -> int:
+        if self.baseline.epochs is not None:
+            return self.baseline.epochs
+        return self.pretrain.epochs + self.search.epochs + self.finetune.epochs
+
+    def search_space(self, input_channels: int, input_size: int, num_classes: int) -> SearchSpace:
+        s = self.space
+        return SearchSpace(input_channels=input_channels, input_size=input_size,
+                           num_classes=num_classes, width=s.width, stem_channels=s.stem_channels,
+                           stem_stride=s.stem_stride, stages=tuple(Stage(*st) for st in s.stages),
+                           head_channels=s.head_channels, scale_head=s.scale_head)
+
+    def controller_spec(self) -> ControllerSpec:
+        return ControllerSpec(self.controller.input_size, tuple(self.controller.widths))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and overrides
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("instanas") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> Config:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}{_suggest(name, names)}; "
+                          f"choose one of: {', '.join(names)}")
+    text = (resources.files("instanas") / "presets" / f"{name}.yaml").read_text()
+    config = from_dict(yaml.safe_load(text) or {})
+    config.preset = name
+    return config
+
+
+def load_config_file(path: str | Path) -> Config:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path} ({exc}): give a readable YAML file") from exc
+    return from_dict(data or {})
+
+
+def from_dict(data: dict) -> Config:
+    config = Config()
+    for key, value in _flatten(data).items():
+        set_value(config, key, value)
+    validate(config)
+    return config
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def all_keys() -> dict[str, Any]:
+    """Every dotted key (``section.field`` or top-level ``field``) with its dataclass field."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        if hints[f.name] in _SECTIONS:
+            for sub in fields(hints[f.name]):
+                keys[f"{f.name}.{sub.name}"] = sub
+        else:
+            keys[f.name] = f
+    return keys
+
+
+_SECTIONS = (DataConfig, SpaceConfig, ControllerConfig, PretrainConfig, SearchConfig,
+             FinetuneConfig, BaselineConfig, LatencyConfig)
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _owner_and_field(config: Config, key: str) -> tuple[Any, Any]:
+    keys = all_keys()
+    if key not in keys:
+        raise ConfigError(f"unknown config key {key!r}{_suggest(key, list(keys))}; "
+                          "see `instanas run --help` for every key")
+    parts = key.split(".")
+    owner = config if len(parts) == 1 else getattr(config, parts[0])
+    return owner, keys[key]
+
+
+def _field_type(owner: Any, name: str) -> Any:
+    return typing.get_type_hints(type(owner))[name]
+
+
+def coerce(key: str, raw: Any, hint: Any) -> Any:
+    """Convert ``raw`` (a YAML value or a command-line string) to the field's type."""
+    if isinstance(raw, str) and hint is not str:
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse {raw!r} ({exc})") from exc
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be empty: give a {hint.__name__}")
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        raise ConfigError(f"{key} must be true or false, not {raw!r}")
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            if isinstance(raw, float) and raw.is_integer():
+                return int(raw)
+            raise ConfigError(f"{key} must be a whole number, not {raw!r}")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{key} must be a number, not {raw!r}")
+        return float(raw)
+    if hint is str:
+        return str(raw)
+    if hint is list:
+        if not isinstance(raw, list):
+            raise ConfigError(f"{key} must be a list such as [1, 2], not {raw!r}")
+        return raw
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def set_value(config: Config, key: str, raw: Any) -> None:
+    owner, f = _owner_and_field(config, key)
+    setattr(owner, f.name, coerce(key, raw, _field_type(owner, f.name)))
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    for key, raw in overrides.items():
+        set_value(config, key, raw)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Range and choice checks of every field, plus the few checks that span fields."""
+    for key, f in all_keys().items():
+        parts = key.split(".")
+        owner = config if len(parts) == 1 else getattr(config, parts[0])
+        value = getattr(owner, f.name)
+        _check_field(key, value, f.metadata)
+    for stage in config.space.stages:
+        if (not isinstance(stage, (list, tuple)) or len(stage) != 3
+                or not all(isinstance(v, int) and v > 0 for v in stage)):
+            raise ConfigError(f"space.stages entry {stage!r} is not [channels, cells, stride] of "
+                              "positive whole numbers")
+    if not config.space.stages:
+        raise ConfigError("space.stages is empty: give at least one [channels, cells, stride]")
+    if len(config.controller.widths) < 1 or not all(
+            isinstance(w, int) and w > 0 for w in config.controller.widths):
+        raise ConfigError("controller.widths must be a list of positive whole numbers")
+    if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in config.pretrain.milestones):
+        raise ConfigError("pretrain.milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
+    if not (config.device == "cpu" or config.device.startswith("cuda")):
+        raise ConfigError(f"device {config.device!r} is not supported: use cpu, cuda or cuda:N")
+
+
+def _check_field(key: str, value: Any, meta: Any) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key} is {value!r}{_suggest(str(value), list(meta['choices']))}; "
+                          f"use one of: {', '.join(meta['choices'])}")
+    bounds = (("gt", lambda v, b: v > b, "greater than"), ("ge", lambda v, b: v >= b, "at least"),
+              ("le", lambda v, b: v <= b, "at most"))
+    for name, ok, words in bounds:
+        if name in meta and not ok(value, meta[name]):
+            raise ConfigError(f"{key} is {value}, it must be {words} {meta[name]}: "
+                              f"set --{key} to a valid value")
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def help_text(key: str) -> str:
+    return all_keys()[key].metadata.get("help", "")
+
+
+def default_value(key: str) -> Any:
+    f = all_keys()[key]
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+

@@ -1,0 +1,101 @@
+"""The controller: a small CNN that maps an image to per-module selection probabilities."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import ConvBNAct, fold_batchnorm
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """Shape of the controller network (reference: ResNet-8 with widths 16/32/64 at 32 px)."""
+
+    input_size: int = 32  # images are resized (area) to this side before the controller sees them
+    widths: tuple[int, ...] = (16, 32, 64)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = ConvBNAct(in_channels, out_channels, 3, stride)
+        self.conv2 = ConvBNAct(out_channels, out_channels, 3, relu=False)
+        self.shortcut = (ConvBNAct(in_channels, out_channels, 1, stride, relu=False)
+                         if stride != 1 or in_channels != out_channels else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return torch.relu(self.conv2(self.conv1(x)) + shortcut)
+
+
+class Controller(nn.Module):
+    """ResNet-8 style policy network; ``forward`` returns sigmoid probabilities [B, cells, modules]."""
+
+    def __init__(self, in_channels: int, num_cells: int, num_modules: int,
+                 spec: ControllerSpec = ControllerSpec()) -> None:
+        super().__init__()
+        self.spec = spec
+        self.num_cells, self.num_modules = num_cells, num_modules
+        first = spec.widths[0]
+        self.stem = ConvBNAct(in_channels, first, 3)
+        blocks, channels = [], first
+        for i, width in enumerate(spec.widths):
+            blocks.append(ResidualBlock(channels, width, 1 if i == 0 else 2))
+            channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.logits = nn.Linear(channels, num_cells * num_modules)
+        # Start from p = 0.5 everywhere, but with the weights small so early policies are
+        # close to uniform exploration rather than an arbitrary fixed architecture.
+        nn.init.normal_(self.logits.weight, std=1e-3)
+        nn.init.zeros_(self.logits.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.spec.input_size:
+            x = F.adaptive_avg_pool2d(x, self.spec.input_size) if x.shape[-1] > self.spec.input_size \
+                else F.interpolate(x, size=self.spec.input_size, mode="bilinear",
+                                   align_corners=False)
+        features = self.blocks(self.stem(x)).mean(dim=(2, 3))
+        logits = self.logits(features).view(-1, self.num_cells, self.num_modules)
+        return torch.sigmoid(logits)
+
+    def deploy(self) -> "Controller":
+        return fold_batchnorm(self)
+
+
+def bound_probabilities(probs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Probability bounding for exploration: p~ = a*p + (1-a)*(1-p), keeps p~ in [1-a, a]."""
+    return alpha * probs + (1.0 - alpha) * (1.0 - probs)
+
+
+def sample_policy(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bernoulli sample of a bool policy from (bounded) probabilities."""
+    source = generator.device if generator is not None else probs.device
+    noise = torch.rand(probs.shape, generator=generator, device=source, dtype=probs.dtype)
+    return noise.to(probs.device) < probs
+
+
+def greedy_policy(probs: torch.Tensor) -> torch.Tensor:
+    return probs >= 0.5
+
+
+def policy_log_prob(probs: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """Sum over entries of log P(policy | probs), per image: [B]."""
+    probs = probs.clamp(1e-6, 1 - 1e-6)
+    chosen = torch.where(policy, probs, 1 - probs)
+    return chosen.log().flatten(1).sum(dim=1)
+
+
+def policy_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """The spec's entropy term, sum(-p log p) per image: [B]."""
+    probs = probs.clamp(1e-6, 1.0)
+    return (-probs * probs.log()).flatten(1).sum(dim=1)

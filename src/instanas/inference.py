@@ -1,0 +1,115 @@
+"""Deployed inference: the controller picks a child per image, then only its modules run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from .controller import Controller, greedy_policy
+from .metagraph import MetaGraph
+from .space import SearchSpace, apply_empty_cell_rule
+
+
+class InstaNASPredictor:
+    """BatchNorm-folded controller and meta-graph for inference at any batch size."""
+
+    def __init__(self, metagraph: MetaGraph, controller: Controller) -> None:
+        self.space = metagraph.space
+        self.metagraph = metagraph.deploy()
+        self.controller = controller.deploy()
+        self.forced = self.space.forced_mask()
+
+    def to(self, device: torch.device | str) -> "InstaNASPredictor":
+        self.metagraph.to(device)
+        self.controller.to(device)
+        self.forced = self.forced.to(device)
+        return self
+
+    @torch.inference_mode()
+    def child_cells(self, image: torch.Tensor) -> list[tuple[int, ...]]:
+        """Resolved module ids per cell chosen by the controller for one image [1, C, H, W]."""
+        policy = apply_empty_cell_rule(greedy_policy(self.controller(image))[0], self.forced)
+        return [tuple(m for m, on in enumerate(row) if on) for row in policy.tolist()]
+
+    @torch.inference_mode()
+    def logits_one(self, image: torch.Tensor) -> torch.Tensor:
+        """Batch-1 path: controller, then only the selected modules of each cell."""
+        cells = self.child_cells(image)
+        graph = self.metagraph
+        x = graph.stem(image)
+        for cell, modules in zip(graph.cells, cells):
+            x = cell.forward_modules(x, modules)
+        return graph.head(x)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched path (per-image policies, sparse execution); returns (logits, policies)."""
+        policy = self.metagraph.resolve(greedy_policy(self.controller(images)))
+        return self.metagraph(images, policy), policy
+
+
+class InstaNASModel:
+    """A trained run loaded for use from Python: ``instanas.load(run_dir).predict(images)``."""
+
+    def __init__(self, predictor: InstaNASPredictor, classes: list[str], mean: tuple[float, ...],
+                 std: tuple[float, ...], results: dict | None = None) -> None:
+        self.predictor = predictor
+        self.classes = classes
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.results = results or {}
+
+    @property
+    def space(self) -> SearchSpace:
+        return self.predictor.space
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, H, W] (0..255) or float in [0, 1] -> the network's input."""
+        space = self.space
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        expected = (space.input_channels, space.input_size, space.input_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images have shape {tuple(images.shape)}, expected [N, "
+                             f"{expected[0]}, {expected[1]}, {expected[2]}]: resize them first")
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or infinite values: clean the input")
+        return (x - self.mean) / self.std
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Class indices for a batch of images."""
+        logits, _ = self.predictor.logits(self.normalise(images))
+        return logits.argmax(1)
+
+    def policies(self, images: torch.Tensor) -> torch.Tensor:
+        """Resolved per-image policies [N, cells, modules] the controller picks."""
+        _, policy = self.predictor.logits(self.normalise(images))
+        return policy
+
+
+def load(run_dir: str | Path) -> InstaNASModel:
+    """Load the fine-tuned InstaNAS model of a finished run directory."""
+    import json
+
+    from .checkpoint import load_checkpoint
+    from .config import from_dict
+
+    run_dir = Path(run_dir)
+    config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    path = run_dir / "finetune" / "model.safetensors"
+    from .checkpoint import read_checkpoint
+
+    _, meta = read_checkpoint(path)
+    space = SearchSpace.from_dict(meta["space"])
+    metagraph = MetaGraph(space)
+    controller = Controller(space.input_channels, space.num_cells, space.num_modules,
+                            config.controller_spec())
+    load_checkpoint(path, {"metagraph": metagraph, "controller": controller})
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    norm = meta["normalization"]
+    return InstaNASModel(InstaNASPredictor(metagraph.eval(), controller.eval()), meta["classes"],
+                         tuple(norm["mean"]), tuple(norm["std"]), results)

@@ -1,0 +1,276 @@
+"""Latency lookup table: every (cell, module) timed at batch 1 on the target device.
+
+Modules are timed in their deployed form (BatchNorm folded), the same form the measured batch-1
+inference runs, with each cell's real input shape. Timings are interleaved in rounds over all
+units, so background load on a noisy machine spreads evenly over the table instead of inflating
+whichever module happened to be timed at a bad moment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .controller import Controller
+from .metagraph import MetaGraph
+from .reward import LatencyBounds
+from .space import FORCED_DEFAULT_MODULE, MBV2_MODULE
+from .utils import atomic_write_text, progress_bar
+
+log = logging.getLogger(__name__)
+TABLE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    median_ms: float
+    mean_ms: float
+    std_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> "TimingStats":
+        t = torch.tensor(samples_ms, dtype=torch.float64)
+        q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+        std = float(t.std()) if len(samples_ms) > 1 else 0.0
+        return cls(q[1], float(t.mean()), std, q[0], q[2], len(samples_ms))
+
+
+def processor_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return processor_name()
+
+
+def device_info(device: torch.device, threads: int) -> dict:
+    """What every latency figure is recorded next to."""
+    return {
+        "type": device.type,
+        "name": device_name(device),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_units(units: dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
+               repeats: int, seed: int = 0, desc: str = "profiling") -> dict[str, TimingStats]:
+    """Median-based timing of zero-argument callables, interleaved in shuffled rounds."""
+    names = list(units)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                units[name]()
+        synchronize(device)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        order = random.Random(seed)
+        for _ in progress_bar(range(repeats), desc=desc, unit="round"):
+            order.shuffle(names)
+            for name in names:
+                start = time.perf_counter_ns()
+                units[name]()
+                synchronize(device)
+                samples[name].append((time.perf_counter_ns() - start) / 1e6)
+    return {name: TimingStats.from_samples(s) for name, s in samples.items()}
+
+
+@dataclass
+class LatencyTable:
+    key: dict
+    modules: list[list[TimingStats]]  # [cells][modules]
+    fixed: dict[str, TimingStats]  # stem, head, controller
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    def module_ms(self) -> torch.Tensor:
+        return torch.tensor([[s.median_ms for s in row] for row in self.modules])
+
+    def fixed_ms(self, include_controller: bool = True) -> float:
+        names = ["stem", "head"] + (["controller"] if include_controller else [])
+        return sum(self.fixed[n].median_ms for n in names)
+
+    def cells_ms(self, resolved_policy: torch.Tensor) -> torch.Tensor:
+        """Table latency of the cells for resolved policies [..., cells, modules] (ms)."""
+        table = self.module_ms().to(resolved_policy.device)
+        return (resolved_policy.float() * table).flatten(-2).sum(-1)
+
+    def bounds(self, forced: torch.Tensor) -> LatencyBounds:
+        table = self.module_ms()
+        minimum = float(table[forced, FORCED_DEFAULT_MODULE].sum())
+        return LatencyBounds(all_modules=float(table.sum()),
+                             mbv2=float(table[:, MBV2_MODULE].sum()), minimum=minimum)
+
+    def to_dict(self) -> dict:
+        return {"format": TABLE_FORMAT, "key": self.key, "created": self.created,
+                "modules": [[asdict(s) for s in row] for row in self.modules],
+                "fixed": {k: asdict(v) for k, v in self.fixed.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LatencyTable":
+        return cls(key=data["key"],
+                   modules=[[TimingStats(**s) for s in row] for row in data["modules"]],
+                   fixed={k: TimingStats(**v) for k, v in data["fixed"].items()},
+                   created=data.get("created", ""))
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls.from_dict(data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"latency table {path} is unreadable ({exc}): delete it or run "
+                             "`instanas profile` again") from exc
+
+
+def table_key(metagraph: MetaGraph, controller: Controller, device: torch.device,
+              threads: int, dtype: torch.dtype = torch.float32) -> dict:
+    space = metagraph.space
+    key = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "threads": threads,
+        "dtype": str(dtype).replace("torch.", ""),
+        "input_shape": [1, space.input_channels, space.input_size, space.input_size],
+        "space": space.fingerprint(),
+        "controller": controller.spec.to_dict(),
+    }
+    return json.loads(json.dumps(key))  # the form it has after a JSON round trip
+
+
+def profile_table(metagraph: MetaGraph, controller: Controller, device: torch.device, *,
+                  threads: int, warmup: int = 10, repeats: int = 50,
+                  seed: int = 0) -> LatencyTable:
+    """Time every (cell, module), the stem, the head and the controller at batch 1."""
+    if repeats < 30:
+        raise ValueError(f"latency repeats is {repeats}: use at least 30 for a stable median")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        graph = metagraph.deploy().to(device)
+        ctrl = controller.deploy().to(device)
+        units = _timing_units(graph, ctrl, device)
+        stats = time_units(units, device, warmup=warmup, repeats=repeats, seed=seed,
+                           desc="latency table")
+    finally:
+        torch.set_num_threads(previous)
+    modules = [[stats[f"cell{c}/m{m}"] for m in range(metagraph.space.num_modules)]
+               for c in range(metagraph.space.num_cells)]
+    fixed = {name: stats[name] for name in ("stem", "head", "controller")}
+    return LatencyTable(table_key(metagraph, controller, device, threads), modules, fixed)
+
+
+def _timing_units(graph: MetaGraph, ctrl: Controller,
+                  device: torch.device) -> dict[str, Callable[[], object]]:
+    space = graph.space
+    units: dict[str, Callable[[], object]] = {}
+
+    def bind(module: torch.nn.Module, shape: tuple[int, ...]) -> Callable[[], object]:
+        x = torch.randn(shape, device=device)
+        return lambda: module(x)
+
+    image = (1, space.input_channels, space.input_size, space.input_size)
+    units["stem"] = bind(graph.stem, image)
+    units["controller"] = bind(ctrl, image)
+    for c, cell in enumerate(graph.cells):
+        spec = cell.spec
+        for m, module in enumerate(cell.candidates):
+            units[f"cell{c}/m{m}"] = bind(module, (1, spec.in_channels, spec.input_size,
+                                                   spec.input_size))
+    last = graph.cells[-1].spec
+    units["head"] = bind(graph.head, (1, last.out_channels, last.output_size, last.output_size))
+    return units
+
+
+def load_or_profile(path: str | os.PathLike, metagraph: MetaGraph, controller: Controller,
+                    device: torch.device, *, threads: int, warmup: int, repeats: int,
+                    seed: int = 0) -> LatencyTable:
+    """Reuse the table at ``path`` when its key matches this setup; otherwise profile anew."""
+    key = table_key(metagraph, controller, device, threads)
+    path = Path(path)
+    if path.exists():
+        try:
+            table = LatencyTable.load(path)
+        except ValueError as exc:
+            log.warning("%s; profiling again", exc)
+        else:
+            if table.key == key:
+                log.info("reusing latency table %s", path)
+                return table
+            changed = sorted(k for k in key if table.key.get(k) != key[k])
+            log.warning("latency table %s was made for another setup (%s differ); profiling again",
+                        path, ", ".join(changed))
+    table = profile_table(metagraph, controller, device, threads=threads, warmup=warmup,
+                          repeats=repeats, seed=seed)
+    table.save(path)
+    return table
+
+
+def default_cache_path(key: dict) -> Path:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("INSTANAS_CACHE", Path.home() / ".cache" / "instanas"))
+    return root / "latency" / f"{digest}.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs (device independent; counted once per module with torch's FlopCounterMode)
+
+
+@dataclass
+class FlopsTable:
+    modules: torch.Tensor  # [cells, modules]
+    fixed: dict[str, float]
+
+    def per_image(self, resolved_policy: torch.Tensor, include_controller: bool = True
+                  ) -> torch.Tensor:
+        names = ["stem", "head"] + (["controller"] if include_controller else [])
+        cells = (resolved_policy.float().cpu() * self.modules).flatten(-2).sum(-1)
+        return cells + sum(self.fixed[n] for n in names)
+
+
+def count_flops(metagraph: MetaGraph, controller: Controller) -> FlopsTable:
+    """Multiply-add FLOPs (x2) of every unit at batch 1, counted by running it once."""
+    graph = metagraph.deploy().cpu()
+    ctrl = controller.deploy().cpu()
+    counts = {}
+    for name, fn in _timing_units(graph, ctrl, torch.device("cpu")).items():
+        mode = FlopCounterMode(display=False)
+        with mode, torch.inference_mode():
+            fn()
+        counts[name] = float(mode.get_total_flops())
+    space = metagraph.space
+    modules = torch.tensor([[counts[f"cell{c}/m{m}"] for m in range(space.num_modules)]
+                            for c in range(space.num_cells)])
+    return FlopsTable(modules, {n: counts[n] for n in ("stem", "head", "controller")})

@@ -1,0 +1,184 @@
+"""The one-shot meta-graph: a policy-driven supernet and its materialised children.
+
+Every stage (pretraining, search, fine-tuning, evaluation, inference) goes through
+:meth:`MetaGraph.forward` with a per-image policy, so the empty-cell rule and the module sum are
+the same everywhere. Two execution modes compute the same function:
+
+* ``"sparse"`` (default): each module runs only on the rows whose policy selects it (gather,
+  run, scatter-add). A module no row selects does not run at all.
+* ``"dense"``: every module runs on every row and its output is multiplied by the mask. Kept as
+  the reference the sparse path is tested against, never used for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import ConvBNAct, build_candidate, fold_batchnorm
+from .space import MBV2_MODULE, CellSpec, ChildArchitecture, SearchSpace, apply_empty_cell_rule
+
+
+class Cell(nn.Module):
+    """One cell: the candidate modules with separate weights; output is the sum of the selected."""
+
+    def __init__(self, spec: CellSpec, space: SearchSpace) -> None:
+        super().__init__()
+        self.spec = spec
+        self.candidates = nn.ModuleList(
+            build_candidate(c, spec.in_channels, spec.out_channels, spec.stride)
+            for c in space.candidates)
+
+    def forward_sparse(self, x: torch.Tensor, policy: torch.Tensor,
+                       counts: list[int]) -> torch.Tensor:
+        """``policy`` bool [B, modules] already resolved by the empty-cell rule."""
+        batch = x.shape[0]
+        out: torch.Tensor | None = None
+        if self.spec.shape_preserving:
+            empty = ~policy.any(dim=1)
+            if bool(empty.any()):
+                out = x * empty.view(-1, 1, 1, 1).to(x.dtype)
+        for m, count in enumerate(counts):
+            if count == 0:
+                continue
+            module = self.candidates[m]
+            if count == batch:
+                y = module(x)
+                out = y if out is None else out + y
+                continue
+            rows = policy[:, m].nonzero().squeeze(1)
+            y = module(x.index_select(0, rows))
+            if out is None:
+                out = x.new_zeros((batch, *y.shape[1:]))
+            out = out.index_add(0, rows, y)
+        assert out is not None, "resolved policies never leave a shape-changing cell empty"
+        return out
+
+    def forward_dense(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        mask = policy.to(x.dtype)
+        out = sum(module(x) * mask[:, m].view(-1, 1, 1, 1)
+                  for m, module in enumerate(self.candidates))
+        if self.spec.shape_preserving:
+            empty = (mask.sum(dim=1) == 0).to(x.dtype)
+            out = out + x * empty.view(-1, 1, 1, 1)
+        return out
+
+    def forward_modules(self, x: torch.Tensor, modules: tuple[int, ...]) -> torch.Tensor:
+        """The whole batch runs the same (already resolved) module set."""
+        if not modules:
+            return x
+        out = self.candidates[modules[0]](x)
+        for m in modules[1:]:
+            out = out + self.candidates[m](x)
+        return out
+
+
+class Head(nn.Module):
+    def __init__(self, in_channels: int, head_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = ConvBNAct(in_channels, head_channels, 1)
+        self.classifier = nn.Linear(head_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Global average pooling, never a fixed kernel: any input size works.
+        return self.classifier(self.conv(x).mean(dim=(2, 3)))
+
+
+class MetaGraph(nn.Module):
+    """Stem, cells of candidate modules, head."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        super().__init__()
+        self.space = space
+        self.stem = ConvBNAct(space.input_channels, space.stem_out_channels, 3, space.stem_stride)
+        self.cells = nn.ModuleList(Cell(spec, space) for spec in space.cells())
+        self.head = Head(space.cells()[-1].out_channels, space.head_out_channels,
+                         space.num_classes)
+        self.register_buffer("forced", space.forced_mask(), persistent=False)
+
+    def resolve(self, policy: torch.Tensor) -> torch.Tensor:
+        """Apply the empty-cell rule to a [B, cells, modules] policy."""
+        return apply_empty_cell_rule(policy, self.forced)
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None,
+                execution: str = "sparse") -> torch.Tensor:
+        """Logits for images ``x`` [B, C, H, W] under per-image ``policy`` [B, cells, modules].
+
+        ``policy=None`` selects every module of every cell.
+        """
+        x = self.stem(x)
+        if policy is None:
+            for cell in self.cells:
+                x = cell.forward_modules(x, tuple(range(len(cell.candidates))))
+            return self.head(x)
+        policy = self.resolve(policy.to(x.device))
+        if execution == "dense":
+            for c, cell in enumerate(self.cells):
+                x = cell.forward_dense(x, policy[:, c])
+        elif execution == "sparse":
+            counts = policy.sum(dim=0).tolist()  # one host sync for the whole forward
+            for c, cell in enumerate(self.cells):
+                x = cell.forward_sparse(x, policy[:, c], counts[c])
+        else:
+            raise ValueError(f"unknown execution {execution!r}: use 'sparse' or 'dense'")
+        return self.head(x)
+
+    def forward_child(self, x: torch.Tensor, child: ChildArchitecture) -> torch.Tensor:
+        """Logits when every image of the batch runs ``child``; only its modules execute."""
+        resolved = self.resolved_cells(child)
+        x = self.stem(x)
+        for cell, modules in zip(self.cells, resolved):
+            x = cell.forward_modules(x, modules)
+        return self.head(x)
+
+    def resolved_cells(self, child: ChildArchitecture) -> tuple[tuple[int, ...], ...]:
+        policy = self.resolve(child.to_policy().to(self.forced.device))
+        return ChildArchitecture.from_policy(policy).cells
+
+    def materialize(self, child: ChildArchitecture) -> "ChildNetwork":
+        """A plain static network holding copies of only ``child``'s modules and weights."""
+        return ChildNetwork(self, child)
+
+    def deploy(self) -> "MetaGraph":
+        """Eval-only copy with BatchNorm folded into the convolutions, for timing and inference."""
+        return fold_batchnorm(self)
+
+
+class ChildNetwork(nn.Module):
+    """A child architecture extracted from a meta-graph (or trained standalone as a baseline)."""
+
+    def __init__(self, metagraph: MetaGraph, child: ChildArchitecture) -> None:
+        super().__init__()
+        import copy
+
+        self.space = metagraph.space
+        self.child = child
+        self.cell_modules = metagraph.resolved_cells(child)
+        self.stem = copy.deepcopy(metagraph.stem)
+        self.cells = nn.ModuleList(
+            nn.ModuleList(copy.deepcopy(cell.candidates[m]) for m in modules)
+            for cell, modules in zip(metagraph.cells, self.cell_modules))
+        self.head = copy.deepcopy(metagraph.head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for modules in self.cells:
+            if len(modules) == 0:
+                continue  # identity cell
+            out = modules[0](x)
+            for module in modules[1:]:
+                out = out + module(x)
+            x = out
+        return self.head(x)
+
+    def deploy(self) -> "ChildNetwork":
+        return fold_batchnorm(self)
+
+
+def mobilenetv2_path(space: SearchSpace) -> ChildArchitecture:
+    return ChildArchitecture.uniform(space.num_cells, MBV2_MODULE, space.num_modules)
+
+
+def build_mbv2_baseline(space: SearchSpace) -> ChildNetwork:
+    """The MobileNetV2-like path (module 0 in every cell) as a standalone network."""
+    return MetaGraph(space).materialize(mobilenetv2_path(space))

@@ -1,0 +1,193 @@
+"""Run directories and the order of the stages: what `instanas run` and each stage command do."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError, load_config_file, to_yaml
+from .controller import Controller
+from .data import load_dataset
+from .evaluate import evaluate
+from .latency import LatencyTable, default_cache_path, load_or_profile, table_key
+from .metagraph import MetaGraph, build_mbv2_baseline
+from .report import write_results_markdown
+from .stages.baseline import train_baseline
+from .stages.common import STAGE_FILES, load_stage, require_previous, stage_path
+from .stages.finetune import finetune
+from .stages.pretrain import pretrain
+from .stages.search import search
+from .training import RunContext
+from .utils import atomic_write_text, set_seed, write_json
+
+log = logging.getLogger("instanas")
+STAGES = ("baseline", "pretrain", "search", "finetune", "evaluate")
+
+
+def default_run_dir(config: Config) -> Path:
+    return Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def existing_config(run_dir: Path) -> Config | None:
+    path = run_dir / "config.yaml"
+    return load_config_file(path) if path.exists() else None
+
+
+def check_writable(run_dir: Path) -> None:
+    probe = run_dir if run_dir.exists() else next(
+        (p for p in run_dir.parents if p.exists()), Path("."))
+    if not probe.is_dir() or not _writable(probe):
+        raise ConfigError(f"cannot write the run directory {run_dir} ({probe} is not writable): "
+                          "choose another --output")
+
+
+def _writable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def open_run(config: Config, run_dir: Path) -> RunContext:
+    """Load the data (before anything is written, so bad input leaves no trace), then set up."""
+    check_writable(run_dir)
+    set_seed(config.seed)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is cuda but no CUDA GPU is visible: use --device cpu")
+    d = config.data
+    data = load_dataset(d.dataset, d.root, val_fraction=d.val_fraction, seed=config.seed,
+                        image_size=d.image_size, limit_train=d.limit_train,
+                        limit_test=d.limit_test)
+    space = config.search_space(data.channels, data.image_size, data.num_classes)
+    if space.final_size < 2 and min(s[2] for s in config.space.stages) >= 1:
+        log.warning("the last cells work on %dx%d maps; BatchNorm may fail on single images",
+                    space.final_size, space.final_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(config))
+    _log_to_file(run_dir)
+    log.info("run directory %s; %d train / %d val / %d test images; space %s",
+             run_dir, len(data.train), len(data.val), len(data.test), space.fingerprint())
+    return RunContext(config, run_dir, device, data, space)
+
+
+def _log_to_file(run_dir: Path) -> None:
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("instanas").addHandler(handler)
+
+
+def new_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:
+    metagraph = MetaGraph(ctx.space)
+    controller = Controller(ctx.space.input_channels, ctx.space.num_cells, ctx.space.num_modules,
+                            ctx.config.controller_spec())
+    return metagraph, controller
+
+
+def latency_table(ctx: RunContext) -> LatencyTable:
+    """The run's table: reused from the run directory or the per-device cache when it fits."""
+    cfg = ctx.config.latency
+    metagraph, controller = new_models(ctx)
+    cpu = torch.device("cpu")
+    path = Path(cfg.table) if cfg.table else default_cache_path(
+        table_key(metagraph, controller, cpu, cfg.threads))
+    local = ctx.run_dir / "latency_table.json"
+    if local.exists() and not cfg.table:
+        path = local
+    table = load_or_profile(path, metagraph, controller, cpu, threads=cfg.threads,
+                            warmup=cfg.warmup, repeats=cfg.repeats, seed=ctx.config.seed)
+    if path.resolve() != local.resolve():
+        shutil.copyfile(path, local)
+    return table
+
+
+def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
+    require_previous(ctx, stage)
+    start = time.perf_counter()
+    if stage == "baseline":
+        train_baseline(ctx)
+    elif stage == "pretrain":
+        set_seed(ctx.config.seed)
+        metagraph, _ = new_models(ctx)
+        pretrain(ctx, metagraph)
+    elif stage == "search":
+        metagraph, controller = new_models(ctx)
+        load_stage(ctx, "pretrain", {"metagraph": metagraph})
+        search(ctx, metagraph, controller, latency_table(ctx))
+    elif stage == "finetune":
+        metagraph, controller = new_models(ctx)
+        load_stage(ctx, "search", {"metagraph": metagraph, "controller": controller})
+        finetune(ctx, metagraph, controller, latency_table(ctx))
+    elif stage == "evaluate":
+        run_evaluation(ctx, timings)
+    else:
+        raise ConfigError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
+    timings[stage] = time.perf_counter() - start
+    log.info("%s done in %.0f s", stage, timings[stage])
+
+
+def run_evaluation(ctx: RunContext, timings: dict[str, float]) -> dict:
+    for needed in ("finetune", "baseline"):
+        if not stage_path(ctx, needed).exists():
+            raise CheckpointError(f"{ctx.run_dir} has no {needed} output ({STAGE_FILES[needed]}): "
+                                  f"run `instanas {needed} --output {ctx.run_dir}` first")
+    metagraph, controller = new_models(ctx)
+    load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})
+    baseline = build_mbv2_baseline(ctx.space)
+    load_stage(ctx, "baseline", {"network": baseline})
+    table = latency_table(ctx)
+    results, policies = evaluate(ctx, metagraph, controller, baseline, table)
+    results = {"preset": ctx.config.preset, "dataset": ctx.config.data.dataset,
+               "seed": ctx.config.seed, **results,
+               "epochs": {"pretrain": ctx.config.pretrain.epochs,
+                          "search": ctx.config.search.epochs,
+                          "finetune": ctx.config.finetune.epochs,
+                          "baseline": ctx.config.baseline_epochs()}}
+    np.save(ctx.run_dir / "test_policies.npy", policies.flatten(1).numpy().astype(np.uint8))
+    write_json(ctx.run_dir / "results.json", results)
+    write_results_markdown(results, ctx.run_dir / "results.md")
+    return results
+
+
+def _previous_timings(run_dir: Path) -> dict[str, float]:
+    import json
+
+    path = run_dir / "timings.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_timings(run_dir: Path, timings: dict[str, float]) -> None:
+    write_json(run_dir / "timings.json", {**_previous_timings(run_dir), **timings})
+
+
+def run_all(ctx: RunContext, resume: bool = False) -> dict[str, float]:
+    """Profile, then every stage in order; with ``resume`` the finished stages are skipped."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    latency_table(ctx)
+    timings["profile"] = time.perf_counter() - start
+    save_timings(ctx.run_dir, timings)
+    for stage in STAGES:
+        if resume and stage != "evaluate" and stage_path(ctx, stage).exists():
+            log.info("%s already done, skipping", stage)
+            continue
+        run_stage(ctx, stage, timings)
+        save_timings(ctx.run_dir, timings)
+    return timings
+
+
+def finalize_results(ctx: RunContext) -> dict:
+    """Add the wall time of every stage to results.json and rewrite results.md."""
+    import json
+
+    path = ctx.run_dir / "results.json"
+    results = json.loads(path.read_text())
+    results["wall_time_s"] = _previous_timings(ctx.run_dir)
+    write_json(path, results)
+    write_results_markdown(results, ctx.run_dir / "results.md")
+    return results

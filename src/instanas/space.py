@@ -1,0 +1,277 @@
+"""The search space as data: cells, candidate modules, presets and child encodings.
+
+A :class:`SearchSpace` fully describes a meta-graph (stem, 17 MobileNetV2-shaped cells with five
+candidate modules each, head). It is plain data so it can be saved next to every checkpoint and
+compared when one is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class CandidateModule:
+    """One candidate operation of a cell."""
+
+    kind: str  # "inverted_residual" | "basic_block"
+    kernel: int
+    expansion: int  # only meaningful for inverted residuals
+
+    @property
+    def short_name(self) -> str:
+        if self.kind == "inverted_residual":
+            return f"ir_k{self.kernel}_e{self.expansion}"
+        return f"basic_k{self.kernel}"
+
+
+# The five candidates of the paper, in the order of their ids (spec section 2).
+CANDIDATES: tuple[CandidateModule, ...] = (
+    CandidateModule("inverted_residual", 3, 6),
+    CandidateModule("inverted_residual", 3, 3),
+    CandidateModule("inverted_residual", 5, 6),
+    CandidateModule("inverted_residual", 5, 3),
+    CandidateModule("basic_block", 3, 1),
+)
+# Runs in a shape-changing cell whose policy selects nothing (the empty-cell rule).
+FORCED_DEFAULT_MODULE = 4
+# The MobileNetV2-like reference path: this module in every cell.
+MBV2_MODULE = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    channels: int
+    cells: int
+    stride: int
+
+
+MOBILENETV2_STAGES: tuple[Stage, ...] = (
+    Stage(16, 1, 1),
+    Stage(24, 2, 2),
+    Stage(32, 3, 2),
+    Stage(64, 4, 2),
+    Stage(96, 3, 1),
+    Stage(160, 3, 2),
+    Stage(320, 1, 1),
+)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Shape facts of one cell of the meta-graph."""
+
+    index: int
+    in_channels: int
+    out_channels: int
+    stride: int
+    input_size: int  # spatial side of the cell's input
+
+    @property
+    def output_size(self) -> int:
+        return math.ceil(self.input_size / self.stride)
+
+    @property
+    def shape_preserving(self) -> bool:
+        """True when an empty cell can be the identity; otherwise the forced default runs."""
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """Width-multiplied channel count, rounded to a multiple of 8 (4 for tiny widths)."""
+    divisor = 8 if width >= 0.5 else 4
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:  # never round down by more than 10%
+        rounded += divisor
+    return rounded
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Everything that fixes the meta-graph's shapes."""
+
+    input_channels: int = 3
+    input_size: int = 32
+    num_classes: int = 10
+    width: float = 1.0
+    stem_channels: int = 32
+    stem_stride: int = 1
+    stages: tuple[Stage, ...] = field(default=MOBILENETV2_STAGES)
+    head_channels: int = 1280
+    scale_head: bool = False  # MobileNetV2 keeps 1280 head channels for widths <= 1
+    candidates: tuple[CandidateModule, ...] = field(default=CANDIDATES)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(
+            s if isinstance(s, Stage) else Stage(*s) if isinstance(s, (list, tuple)) else Stage(**s)
+            for s in self.stages))
+        object.__setattr__(self, "candidates", tuple(
+            c if isinstance(c, CandidateModule) else CandidateModule(**c)
+            for c in self.candidates))
+
+    @property
+    def num_cells(self) -> int:
+        return sum(s.cells for s in self.stages)
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.candidates)
+
+    @property
+    def stem_out_channels(self) -> int:
+        return scale_channels(self.stem_channels, self.width)
+
+    @property
+    def head_out_channels(self) -> int:
+        if self.scale_head or self.width > 1.0:
+            return scale_channels(self.head_channels, self.width)
+        return self.head_channels
+
+    @property
+    def stem_output_size(self) -> int:
+        return math.ceil(self.input_size / self.stem_stride)
+
+    def cells(self) -> tuple[CellSpec, ...]:
+        specs = []
+        channels, size = self.stem_out_channels, self.stem_output_size
+        for stage in self.stages:
+            out = scale_channels(stage.channels, self.width)
+            for i in range(stage.cells):
+                stride = stage.stride if i == 0 else 1
+                spec = CellSpec(len(specs), channels, out, stride, size)
+                specs.append(spec)
+                channels, size = out, spec.output_size
+        return tuple(specs)
+
+    @property
+    def final_size(self) -> int:
+        return self.cells()[-1].output_size
+
+    def forced_mask(self) -> torch.Tensor:
+        """Bool [cells]: cells whose empty policy runs the forced default module."""
+        return torch.tensor([not c.shape_preserving for c in self.cells()], dtype=torch.bool)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchSpace":
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the space, used to key latency tables and check checkpoints."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def describe(self) -> str:
+        rows = [f"{'cell':>4} {'in':>4} {'out':>4} {'stride':>6} {'size':>5}  empty->"]
+        for c in self.cells():
+            rows.append(f"{c.index:>4} {c.in_channels:>4} {c.out_channels:>4} {c.stride:>6} "
+                        f"{c.input_size:>5}  {'identity' if c.shape_preserving else 'module 4'}")
+        return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Child architectures
+
+
+@dataclass(frozen=True)
+class ChildArchitecture:
+    """The set of modules one image runs: per cell, the sorted ids of the selected modules.
+
+    String form: cells joined by ``-``; each cell is its module ids as digits, ``_`` when empty.
+    Example for a 4-cell space: ``"0-13-_-4"``. Bit form: a row-major tuple of cells*modules
+    0/1 values, identical to the flattened policy matrix.
+    """
+
+    cells: tuple[tuple[int, ...], ...]
+    num_modules: int = len(CANDIDATES)
+
+    def to_string(self) -> str:
+        return "-".join("".join(str(m) for m in cell) or "_" for cell in self.cells)
+
+    @classmethod
+    def from_string(cls, text: str, num_modules: int = len(CANDIDATES)) -> "ChildArchitecture":
+        cells = []
+        for part in text.strip().split("-"):
+            if part == "_":
+                cells.append(())
+                continue
+            if not part.isdigit() or any(int(ch) >= num_modules for ch in part):
+                raise ValueError(f"bad cell {part!r} in architecture string {text!r}: use module "
+                                 f"ids 0..{num_modules - 1} or '_' for an empty cell")
+            cells.append(tuple(sorted({int(ch) for ch in part})))
+        return cls(tuple(cells), num_modules)
+
+    def to_bits(self) -> tuple[int, ...]:
+        bits = []
+        for cell in self.cells:
+            bits.extend(1 if m in cell else 0 for m in range(self.num_modules))
+        return tuple(bits)
+
+    @classmethod
+    def from_bits(cls, bits: Sequence[int], num_modules: int = len(CANDIDATES)) -> "ChildArchitecture":
+        if len(bits) % num_modules:
+            raise ValueError(f"{len(bits)} bits is not a multiple of {num_modules} modules")
+        cells = tuple(tuple(m for m in range(num_modules) if bits[c * num_modules + m])
+                      for c in range(len(bits) // num_modules))
+        return cls(cells, num_modules)
+
+    def to_policy(self) -> torch.Tensor:
+        """Bool [cells, modules]."""
+        return torch.tensor(self.to_bits(), dtype=torch.bool).view(len(self.cells),
+                                                                   self.num_modules)
+
+    @classmethod
+    def from_policy(cls, policy: torch.Tensor) -> "ChildArchitecture":
+        rows = policy.bool().tolist()
+        return cls(tuple(tuple(m for m, on in enumerate(row) if on) for row in rows),
+                   policy.shape[-1])
+
+    @classmethod
+    def uniform(cls, num_cells: int, module: int,
+                num_modules: int = len(CANDIDATES)) -> "ChildArchitecture":
+        return cls(tuple((module,) for _ in range(num_cells)), num_modules)
+
+    def active_modules(self) -> int:
+        return sum(len(c) for c in self.cells)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+
+def apply_empty_cell_rule(policy: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """The one empty-cell rule (spec section 3), for any leading batch shape.
+
+    ``policy`` is bool [..., cells, modules]; ``forced`` bool [cells]. Returns a bool policy in which
+    every shape-changing cell with nothing selected selects the forced default module. Empty
+    shape-preserving cells stay empty and act as the identity.
+    """
+    policy = policy.bool()
+    empty = ~policy.any(dim=-1)
+    needs_default = empty & forced.to(policy.device)
+    if not bool(needs_default.any()):
+        return policy
+    resolved = policy.clone()
+    resolved[..., FORCED_DEFAULT_MODULE] |= needs_default
+    return resolved
+
+
+def all_on_policy(space: SearchSpace) -> torch.Tensor:
+    return torch.ones(space.num_cells, space.num_modules, dtype=torch.bool)
+
+
+def distinct_children(policies: Iterable[torch.Tensor]) -> int:
+    """Number of distinct rows among [N, cells, modules] policy batches."""
+    seen: set[bytes] = set()
+    for batch in policies:
+        flat = batch.bool().flatten(1).to(torch.uint8).cpu().numpy()
+        seen.update(row.tobytes() for row in flat)
+    return len(seen)

@@ -1,0 +1,50 @@
+"""Where each stage keeps its output in the run directory, and how it is read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..training import RunContext
+
+STAGE_FILES = {
+    "pretrain": "pretrain/metagraph.safetensors",
+    "search": "search/selected.safetensors",
+    "finetune": "finetune/model.safetensors",
+    "baseline": "baseline/mbv2.safetensors",
+}
+PREVIOUS = {"search": "pretrain", "finetune": "search"}
+
+
+def stage_path(ctx: RunContext, stage: str) -> Path:
+    return ctx.run_dir / STAGE_FILES[stage]
+
+
+def identity(ctx: RunContext) -> dict:
+    """What a checkpoint must agree on with the run that loads it."""
+    facts = {"space": ctx.space.to_dict(), "classes": list(ctx.data.classes),
+             "controller": ctx.config.controller_spec().to_dict(),
+             "normalization": {"mean": list(ctx.data.mean), "std": list(ctx.data.std)}}
+    return json.loads(json.dumps(facts))  # tuples become lists, as they come back from JSON
+
+
+def save_stage(ctx: RunContext, path: Path, modules: dict[str, nn.Module], meta: dict) -> None:
+    save_checkpoint(path, modules, {**identity(ctx), **meta})
+
+
+def load_stage(ctx: RunContext, stage: str, modules: dict[str, nn.Module]) -> dict:
+    path = stage_path(ctx, stage)
+    if not path.exists():
+        raise CheckpointError(f"{ctx.run_dir} has no {stage} output ({STAGE_FILES[stage]}): run "
+                              f"`instanas {stage} --output {ctx.run_dir}` first")
+    return load_checkpoint(path, modules, expect=identity(ctx))
+
+
+def require_previous(ctx: RunContext, stage: str) -> None:
+    before = PREVIOUS.get(stage)
+    if before and not stage_path(ctx, before).exists():
+        raise CheckpointError(f"{ctx.run_dir} has no {before} output: run `instanas {before} "
+                              f"--output {ctx.run_dir}` before `instanas {stage}`")

@@ -1,0 +1,40 @@
+"""Stage 3: fine-tune the meta-graph on each image's greedy policy, controller frozen."""
+
+from __future__ import annotations
+
+import torch
+
+from ..controller import Controller, greedy_policy
+from ..latency import LatencyTable
+from ..metagraph import MetaGraph
+from ..training import RunContext, cosine, sgd, supervised_epoch
+from .common import save_stage, stage_path
+from .search import evaluate_policies
+
+
+def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
+             table: LatencyTable) -> MetaGraph:
+    cfg = ctx.config.finetune
+    metagraph, controller = ctx.prepare(metagraph), ctx.prepare(controller)
+    controller.eval()
+    for p in controller.parameters():
+        p.requires_grad_(False)
+    optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
+
+    def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
+        with torch.no_grad():
+            policy = greedy_policy(controller(images))
+        return metagraph(images, policy)
+
+    for epoch in range(cfg.epochs):
+        metagraph.train()
+        stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr, lr_factor=cosine,
+                                 epoch=epoch, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                 stage="finetune")
+        val, _ = evaluate_policies(ctx, metagraph, controller, table, ctx.data.val)
+        ctx.log_metrics({"stage": "finetune", "epoch": epoch + 1, "train_loss": stats.loss,
+                         "train_accuracy": stats.accuracy, "val_accuracy": val.accuracy,
+                         "val_total_ms": val.total_ms, "seconds": stats.seconds})
+    save_stage(ctx, stage_path(ctx, "finetune"), {"metagraph": metagraph, "controller": controller},
+               {"stage": "finetune"})
+    return metagraph

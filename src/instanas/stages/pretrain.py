@@ -1,0 +1,47 @@
+"""Stage 1: one-shot pretraining of the meta-graph with a drop-path schedule (spec section 6.1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..metagraph import MetaGraph
+from ..training import RunContext, accuracy, sgd, step_decay, supervised_epoch
+from .common import save_stage, stage_path
+
+
+def drop_path_keep(progress: float, final_keep: float) -> float:
+    """Keep probability: 1 for the first half; then falls linearly to ``final_keep``."""
+    if progress < 0.5:
+        return 1.0
+    return 1.0 - (1.0 - final_keep) * (progress - 0.5) / 0.5
+
+
+def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
+    cfg = ctx.config.pretrain
+    metagraph = ctx.prepare(metagraph)
+    optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
+    drop_gen = ctx.generator("pretrain/drop-path")
+    shape = (ctx.space.num_cells, ctx.space.num_modules)
+
+    def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
+        keep = drop_path_keep(progress, cfg.final_keep)
+        if keep >= 1.0:
+            return metagraph(images)  # every module on
+        # Per image and per module; outputs are not rescaled (spec). Cells left empty follow the
+        # empty-cell rule inside the meta-graph.
+        policy = torch.rand((images.shape[0], *shape), generator=drop_gen) < keep
+        return metagraph(images, policy)
+
+    for epoch in range(cfg.epochs):
+        metagraph.train()
+        stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr,
+                                 lr_factor=step_decay(cfg.milestones), epoch=epoch,
+                                 epochs=cfg.epochs, batch_size=cfg.batch_size, stage="pretrain")
+        metagraph.eval()
+        val = accuracy(ctx, metagraph, ctx.data.val)
+        ctx.log_metrics({"stage": "pretrain", "epoch": epoch + 1, "train_loss": stats.loss,
+                         "train_accuracy": stats.accuracy, "val_accuracy_all_modules": val,
+                         "keep_prob_end": drop_path_keep((epoch + 1) / cfg.epochs, cfg.final_keep),
+                         "seconds": stats.seconds})
+    save_stage(ctx, stage_path(ctx, "pretrain"), {"metagraph": metagraph}, {"stage": "pretrain"})
+    return metagraph

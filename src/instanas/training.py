@@ -1,0 +1,143 @@
+"""What every stage shares: the run context, optimisers, schedules and the supervised epoch."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .data import BatchAugmenter, DataBundle, ImageSet, augmenter_for, iterate_batches, num_batches
+from .space import SearchSpace
+from .utils import append_jsonl, make_generator, progress_bar
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); one line with the fix."""
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs: config, run directory, device, data and the search space."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    data: DataBundle
+    space: SearchSpace
+    train_augment: BatchAugmenter = field(init=False)
+    eval_augment: BatchAugmenter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.train_augment = augmenter_for(self.data, train=True)
+        self.eval_augment = augmenter_for(self.data, train=False)
+
+    def generator(self, purpose: str, epoch: int = 0) -> torch.Generator:
+        """A generator seeded from (seed, purpose, epoch): stages do not share random streams."""
+        salt = zlib.crc32(f"{purpose}/{epoch}".encode())
+        return make_generator((self.config.seed * 1_000_003 + salt) % 2**63)
+
+    def log_metrics(self, record: dict) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
+        append_jsonl(self.run_dir / "metrics.jsonl", record)
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        module = module.to(self.device)
+        if self.config.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def batches(self, data: ImageSet, batch_size: int, *, train: bool, generator=None):
+        for batch in iterate_batches(data, batch_size, shuffle=train, generator=generator,
+                                     augment=self.train_augment if train else self.eval_augment,
+                                     device=self.device, drop_last=train and len(data) > batch_size):
+            if self.config.channels_last:
+                batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+            yield batch
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        n = len(self.data.train)
+        return num_batches(n, batch_size, drop_last=n > batch_size)
+
+
+def sgd(params, lr: float, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def step_decay(milestones: list[float]) -> Callable[[float], float]:
+    """Learning-rate factor x0.1 after each milestone fraction of training."""
+    return lambda progress: 0.1 ** sum(progress >= m for m in milestones)
+
+
+def cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def check_finite(loss: torch.Tensor, stage: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(f"{stage}: the loss became {loss.item()}; lower the learning rate "
+                            f"(--{stage}.lr) and run the stage again")
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+def supervised_epoch(ctx: RunContext, forward: Callable[[torch.Tensor, float], torch.Tensor],
+                     params_optimizer: torch.optim.Optimizer, *, base_lr: float,
+                     lr_factor: Callable[[float], float], epoch: int, epochs: int,
+                     batch_size: int, stage: str) -> EpochStats:
+    """One epoch of cross-entropy training; ``forward(images, progress)`` returns logits.
+
+    ``progress`` in [0, 1] is the position in the whole stage, per step, for schedules such as
+    drop-path and the learning rate.
+    """
+    steps = ctx.steps_per_epoch(batch_size)
+    total_loss = torch.zeros((), device=ctx.device)
+    correct = torch.zeros((), device=ctx.device)
+    seen = 0
+    start = time.perf_counter()
+    batches = ctx.batches(ctx.data.train, batch_size, train=True,
+                          generator=ctx.generator(stage, epoch))
+    bar = progress_bar(batches, desc=f"{stage} {epoch + 1}/{epochs}", total=steps, unit="batch")
+    for step, batch in enumerate(bar):
+        progress = (epoch * steps + step) / (epochs * steps)
+        set_lr(params_optimizer, base_lr * lr_factor(progress))
+        logits = forward(batch.images, progress)
+        loss = F.cross_entropy(logits, batch.labels)
+        check_finite(loss, stage)
+        params_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params_optimizer.step()
+        total_loss += loss.detach() * len(batch.labels)
+        correct += (logits.argmax(1) == batch.labels).sum()
+        seen += len(batch.labels)
+    return EpochStats(float(total_loss) / seen, float(correct) / seen,
+                      time.perf_counter() - start)
+
+
+@torch.no_grad()
+def accuracy(ctx: RunContext, forward: Callable[[torch.Tensor], torch.Tensor], data: ImageSet,
+             batch_size: int = 500) -> float:
+    correct = 0
+    for batch in ctx.batches(data, batch_size, train=False):
+        correct += int((forward(batch.images).argmax(1) == batch.labels).sum())
+    return correct / len(data)

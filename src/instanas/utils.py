@@ -1,0 +1,72 @@
+"""Small shared helpers: atomic files, progress bars, seeding, metric logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, flush, fsync, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, data: object) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def progress_bar(iterable: Iterable[T], desc: str, total: int | None = None,
+                 unit: str = "it") -> Iterator[T]:
+    """tqdm with ETA; quieter refresh when the output is not a terminal (CI logs)."""
+    from tqdm.auto import tqdm
+
+    quiet = os.environ.get("INSTANAS_NO_PROGRESS") == "1"
+    interactive = sys.stderr.isatty()
+    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=quiet,
+                     mininterval=0.5 if interactive else 15.0, leave=interactive,
+                     dynamic_ncols=True))
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed every generator we use; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
