@@ -34,7 +34,7 @@ class Cell(nn.Module):
         """``policy`` bool [B, modules] already resolved by the empty-cell rule."""
         batch = x.shape[0]
         out: torch.Tensor | None = None
-        if self.spec.shape_preserving:
+        if not self.spec.forced_default:
             empty = ~policy.any(dim=1)
             if bool(empty.any()):
                 out = x * empty.view(-1, 1, 1, 1).to(x.dtype)
@@ -58,7 +58,7 @@ class Cell(nn.Module):
         mask = policy.to(x.dtype)
         out = sum(module(x) * mask[:, m].view(-1, 1, 1, 1)
                   for m, module in enumerate(self.candidates))
-        if self.spec.shape_preserving:
+        if not self.spec.forced_default:
             empty = (mask.sum(dim=1) == 0).to(x.dtype)
             out = out + x * empty.view(-1, 1, 1, 1)
         return out

@@ -52,6 +52,7 @@ class Stage:
     stride: int
 
 
+# MobileNetV2's ImageNet stage table; the 32 px CIFAR version sets the second stage's stride to 1.
 MOBILENETV2_STAGES: tuple[Stage, ...] = (
     Stage(16, 1, 1),
     Stage(24, 2, 2),
@@ -61,6 +62,8 @@ MOBILENETV2_STAGES: tuple[Stage, ...] = (
     Stage(160, 3, 2),
     Stage(320, 1, 1),
 )
+CIFAR_STAGES: tuple[Stage, ...] = tuple(
+    Stage(s.channels, s.cells, 1) if i == 1 else s for i, s in enumerate(MOBILENETV2_STAGES))
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class CellSpec:
     out_channels: int
     stride: int
     input_size: int  # spatial side of the cell's input
+    first_in_stage: bool = False
 
     @property
     def output_size(self) -> int:
@@ -79,8 +83,12 @@ class CellSpec:
 
     @property
     def shape_preserving(self) -> bool:
-        """True when an empty cell can be the identity; otherwise the forced default runs."""
         return self.stride == 1 and self.in_channels == self.out_channels
+
+    @property
+    def forced_default(self) -> bool:
+        """True when an empty policy runs module 4 here: a stage's first cell (spec section 3)."""
+        return self.first_in_stage or not self.shape_preserving
 
 
 def scale_channels(channels: int, width: float) -> int:
@@ -103,7 +111,7 @@ class SearchSpace:
     width: float = 1.0
     stem_channels: int = 32
     stem_stride: int = 1
-    stages: tuple[Stage, ...] = field(default=MOBILENETV2_STAGES)
+    stages: tuple[Stage, ...] = field(default=CIFAR_STAGES)
     head_channels: int = 1280
     scale_head: bool = False  # MobileNetV2 keeps 1280 head channels for widths <= 1
     candidates: tuple[CandidateModule, ...] = field(default=CANDIDATES)
@@ -145,7 +153,7 @@ class SearchSpace:
             out = scale_channels(stage.channels, self.width)
             for i in range(stage.cells):
                 stride = stage.stride if i == 0 else 1
-                spec = CellSpec(len(specs), channels, out, stride, size)
+                spec = CellSpec(len(specs), channels, out, stride, size, first_in_stage=i == 0)
                 specs.append(spec)
                 channels, size = out, spec.output_size
         return tuple(specs)
@@ -156,7 +164,7 @@ class SearchSpace:
 
     def forced_mask(self) -> torch.Tensor:
         """Bool [cells]: cells whose empty policy runs the forced default module."""
-        return torch.tensor([not c.shape_preserving for c in self.cells()], dtype=torch.bool)
+        return torch.tensor([c.forced_default for c in self.cells()], dtype=torch.bool)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +182,7 @@ class SearchSpace:
         rows = [f"{'cell':>4} {'in':>4} {'out':>4} {'stride':>6} {'size':>5}  empty->"]
         for c in self.cells():
             rows.append(f"{c.index:>4} {c.in_channels:>4} {c.out_channels:>4} {c.stride:>6} "
-                        f"{c.input_size:>5}  {'identity' if c.shape_preserving else 'module 4'}")
+                        f"{c.input_size:>5}  {'module 4' if c.forced_default else 'identity'}")
         return "\n".join(rows)
 
 

@@ -1,0 +1,138 @@
+"""The command line: errors are one line with exit code 2 and touch nothing; a tiny run works."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from instanas.cli import main
+
+TINY = ["--data.limit_train", "600", "--data.limit_test", "200", "--pretrain.epochs", "1",
+        "--search.epochs", "1", "--finetune.epochs", "1", "--baseline.epochs", "1",
+        "--pretrain.batch_size", "100", "--search.batch_size", "100",
+        "--finetune.batch_size", "100", "--baseline.batch_size", "100",
+        "--latency.repeats", "30", "--latency.warmup", "2", "--latency.eval_images", "20",
+        "--quiet"]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("preset: fashion-cpu\n")
+    (run / "results.json").write_text("{}\n")
+    return run
+
+
+def _fail(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_preset(capsys, tmp_path):
+    err = _fail(capsys, ["run", "--preset", "fashion-gpu", "--output", str(tmp_path / "r")])
+    assert "unknown preset" in err and "fashion-cpu" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pretrain:\n  epocs: 3\n")
+    err = _fail(capsys, ["run", "--config", str(cfg), "--output", str(tmp_path / "r")])
+    assert "pretrain.epocs" in err and "pretrain.epochs" in err
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "search", "finetune", "baseline"])
+def test_non_positive_epochs(capsys, tmp_path, stage):
+    err = _fail(capsys, ["run", f"--{stage}.epochs", "0", "--output", str(tmp_path / "r")])
+    assert f"{stage}.epochs" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_dataset(capsys, tmp_path):
+    err = _fail(capsys, ["run", "--data.root", str(tmp_path / "nowhere"),
+                         "--output", str(tmp_path / "r")])
+    assert "apt-get install dataset-fashion-mnist" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cifar_missing_batch(capsys, tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    import pickle
+
+    rows = np.zeros((4, 3072), dtype=np.uint8)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_4", "data_batch_5", "test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rows, "labels": [0, 1, 2, 3]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    err = _fail(capsys, ["run", "--preset", "paper-cifar", "--device", "cpu",
+                         "--data.root", str(folder), "--output", str(tmp_path / "r")])
+    assert "data_batch_3" in err
+
+
+def test_errors_leave_existing_run_untouched(capsys, existing_run):
+    before = _snapshot(existing_run)
+    _fail(capsys, ["run", "--output", str(existing_run)])  # exists, no --resume
+    _fail(capsys, ["run", "--resume", str(existing_run), "--pretrain.epochs", "0"])
+    _fail(capsys, ["search", "--output", str(existing_run)])  # no pretrain output
+    _fail(capsys, ["run", "--resume", str(existing_run), "--data.root", "/nowhere"])
+    assert _snapshot(existing_run) == before
+
+
+def test_help_explains_options():
+    out = subprocess.run([sys.executable, "-m", "instanas", "run", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for key in ("--pretrain.epochs", "--search.batch_size", "--latency.threads", "--resume",
+                "--controller.alpha"):
+        assert key in out
+
+
+def test_end_to_end_tiny_run(tmp_path, cache_dir):
+    """The whole pipeline on a Fashion-MNIST subset, through the real command (< 2 minutes)."""
+    if not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    run = tmp_path / "run"
+    env = {**os.environ, "INSTANAS_CACHE": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--output", str(run), *TINY],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((run / "results.json").read_text())
+    assert {"instanas", "mbv2-path"} <= set(results["models"])
+    assert results["device"]["torch"] and results["device"]["threads"] == 1
+    for model in results["models"].values():
+        assert 0.0 <= model["test_accuracy"] <= 1.0
+        assert {"mean", "std", "p50", "p90"} <= set(model["latency_ms"])
+        assert model["latency_ms"]["mean"] > 0 and model["flops"] > 0
+        assert model["table_latency_ms"] > 0
+    assert results["models"]["instanas"]["distinct_children"] >= 1
+    for name in ["config.yaml", "latency_table.json", "metrics.jsonl", "results.md",
+                 "pretrain/metagraph.safetensors", "search/epoch_001.safetensors",
+                 "search/selected.json", "finetune/model.safetensors",
+                 "baseline/mbv2.safetensors"]:
+        assert (run / name).exists(), name
+    stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"baseline", "pretrain", "search", "finetune"}
+
+    # The result loads in Python and predicts.
+    import torch
+
+    import instanas
+
+    model = instanas.load(run)
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    assert model.predict(images).shape == (3,)
+    assert model.policies(images).shape == (3, 17, 5)

@@ -1,0 +1,110 @@
+import torch
+
+from instanas.metagraph import MetaGraph, build_mbv2_baseline, mobilenetv2_path
+from instanas.space import ChildArchitecture
+
+
+def _random_policy(space, batch, density):
+    return torch.rand(batch, space.num_cells, space.num_modules) < density
+
+
+def test_cell_output_is_sum_of_selected_modules(tiny_space):
+    graph = MetaGraph(tiny_space).eval()
+    cell = graph.cells[4]  # shape-preserving
+    x = torch.randn(3, cell.spec.in_channels, cell.spec.input_size, cell.spec.input_size)
+    policy = torch.zeros(3, 5, dtype=torch.bool)
+    policy[0, [1, 3]] = True
+    policy[1, 4] = True
+    with torch.no_grad():
+        out = cell.forward_sparse(x, policy, policy.sum(0).tolist())
+        assert torch.allclose(out[0], (cell.candidates[1](x[:1]) + cell.candidates[3](x[:1]))[0],
+                              atol=1e-5)
+        assert torch.allclose(out[1], cell.candidates[4](x[1:2])[0], atol=1e-5)
+        assert torch.equal(out[2], x[2])  # empty shape-preserving cell is the identity
+
+
+def test_empty_forced_cell_runs_module_4(tiny_space):
+    graph = MetaGraph(tiny_space).eval()
+    x = torch.randn(2, 1, 12, 12)
+    empty = torch.zeros(2, tiny_space.num_cells, tiny_space.num_modules, dtype=torch.bool)
+    explicit = graph.resolve(empty)
+    assert explicit[:, 0, 4].all()
+    with torch.no_grad():
+        assert torch.allclose(graph(x, empty), graph(x, explicit), atol=1e-6)
+
+
+def test_sparse_equals_dense_outputs_and_gradients(tiny_space):
+    graph = MetaGraph(tiny_space).eval()  # eval: BatchNorm uses running stats in both paths
+    x = torch.randn(6, 1, 12, 12)
+    for density in (0.2, 0.5, 0.9):
+        policy = _random_policy(tiny_space, 6, density)
+        grads = []
+        for execution in ("sparse", "dense"):
+            graph.zero_grad()
+            out = graph(x, policy, execution=execution)
+            out.square().sum().backward()
+            grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                          for p in graph.parameters()])
+            if execution == "sparse":
+                sparse_out = out.detach()
+            else:
+                assert torch.allclose(sparse_out, out.detach(), atol=1e-5)
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unselected_module_does_not_run(tiny_space):
+    graph = MetaGraph(tiny_space).eval()
+    calls = []
+    graph.cells[5].candidates[2].register_forward_hook(lambda *a: calls.append(1))
+    policy = torch.ones(4, tiny_space.num_cells, tiny_space.num_modules, dtype=torch.bool)
+    policy[:, 5, 2] = False
+    with torch.no_grad():
+        graph(torch.randn(4, 1, 12, 12), policy)
+    assert calls == []
+    policy[1, 5, 2] = True
+    with torch.no_grad():
+        graph(torch.randn(4, 1, 12, 12), policy)
+    assert calls == [1]
+
+
+def test_materialized_child_equals_masked_metagraph(tiny_space):
+    graph = MetaGraph(tiny_space)
+    # A few training steps so BatchNorm statistics are not the identity.
+    graph.train()
+    with torch.no_grad():
+        for _ in range(3):
+            graph(torch.randn(8, 1, 12, 12))
+    graph.eval()
+    child = ChildArchitecture.from_policy(_random_policy(tiny_space, 1, 0.4)[0])
+    x = torch.randn(5, 1, 12, 12)
+    with torch.no_grad():
+        masked = graph(x, child.to_policy().expand(5, -1, -1), execution="dense")
+        static = graph.materialize(child).eval()(x)
+        fused = graph.materialize(child).deploy()(x)
+        direct = graph.forward_child(x, child)
+    assert torch.allclose(static, masked, atol=1e-5)
+    assert torch.allclose(fused, masked, atol=1e-4)
+    assert torch.allclose(direct, masked, atol=1e-5)
+    # Only the selected modules' weights are held.
+    n_modules = sum(len(cell) for cell in graph.materialize(child).cells)
+    assert n_modules == graph.resolve(child.to_policy()).sum()
+
+
+def test_mbv2_baseline_is_module_0_path(tiny_space):
+    net = build_mbv2_baseline(tiny_space)
+    assert all(len(c) == 1 for c in net.cells)
+    assert net.child == mobilenetv2_path(tiny_space)
+    assert net(torch.randn(2, 1, 12, 12)).shape == (2, 4)
+
+
+def test_deployed_metagraph_matches(tiny_space):
+    graph = MetaGraph(tiny_space)
+    graph.train()
+    with torch.no_grad():
+        graph(torch.randn(8, 1, 12, 12))
+    graph.eval()
+    policy = _random_policy(tiny_space, 4, 0.5)
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(graph.deploy()(x, policy), graph(x, policy), atol=1e-4)
