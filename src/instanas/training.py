@@ -8,7 +8,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -141,3 +141,41 @@ def accuracy(ctx: RunContext, forward: Callable[[torch.Tensor], torch.Tensor], d
     for batch in ctx.batches(data, batch_size, train=False):
         correct += int((forward(batch.images).argmax(1) == batch.labels).sum())
     return correct / len(data)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, forward: Callable[[torch.Tensor], object],
+                          batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate BatchNorm running statistics for the policies ``forward`` now runs.
+
+    A weight-sharing module sees very different inputs under different policies (a cell that sums
+    five modules vs one), so running statistics gathered under one policy distribution are wrong
+    under another and eval-mode accuracy collapses. This replaces them with the exact average
+    over ``batches``; modules that no batch selects keep their previous statistics.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    was_training = model.training
+    model.train()
+    for images in batches:
+        forward(images)
+    for m, (mean, var, momentum) in zip(norms, saved):
+        if int(m.num_batches_tracked) == 0:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def training_images(ctx: RunContext, batch_size: int, count: int, purpose: str,
+                    epoch: int = 0) -> Iterator[torch.Tensor]:
+    """``count`` augmented training batches, for BatchNorm recalibration."""
+    batches = ctx.batches(ctx.data.train, batch_size, train=True,
+                          generator=ctx.generator(purpose, epoch))
+    for i, batch in enumerate(batches):
+        if i >= count:
+            return
+        yield batch.images

@@ -9,7 +9,7 @@ from ..latency import LatencyTable
 from ..metagraph import MetaGraph
 from ..training import RunContext, cosine, sgd, supervised_epoch
 from .common import save_stage, stage_path
-from .search import evaluate_policies
+from .search import calibrate, evaluate_policies
 
 
 def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
@@ -31,6 +31,9 @@ def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
         stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr, lr_factor=cosine,
                                  epoch=epoch, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                  stage="finetune")
+        # Exact statistics for the final weights (the running average lags the last steps).
+        calibrate(ctx, metagraph, controller, sampled=False, purpose="finetune/recalibrate",
+                  epoch=epoch)
         val, _ = evaluate_policies(ctx, metagraph, controller, table, ctx.data.val)
         ctx.log_metrics({"stage": "finetune", "epoch": epoch + 1, "train_loss": stats.loss,
                          "train_accuracy": stats.accuracy, "val_accuracy": val.accuracy,

@@ -13,7 +13,8 @@ from ..controller import (Controller, bound_probabilities, greedy_policy, policy
 from ..latency import LatencyTable
 from ..metagraph import MetaGraph
 from ..reward import instance_reward, window_bounds
-from ..training import RunContext, check_finite, sgd, supervised_epoch
+from ..training import (RunContext, check_finite, recalibrate_batchnorm, sgd, supervised_epoch,
+                        training_images)
 from ..utils import progress_bar, write_json
 from .common import save_stage, stage_path
 
@@ -48,6 +49,32 @@ def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, controller: Control
     return stats, resolved
 
 
+def calibrate(ctx: RunContext, metagraph: MetaGraph, controller: Controller, *, sampled: bool,
+              purpose: str, epoch: int) -> None:
+    """Recalibrate the meta-graph's BatchNorm for the controller's current policies.
+
+    ``sampled``: rows run [sampled; greedy] children, as in a controller step; else greedy only.
+    """
+    cfg = ctx.config.search
+    gen = ctx.generator(purpose + "/policies", epoch)
+    was_training = controller.training
+    controller.eval()
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        probs = controller(images)
+        greedy = greedy_policy(probs)
+        if not sampled:
+            return metagraph(images, greedy)
+        policy = torch.cat([sample_policy(bound_probabilities(probs, ctx.config.controller.alpha),
+                                          gen), greedy])
+        return metagraph(torch.cat([images, images]), policy)
+
+    recalibrate_batchnorm(metagraph, forward, training_images(
+        ctx, cfg.batch_size, cfg.recalibrate_batches, purpose, epoch))
+    controller.train(was_training)
+    metagraph.eval()
+
+
 def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                      optimizer: torch.optim.Optimizer, table: LatencyTable, epoch: int) -> dict:
     """REINFORCE with a self-critical (greedy) baseline; the meta-graph is frozen in eval mode."""
@@ -65,6 +92,9 @@ def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controll
                           generator=ctx.generator("search/controller-data", epoch))
     for step, batch in enumerate(progress_bar(batches, f"search {epoch + 1}/{cfg.epochs} "
                                               "controller", total=steps, unit="batch")):
+        if step % cfg.recalibrate_every == 0:
+            calibrate(ctx, metagraph, controller, sampled=True,
+                      purpose=f"search/recalibrate-{step}", epoch=epoch)
         # Window position advances per step so short searches still sweep the whole schedule.
         lower, upper = window_bounds(bounds, (epoch * steps + step) / (cfg.epochs * steps),
                                      ccfg.window)
@@ -139,6 +169,8 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
         record = {"stage": "search", "epoch": epoch + 1}
         record.update(controller_epoch(ctx, metagraph, controller, ctrl_opt, table, epoch))
         record.update(metagraph_epoch(ctx, metagraph, controller, graph_opt, epoch))
+        calibrate(ctx, metagraph, controller, sampled=False, purpose="search/recalibrate-val",
+                  epoch=epoch)
         val, _ = evaluate_policies(ctx, metagraph, controller, table, ctx.data.val)
         record.update({"val_accuracy": val.accuracy, "val_cells_ms": val.cells_ms,
                        "val_total_ms": val.total_ms, "val_distinct_children": val.distinct_children,
