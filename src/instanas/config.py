@@ -87,9 +87,8 @@ class SearchConfig:
     batch_size: int = _f(32, "batch size of both alternating epochs", gt=0)
     metagraph_lr: float = _f(0.01, "SGD learning rate of the meta-graph during search", gt=0.0)
     weight_decay: float = _f(1e-4, "SGD weight decay of the meta-graph during search", ge=0.0)
-    recalibrate_every: int = _f(50, "controller steps between BatchNorm recalibrations of the "
-                                    "frozen meta-graph for the current policies", gt=0)
-    recalibrate_batches: int = _f(8, "training batches per BatchNorm recalibration", gt=0)
+    recalibrate_batches: int = _f(8, "training batches used to re-estimate BatchNorm statistics "
+                                     "for the greedy policies before validation", gt=0)
     select_tolerance: float = _f(0.01, "checkpoint choice: fastest epoch whose validation "
                                        "accuracy is within this of the best", ge=0.0, le=1.0)
 

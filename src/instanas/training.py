@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -168,6 +169,27 @@ def recalibrate_batchnorm(model: nn.Module, forward: Callable[[torch.Tensor], ob
             m.running_var.copy_(var)
         m.momentum = momentum
     model.train(was_training)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Frozen model whose BatchNorm normalises with each batch's own statistics.
+
+    Used where the meta-graph is frozen but the policies change every step (controller epochs):
+    each forward normalises for exactly the children it runs. Momentum 0 leaves the running
+    statistics untouched.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum) for m in norms]
+    for m in norms:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (training, momentum) in zip(norms, saved):
+            m.train(training)
+            m.momentum = momentum
 
 
 def training_images(ctx: RunContext, batch_size: int, count: int, purpose: str,

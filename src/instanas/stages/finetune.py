@@ -32,7 +32,7 @@ def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                                  epoch=epoch, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                  stage="finetune")
         # Exact statistics for the final weights (the running average lags the last steps).
-        calibrate(ctx, metagraph, controller, sampled=False, purpose="finetune/recalibrate",
+        calibrate(ctx, metagraph, controller, purpose="finetune/recalibrate",
                   epoch=epoch)
         val, _ = evaluate_policies(ctx, metagraph, controller, table, ctx.data.val)
         ctx.log_metrics({"stage": "finetune", "epoch": epoch + 1, "train_loss": stats.loss,

@@ -13,7 +13,7 @@ from ..controller import (Controller, bound_probabilities, greedy_policy, policy
 from ..latency import LatencyTable
 from ..metagraph import MetaGraph
 from ..reward import instance_reward, window_bounds
-from ..training import (RunContext, check_finite, recalibrate_batchnorm, sgd, supervised_epoch,
+from ..training import (RunContext, batch_statistics, check_finite, recalibrate_batchnorm, sgd, supervised_epoch,
                         training_images)
 from ..utils import progress_bar, write_json
 from .common import save_stage, stage_path
@@ -49,35 +49,27 @@ def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, controller: Control
     return stats, resolved
 
 
-def calibrate(ctx: RunContext, metagraph: MetaGraph, controller: Controller, *, sampled: bool,
-              purpose: str, epoch: int) -> None:
-    """Recalibrate the meta-graph's BatchNorm for the controller's current policies.
-
-    ``sampled``: rows run [sampled; greedy] children, as in a controller step; else greedy only.
-    """
+def calibrate(ctx: RunContext, metagraph: MetaGraph, controller: Controller, *, purpose: str,
+              epoch: int) -> None:
+    """Recalibrate the meta-graph's BatchNorm for the controller's current greedy policies."""
     cfg = ctx.config.search
-    gen = ctx.generator(purpose + "/policies", epoch)
     was_training = controller.training
     controller.eval()
-
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        probs = controller(images)
-        greedy = greedy_policy(probs)
-        if not sampled:
-            return metagraph(images, greedy)
-        policy = torch.cat([sample_policy(bound_probabilities(probs, ctx.config.controller.alpha),
-                                          gen), greedy])
-        return metagraph(torch.cat([images, images]), policy)
-
-    recalibrate_batchnorm(metagraph, forward, training_images(
-        ctx, cfg.batch_size, cfg.recalibrate_batches, purpose, epoch))
+    recalibrate_batchnorm(metagraph, lambda x: metagraph(x, greedy_policy(controller(x))),
+                          training_images(ctx, cfg.batch_size, cfg.recalibrate_batches, purpose,
+                                          epoch))
     controller.train(was_training)
     metagraph.eval()
 
 
 def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                      optimizer: torch.optim.Optimizer, table: LatencyTable, epoch: int) -> dict:
-    """REINFORCE with a self-critical (greedy) baseline; the meta-graph is frozen in eval mode."""
+    """REINFORCE with a self-critical (greedy) baseline; the meta-graph is frozen.
+
+    Frozen means no weight updates and untouched running statistics; BatchNorm normalises with
+    batch statistics, because the controller's policies move every step and running statistics
+    from any fixed policy distribution would misjudge the children it is now sampling.
+    """
     cfg, ccfg = ctx.config.search, ctx.config.controller
     metagraph.eval()
     controller.train()
@@ -92,22 +84,19 @@ def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controll
                           generator=ctx.generator("search/controller-data", epoch))
     for step, batch in enumerate(progress_bar(batches, f"search {epoch + 1}/{cfg.epochs} "
                                               "controller", total=steps, unit="batch")):
-        if step % cfg.recalibrate_every == 0:
-            calibrate(ctx, metagraph, controller, sampled=True,
-                      purpose=f"search/recalibrate-{step}", epoch=epoch)
         # Window position advances per step so short searches still sweep the whole schedule.
         lower, upper = window_bounds(bounds, (epoch * steps + step) / (cfg.epochs * steps),
                                      ccfg.window)
         probs = controller(batch.images)
         bounded = bound_probabilities(probs, ccfg.alpha)
         size = len(batch.labels)
-        with torch.no_grad():
+        with torch.no_grad(), batch_statistics(metagraph):
             sampled = sample_policy(bounded, sample_gen)
             greedy = greedy_policy(probs)
             both = metagraph.resolve(torch.cat([sampled, greedy]))
-            # Sampled and greedy children in one sparse forward: BN is in eval mode, so the
-            # rows do not interact and one call launches half as many kernels.
-            logits = metagraph(torch.cat([batch.images, batch.images]), both)
+            # Two forwards, so each set of children is normalised with its own statistics.
+            logits = torch.cat([metagraph(batch.images, both[:size]),
+                                metagraph(batch.images, both[size:])])
             correct = logits.argmax(1) == torch.cat([batch.labels, batch.labels])
             latency = (both.float() * module_ms).flatten(1).sum(1)
             reward = instance_reward(correct, latency, lower, upper, ccfg.pos_w, ccfg.neg_w)
@@ -169,7 +158,7 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
         record = {"stage": "search", "epoch": epoch + 1}
         record.update(controller_epoch(ctx, metagraph, controller, ctrl_opt, table, epoch))
         record.update(metagraph_epoch(ctx, metagraph, controller, graph_opt, epoch))
-        calibrate(ctx, metagraph, controller, sampled=False, purpose="search/recalibrate-val",
+        calibrate(ctx, metagraph, controller, purpose="search/recalibrate-val",
                   epoch=epoch)
         val, _ = evaluate_policies(ctx, metagraph, controller, table, ctx.data.val)
         record.update({"val_accuracy": val.accuracy, "val_cells_ms": val.cells_ms,
