@@ -124,7 +124,8 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
                  "search/selected.json", "finetune/model.safetensors",
                  "baseline/mbv2.safetensors"]:
         assert (run / name).exists(), name
-    stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    stages = {json.loads(line)["stage"] for line in lines}
     assert stages == {"baseline", "pretrain", "search", "finetune"}
 
     # The result loads in Python and predicts.

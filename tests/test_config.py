@@ -1,7 +1,13 @@
 import pytest
 
-from instanas.config import (ConfigError, apply_overrides, load_config_file, load_preset,
-                             preset_names, to_yaml)
+from instanas.config import (
+    ConfigError,
+    apply_overrides,
+    load_config_file,
+    load_preset,
+    preset_names,
+    to_yaml,
+)
 
 
 def test_presets_load():
@@ -14,7 +20,8 @@ def test_overrides_are_typed():
     config = apply_overrides(load_preset("fashion-cpu"), {
         "pretrain.epochs": "3", "space.width": "0.5", "data.root": "/tmp/x",
         "space.stages": "[[16, 1, 1], [24, 2, 2]]", "channels_last": "false",
-        "latency.eval_images": "none"})
+        "latency.eval_images": "none", "controller.lr": "3e-3"})
+    assert config.controller.lr == 0.003
     assert config.pretrain.epochs == 3 and config.space.width == 0.5
     assert config.data.root == "/tmp/x" and config.space.stages == [[16, 1, 1], [24, 2, 2]]
     assert config.channels_last is False and config.latency.eval_images is None

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from instanas.controller import Controller, ControllerSpec
-from instanas.latency import (LatencyTable, TimingStats, count_flops, load_or_profile,
-                              profile_table, table_key)
+from instanas.latency import (
+    LatencyTable,
+    TimingStats,
+    count_flops,
+    load_or_profile,
+    profile_table,
+    table_key,
+)
 from instanas.metagraph import MetaGraph
 
 

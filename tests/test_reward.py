@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from instanas.controller import (Controller, ControllerSpec, bound_probabilities, greedy_policy,
-                                 policy_log_prob, sample_policy)
+from instanas.controller import (
+    Controller,
+    ControllerSpec,
+    bound_probabilities,
+    greedy_policy,
+    policy_log_prob,
+    sample_policy,
+)
 from instanas.reward import LatencyBounds, instance_reward, latency_reward, window_bounds
 from instanas.stages.pretrain import drop_path_keep
 

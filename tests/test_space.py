@@ -1,8 +1,13 @@
 import pytest
 import torch
 
-from instanas.space import (FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace,
-                            apply_empty_cell_rule, scale_channels)
+from instanas.space import (
+    FORCED_DEFAULT_MODULE,
+    ChildArchitecture,
+    SearchSpace,
+    apply_empty_cell_rule,
+    scale_channels,
+)
 
 
 def test_paper_cifar_space_matches_spec():

@@ -48,7 +48,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def load_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module],
                     expect: dict | None = None) -> dict:
-    """Load weights into ``modules``; ``expect`` keys (space, classes...) must match the metadata."""
+    """Load weights into ``modules``; ``expect`` keys (space, classes...) must match."""
     tensors, meta = read_checkpoint(path)
     if expect:
         diffs = [k for k, v in expect.items() if meta.get(k) != v]

@@ -11,8 +11,16 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .config import (ConfigError, all_keys, apply_overrides, default_value, help_text,
-                     load_config_file, load_preset, preset_names)
+from .config import (
+    ConfigError,
+    all_keys,
+    apply_overrides,
+    default_value,
+    help_text,
+    load_config_file,
+    load_preset,
+    preset_names,
+)
 from .data import DataError
 from .training import TrainingError
 
@@ -126,8 +134,15 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from .pipeline import (default_run_dir, finalize_results, latency_table, open_run, run_all,
-                           run_stage, save_timings)
+    from .pipeline import (
+        default_run_dir,
+        finalize_results,
+        latency_table,
+        open_run,
+        run_all,
+        run_stage,
+        save_timings,
+    )
 
     resume = getattr(args, "resume", None)
     if resume and args.output:

@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks})
+        return field(default_factory=lambda d=default: type(d)(d),
+                     metadata={"help": help, **checks})
     return field(default=default, metadata={"help": help, **checks})
 
 
@@ -265,6 +266,11 @@ def coerce(key: str, raw: Any, hint: Any) -> Any:
             raise ConfigError(f"{key} must be a whole number, not {raw!r}")
         return raw
     if hint is float:
+        if isinstance(raw, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                raw = float(raw)
+            except ValueError:
+                pass
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise ConfigError(f"{key} must be a number, not {raw!r}")
         return float(raw)

@@ -39,7 +39,7 @@ class ResidualBlock(nn.Module):
 
 
 class Controller(nn.Module):
-    """ResNet-8 style policy network; ``forward`` returns sigmoid probabilities [B, cells, modules]."""
+    """ResNet-8 style policy network: sigmoid probabilities [B, cells, modules] per image."""
 
     def __init__(self, in_channels: int, num_cells: int, num_modules: int,
                  spec: ControllerSpec = ControllerSpec()) -> None:
@@ -61,9 +61,11 @@ class Controller(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.spec.input_size:
-            x = F.adaptive_avg_pool2d(x, self.spec.input_size) if x.shape[-1] > self.spec.input_size \
-                else F.interpolate(x, size=self.spec.input_size, mode="bilinear",
-                                   align_corners=False)
+            if x.shape[-1] > self.spec.input_size:
+                x = F.adaptive_avg_pool2d(x, self.spec.input_size)
+            else:
+                x = F.interpolate(x, size=self.spec.input_size, mode="bilinear",
+                                  align_corners=False)
         features = self.blocks(self.stem(x)).mean(dim=(2, 3))
         logits = self.logits(features).view(-1, self.num_cells, self.num_modules)
         return torch.sigmoid(logits)

@@ -225,7 +225,8 @@ class ChildArchitecture:
         return tuple(bits)
 
     @classmethod
-    def from_bits(cls, bits: Sequence[int], num_modules: int = len(CANDIDATES)) -> "ChildArchitecture":
+    def from_bits(cls, bits: Sequence[int],
+                  num_modules: int = len(CANDIDATES)) -> "ChildArchitecture":
         if len(bits) % num_modules:
             raise ValueError(f"{len(bits)} bits is not a multiple of {num_modules} modules")
         cells = tuple(tuple(m for m in range(num_modules) if bits[c * num_modules + m])
@@ -234,8 +235,8 @@ class ChildArchitecture:
 
     def to_policy(self) -> torch.Tensor:
         """Bool [cells, modules]."""
-        return torch.tensor(self.to_bits(), dtype=torch.bool).view(len(self.cells),
-                                                                   self.num_modules)
+        bits = torch.tensor(self.to_bits(), dtype=torch.bool)
+        return bits.view(len(self.cells), self.num_modules)
 
     @classmethod
     def from_policy(cls, policy: torch.Tensor) -> "ChildArchitecture":
@@ -258,7 +259,7 @@ class ChildArchitecture:
 def apply_empty_cell_rule(policy: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     """The one empty-cell rule (spec section 3), for any leading batch shape.
 
-    ``policy`` is bool [..., cells, modules]; ``forced`` bool [cells]. Returns a bool policy in which
+    ``policy`` is bool [..., cells, modules]; ``forced`` bool [cells]. Returns a bool policy where
     every shape-changing cell with nothing selected selects the forced default module. Empty
     shape-preserving cells stay empty and act as the identity.
     """

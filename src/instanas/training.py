@@ -61,7 +61,8 @@ class RunContext:
     def batches(self, data: ImageSet, batch_size: int, *, train: bool, generator=None):
         for batch in iterate_batches(data, batch_size, shuffle=train, generator=generator,
                                      augment=self.train_augment if train else self.eval_augment,
-                                     device=self.device, drop_last=train and len(data) > batch_size):
+                                     device=self.device,
+                                     drop_last=train and len(data) > batch_size):
             if self.config.channels_last:
                 batch.images = batch.images.contiguous(memory_format=torch.channels_last)
             yield batch

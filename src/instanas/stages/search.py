@@ -8,13 +8,26 @@ from dataclasses import dataclass
 
 import torch
 
-from ..controller import (Controller, bound_probabilities, greedy_policy, policy_entropy,
-                          policy_log_prob, sample_policy)
+from ..controller import (
+    Controller,
+    bound_probabilities,
+    greedy_policy,
+    policy_entropy,
+    policy_log_prob,
+    sample_policy,
+)
 from ..latency import LatencyTable
 from ..metagraph import MetaGraph
 from ..reward import instance_reward, window_bounds
-from ..training import (RunContext, batch_statistics, check_finite, recalibrate_batchnorm, sgd, supervised_epoch,
-                        training_images)
+from ..training import (
+    RunContext,
+    batch_statistics,
+    check_finite,
+    recalibrate_batchnorm,
+    sgd,
+    supervised_epoch,
+    training_images,
+)
 from ..utils import progress_bar, write_json
 from .common import save_stage, stage_path
 
