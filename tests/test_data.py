@@ -227,7 +227,7 @@ def test_fashion_mnist_missing_dir(tmp_path: Path) -> None:
         load_dataset("fashion-mnist", tmp_path / "nowhere")
     message = one_line_error(excinfo)
     assert "apt-get install dataset-fashion-mnist" in message
-    assert "train-images-idx3-ubyte.gz" in message and "--data-root" in message
+    assert "train-images-idx3-ubyte.gz" in message and "--data.root" in message
 
 
 @pytest.mark.skipif(
@@ -284,7 +284,7 @@ def test_cifar_missing_batch_names_file(tmp_path: Path) -> None:
 
 
 def test_cifar_needs_root() -> None:
-    with pytest.raises(DataError, match="--data-root"):
+    with pytest.raises(DataError, match="--data.root"):
         load_dataset("cifar100")
 
 
@@ -364,7 +364,7 @@ def test_folder_limit_train(tmp_path: Path) -> None:
 def test_folder_missing_root(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_dataset("folder", tmp_path / "nowhere")
-    with pytest.raises(DataError, match="--data-root"):
+    with pytest.raises(DataError, match="--data.root"):
         load_dataset("folder")
 
 

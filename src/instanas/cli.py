@@ -143,6 +143,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_stage,
         save_timings,
     )
+    from .stages.common import require_previous
 
     resume = getattr(args, "resume", None)
     if resume and args.output:
@@ -160,6 +161,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             stage_path_exists(run_dir, args.command):
         raise ConfigError(f"{run_dir} already has {args.command} output: choose a new --output "
                           "or delete that stage's folder to redo it")
+    if args.command in ("search", "finetune", "evaluate"):
+        require_previous(run_dir, args.command)
     ctx = open_run(config, run_dir)
     start = time.perf_counter()
     if args.command == "run":

@@ -178,7 +178,7 @@ def load_dataset(
 
     if name == "folder":
         if root is None:
-            raise DataError("dataset 'folder' needs --data-root DIR: pass a class-per-folder tree")
+            raise DataError("dataset 'folder' needs --data.root DIR: pass a class-per-folder tree")
         classes, train, test = _load_folder(
             Path(root).expanduser(),
             image_size or DEFAULT_FOLDER_IMAGE_SIZE,
@@ -278,7 +278,7 @@ def _find_idx(root: Path, base: str) -> Path:
     raise DataError(
         f"Fashion-MNIST not found in {root} (missing {base}.gz): install it with "
         "`apt-get install dataset-fashion-mnist` "
-        "or pass --data-root DIR holding the four IDX files"
+        "or pass --data.root DIR holding the four IDX files"
     )
 
 
@@ -404,7 +404,7 @@ def _load_cifar(
     spec = _CIFAR[name]
     if root is None:
         raise DataError(
-            f"{spec.title} needs --data-root DIR: pass the {spec.folder} folder "
+            f"{spec.title} needs --data.root DIR: pass the {spec.folder} folder "
             f"(or its parent) from the python version of the dataset"
         )
     base = Path(root).expanduser()
@@ -424,7 +424,7 @@ def _read_cifar_pickle(folder: Path, filename: str, spec: _CifarSpec) -> dict:
     if not path.is_file():
         raise DataError(
             f"{spec.title} file {filename} missing in {folder}: download and extract the python "
-            f"version ({spec.archive}) or point --data-root at {spec.folder} or its parent"
+            f"version ({spec.archive}) or point --data.root at {spec.folder} or its parent"
         )
     try:
         with path.open("rb") as fh:
@@ -492,7 +492,7 @@ def _load_folder(
 ) -> tuple[list[str], ImageSet, ImageSet]:
     if not root.is_dir():
         raise DataError(
-            f"image folder {root} does not exist: pass --data-root pointing at a "
+            f"image folder {root} does not exist: pass --data.root pointing at a "
             f"class-per-folder tree (root/<class>/*.png or root/train/<class>/...)"
         )
     train_dir = root / "train" if (root / "train").is_dir() else root

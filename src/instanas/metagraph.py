@@ -12,6 +12,8 @@ the same everywhere. Two execution modes compute the same function:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -149,8 +151,6 @@ class ChildNetwork(nn.Module):
 
     def __init__(self, metagraph: MetaGraph, child: ChildArchitecture) -> None:
         super().__init__()
-        import copy
-
         self.space = metagraph.space
         self.child = child
         self.cell_modules = metagraph.resolved_cells(child)

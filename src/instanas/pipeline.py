@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -10,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config_file, to_yaml
 from .controller import Controller
 from .data import load_dataset
@@ -19,7 +20,7 @@ from .latency import LatencyTable, default_cache_path, load_or_profile, table_ke
 from .metagraph import MetaGraph, build_mbv2_baseline
 from .report import write_results_markdown
 from .stages.baseline import train_baseline
-from .stages.common import STAGE_FILES, load_stage, require_previous, stage_path
+from .stages.common import load_stage, require_previous, stage_path
 from .stages.finetune import finetune
 from .stages.pretrain import pretrain
 from .stages.search import search
@@ -48,8 +49,6 @@ def check_writable(run_dir: Path) -> None:
 
 
 def _writable(path: Path) -> bool:
-    import os
-
     return os.access(path, os.W_OK | os.X_OK)
 
 
@@ -65,7 +64,7 @@ def open_run(config: Config, run_dir: Path) -> RunContext:
                         image_size=d.image_size, limit_train=d.limit_train,
                         limit_test=d.limit_test)
     space = config.search_space(data.channels, data.image_size, data.num_classes)
-    if space.final_size < 2 and min(s[2] for s in config.space.stages) >= 1:
+    if space.final_size < 2:
         log.warning("the last cells work on %dx%d maps; BatchNorm may fail on single images",
                     space.final_size, space.final_size)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +106,7 @@ def latency_table(ctx: RunContext) -> LatencyTable:
 
 
 def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
-    require_previous(ctx, stage)
+    require_previous(ctx.run_dir, stage)
     start = time.perf_counter()
     if stage == "baseline":
         train_baseline(ctx)
@@ -124,18 +123,14 @@ def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
         load_stage(ctx, "search", {"metagraph": metagraph, "controller": controller})
         finetune(ctx, metagraph, controller, latency_table(ctx))
     elif stage == "evaluate":
-        run_evaluation(ctx, timings)
+        run_evaluation(ctx)
     else:
         raise ConfigError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
     timings[stage] = time.perf_counter() - start
     log.info("%s done in %.0f s", stage, timings[stage])
 
 
-def run_evaluation(ctx: RunContext, timings: dict[str, float]) -> dict:
-    for needed in ("finetune", "baseline"):
-        if not stage_path(ctx, needed).exists():
-            raise CheckpointError(f"{ctx.run_dir} has no {needed} output ({STAGE_FILES[needed]}): "
-                                  f"run `instanas {needed} --output {ctx.run_dir}` first")
+def run_evaluation(ctx: RunContext) -> dict:
     metagraph, controller = new_models(ctx)
     load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})
     baseline = build_mbv2_baseline(ctx.space)
@@ -155,8 +150,6 @@ def run_evaluation(ctx: RunContext, timings: dict[str, float]) -> dict:
 
 
 def _previous_timings(run_dir: Path) -> dict[str, float]:
-    import json
-
     path = run_dir / "timings.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -183,8 +176,6 @@ def run_all(ctx: RunContext, resume: bool = False) -> dict[str, float]:
 
 def finalize_results(ctx: RunContext) -> dict:
     """Add the wall time of every stage to results.json and rewrite results.md."""
-    import json
-
     path = ctx.run_dir / "results.json"
     results = json.loads(path.read_text())
     results["wall_time_s"] = _previous_timings(ctx.run_dir)

@@ -16,7 +16,7 @@ STAGE_FILES = {
     "finetune": "finetune/model.safetensors",
     "baseline": "baseline/mbv2.safetensors",
 }
-PREVIOUS = {"search": "pretrain", "finetune": "search"}
+PREVIOUS = {"search": ("pretrain",), "finetune": ("search",), "evaluate": ("finetune", "baseline")}
 
 
 def stage_path(ctx: RunContext, stage: str) -> Path:
@@ -43,8 +43,10 @@ def load_stage(ctx: RunContext, stage: str, modules: dict[str, nn.Module]) -> di
     return load_checkpoint(path, modules, expect=identity(ctx))
 
 
-def require_previous(ctx: RunContext, stage: str) -> None:
-    before = PREVIOUS.get(stage)
-    if before and not stage_path(ctx, before).exists():
-        raise CheckpointError(f"{ctx.run_dir} has no {before} output: run `instanas {before} "
-                              f"--output {ctx.run_dir}` before `instanas {stage}`")
+def require_previous(run_dir: Path, stage: str) -> None:
+    """Fail before anything is written when the stages ``stage`` builds on have not run."""
+    for before in PREVIOUS.get(stage, ()):
+        if not (run_dir / STAGE_FILES[before]).exists():
+            raise CheckpointError(f"{run_dir} has no {before} output ({STAGE_FILES[before]}): "
+                                  f"run `instanas {before} --output {run_dir}` before "
+                                  f"`instanas {stage}`")
