@@ -67,6 +67,8 @@ def _add_run_options(p: argparse.ArgumentParser, command: str) -> None:
     if command == "profile":
         g.add_argument("--table-out", default=None,
                        help="also write the table to this JSON file")
+        g.add_argument("--fresh", action="store_true",
+                       help="measure again even if a table for this setup is cached")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -172,7 +174,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         results = finalize_results(ctx)
         _print_summary(run_dir, results)
     elif args.command == "profile":
-        table = latency_table(ctx)
+        table = latency_table(ctx, fresh=args.fresh)
         if args.table_out:
             table.save(args.table_out)
         print(json.dumps({"key": table.key, "fixed_ms": {k: v.median_ms for k, v in

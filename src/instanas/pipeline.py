@@ -16,7 +16,7 @@ from .config import Config, ConfigError, load_config_file, to_yaml
 from .controller import Controller
 from .data import load_dataset
 from .evaluate import evaluate
-from .latency import LatencyTable, default_cache_path, load_or_profile, table_key
+from .latency import LatencyTable, default_cache_path, load_or_profile, profile_table, table_key
 from .metagraph import MetaGraph, build_mbv2_baseline
 from .report import write_results_markdown
 from .stages.baseline import train_baseline
@@ -88,8 +88,11 @@ def new_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:
     return metagraph, controller
 
 
-def latency_table(ctx: RunContext) -> LatencyTable:
-    """The run's table: reused from the run directory or the per-device cache when it fits."""
+def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
+    """The run's table: reused from the run directory or the per-device cache when it fits.
+
+    ``fresh`` measures anew even when a matching table exists (and replaces it).
+    """
     cfg = ctx.config.latency
     metagraph, controller = new_models(ctx)
     cpu = torch.device("cpu")
@@ -98,6 +101,9 @@ def latency_table(ctx: RunContext) -> LatencyTable:
     local = ctx.run_dir / "latency_table.json"
     if local.exists() and not cfg.table:
         path = local
+    if fresh:
+        profile_table(metagraph, controller, cpu, threads=cfg.threads, warmup=cfg.warmup,
+                      repeats=cfg.repeats, seed=ctx.config.seed).save(path)
     table = load_or_profile(path, metagraph, controller, cpu, threads=cfg.threads,
                             warmup=cfg.warmup, repeats=cfg.repeats, seed=ctx.config.seed)
     if path.resolve() != local.resolve():
