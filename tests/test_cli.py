@@ -137,3 +137,28 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     assert model.predict(images).shape == (3,)
     assert model.policies(images).shape == (3, 17, 5)
+
+
+def test_load_rejects_a_folder_that_is_not_a_run(tmp_path):
+    import instanas
+    from instanas.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not an instanas run directory"):
+        instanas.load(tmp_path)
+
+
+def test_predict_rejects_bad_images(tiny_space):
+    import torch
+
+    from instanas.controller import Controller, ControllerSpec
+    from instanas.inference import InstaNASModel, InstaNASPredictor
+    from instanas.metagraph import MetaGraph
+
+    graph = MetaGraph(tiny_space).eval()
+    ctrl = Controller(1, 17, 5, ControllerSpec(12, (4, 8, 8))).eval()
+    model = InstaNASModel(InstaNASPredictor(graph, ctrl), ["a", "b", "c", "d"], (0.5,), (0.25,))
+    assert model.predict(torch.zeros(2, 1, 12, 12, dtype=torch.uint8)).shape == (2,)
+    with pytest.raises(ValueError, match="expected"):
+        model.predict(torch.zeros(2, 3, 12, 12))
+    with pytest.raises(ValueError, match="NaN"):
+        model.predict(torch.full((1, 1, 12, 12), float("nan")))

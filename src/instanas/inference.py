@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -92,16 +93,15 @@ class InstaNASModel:
 
 def load(run_dir: str | Path) -> InstaNASModel:
     """Load the fine-tuned InstaNAS model of a finished run directory."""
-    import json
-
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
     from .config import from_dict
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise CheckpointError(f"{run_dir} is not an instanas run directory (no config.yaml): "
+                              "pass the --output folder of `instanas run`")
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     path = run_dir / "finetune" / "model.safetensors"
-    from .checkpoint import read_checkpoint
-
     _, meta = read_checkpoint(path)
     space = SearchSpace.from_dict(meta["space"])
     metagraph = MetaGraph(space)
