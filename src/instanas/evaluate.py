@@ -10,17 +10,17 @@ import torch
 
 from .controller import Controller
 from .inference import InstaNASPredictor
-from .latency import LatencyTable, count_flops, device_info
+from .latency import LatencyTable, TimingStats, count_flops, device_info
 from .metagraph import ChildNetwork, MetaGraph, mobilenetv2_path
+from .space import distinct_children
 from .training import RunContext
 from .utils import progress_bar
 
 
 def latency_summary(samples_ms: list[float]) -> dict:
-    t = torch.tensor(samples_ms, dtype=torch.float64)
-    q = torch.quantile(t, torch.tensor([0.5, 0.9], dtype=torch.float64)).tolist()
-    return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0,
-            "p50": q[0], "p90": q[1], "images": len(samples_ms)}
+    stats = TimingStats.from_samples(samples_ms)
+    return {"mean": stats.mean_ms, "std": stats.std_ms, "p50": stats.median_ms,
+            "p90": stats.p90_ms, "images": stats.repeats}
 
 
 def measure_per_image(models: dict[str, Callable[[torch.Tensor], object]], images: torch.Tensor,
@@ -91,14 +91,13 @@ def evaluate(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
     measured = measure_per_image({"instanas": predictor.logits_one,
                                   "mbv2-path": deployed_baseline},
                                  images.contiguous(), cfg.threads, cfg.warmup, ctx.config.seed)
-    flat = policies.flatten(1).to(torch.uint8).numpy()
     models = {
         "instanas": {
             "test_accuracy": accuracy,
             "latency_ms": measured["instanas"],
             "table_latency_ms": float(table.cells_ms(policies).mean()) + table.fixed_ms(),
             "flops": float(flops.per_image(policies).mean()),
-            "distinct_children": len({row.tobytes() for row in flat}),
+            "distinct_children": distinct_children([policies]),
             "mean_active_modules": float(policies.sum(dim=(1, 2)).float().mean()),
         },
         "mbv2-path": {

@@ -8,6 +8,7 @@ whichever module happened to be timed at a bad moment.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -237,8 +238,6 @@ def load_or_profile(path: str | os.PathLike, metagraph: MetaGraph, controller: C
 
 
 def default_cache_path(key: dict) -> Path:
-    import hashlib
-
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(os.environ.get("INSTANAS_CACHE", Path.home() / ".cache" / "instanas"))
     return root / "latency" / f"{digest}.json"

@@ -19,6 +19,7 @@ from ..controller import (
 from ..latency import LatencyTable
 from ..metagraph import MetaGraph
 from ..reward import instance_reward, window_bounds
+from ..space import distinct_children
 from ..training import (
     RunContext,
     batch_statistics,
@@ -54,10 +55,9 @@ def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, controller: Control
         policies.append(policy.cpu())
     resolved = torch.cat(policies)
     cells = table.cells_ms(resolved)
-    flat = resolved.flatten(1).to(torch.uint8).numpy()
     stats = PolicyStats(correct / len(data), float(cells.mean()),
                         float(cells.mean()) + table.fixed_ms(),
-                        len({row.tobytes() for row in flat}),
+                        distinct_children([resolved]),
                         float(resolved.sum(dim=(1, 2)).float().mean()))
     return stats, resolved
 
