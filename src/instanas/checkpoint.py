@@ -49,7 +49,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 def load_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module],
                     expect: dict | None = None) -> dict:
     """Load weights into ``modules``; ``expect`` keys (space, classes...) must match."""
-    tensors, meta = read_checkpoint(path)
+    return load_tensors(path, *read_checkpoint(path), modules, expect)
+
+
+def load_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict,
+                 modules: dict[str, nn.Module], expect: dict | None = None) -> dict:
+    """Copy already-read checkpoint tensors into ``modules`` (see :func:`load_checkpoint`)."""
     if expect:
         diffs = [k for k, v in expect.items() if meta.get(k) != v]
         if diffs:

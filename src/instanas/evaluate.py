@@ -50,16 +50,14 @@ def measure_per_image(models: dict[str, Callable[[torch.Tensor], object]], image
 
 @torch.no_grad()
 def instanas_test_pass(ctx: RunContext, predictor: InstaNASPredictor
-                       ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Batched greedy evaluation: accuracy, resolved policies [N, cells, modules], predictions."""
-    correct, policies, predictions = 0, [], []
+                       ) -> tuple[float, torch.Tensor]:
+    """Batched greedy evaluation: accuracy and resolved policies [N, cells, modules]."""
+    correct, policies = 0, []
     for batch in ctx.batches(ctx.data.test, 500, train=False):
         logits, policy = predictor.logits(batch.images.contiguous())
-        pred = logits.argmax(1)
-        correct += int((pred == batch.labels).sum())
+        correct += int((logits.argmax(1) == batch.labels).sum())
         policies.append(policy.cpu())
-        predictions.append(pred.cpu())
-    return correct / len(ctx.data.test), torch.cat(policies), torch.cat(predictions)
+    return correct / len(ctx.data.test), torch.cat(policies)
 
 
 @torch.no_grad()
@@ -80,7 +78,7 @@ def evaluate(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
     metagraph, controller, baseline = (m.cpu().eval() for m in (metagraph, controller, baseline))
     predictor = InstaNASPredictor(metagraph, controller)
     deployed_baseline = baseline.deploy()
-    accuracy, policies, _ = instanas_test_pass(ctx, predictor)
+    accuracy, policies = instanas_test_pass(ctx, predictor)
     baseline_accuracy = baseline_test_accuracy(ctx, deployed_baseline)
     flops = count_flops(metagraph, controller)
     mbv2_policy = metagraph.resolve(mobilenetv2_path(ctx.space).to_policy().unsqueeze(0))

@@ -93,7 +93,7 @@ class InstaNASModel:
 
 def load(run_dir: str | Path) -> InstaNASModel:
     """Load the fine-tuned InstaNAS model of a finished run directory."""
-    from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+    from .checkpoint import CheckpointError, load_tensors, read_checkpoint
     from .config import from_dict
 
     run_dir = Path(run_dir)
@@ -102,12 +102,12 @@ def load(run_dir: str | Path) -> InstaNASModel:
                               "pass the --output folder of `instanas run`")
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     path = run_dir / "finetune" / "model.safetensors"
-    _, meta = read_checkpoint(path)
+    tensors, meta = read_checkpoint(path)  # read once: metadata first, weights below
     space = SearchSpace.from_dict(meta["space"])
     metagraph = MetaGraph(space)
     controller = Controller(space.input_channels, space.num_cells, space.num_modules,
                             config.controller_spec())
-    load_checkpoint(path, {"metagraph": metagraph, "controller": controller})
+    load_tensors(path, tensors, meta, {"metagraph": metagraph, "controller": controller})
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else None
     norm = meta["normalization"]
