@@ -5,6 +5,11 @@
 For each policy density, both paths train the same meta-graph on the same random batch with a
 fresh random policy every step (as in search), alternating step by step, and the median step
 times are compared. Prints the machine, thread count and sparse/dense speed ratios.
+
+The last column is a floor no execution strategy of this network can beat: a step of the whole
+meta-graph on ``density * batch`` images (every module, no gathers), i.e. the work of the selected
+rows with no overhead. Where it is far above ``density`` times the full-batch step, the step is
+dominated by per-operator costs that do not shrink with the number of rows.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ def step_time(graph: MetaGraph, optimizer, x, y, policy, execution: str) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="fashion-cpu")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -46,17 +52,24 @@ def main() -> None:
     shape = (args.batch, space.num_cells, space.num_modules)
     print(f"machine: {processor_name()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, preset {args.preset}, batch {args.batch}")
-    print(f"{'density':>8} {'sparse ms':>10} {'dense ms':>10} {'dense/sparse':>13}")
+    print(f"{'density':>8} {'sparse ms':>10} {'dense ms':>10} {'dense/sparse':>13} "
+          f"{'floor ms':>9} {'dense/floor':>12}")
     for density in (1.0, 0.5, 0.25):
-        times = {"sparse": [], "dense": []}
-        for i in range(args.steps + 2):
+        rows = max(1, round(density * args.batch))
+        every = torch.ones(shape, dtype=torch.bool)
+        times = {"sparse": [], "dense": [], "floor": []}
+        for i in range(args.steps + args.warmup):
             policy = torch.rand(shape) < density
-            for execution in ("sparse", "dense") if i % 2 == 0 else ("dense", "sparse"):
-                t = step_time(graph, optimizer, x, y, policy, execution)
-                if i >= 2:  # the first steps build kernels
-                    times[execution].append(t)
-        sparse, dense = (statistics.median(times[k]) * 1e3 for k in ("sparse", "dense"))
-        print(f"{density:>8.2f} {sparse:>10.1f} {dense:>10.1f} {dense / sparse:>12.2f}x")
+            runs = [("sparse", x, y, policy), ("dense", x, y, policy),
+                    ("floor", x[:rows], y[:rows], every[:rows])]
+            for name, xs, ys, ps in runs if i % 2 == 0 else runs[::-1]:
+                t = step_time(graph, optimizer, xs, ys, ps, "dense" if name == "dense" else "sparse")
+                if i >= args.warmup:  # the first steps build kernels
+                    times[name].append(t)
+        sparse, dense, floor = (statistics.median(times[k]) * 1e3
+                                for k in ("sparse", "dense", "floor"))
+        print(f"{density:>8.2f} {sparse:>10.1f} {dense:>10.1f} {dense / sparse:>12.2f}x "
+              f"{floor:>9.1f} {dense / floor:>11.2f}x")
 
 
 if __name__ == "__main__":

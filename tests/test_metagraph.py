@@ -108,3 +108,24 @@ def test_deployed_metagraph_matches(tiny_space):
     x = torch.randn(4, 1, 12, 12)
     with torch.no_grad():
         assert torch.allclose(graph.deploy()(x, policy), graph(x, policy), atol=1e-4)
+
+
+def _outputs_and_grads(graph, x, policy, execution="sparse"):
+    graph.zero_grad()
+    out = graph(x, policy, execution=execution)
+    out.square().sum().backward()
+    return out.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                          for p in graph.parameters()]
+
+
+def test_channels_last_sparse_equals_dense(tiny_space):
+    torch.manual_seed(1)
+    graph = MetaGraph(tiny_space).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(24, 1, 12, 12).contiguous(memory_format=torch.channels_last)
+    policy = _random_policy(tiny_space, 24, 0.3)
+    out_s, grads_s = _outputs_and_grads(graph, x, policy, "sparse")
+    out_d, grads_d = _outputs_and_grads(graph, x, policy, "dense")
+    assert torch.allclose(out_s, out_d, atol=1e-5)
+    for a, b in zip(grads_s, grads_d):
+        assert torch.allclose(a, b, atol=1e-5)
+

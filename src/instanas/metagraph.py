@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .ops import ConvBNAct, build_candidate, fold_batchnorm
+from .rows import gather_rows, memory_layout, scatter_add_rows
 from .space import MBV2_MODULE, CellSpec, ChildArchitecture, SearchSpace, apply_empty_cell_rule
 
 
@@ -35,6 +36,7 @@ class Cell(nn.Module):
                        counts: list[int]) -> torch.Tensor:
         """``policy`` bool [B, modules] already resolved by the empty-cell rule."""
         batch = x.shape[0]
+        layout = memory_layout(x)
         out: torch.Tensor | None = None
         if not self.spec.forced_default:
             empty = ~policy.any(dim=1)
@@ -49,10 +51,10 @@ class Cell(nn.Module):
                 out = y if out is None else out + y
                 continue
             rows = policy[:, m].nonzero().squeeze(1)
-            y = module(x.index_select(0, rows))
+            y = module(gather_rows(x, rows))
             if out is None:
-                out = x.new_zeros((batch, *y.shape[1:]))
-            out = out.index_add(0, rows, y)
+                out = y.new_zeros((batch, *y.shape[1:])).contiguous(memory_format=layout)
+            out = scatter_add_rows(out, rows, y)
         assert out is not None, "resolved policies never leave a shape-changing cell empty"
         return out
 
