@@ -24,7 +24,13 @@ def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], meta
     tensors = {}
     for prefix, module in modules.items():
         for key, value in module.state_dict().items():
-            tensors[f"{prefix}.{key}"] = value.detach().cpu().contiguous()
+            tensors[f"{prefix}.{key}"] = value
+    save_tensors(path, tensors, meta)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write named tensors and JSON metadata as one safetensors file, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     blob = save_safetensors(tensors, metadata={"instanas": json.dumps(meta)})
     atomic_write_bytes(path, blob)
 
@@ -34,13 +40,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: run the stage that writes it "
                               "first")
-    data = path.read_bytes()
     try:
+        data = path.read_bytes()
         tensors = load_safetensors(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
         meta = json.loads(header.get("__metadata__", {}).get("instanas", "{}"))
-    except (SafetensorError, ValueError, OSError) as exc:
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+    except (SafetensorError, ValueError, OSError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc}): delete it and "
                               "rerun the stage that wrote it") from exc
     return tensors, meta
@@ -55,11 +63,7 @@ def load_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module],
 def load_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict,
                  modules: dict[str, nn.Module], expect: dict | None = None) -> dict:
     """Copy already-read checkpoint tensors into ``modules`` (see :func:`load_checkpoint`)."""
-    if expect:
-        diffs = [k for k, v in expect.items() if meta.get(k) != v]
-        if diffs:
-            raise CheckpointError(f"checkpoint {path} does not match this run ({', '.join(diffs)} "
-                                  "differ): use the run directory and preset it was made with")
+    check_identity(path, meta, expect or {})
     for prefix, module in modules.items():
         state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         try:
@@ -69,3 +73,41 @@ def load_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
             raise CheckpointError(f"checkpoint {path} does not fit the {prefix} ({first}): use the "
                                   "run directory and preset it was made with") from exc
     return meta
+
+
+def check_identity(path: str | os.PathLike, meta: dict, expect: dict) -> None:
+    """Fail, listing what differs, when ``meta`` disagrees with ``expect`` (space, classes...)."""
+    diffs: list[str] = []
+    for key, value in expect.items():
+        _differences(key, meta.get(key), value, diffs)
+    if diffs:
+        shown = "; ".join(diffs[:_SHOWN_DIFFERENCES])
+        more = f"; {len(diffs) - _SHOWN_DIFFERENCES} more" if len(diffs) > _SHOWN_DIFFERENCES \
+            else ""
+        raise CheckpointError(f"checkpoint {path} does not match this run ({shown}{more}): use "
+                              "the run directory, preset and data it was made with")
+
+
+_SHOWN_DIFFERENCES = 4
+
+
+def _differences(name: str, found: object, wanted: object, out: list[str]) -> None:
+    """Leaf-level differences as 'name: checkpoint X, this run Y' (lists of equal length and
+    mappings are compared item by item, so the message points at the field that differs)."""
+    if found == wanted:
+        return
+    if isinstance(found, dict) and isinstance(wanted, dict):
+        for key in sorted(set(found) | set(wanted), key=str):
+            _differences(f"{name}.{key}", found.get(key), wanted.get(key), out)
+    elif isinstance(found, list) and isinstance(wanted, list) and len(found) == len(wanted):
+        for i, (a, b) in enumerate(zip(found, wanted)):
+            _differences(f"{name}[{i}]", a, b, out)
+    elif isinstance(found, list) and isinstance(wanted, list):
+        out.append(f"{name}: checkpoint has {len(found)} entries, this run {len(wanted)}")
+    else:
+        out.append(f"{name}: checkpoint {_short(found)}, this run {_short(wanted)}")
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import json
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .checkpoint import CheckpointError
@@ -26,6 +29,11 @@ from .training import TrainingError
 
 log = logging.getLogger("instanas")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
+RESUMABLE = ("pretrain", "search", "finetune", "baseline")
+# Failures of the machine rather than the program: reported in one line, not a traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                       errno.EROFS: "the file system is read-only",
+                       errno.EACCES: "permission denied"}
 
 DESCRIPTIONS = {
     "run": "the whole pipeline: latency table, MobileNetV2-path baseline, pretrain, search, "
@@ -39,8 +47,28 @@ DESCRIPTIONS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and suggest the closest option."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        for word in message.split():
+            close = difflib.get_close_matches(word, self._option_names(), n=1)
+            if word.startswith("--") and close:
+                hint = f" (did you mean {close[0]}?)"
+                break
+        self.exit(2, f"instanas: error: {message}{hint}; see `{self.prog} --help`\n")
+
+    def _option_names(self) -> list[str]:
+        parsers = [self]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+        return [o for p in parsers for a in p._actions for o in a.option_strings]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="instanas", description="InstaNAS: instance-aware neural architecture search.")
     parser.add_argument("--version", action="version", version=f"instanas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -63,7 +91,11 @@ def _add_run_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="run directory (default runs/PRESET-TIMESTAMP for a new run)")
     if command == "run":
         g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                       help="continue an interrupted run, skipping finished stages")
+                       help="continue an interrupted run: finished stages are skipped, the "
+                            "unfinished one goes on from its last completed epoch")
+    if command in RESUMABLE:
+        g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="continue this stage of RUN_DIR from its last completed epoch")
     if command == "profile":
         g.add_argument("--table-out", default=None,
                        help="also write the table to this JSON file")
@@ -119,12 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except USER_ERRORS as exc:
-        print(f"instanas: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        return _fail(f"{_ENVIRONMENT_ERRNOS[exc.errno]} ({exc}); files already written are "
+                     "whole (every write is atomic): free space or fix permissions, then "
+                     "continue with --resume RUN_DIR")
     except KeyboardInterrupt:
-        print("instanas: interrupted; finished stages are kept, continue with "
-              "`instanas run --resume RUN_DIR`", file=sys.stderr)
+        print("instanas: interrupted; finished stages and the last completed epoch are kept: "
+              "continue with --resume RUN_DIR", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    print(f"instanas: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -159,13 +201,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run" and not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} already exists: choose a new --output or "
                           f"continue it with --resume {run_dir}")
-    if args.command in ("pretrain", "search", "finetune", "baseline") and \
-            stage_path_exists(run_dir, args.command):
-        raise ConfigError(f"{run_dir} already has {args.command} output: choose a new --output "
-                          "or delete that stage's folder to redo it")
+    if args.command in RESUMABLE:
+        check_stage_unfinished(run_dir, args.command, bool(resume))
     if args.command in ("search", "finetune", "evaluate"):
         require_previous(run_dir, args.command)
-    ctx = open_run(config, run_dir)
+    ctx = open_run(config, run_dir, resume=bool(resume), command=args.command)
     start = time.perf_counter()
     if args.command == "run":
         timings = run_all(ctx, resume=bool(resume))
@@ -194,6 +234,18 @@ def stage_path_exists(run_dir: Path, stage: str) -> bool:
     from .stages.common import STAGE_FILES
 
     return (run_dir / STAGE_FILES[stage]).exists()
+
+
+def check_stage_unfinished(run_dir: Path, stage: str, resume: bool) -> None:
+    """A stage command needs a stage that has not finished; a started one needs --resume."""
+    from .stages.resume import saved_epochs
+
+    if stage_path_exists(run_dir, stage):
+        raise ConfigError(f"{run_dir} already has {stage} output: choose a new --output "
+                          "or delete that stage's folder to redo it")
+    if not resume and saved_epochs(run_dir, stage):
+        raise ConfigError(f"{run_dir} has an unfinished {stage}: continue it with `instanas "
+                          f"{stage} --resume {run_dir}`")
 
 
 def _print_summary(run_dir: Path, results: dict) -> None:

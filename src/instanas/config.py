@@ -8,6 +8,7 @@ message that names the key and the fix.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -23,6 +24,10 @@ from .space import SearchSpace, Stage
 
 class ConfigError(ValueError):
     """A bad preset, key or value; the message is one line with the fix."""
+
+    def __init__(self, message: str) -> None:
+        # Wrapped texts (YAML parser errors) span lines; the command prints one.
+        super().__init__(" ".join(message.split()))
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -180,12 +185,18 @@ def load_preset(name: str) -> Config:
 def load_config_file(path: str | Path) -> Config:
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path} ({exc}): give a readable YAML file") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config {path} holds a {type(data).__name__}, not a mapping of "
+                          "sections: write it like `pretrain: {epochs: 3}`")
     return from_dict(data or {})
 
 
 def from_dict(data: dict) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, not {type(data).__name__}: "
+                          "write it like `pretrain: {epochs: 3}`")
     config = Config()
     for key, value in _flatten(data).items():
         set_value(config, key, value)
@@ -195,8 +206,12 @@ def from_dict(data: dict) -> Config:
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
+    sections = {f.name for f in fields(Config) if f.name in _SECTION_NAMES}
     for key, value in data.items():
         name = f"{prefix}{key}"
+        if not prefix and name in sections and not isinstance(value, dict):
+            raise ConfigError(f"{name} is a section, not a value ({value!r}): write it as a "
+                              f"mapping, e.g. `{name}: {{field: value}}`")
         if isinstance(value, dict):
             flat.update(_flatten(value, name + "."))
         else:
@@ -219,6 +234,8 @@ def all_keys() -> dict[str, Any]:
 
 _SECTIONS = (DataConfig, SpaceConfig, ControllerConfig, PretrainConfig, SearchConfig,
              FinetuneConfig, BaselineConfig, LatencyConfig)
+_SECTION_NAMES = ("data", "space", "controller", "pretrain", "search", "finetune", "baseline",
+                  "latency")
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -314,7 +331,7 @@ def validate(config: Config) -> None:
         raise ConfigError("controller.widths must be a list of positive whole numbers")
     if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in config.pretrain.milestones):
         raise ConfigError("pretrain.milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
-    if not (config.device == "cpu" or config.device.startswith("cuda")):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", config.device):
         raise ConfigError(f"device {config.device!r} is not supported: use cpu, cuda or cuda:N")
 
 

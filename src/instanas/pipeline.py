@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,12 +20,20 @@ from .latency import LatencyTable, default_cache_path, load_or_profile, profile_
 from .metagraph import MetaGraph, build_mbv2_baseline
 from .report import write_results_markdown
 from .stages.baseline import train_baseline
-from .stages.common import load_stage, require_previous, stage_path
+from .stages.common import (
+    PREVIOUS,
+    STAGE_FILES,
+    load_stage,
+    require_previous,
+    stage_path,
+    verify_output,
+)
 from .stages.finetune import finetune
 from .stages.pretrain import pretrain
+from .stages.resume import newest_readable, stop_after_epoch
 from .stages.search import search
 from .training import RunContext
-from .utils import atomic_write_text, set_seed, write_json
+from .utils import atomic_copy, atomic_write_bytes, atomic_write_text, set_seed, write_json
 
 log = logging.getLogger("instanas")
 STAGES = ("baseline", "pretrain", "search", "finetune", "evaluate")
@@ -49,11 +57,20 @@ def check_writable(run_dir: Path) -> None:
 
 
 def _writable(path: Path) -> bool:
-    return os.access(path, os.W_OK | os.X_OK)
+    # Try it: permission bits say nothing for root, nor about read-only mounts.
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
-def open_run(config: Config, run_dir: Path) -> RunContext:
-    """Load the data (before anything is written, so bad input leaves no trace), then set up."""
+def open_run(config: Config, run_dir: Path, *, resume: bool = False,
+             command: str | None = None) -> RunContext:
+    """Load the data and check the checkpoints ``command`` reads, then set up.
+
+    Every check runs before anything is written, so bad input leaves no trace.
+    """
     check_writable(run_dir)
     set_seed(config.seed)
     device = torch.device(config.device)
@@ -67,18 +84,39 @@ def open_run(config: Config, run_dir: Path) -> RunContext:
     if space.final_size < 2:
         log.warning("the last cells work on %dx%d maps; BatchNorm may fail on single images",
                     space.final_size, space.final_size)
+    ctx = RunContext(config, run_dir, device, data, space, resume=resume)
+    verify_inputs(ctx, command)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(config))
     _log_to_file(run_dir)
     log.info("run directory %s; %d train / %d val / %d test images; space %s",
              run_dir, len(data.train), len(data.val), len(data.test), space.fingerprint())
-    return RunContext(config, run_dir, device, data, space)
+    return ctx
+
+
+def verify_inputs(ctx: RunContext, command: str | None) -> None:
+    """Fail early on a corrupt or foreign checkpoint that ``command`` would read later."""
+    if command is None:
+        return
+    stages = STAGES[:-1] if command == "run" else (*PREVIOUS.get(command, ()), command)
+    for stage in stages:
+        if stage in STAGE_FILES:
+            verify_output(ctx, stage)
+            if ctx.resume:
+                newest_readable(ctx, stage)
 
 
 def _log_to_file(run_dir: Path) -> None:
+    logger = logging.getLogger("instanas")
+    # One run per process at a time: a handler left by an earlier run (tests calling the CLI
+    # in-process) would keep writing into that run's log.
+    for old in [h for h in logger.handlers if getattr(h, "instanas_run_log", False)]:
+        logger.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(run_dir / "log.txt")
+    handler.instanas_run_log = True
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("instanas").addHandler(handler)
+    logger.addHandler(handler)
 
 
 def new_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:
@@ -107,7 +145,7 @@ def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
     table = load_or_profile(path, metagraph, controller, cpu, threads=cfg.threads,
                             warmup=cfg.warmup, repeats=cfg.repeats, seed=ctx.config.seed)
     if path.resolve() != local.resolve():
-        shutil.copyfile(path, local)
+        atomic_copy(path, local)
     return table
 
 
@@ -115,19 +153,25 @@ def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
     require_previous(ctx.run_dir, stage)
     start = time.perf_counter()
     if stage == "baseline":
-        train_baseline(ctx)
+        with stop_after_epoch():
+            train_baseline(ctx)
     elif stage == "pretrain":
         set_seed(ctx.config.seed)
         metagraph, _ = new_models(ctx)
-        pretrain(ctx, metagraph)
+        with stop_after_epoch():
+            pretrain(ctx, metagraph)
     elif stage == "search":
         metagraph, controller = new_models(ctx)
         load_stage(ctx, "pretrain", {"metagraph": metagraph})
-        search(ctx, metagraph, controller, latency_table(ctx))
+        table = latency_table(ctx)
+        with stop_after_epoch():
+            search(ctx, metagraph, controller, table)
     elif stage == "finetune":
         metagraph, controller = new_models(ctx)
         load_stage(ctx, "search", {"metagraph": metagraph, "controller": controller})
-        finetune(ctx, metagraph, controller, latency_table(ctx))
+        table = latency_table(ctx)
+        with stop_after_epoch():
+            finetune(ctx, metagraph, controller, table)
     elif stage == "evaluate":
         run_evaluation(ctx)
     else:
@@ -149,7 +193,9 @@ def run_evaluation(ctx: RunContext) -> dict:
                           "search": ctx.config.search.epochs,
                           "finetune": ctx.config.finetune.epochs,
                           "baseline": ctx.config.baseline_epochs()}}
-    np.save(ctx.run_dir / "test_policies.npy", policies.flatten(1).numpy().astype(np.uint8))
+    buffer = io.BytesIO()
+    np.save(buffer, policies.flatten(1).numpy().astype(np.uint8), allow_pickle=False)
+    atomic_write_bytes(ctx.run_dir / "test_policies.npy", buffer.getvalue())
     write_json(ctx.run_dir / "results.json", results)
     write_results_markdown(results, ctx.run_dir / "results.md")
     return results

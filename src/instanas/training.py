@@ -36,6 +36,7 @@ class RunContext:
     device: torch.device
     data: DataBundle
     space: SearchSpace
+    resume: bool = False  # continue each stage from its newest saved epoch
     train_augment: BatchAugmenter = field(init=False)
     eval_augment: BatchAugmenter = field(init=False)
 
@@ -90,10 +91,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+# The option that sets the learning rate of what each stage trains.
+_LR_OPTION = {"pretrain": "pretrain.lr", "search": "search.metagraph_lr",
+              "controller": "controller.lr", "finetune": "finetune.lr", "baseline": "baseline.lr"}
+
+
 def check_finite(loss: torch.Tensor, stage: str) -> None:
     if not torch.isfinite(loss):
-        raise TrainingError(f"{stage}: the loss became {loss.item()}; lower the learning rate "
-                            f"(--{stage}.lr) and run the stage again")
+        option = _LR_OPTION.get(stage, f"{stage}.lr")
+        raise TrainingError(f"{stage}: the loss became {loss.item()}, training stopped and the "
+                            f"last completed epoch is kept: lower --{option} and continue with "
+                            "--resume RUN_DIR")
 
 
 @dataclass

@@ -36,6 +36,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy so that ``target`` is either its old self or a whole copy, never a torn one."""
+    atomic_write_bytes(target, Path(source).read_bytes())
+
+
 def write_json(path: str | os.PathLike, data: object) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

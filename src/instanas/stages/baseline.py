@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..metagraph import ChildNetwork, build_mbv2_baseline
 from ..training import RunContext, accuracy, cosine, sgd, supervised_epoch
 from .common import save_stage, stage_path
+from .resume import EpochCheckpoints
 
 
 def train_baseline(ctx: RunContext) -> ChildNetwork:
@@ -12,7 +13,9 @@ def train_baseline(ctx: RunContext) -> ChildNetwork:
     epochs = ctx.config.baseline_epochs()
     net = ctx.prepare(build_mbv2_baseline(ctx.space))
     optimizer = sgd(net.parameters(), cfg.lr, cfg.weight_decay)
-    for epoch in range(epochs):
+    checkpoints = EpochCheckpoints(ctx, "baseline", {"network": net}, {"sgd": optimizer})
+    start, _ = checkpoints.restore()
+    for epoch in range(start, epochs):
         net.train()
         stats = supervised_epoch(ctx, lambda images, progress: net(images), optimizer,
                                  base_lr=cfg.lr, lr_factor=cosine, epoch=epoch, epochs=epochs,
@@ -22,6 +25,8 @@ def train_baseline(ctx: RunContext) -> ChildNetwork:
                          "train_accuracy": stats.accuracy,
                          "val_accuracy": accuracy(ctx, net, ctx.data.val),
                          "seconds": stats.seconds})
+        checkpoints.save(epoch + 1)
     save_stage(ctx, stage_path(ctx, "baseline"), {"network": net}, {"stage": "baseline",
                                                                     "epochs": epochs})
+    checkpoints.finish()
     return net

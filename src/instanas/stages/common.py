@@ -7,7 +7,13 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import (
+    CheckpointError,
+    check_identity,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from ..training import RunContext
 
 STAGE_FILES = {
@@ -41,6 +47,14 @@ def load_stage(ctx: RunContext, stage: str, modules: dict[str, nn.Module]) -> di
         raise CheckpointError(f"{ctx.run_dir} has no {stage} output ({STAGE_FILES[stage]}): run "
                               f"`instanas {stage} --output {ctx.run_dir}` first")
     return load_checkpoint(path, modules, expect=identity(ctx))
+
+
+def verify_output(ctx: RunContext, stage: str) -> None:
+    """Read the stage's output, if there is one, and check that it belongs to this run."""
+    path = stage_path(ctx, stage)
+    if path.exists():
+        _, meta = read_checkpoint(path)
+        check_identity(path, meta, identity(ctx))
 
 
 def require_previous(run_dir: Path, stage: str) -> None:

@@ -9,6 +9,7 @@ from ..latency import LatencyTable
 from ..metagraph import MetaGraph
 from ..training import RunContext, cosine, sgd, supervised_epoch
 from .common import save_stage, stage_path
+from .resume import EpochCheckpoints
 from .search import calibrate, evaluate_policies
 
 
@@ -26,7 +27,9 @@ def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
             policy = greedy_policy(controller(images))
         return metagraph(images, policy)
 
-    for epoch in range(cfg.epochs):
+    checkpoints = EpochCheckpoints(ctx, "finetune", {"metagraph": metagraph}, {"sgd": optimizer})
+    start, _ = checkpoints.restore()
+    for epoch in range(start, cfg.epochs):
         metagraph.train()
         stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr, lr_factor=cosine,
                                  epoch=epoch, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -38,6 +41,8 @@ def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
         ctx.log_metrics({"stage": "finetune", "epoch": epoch + 1, "train_loss": stats.loss,
                          "train_accuracy": stats.accuracy, "val_accuracy": val.accuracy,
                          "val_total_ms": val.total_ms, "seconds": stats.seconds})
+        checkpoints.save(epoch + 1)
     save_stage(ctx, stage_path(ctx, "finetune"), {"metagraph": metagraph, "controller": controller},
                {"stage": "finetune"})
+    checkpoints.finish()
     return metagraph

@@ -7,6 +7,7 @@ import torch
 from ..metagraph import MetaGraph
 from ..training import RunContext, accuracy, sgd, step_decay, supervised_epoch
 from .common import save_stage, stage_path
+from .resume import EpochCheckpoints
 
 
 def drop_path_keep(progress: float, final_keep: float) -> float:
@@ -32,7 +33,10 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
         policy = torch.rand((images.shape[0], *shape), generator=drop_gen) < keep
         return metagraph(images, policy)
 
-    for epoch in range(cfg.epochs):
+    checkpoints = EpochCheckpoints(ctx, "pretrain", {"metagraph": metagraph}, {"sgd": optimizer},
+                                   {"drop-path": drop_gen})
+    start, _ = checkpoints.restore()
+    for epoch in range(start, cfg.epochs):
         metagraph.train()
         stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr,
                                  lr_factor=step_decay(cfg.milestones), epoch=epoch,
@@ -43,5 +47,7 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
                          "train_accuracy": stats.accuracy, "val_accuracy_all_modules": val,
                          "keep_prob_end": drop_path_keep((epoch + 1) / cfg.epochs, cfg.final_keep),
                          "seconds": stats.seconds})
+        checkpoints.save(epoch + 1)
     save_stage(ctx, stage_path(ctx, "pretrain"), {"metagraph": metagraph}, {"stage": "pretrain"})
+    checkpoints.finish()
     return metagraph

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -29,8 +28,9 @@ from ..training import (
     supervised_epoch,
     training_images,
 )
-from ..utils import progress_bar, write_json
+from ..utils import atomic_copy, progress_bar, write_json
 from .common import save_stage, stage_path
+from .resume import EpochCheckpoints
 
 
 @dataclass
@@ -166,8 +166,12 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
     ctrl_opt = torch.optim.Adam(controller.parameters(), lr=ctx.config.controller.lr)
     graph_opt = sgd(metagraph.parameters(), cfg.metagraph_lr, cfg.weight_decay)
     folder = ctx.run_dir / "search"
-    history = []
-    for epoch in range(cfg.epochs):
+    checkpoints = EpochCheckpoints(ctx, "search",
+                                   {"metagraph": metagraph, "controller": controller},
+                                   {"controller": ctrl_opt, "metagraph": graph_opt})
+    start, saved = checkpoints.restore()
+    history = saved.get("history", [])
+    for epoch in range(start, cfg.epochs):
         record = {"stage": "search", "epoch": epoch + 1}
         record.update(controller_epoch(ctx, metagraph, controller, ctrl_opt, table, epoch))
         record.update(metagraph_epoch(ctx, metagraph, controller, graph_opt, epoch))
@@ -183,8 +187,11 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                    {"stage": "search", "epoch": epoch + 1})
         ctx.log_metrics(record)
         history.append(record)
+        checkpoints.save(epoch + 1, {"history": history})
     chosen = select_epoch(history, cfg.select_tolerance)
-    shutil.copyfile(ctx.run_dir / chosen["checkpoint"], stage_path(ctx, "search"))
     write_json(folder / "selected.json", {"chosen": chosen, "tolerance": cfg.select_tolerance,
                                           "history": history})
+    # Last: the selected checkpoint is what marks the stage as done.
+    atomic_copy(ctx.run_dir / chosen["checkpoint"], stage_path(ctx, "search"))
+    checkpoints.finish()
     return metagraph, controller
