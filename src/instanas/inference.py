@@ -51,6 +51,10 @@ class InstaNASPredictor:
         return self.metagraph(images, policy), policy
 
 
+# Float images a little outside [0, 1] (resampling overshoot) are fine; 0..255 floats are not.
+_RANGE_SLACK = 0.05
+
+
 class InstaNASModel:
     """A trained run loaded for use from Python: ``instanas.load(run_dir).predict(images)``."""
 
@@ -75,9 +79,15 @@ class InstaNASModel:
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images have shape {tuple(images.shape)}, expected [N, "
                              f"{expected[0]}, {expected[1]}, {expected[2]}]: resize them first")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise ValueError(f"images are {images.dtype}: pass uint8 (0..255) or float (0..1)")
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if not torch.isfinite(x).all():
             raise ValueError("images contain NaN or infinite values: clean the input")
+        if images.is_floating_point() and (x.min() < -_RANGE_SLACK or x.max() > 1 + _RANGE_SLACK):
+            raise ValueError(f"float images range over [{float(x.min()):.3g}, "
+                             f"{float(x.max()):.3g}], expected [0, 1]: divide 0..255 values by "
+                             "255 or pass uint8")
         return (x - self.mean) / self.std
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
