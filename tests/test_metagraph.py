@@ -129,3 +129,30 @@ def test_channels_last_sparse_equals_dense(tiny_space):
     for a, b in zip(grads_s, grads_d):
         assert torch.allclose(a, b, atol=1e-5)
 
+
+
+def test_grouped_execution_equals_dense(tiny_space):
+    torch.manual_seed(2)
+    graph = MetaGraph(tiny_space).eval()
+    x = torch.randn(12, 1, 12, 12)
+    children = _random_policy(tiny_space, 3, 0.4)
+    policy = children[torch.tensor([0, 1, 2, 0, 0, 1, 2, 2, 1, 0, 0, 2])]
+    with torch.no_grad():
+        dense = graph(x, policy, execution="dense")
+        assert torch.allclose(graph(x, policy, execution="grouped"), dense, atol=1e-5)
+        assert torch.allclose(graph.deploy()(x, policy, execution="grouped"), dense, atol=1e-4)
+        one = policy[:1].expand(12, -1, -1)
+        assert torch.allclose(graph(x, one, execution="grouped"),
+                              graph(x, one, execution="dense"), atol=1e-5)
+
+
+def test_grouped_execution_runs_each_child_once(tiny_space):
+    graph = MetaGraph(tiny_space).eval()
+    calls = []
+    graph.cells[3].candidates[1].register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    policy = torch.zeros(6, tiny_space.num_cells, tiny_space.num_modules, dtype=torch.bool)
+    policy[:, :, 0] = True
+    policy[[1, 4], 3, 1] = True  # two images share a child that adds module 1 in cell 3
+    with torch.no_grad():
+        graph(torch.randn(6, 1, 12, 12), policy, execution="grouped")
+    assert calls == [2]

@@ -45,10 +45,22 @@ class InstaNASPredictor:
         return graph.head(x)
 
     @torch.inference_mode()
-    def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batched path (per-image policies, sparse execution); returns (logits, policies)."""
-        policy = self.metagraph.resolve(greedy_policy(self.controller(images)))
-        return self.metagraph(images, policy), policy
+    def policies(self, images: torch.Tensor) -> torch.Tensor:
+        """Resolved greedy policies [B, cells, modules] the controller picks."""
+        return self.metagraph.resolve(greedy_policy(self.controller(images)))
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor, execution: str = "sparse"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched path with per-image policies; returns (logits, policies).
+
+        ``execution``: ``"sparse"`` (each selected module runs once on the rows that chose it),
+        ``"grouped"`` (one pass per distinct child) or ``"dense"`` (masked reference). Sparse is
+        the default because it measured faster (bench/inference.py): children of one
+        controller share most modules, so grouping repeats their work once per child.
+        """
+        policy = self.policies(images)
+        return self.metagraph(images, policy, execution=execution), policy
 
 
 # Float images a little outside [0, 1] (resampling overshoot) are fine; 0..255 floats are not.
