@@ -63,7 +63,8 @@ def main() -> None:
             runs = [("sparse", x, y, policy), ("dense", x, y, policy),
                     ("floor", x[:rows], y[:rows], every[:rows])]
             for name, xs, ys, ps in runs if i % 2 == 0 else runs[::-1]:
-                t = step_time(graph, optimizer, xs, ys, ps, "dense" if name == "dense" else "sparse")
+                execution = "dense" if name == "dense" else "sparse"
+                t = step_time(graph, optimizer, xs, ys, ps, execution)
                 if i >= args.warmup:  # the first steps build kernels
                     times[name].append(t)
         sparse, dense, floor = (statistics.median(times[k]) * 1e3
