@@ -14,6 +14,9 @@ from torch import nn
 
 from .utils import atomic_write_bytes
 
+# First bytes of torch.save output: a zip archive, or a bare pickle (protocol 2 or later).
+_PICKLE_MAGIC = (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
 
 class CheckpointError(ValueError):
     """A missing, corrupt or mismatched checkpoint; one line with the fix."""
@@ -42,6 +45,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                               "first")
     try:
         data = path.read_bytes()
+        if data[:2] in _PICKLE_MAGIC:
+            raise CheckpointError(f"checkpoint {path} is a pickle (torch.save), not safetensors; "
+                                  "pickles can run code, so instanas never loads them: rerun the "
+                                  "stage that wrote it")
         tensors = load_safetensors(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])

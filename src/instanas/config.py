@@ -275,12 +275,12 @@ def coerce(key: str, raw: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(raw, bool):
             return raw
-        raise ConfigError(f"{key} must be true or false, not {raw!r}")
+        raise ConfigError(f"{key} must be true or false, not {raw!r}: {_example(key)}")
     if hint is int:
         if isinstance(raw, bool) or not isinstance(raw, int):
             if isinstance(raw, float) and raw.is_integer():
                 return int(raw)
-            raise ConfigError(f"{key} must be a whole number, not {raw!r}")
+            raise ConfigError(f"{key} must be a whole number, not {raw!r}: {_example(key)}")
         return raw
     if hint is float:
         if isinstance(raw, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
@@ -289,15 +289,24 @@ def coerce(key: str, raw: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise ConfigError(f"{key} must be a number, not {raw!r}")
+            raise ConfigError(f"{key} must be a number, not {raw!r}: {_example(key)}")
         return float(raw)
     if hint is str:
         return str(raw)
     if hint is list:
         if not isinstance(raw, list):
-            raise ConfigError(f"{key} must be a list such as [1, 2], not {raw!r}")
+            raise ConfigError(f"{key} must be a list, not {raw!r}: {_example(key)}")
         return raw
     raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _example(key: str) -> str:
+    """How to write a valid value, from the built-in default."""
+    default = default_value(key) if key in all_keys() else None
+    if default is None:
+        return f"see --{key} in `instanas run --help`"
+    shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+    return f"e.g. --{key} {shown!r}" if isinstance(default, list) else f"e.g. --{key} {shown}"
 
 
 def set_value(config: Config, key: str, raw: Any) -> None:

@@ -131,16 +131,18 @@ def stop_after_epoch() -> Iterator[None]:
 def newest_readable(ctx: RunContext, stage: str) -> tuple[Path, dict, dict] | None:
     """The newest state that reads and belongs to this run; corrupt ones are skipped, loudly."""
     paths = saved_epochs(ctx.run_dir, stage)
-    for path in paths:
+    for i, path in enumerate(paths):
         try:
             tensors, meta = read_checkpoint(path)
-        except CheckpointError as exc:
-            log.warning("%s; falling back to the previous epoch's checkpoint", exc)
+        except CheckpointError:
             continue
         check_identity(path, meta, identity(ctx))  # another run's state is an error, not a skip
+        for bad in paths[:i]:
+            log.warning("%s is corrupt or truncated; resuming from %s instead", bad, path.name)
         return path, tensors, meta
     if paths:
-        raise CheckpointError(f"no readable checkpoint in {state_folder(ctx.run_dir, stage)}: "
+        raise CheckpointError(f"no readable checkpoint in {state_folder(ctx.run_dir, stage)} "
+                              f"({', '.join(p.name for p in paths)} are corrupt or truncated): "
                               f"delete that folder to start {stage} over")
     return None
 
