@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import random
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -87,12 +88,8 @@ class EpochCheckpoints:
             raise KeyboardInterrupt
 
     def finish(self) -> None:
-        """The stage's output is written: its intermediate states are no longer needed."""
-        for path in saved_epochs(self.ctx.run_dir, self.stage):
-            path.unlink(missing_ok=True)
-        folder = state_folder(self.ctx.run_dir, self.stage)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        """The stage's output is written: its states (and temp files a kill left) can go."""
+        shutil.rmtree(state_folder(self.ctx.run_dir, self.stage), ignore_errors=True)
 
 
 class _StopRequest:
