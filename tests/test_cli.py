@@ -16,6 +16,7 @@ TINY = ["--data.limit_train", "600", "--data.limit_test", "200", "--pretrain.epo
         "--pretrain.batch_size", "100", "--search.batch_size", "100",
         "--finetune.batch_size", "100", "--baseline.batch_size", "100",
         "--latency.repeats", "30", "--latency.warmup", "2", "--latency.eval_images", "20",
+        "--latency.calibration_children", "3",
         "--quiet"]
 
 
@@ -137,6 +138,23 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     assert model.predict(images).shape == (3,)
     assert model.policies(images).shape == (3, 17, 5)
+    x = model.normalise(images)
+    dense, policy = model.predictor.logits(x, execution="dense")
+    for execution in ("sparse", "grouped"):
+        logits, again = model.predictor.logits(x, execution=execution)
+        assert torch.equal(policy, again)
+        assert torch.allclose(logits, dense, atol=1e-4)
+
+    # The table is checked against whole children, the controller's among them.
+    proc = subprocess.run([sys.executable, "-m", "instanas", "profile", "--output", str(run),
+                           "--validate", "--children", "4", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Spearman" in proc.stdout
+    check = json.loads((run / "latency_validation.json").read_text())
+    sources = [c["source"] for c in check["children"]]
+    assert sources.count("random") == 4 and "controller" in sources
+    assert (run / "latency_validation.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_load_rejects_a_folder_that_is_not_a_run(tmp_path):

@@ -101,6 +101,12 @@ def _add_run_options(p: argparse.ArgumentParser, command: str) -> None:
                        help="also write the table to this JSON file")
         g.add_argument("--fresh", action="store_true",
                        help="measure again even if a table for this setup is cached")
+        g.add_argument("--validate", action="store_true",
+                       help="time whole children end to end and compare with the table: "
+                            "writes latency_validation.json and .png to the run directory")
+        g.add_argument("--children", type=int, default=50,
+                       help="random children for --validate (the controller's children on "
+                            "the validation split are added when the run has a trained one)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -186,6 +192,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_all,
         run_stage,
         save_timings,
+        validate_latency_table,
     )
     from .stages.common import require_previous
 
@@ -221,6 +228,16 @@ def _dispatch(args: argparse.Namespace) -> int:
                                                           table.fixed.items()},
                           "cells_ms_mbv2": table.bounds(ctx.space.forced_mask()).mbv2},
                          indent=1))
+        if args.validate:
+            if args.children < 2:
+                raise ConfigError(f"--children is {args.children}: validating the table "
+                                  "needs at least 2 random children (50 recommended)")
+            check = validate_latency_table(ctx, table, args.children)
+            print(f"latency table vs {len(check.children)} children measured end to end: "
+                  f"Spearman {check.spearman:.3f}, relative error median "
+                  f"{100 * check.median_relative_error:.1f}%, p90 "
+                  f"{100 * check.p90_relative_error:.1f}% "
+                  f"({run_dir / 'latency_validation.png'})")
     else:
         timings: dict[str, float] = {}
         run_stage(ctx, args.command, timings)

@@ -122,6 +122,8 @@ class LatencyConfig:
     threads: int = _f(1, "CPU threads for every latency measurement", gt=0)
     warmup: int = _f(10, "untimed warm-up rounds before timing", ge=0)
     repeats: int = _f(50, "timed rounds per (cell, module) in the lookup table", ge=30)
+    calibration_children: int = _f(30, "random whole children timed to calibrate the table's "
+                                       "chain factor (0: plain additive table)", ge=0)
     table: str | None = _f(None, "latency table JSON to reuse (re-profiled if its key differs); "
                                  "default: a per-device cache under ~/.cache/instanas")
     eval_images: int | None = _f(None, "test images timed end to end at batch 1 (default: all)",

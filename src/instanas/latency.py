@@ -29,7 +29,7 @@ from .space import FORCED_DEFAULT_MODULE, MBV2_MODULE
 from .utils import atomic_write_text, progress_bar
 
 log = logging.getLogger(__name__)
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2  # 2: chain_factor calibrated against whole children
 
 
 @dataclass(frozen=True)
@@ -105,17 +105,34 @@ def time_units(units: dict[str, Callable[[], object]], device: torch.device, *, 
 
 @dataclass
 class LatencyTable:
+    """Per-unit batch-1 timings; predictions are ``chain_factor`` times their additive sum.
+
+    Units timed one by one, each on its own hot input, run faster than the same units chained
+    into a network (measured on the 2-core dev machine: whole children took about 12 % longer
+    than their table sum, proportionally over the whole range). ``chain_factor`` is the median
+    ratio measured/sum over random calibration children timed end to end right after the
+    units; ``instanas profile --validate`` checks it on other children.
+    """
+
     key: dict
-    modules: list[list[TimingStats]]  # [cells][modules]
-    fixed: dict[str, TimingStats]  # stem, head, controller
+    modules: list[list[TimingStats]]  # [cells][modules], raw unit timings
+    fixed: dict[str, TimingStats]  # stem, head, controller, raw unit timings
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    chain_factor: float = 1.0
 
     def module_ms(self) -> torch.Tensor:
-        return torch.tensor([[s.median_ms for s in row] for row in self.modules])
+        """Predicted cost of each (cell, module) inside a network (ms)."""
+        return torch.tensor([[s.median_ms for s in row] for row in self.modules]) \
+            * self.chain_factor
 
     def fixed_ms(self, include_controller: bool = True) -> float:
+        """Predicted stem + head (+ controller) cost (ms)."""
         names = ["stem", "head"] + (["controller"] if include_controller else [])
-        return sum(self.fixed[n].median_ms for n in names)
+        return sum(self.fixed[n].median_ms for n in names) * self.chain_factor
+
+    def unit_ms(self, name: str) -> float:
+        """Predicted cost of one fixed unit (``stem``, ``head`` or ``controller``)."""
+        return self.fixed[name].median_ms * self.chain_factor
 
     def cells_ms(self, resolved_policy: torch.Tensor) -> torch.Tensor:
         """Table latency of the cells for resolved policies [..., cells, modules] (ms)."""
@@ -130,6 +147,7 @@ class LatencyTable:
 
     def to_dict(self) -> dict:
         return {"format": TABLE_FORMAT, "key": self.key, "created": self.created,
+                "chain_factor": self.chain_factor,
                 "modules": [[asdict(s) for s in row] for row in self.modules],
                 "fixed": {k: asdict(v) for k, v in self.fixed.items()}}
 
@@ -138,7 +156,8 @@ class LatencyTable:
         return cls(key=data["key"],
                    modules=[[TimingStats(**s) for s in row] for row in data["modules"]],
                    fixed={k: TimingStats(**v) for k, v in data["fixed"].items()},
-                   created=data.get("created", ""))
+                   created=data.get("created", ""),
+                   chain_factor=float(data.get("chain_factor", 1.0)))
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
@@ -165,14 +184,18 @@ def table_key(metagraph: MetaGraph, controller: Controller, device: torch.device
         "input_shape": [1, space.input_channels, space.input_size, space.input_size],
         "space": space.fingerprint(),
         "controller": controller.spec.to_dict(),
+        "format": TABLE_FORMAT,  # tables of an older format are measured again
     }
     return json.loads(json.dumps(key))  # the form it has after a JSON round trip
 
 
 def profile_table(metagraph: MetaGraph, controller: Controller, device: torch.device, *,
-                  threads: int, warmup: int = 10, repeats: int = 50,
-                  seed: int = 0) -> LatencyTable:
-    """Time every (cell, module), the stem, the head and the controller at batch 1."""
+                  threads: int, warmup: int = 10, repeats: int = 50, seed: int = 0,
+                  calibration_children: int = 30) -> LatencyTable:
+    """Time every (cell, module), the stem, the head and the controller at batch 1, then
+    calibrate the table's ``chain_factor`` on whole random children (0 children: no factor)."""
+    from .latency_check import calibrate_chain_factor
+
     if repeats < 30:
         raise ValueError(f"latency repeats is {repeats}: use at least 30 for a stable median")
     previous = torch.get_num_threads()
@@ -188,7 +211,12 @@ def profile_table(metagraph: MetaGraph, controller: Controller, device: torch.de
     modules = [[stats[f"cell{c}/m{m}"] for m in range(metagraph.space.num_modules)]
                for c in range(metagraph.space.num_cells)]
     fixed = {name: stats[name] for name in ("stem", "head", "controller")}
-    return LatencyTable(table_key(metagraph, controller, device, threads), modules, fixed)
+    table = LatencyTable(table_key(metagraph, controller, device, threads), modules, fixed)
+    if calibration_children and device.type == "cpu":
+        table.chain_factor = calibrate_chain_factor(
+            table, metagraph, controller, calibration_children, threads=threads,
+            warmup=warmup, repeats=repeats, seed=seed)
+    return table
 
 
 def _timing_units(graph: MetaGraph, ctrl: Controller,
@@ -215,7 +243,7 @@ def _timing_units(graph: MetaGraph, ctrl: Controller,
 
 def load_or_profile(path: str | os.PathLike, metagraph: MetaGraph, controller: Controller,
                     device: torch.device, *, threads: int, warmup: int, repeats: int,
-                    seed: int = 0) -> LatencyTable:
+                    seed: int = 0, calibration_children: int = 30) -> LatencyTable:
     """Reuse the table at ``path`` when its key matches this setup; otherwise profile anew."""
     key = table_key(metagraph, controller, device, threads)
     path = Path(path)
@@ -232,7 +260,7 @@ def load_or_profile(path: str | os.PathLike, metagraph: MetaGraph, controller: C
             log.warning("latency table %s was made for another setup (%s differ); profiling again",
                         path, ", ".join(changed))
     table = profile_table(metagraph, controller, device, threads=threads, warmup=warmup,
-                          repeats=repeats, seed=seed)
+                          repeats=repeats, seed=seed, calibration_children=calibration_children)
     table.save(path)
     return table
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,13 @@ from .controller import Controller
 from .data import load_dataset
 from .evaluate import evaluate
 from .latency import LatencyTable, default_cache_path, load_or_profile, profile_table, table_key
+from .latency_check import (
+    TableValidation,
+    controller_children,
+    plot_validation,
+    random_children,
+    validate_table,
+)
 from .metagraph import MetaGraph, build_mbv2_baseline
 from .report import write_results_markdown
 from .stages.baseline import train_baseline
@@ -86,6 +94,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool = False,
                     space.final_size, space.final_size)
     ctx = RunContext(config, run_dir, device, data, space, resume=resume)
     verify_inputs(ctx, command)
+    check_free_space(ctx, command)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(config))
     _log_to_file(run_dir)
@@ -104,6 +113,30 @@ def verify_inputs(ctx: RunContext, command: str | None) -> None:
             verify_output(ctx, stage)
             if ctx.resume:
                 newest_readable(ctx, stage)
+
+
+def check_free_space(ctx: RunContext, command: str | None) -> None:
+    """Fail before training when the disk cannot hold the checkpoints ``command`` will write."""
+    if command not in ("run", "pretrain", "search", "finetune", "baseline"):
+        return
+    probe = next(p for p in (ctx.run_dir, *ctx.run_dir.parents) if p.exists())
+    free, need = shutil.disk_usage(probe).free, _bytes_needed(ctx, command)
+    if free < need:
+        raise ConfigError(f"{probe} has {free / 2**20:.0f} MiB free but {command} writes about "
+                          f"{need / 2**20:.0f} MiB of checkpoints: free space or choose another "
+                          "--output")
+
+
+def _bytes_needed(ctx: RunContext, command: str) -> int:
+    # fork_rng: building the models must not move the seeded generator the stages start from.
+    with torch.random.fork_rng(devices=[]):
+        metagraph, controller = new_models(ctx)
+    weights = sum(t.numel() * t.element_size() for module in (metagraph, controller)
+                  for t in module.state_dict().values())
+    # Two epoch states and one being written, each weights plus up to two optimiser moments;
+    # the stage output; and, when searching, one checkpoint per search epoch.
+    search_epochs = ctx.config.search.epochs if command in ("run", "search") else 0
+    return weights * (3 * 3 + 1 + search_epochs)
 
 
 def _log_to_file(run_dir: Path) -> None:
@@ -139,14 +172,42 @@ def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
     local = ctx.run_dir / "latency_table.json"
     if local.exists() and not cfg.table:
         path = local
+    options = {"threads": cfg.threads, "warmup": cfg.warmup, "repeats": cfg.repeats,
+               "seed": ctx.config.seed, "calibration_children": cfg.calibration_children}
     if fresh:
-        profile_table(metagraph, controller, cpu, threads=cfg.threads, warmup=cfg.warmup,
-                      repeats=cfg.repeats, seed=ctx.config.seed).save(path)
-    table = load_or_profile(path, metagraph, controller, cpu, threads=cfg.threads,
-                            warmup=cfg.warmup, repeats=cfg.repeats, seed=ctx.config.seed)
+        profile_table(metagraph, controller, cpu, **options).save(path)
+    table = load_or_profile(path, metagraph, controller, cpu, **options)
     if path.resolve() != local.resolve():
         atomic_copy(path, local)
     return table
+
+
+def validate_latency_table(ctx: RunContext, table: LatencyTable,
+                           random_count: int) -> TableValidation:
+    """``instanas profile --validate``: random children, plus the controller's own children on
+    the validation split when the run has a searched or fine-tuned controller."""
+    cfg = ctx.config.latency
+    metagraph, controller = new_models(ctx)
+    children = [(c, "random", 0)
+                for c in random_children(metagraph, random_count, ctx.config.seed)]
+    trained = next((s for s in ("finetune", "search") if stage_path(ctx, s).exists()), None)
+    if trained:
+        load_stage(ctx, trained, {"metagraph": metagraph, "controller": controller})
+        images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.val, 500, train=False)])
+        used = controller_children(metagraph.cpu().eval(), controller.cpu().eval(),
+                                   images.contiguous())
+        children += [(child, "controller", n) for child, n in used.values()]
+        log.info("validating with %d random children and the %d children the %s controller "
+                 "picks on %d validation images", random_count, len(used), trained, len(images))
+    else:
+        log.info("no trained controller in %s: validating with %d random children only",
+                 ctx.run_dir, random_count)
+    result = validate_table(table, metagraph.cpu().eval(), controller.cpu().eval(), children,
+                            threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
+                            seed=ctx.config.seed)
+    result.save(ctx.run_dir / "latency_validation.json")
+    plot_validation(result, ctx.run_dir / "latency_validation.png")
+    return result
 
 
 def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
@@ -203,7 +264,14 @@ def run_evaluation(ctx: RunContext) -> dict:
 
 def _previous_timings(run_dir: Path) -> dict[str, float]:
     path = run_dir / "timings.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        # Only wall times: not worth stopping a run for; they are rewritten from here on.
+        log.warning("%s is unreadable (%s); earlier stage timings are dropped", path, exc)
+        return {}
 
 
 def save_timings(run_dir: Path, timings: dict[str, float]) -> None:

@@ -1,0 +1,223 @@
+"""Does the additive latency table predict what whole children cost? Measure and compare.
+
+Each child is materialised, BatchNorm-folded and timed end to end at batch 1 together with the
+controller (exactly what the deployed batch-1 path runs), interleaved in shuffled rounds with all
+other children. Its prediction is the table's sum over the child's (cell, module) entries plus
+the fixed stem, head and controller costs. Agreement is summarised by Spearman rank correlation
+(does the table order children correctly, which is what the reward needs) and the median and
+90th percentile of the relative error (does it get their size right).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .controller import Controller
+from .latency import LatencyTable, TimingStats, device_info, time_units
+from .metagraph import MetaGraph
+from .space import ChildArchitecture
+from .utils import atomic_write_text
+
+CALIBRATION_SEED_OFFSET = 7919  # keeps calibration children apart from validation children
+
+
+@dataclass
+class ChildTiming:
+    child: str
+    source: str  # "random" or "controller"
+    images: int  # validation images that chose this child (0 for random children)
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def relative_error(self) -> float:
+        return abs(self.predicted_ms - self.measured_ms) / self.measured_ms
+
+
+@dataclass
+class TableValidation:
+    children: list[ChildTiming]
+    device: dict
+    chain_factor: float
+    spearman: float
+    median_relative_error: float
+    p90_relative_error: float
+
+    def to_dict(self) -> dict:
+        return {"spearman": self.spearman, "median_relative_error": self.median_relative_error,
+                "p90_relative_error": self.p90_relative_error, "device": self.device,
+                "chain_factor": self.chain_factor,
+                "children": [asdict(c) for c in self.children]}
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+
+def random_children(metagraph: MetaGraph, count: int, seed: int) -> list[ChildArchitecture]:
+    """``count`` distinct resolved children spread over the whole latency range.
+
+    Each child draws its own selection rate (uniform in [0.05, 0.8]) so that cheap, medium and
+    expensive children are all represented, not only children near 50 % density.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    space = metagraph.space
+    children: dict[str, ChildArchitecture] = {}
+    while len(children) < count:
+        rate = 0.05 + 0.75 * float(torch.rand((), generator=generator))
+        draw = torch.rand((1, space.num_cells, space.num_modules), generator=generator) < rate
+        child = ChildArchitecture.from_policy(metagraph.resolve(draw)[0])
+        children.setdefault(str(child), child)
+    return list(children.values())
+
+
+def controller_children(metagraph: MetaGraph, controller: Controller,
+                        images: torch.Tensor) -> dict[str, tuple[ChildArchitecture, int]]:
+    """Every distinct child the controller picks for ``images``, with how many images pick it."""
+    from .controller import greedy_policy
+
+    found: dict[str, tuple[ChildArchitecture, int]] = {}
+    with torch.inference_mode():
+        for start in range(0, len(images), 500):
+            policy = metagraph.resolve(greedy_policy(controller(images[start:start + 500])))
+            for row in policy:
+                child = ChildArchitecture.from_policy(row)
+                key = str(child)
+                found[key] = (child, found.get(key, (child, 0))[1] + 1)
+    return found
+
+
+def measure_children(metagraph: MetaGraph, controller: Controller,
+                     children: list[ChildArchitecture], *, threads: int, warmup: int,
+                     repeats: int, seed: int = 0) -> dict[str, TimingStats]:
+    """Batch-1 CPU time of controller + materialised, BN-folded child, interleaved rounds."""
+    space = metagraph.space
+    ctrl = controller.deploy().cpu()
+    image = torch.randn(1, space.input_channels, space.input_size, space.input_size)
+    units = {str(child): _end_to_end(ctrl, metagraph.cpu().materialize(child).deploy(), image)
+             for child in children}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return time_units(units, torch.device("cpu"), warmup=warmup, repeats=repeats,
+                          seed=seed, desc="children")
+    finally:
+        torch.set_num_threads(previous)
+
+
+def predicted_ms(table: LatencyTable, metagraph: MetaGraph, child: ChildArchitecture) -> float:
+    """Table prediction for the deployed batch-1 path: controller + child."""
+    return float(table.cells_ms(metagraph.resolve(child.to_policy()))) + table.fixed_ms()
+
+
+def calibrate_chain_factor(table: LatencyTable, metagraph: MetaGraph, controller: Controller,
+                           count: int, *, threads: int, warmup: int, repeats: int,
+                           seed: int = 0) -> float:
+    """Median of measured / additive-sum over ``count`` random children (see LatencyTable).
+
+    The children come from a different random stream than the validation children, so
+    ``profile --validate`` checks the factor on children it was not fitted to.
+    """
+    children = random_children(metagraph, count, seed=CALIBRATION_SEED_OFFSET + seed)
+    raw = LatencyTable(table.key, table.modules, table.fixed, chain_factor=1.0)
+    stats = measure_children(metagraph, controller, children, threads=threads, warmup=warmup,
+                             repeats=repeats, seed=seed)
+    ratios = sorted(stats[str(c)].median_ms / predicted_ms(raw, metagraph, c) for c in children)
+    return _quantile(ratios, 0.5)
+
+
+def validate_table(table: LatencyTable, metagraph: MetaGraph, controller: Controller,
+                   children: list[tuple[ChildArchitecture, str, int]], *, threads: int,
+                   warmup: int, repeats: int, seed: int = 0) -> TableValidation:
+    """Time ``children`` (child, source, images) end to end and compare with the table."""
+    stats = measure_children(metagraph, controller, [c for c, _, _ in children],
+                             threads=threads, warmup=warmup, repeats=repeats, seed=seed)
+    timings = [ChildTiming(str(child), source, images, predicted_ms(table, metagraph, child),
+                           stats[str(child)].median_ms) for child, source, images in children]
+    errors = sorted(t.relative_error for t in timings)
+    return TableValidation(
+        children=timings, device=device_info(torch.device("cpu"), threads),
+        chain_factor=table.chain_factor,
+        spearman=spearman([t.predicted_ms for t in timings], [t.measured_ms for t in timings]),
+        median_relative_error=_quantile(errors, 0.5), p90_relative_error=_quantile(errors, 0.9))
+
+
+def _end_to_end(controller: torch.nn.Module, network: torch.nn.Module, image: torch.Tensor):
+    def run() -> torch.Tensor:
+        controller(image)  # the deployed path always pays for the controller first
+        return network(image)
+    return run
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN for fewer than two values."""
+    if len(a) < 2:
+        return math.nan
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var > 0 else math.nan
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    position = q * (len(sorted_values) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def plot_validation(result: TableValidation, path: str | Path) -> None:
+    """Scatter of predicted vs measured child latency with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    for source, marker, colour in (("random", "o", "tab:blue"), ("controller", "^", "tab:red")):
+        points = [c for c in result.children if c.source == source]
+        if points:
+            ax.scatter([c.measured_ms for c in points], [c.predicted_ms for c in points],
+                       marker=marker, s=22, alpha=0.75, color=colour,
+                       label=f"{source} children ({len(points)})")
+    values = [v for c in result.children for v in (c.measured_ms, c.predicted_ms)]
+    low, high = min(values) * 0.9, max(values) * 1.1
+    ax.plot([low, high], [low, high], color="grey", linewidth=1, label="predicted = measured")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("measured latency, batch 1 (ms)")
+    ax.set_ylabel("latency table prediction (ms)")
+    d = result.device
+    ax.set_title(f"Latency table vs measured: Spearman {result.spearman:.3f}, median error "
+                 f"{100 * result.median_relative_error:.1f}%, p90 "
+                 f"{100 * result.p90_relative_error:.1f}%\n{d['name']}, {d['threads']} "
+                 f"thread(s), torch {d['torch']}, chain factor {result.chain_factor:.3f}",
+                 fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
