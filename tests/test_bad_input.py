@@ -321,6 +321,21 @@ def checkpoint_of_another_search_space(run, tmp, mp):
 
 
 @case
+def checkpoint_of_another_preset(run, tmp, mp):
+    _rewrite_meta(run, lambda meta: meta.update(preset="paper-cifar"))
+    return ["search", "--output", str(run)], ('preset: checkpoint "paper-cifar", this run '
+                                              '"custom"',)
+
+
+@case
+def not_enough_disk_space(run, tmp, mp):
+    mp.setattr("instanas.pipeline.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(
+        10 * 2**30, 10 * 2**30 - 2**10, 2**10))
+    return ["search", "--output", str(run)], ("MiB free but search writes about",
+                                              "free space or choose another --output")
+
+
+@case
 def checkpoint_with_another_class_count(run, tmp, mp):
     _rewrite_meta(run, lambda meta: meta.update(classes=["a", "b", "c"]))
     return ["search", "--output", str(run)], ("classes: checkpoint has 3 entries, this run 2",)

@@ -31,7 +31,8 @@ def stage_path(ctx: RunContext, stage: str) -> Path:
 
 def identity(ctx: RunContext) -> dict:
     """What a checkpoint must agree on with the run that loads it."""
-    facts = {"space": ctx.space.to_dict(), "classes": list(ctx.data.classes),
+    facts = {"preset": ctx.config.preset, "space": ctx.space.to_dict(),
+             "classes": list(ctx.data.classes),
              "controller": ctx.config.controller_spec().to_dict(),
              "normalization": {"mean": list(ctx.data.mean), "std": list(ctx.data.std)}}
     return json.loads(json.dumps(facts))  # tuples become lists, as they come back from JSON

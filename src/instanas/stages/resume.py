@@ -59,6 +59,7 @@ class EpochCheckpoints:
         found = newest_readable(self.ctx, self.stage)
         if found is None:
             log.info("%s has no saved epoch yet; starting it from the beginning", self.stage)
+            _drop_records_after(self.ctx, self.stage, 0)
             return 0, {}
         path, tensors, meta = found
         _load_modules(path, tensors, self.modules)
