@@ -195,6 +195,12 @@ def truncated_fashion_mnist_file(run, tmp, mp):
         "truncated", "reinstall")
 
 
+@case
+def latency_table_path_is_a_folder(run, tmp, mp):
+    return ["profile", "--output", str(run), "--latency.table", str(tmp)], (
+        "latency.table", "is a folder", "give a JSON file")
+
+
 # --- run directories ---------------------------------------------------------------------------
 
 

@@ -80,6 +80,10 @@ def open_run(config: Config, run_dir: Path, *, resume: bool = False,
     Every check runs before anything is written, so bad input leaves no trace.
     """
     check_writable(run_dir)
+    table = config.latency.table
+    if table and Path(table).is_dir():
+        raise ConfigError(f"latency.table {table} is a folder: give a JSON file, e.g. "
+                          f"--latency.table {Path(table) / 'latency_table.json'}")
     set_seed(config.seed)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -123,7 +123,9 @@ def stop_after_epoch() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        _stop.requested = False
+        requested, _stop.requested = _stop.requested, False
+    if requested:  # pressed after the last epoch's save: the stage is done, stop before the next
+        raise KeyboardInterrupt
 
 
 def newest_readable(ctx: RunContext, stage: str) -> tuple[Path, dict, dict] | None:
