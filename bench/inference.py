@@ -98,12 +98,42 @@ def batch_one(predictor, images: torch.Tensor, threads: int) -> dict[str, float]
 
 
 def random_like(policy: torch.Tensor, generator: torch.Generator):
-    """Random policies with the same per-(cell, module) selection rate as ``policy``."""
-    rate = policy.float().mean(dim=0)
+    """Independent random policies selecting the same mean number of modules as ``policy``."""
+    rate = float(policy.float().mean())
 
     def source(x: torch.Tensor, _probs: torch.Tensor) -> torch.Tensor:
-        return torch.rand((x.shape[0], *rate.shape), generator=generator) < rate
+        return torch.rand((x.shape[0], *policy.shape[1:]), generator=generator) < rate
     return source
+
+
+def controller_variants(predictor, specs: list[str], image: torch.Tensor, threads: int,
+                        rounds: int = 500) -> dict[str, float]:
+    """Batch-1 ms of untrained controllers of other shapes ("PX:W1,W2,..."), policy decoding
+    included, interleaved with the run's own controller; timing does not depend on weights."""
+    from instanas.controller import Controller, ControllerSpec
+    from instanas.inference import InstaNASPredictor
+
+    space = predictor.space
+    fns = {"this run": predictor.child_cells}
+    for spec in specs:
+        size, widths = spec.split(":")
+        shape = ControllerSpec(int(size), tuple(int(w) for w in widths.split(",")))
+        other = InstaNASPredictor(predictor.metagraph, Controller(
+            space.input_channels, space.num_cells, space.num_modules, shape).eval())
+        fns[spec] = other.child_cells
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    try:
+        with torch.inference_mode():
+            for r in range(rounds + 20):
+                for name, fn in fns.items():
+                    t = timed(fn, image)
+                    if r >= 20:
+                        samples[name].append(t)
+    finally:
+        torch.set_num_threads(previous)
+    return {k: statistics.mean(v) for k, v in samples.items()}
 
 
 def main() -> None:
@@ -114,6 +144,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for batch 64")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--controllers", nargs="*", default=["14:8,16,32", "7:8,16", "7:8"],
+                        metavar="PX:WIDTHS", help="other controller shapes to time at batch 1")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -133,6 +165,7 @@ def main() -> None:
         predictor, images, lambda x, p: predictor.metagraph.resolve(draw(x, p)), 64, args.rounds)
     single = batch_one(predictor, images[:max(60, args.images // 4)], b1_threads)
     child_ms = single["deployed"] - single["controller"]
+    variants = controller_variants(predictor, args.controllers, images[:1], b1_threads)
     numbers = {
         "machine": processor_name(), "torch": torch.__version__,
         "threads_batch64": args.threads, "threads_batch1": b1_threads,
@@ -140,6 +173,7 @@ def main() -> None:
         "mean_active_modules": float(policies.sum(dim=(1, 2)).float().mean()),
         "batch64_images_per_s": {"searched": searched, "random_same_density": randomised},
         "batch1_ms": single, "controller_share": single["controller"] / child_ms,
+        "controller_variants_ms": variants,
     }
     print(f"machine: {numbers['machine']}, torch {numbers['torch']}, run {args.run}")
     print(f"{len(images)} test images, {children} distinct children, "
@@ -154,6 +188,9 @@ def main() -> None:
                            for p in ("dense", "sparse", "deployed")))
     print(f"  controller {single['controller']:.3f} ms = {100 * numbers['controller_share']:.1f}% "
           f"of the mean child time {child_ms:.3f} ms")
+    print("  controller shapes (untrained, same decoding), ms and share of that child time:")
+    print("  " + "  ".join(f"{k} {v:.3f} ({100 * v / child_ms:.1f}%)"
+                           for k, v in variants.items()))
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
 

@@ -60,6 +60,11 @@ class Controller(nn.Module):
         nn.init.zeros_(self.logits.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Selection probabilities [B, cells, modules]."""
+        return torch.sigmoid(self.policy_logits(x))
+
+    def policy_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, cells, modules]; the greedy policy is ``logits >= 0`` (p >= 0.5)."""
         if x.shape[-1] != self.spec.input_size:
             if x.shape[-1] > self.spec.input_size:
                 x = F.adaptive_avg_pool2d(x, self.spec.input_size)
@@ -67,8 +72,7 @@ class Controller(nn.Module):
                 x = F.interpolate(x, size=self.spec.input_size, mode="bilinear",
                                   align_corners=False)
         features = self.blocks(self.stem(x)).mean(dim=(2, 3))
-        logits = self.logits(features).view(-1, self.num_cells, self.num_modules)
-        return torch.sigmoid(logits)
+        return self.logits(features).view(-1, self.num_cells, self.num_modules)
 
     def deploy(self) -> "Controller":
         return fold_batchnorm(self)

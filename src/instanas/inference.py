@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from .controller import Controller, greedy_policy
+from .controller import Controller
 from .metagraph import MetaGraph
-from .space import SearchSpace, apply_empty_cell_rule
+from .space import FORCED_DEFAULT_MODULE, SearchSpace
 
 
 class InstaNASPredictor:
@@ -20,19 +20,27 @@ class InstaNASPredictor:
         self.space = metagraph.space
         self.metagraph = metagraph.deploy()
         self.controller = controller.deploy()
-        self.forced = self.space.forced_mask()
+        self.forced_cells = self.space.forced_mask().tolist()
 
     def to(self, device: torch.device | str) -> "InstaNASPredictor":
         self.metagraph.to(device)
         self.controller.to(device)
-        self.forced = self.forced.to(device)
         return self
 
     @torch.inference_mode()
     def child_cells(self, image: torch.Tensor) -> list[tuple[int, ...]]:
-        """Resolved module ids per cell chosen by the controller for one image [1, C, H, W]."""
-        policy = apply_empty_cell_rule(greedy_policy(self.controller(image))[0], self.forced)
-        return [tuple(m for m, on in enumerate(row) if on) for row in policy.tolist()]
+        """Resolved module ids per cell chosen by the controller for one image [1, C, H, W].
+
+        The same greedy policy and empty-cell rule as the batched path, decoded in plain Python
+        from one host copy: at batch 1 every extra tensor operation costs about as much as a
+        small convolution (tests check both paths agree).
+        """
+        rows = (self.controller.policy_logits(image)[0] >= 0).tolist()
+        cells = []
+        for row, forced in zip(rows, self.forced_cells):
+            modules = tuple(m for m, on in enumerate(row) if on)
+            cells.append(modules if modules or not forced else (FORCED_DEFAULT_MODULE,))
+        return cells
 
     @torch.inference_mode()
     def logits_one(self, image: torch.Tensor) -> torch.Tensor:
@@ -46,8 +54,8 @@ class InstaNASPredictor:
 
     @torch.inference_mode()
     def policies(self, images: torch.Tensor) -> torch.Tensor:
-        """Resolved greedy policies [B, cells, modules] the controller picks."""
-        return self.metagraph.resolve(greedy_policy(self.controller(images)))
+        """Resolved greedy policies [B, cells, modules] the controller picks (p >= 0.5)."""
+        return self.metagraph.resolve(self.controller.policy_logits(images) >= 0)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, execution: str = "sparse"
