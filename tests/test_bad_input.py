@@ -407,6 +407,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_epoch(pretrained, tmp_path, monk
     assert meta["epoch"] == 1
 
 
+def test_disk_full_during_training_keeps_the_last_saved_epoch(pretrained, tmp_path, monkeypatch,
+                                                             capsys):
+    import instanas.stages.resume as resume
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text((pretrained / "config.yaml").read_text())
+    real, calls = resume.save_tensors, {"n": 0}
+
+    def fills_up(path, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the disk fills up while epoch 2 is being saved
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, *args)
+
+    monkeypatch.setattr(resume, "save_tensors", fills_up)
+    run = tmp_path / "run"
+    argv = ["pretrain", "--config", str(config), "--output", str(run), "--quiet",
+            "--pretrain.epochs", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("instanas: error: the disk is full") and "--resume" in err
+    states = sorted(p.name for p in (run / "pretrain" / "resume").iterdir())
+    assert states == ["epoch_0001.safetensors"]  # whole, and no temp file left behind
+    monkeypatch.setattr(resume, "save_tensors", real)
+    assert main(["pretrain", "--resume", str(run), "--quiet"]) == 0
+    assert (run / "pretrain" / "metagraph.safetensors").exists()
+
+
 def test_latency_table_of_another_torch_is_profiled_again(pretrained, tmp_path, cache_dir,
                                                           caplog):
     run = tmp_path / "run"

@@ -51,10 +51,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line and suggest the closest option."""
 
     def error(self, message: str) -> NoReturn:
-        hint = ""
-        for word in message.split():
-            close = difflib.get_close_matches(word, self._option_names(), n=1)
-            if word.startswith("--") and close:
+        hint, options = "", self._option_names()
+        words = (w.strip(":,'\"") for w in message.split())
+        for word in (w for w in words if w.startswith("--") and w not in options):
+            close = difflib.get_close_matches(word, options, n=1)
+            if close:
                 hint = f" (did you mean {close[0]}?)"
                 break
         self.exit(2, f"instanas: error: {message}{hint}; see `{self.prog} --help`\n")
