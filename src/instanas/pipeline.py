@@ -132,14 +132,21 @@ def check_free_space(ctx: RunContext, command: str | None) -> None:
 
 
 def _bytes_needed(ctx: RunContext, command: str) -> int:
+    todo = [s for s in (STAGES[:-1] if command == "run" else (command,))
+            if not stage_path(ctx, s).exists()]
+    if not todo:
+        return 0
     # fork_rng: building the models must not move the seeded generator the stages start from.
     with torch.random.fork_rng(devices=[]):
         metagraph, controller = new_models(ctx)
     weights = sum(t.numel() * t.element_size() for module in (metagraph, controller)
                   for t in module.state_dict().values())
     # Two epoch states and one being written, each weights plus up to two optimiser moments;
-    # the stage output; and, when searching, one checkpoint per search epoch.
-    search_epochs = ctx.config.search.epochs if command in ("run", "search") else 0
+    # the stage output; and, when searching, one checkpoint per search epoch still to run.
+    search_epochs = 0
+    if "search" in todo:
+        done = len(list((ctx.run_dir / "search").glob("epoch_*.safetensors")))
+        search_epochs = max(ctx.config.search.epochs - done, 0)
     return weights * (3 * 3 + 1 + search_epochs)
 
 
