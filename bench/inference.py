@@ -117,7 +117,7 @@ def controller_variants(predictor, specs: list[str], image: torch.Tensor, thread
     fns = {"this run": predictor.child_cells}
     for spec in specs:
         size, widths = spec.split(":")
-        shape = ControllerSpec(int(size), tuple(int(w) for w in widths.split(",")))
+        shape = ControllerSpec(int(size), tuple(int(w) for w in widths.split(",") if w))
         other = InstaNASPredictor(predictor.metagraph, Controller(
             space.input_channels, space.num_cells, space.num_modules, shape).eval())
         fns[spec] = other.child_cells
@@ -144,8 +144,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for batch 64")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
-    parser.add_argument("--controllers", nargs="*", default=["14:8,16,32", "7:8,16", "7:8"],
-                        metavar="PX:WIDTHS", help="other controller shapes to time at batch 1")
+    parser.add_argument("--controllers", nargs="*", default=["14:8,16,32", "7:8,16", "7:8", "14:", "7:"],
+                        metavar="PX:WIDTHS",
+                        help="other controller shapes to time at batch 1 (\"7:\" is linear)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

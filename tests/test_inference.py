@@ -37,3 +37,12 @@ def test_batch_one_path_equals_batched_paths(tiny_space, bias):
     if bias == -20.0:  # nothing selected: stage-first cells run the basic block, others are empty
         forced = tiny_space.forced_mask().tolist()
         assert cells == [(4,) if f else () for f in forced]
+
+
+def test_linear_controller(tiny_space):
+    controller = Controller(1, tiny_space.num_cells, tiny_space.num_modules, ControllerSpec(6, ()))
+    probs = controller(torch.randn(3, 1, 12, 12))
+    assert probs.shape == (3, tiny_space.num_cells, tiny_space.num_modules)
+    assert len(list(controller.parameters())) == 2  # one linear layer on the 6x6 thumbnail
+    predictor = InstaNASPredictor(MetaGraph(tiny_space).eval(), controller.eval())
+    assert predictor.logits_one(torch.randn(1, 1, 12, 12)).shape == (1, tiny_space.num_classes)

@@ -65,7 +65,8 @@ class SpaceConfig:
 @dataclass
 class ControllerConfig:
     input_size: int = _f(32, "side the controller's input image is resized to", gt=0)
-    widths: list = _f([16, 32, 64], "channels of the controller's three residual stages")
+    widths: list = _f([16, 32, 64], "channels of the controller's residual stages, one per "
+                                    "entry; [] makes a linear controller on the thumbnail")
     alpha: float = _f(0.8, "probability bounding a: p~ = a*p + (1-a)*(1-p)", gt=0.5, le=1.0)
     beta: float = _f(0.8, "weight of the entropy bonus", ge=0.0)
     lr: float = _f(5e-4, "Adam learning rate of the controller", gt=0.0)
@@ -337,9 +338,10 @@ def validate(config: Config) -> None:
                               "positive whole numbers")
     if not config.space.stages:
         raise ConfigError("space.stages is empty: give at least one [channels, cells, stride]")
-    if len(config.controller.widths) < 1 or not all(
+    if not isinstance(config.controller.widths, list) or not all(
             isinstance(w, int) and w > 0 for w in config.controller.widths):
-        raise ConfigError("controller.widths must be a list of positive whole numbers")
+        raise ConfigError("controller.widths must be a list of positive whole numbers "
+                          "(one residual stage each; [] for a linear controller)")
     if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in config.pretrain.milestones):
         raise ConfigError("pretrain.milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", config.device):

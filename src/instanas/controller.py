@@ -39,20 +39,28 @@ class ResidualBlock(nn.Module):
 
 
 class Controller(nn.Module):
-    """ResNet-8 style policy network: sigmoid probabilities [B, cells, modules] per image."""
+    """ResNet-8 style policy network: sigmoid probabilities [B, cells, modules] per image.
+
+    ``spec.widths`` gives one residual stage per entry. Empty widths make a linear controller:
+    the logits are a linear function of the thumbnail's pixels (three operators at batch 1),
+    for children so small that any convolutional controller would be a large share of their
+    latency.
+    """
 
     def __init__(self, in_channels: int, num_cells: int, num_modules: int,
                  spec: ControllerSpec = ControllerSpec()) -> None:
         super().__init__()
         self.spec = spec
         self.num_cells, self.num_modules = num_cells, num_modules
-        first = spec.widths[0]
-        self.stem = ConvBNAct(in_channels, first, 3)
-        blocks, channels = [], first
-        for i, width in enumerate(spec.widths):
-            blocks.append(ResidualBlock(channels, width, 1 if i == 0 else 2))
-            channels = width
-        self.blocks = nn.Sequential(*blocks)
+        if spec.widths:
+            self.stem = ConvBNAct(in_channels, spec.widths[0], 3)
+            blocks, channels = [], spec.widths[0]
+            for i, width in enumerate(spec.widths):
+                blocks.append(ResidualBlock(channels, width, 1 if i == 0 else 2))
+                channels = width
+            self.blocks = nn.Sequential(*blocks)
+        else:
+            channels = in_channels * spec.input_size ** 2
         self.logits = nn.Linear(channels, num_cells * num_modules)
         # Start from p = 0.5 everywhere, but with the weights small so early policies are
         # close to uniform exploration rather than an arbitrary fixed architecture.
@@ -71,7 +79,10 @@ class Controller(nn.Module):
             else:
                 x = F.interpolate(x, size=self.spec.input_size, mode="bilinear",
                                   align_corners=False)
-        features = self.blocks(self.stem(x)).mean(dim=(2, 3))
+        if self.spec.widths:
+            features = self.blocks(self.stem(x)).mean(dim=(2, 3))
+        else:
+            features = x.flatten(1)
         return self.logits(features).view(-1, self.num_cells, self.num_modules)
 
     def deploy(self) -> "Controller":
