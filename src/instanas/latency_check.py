@@ -30,7 +30,7 @@ CALIBRATION_SEED_OFFSET = 7919  # keeps calibration children apart from validati
 @dataclass
 class ChildTiming:
     child: str
-    source: str  # "random" or "controller"
+    source: str  # "random", "controller" or "mbv2-path"
     images: int  # validation images that chose this child (0 for random children)
     predicted_ms: float
     measured_ms: float
@@ -196,12 +196,14 @@ def plot_validation(result: TableValidation, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
-    for source, marker, colour in (("random", "o", "tab:blue"), ("controller", "^", "tab:red")):
+    for source, marker, colour in (("random", "o", "tab:blue"), ("controller", "^", "tab:red"),
+                                   ("mbv2-path", "s", "tab:green")):
         points = [c for c in result.children if c.source == source]
         if points:
+            label = "MobileNetV2 path" if source == "mbv2-path" else \
+                f"{source} children ({len(points)})"
             ax.scatter([c.measured_ms for c in points], [c.predicted_ms for c in points],
-                       marker=marker, s=22, alpha=0.75, color=colour,
-                       label=f"{source} children ({len(points)})")
+                       marker=marker, s=22, alpha=0.75, color=colour, label=label)
     values = [v for c in result.children for v in (c.measured_ms, c.predicted_ms)]
     low, high = min(values) * 0.9, max(values) * 1.1
     ax.plot([low, high], [low, high], color="grey", linewidth=1, label="predicted = measured")

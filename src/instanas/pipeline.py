@@ -25,7 +25,7 @@ from .latency_check import (
     random_children,
     validate_table,
 )
-from .metagraph import MetaGraph, build_mbv2_baseline
+from .metagraph import MetaGraph, build_mbv2_baseline, mobilenetv2_path
 from .report import write_results_markdown
 from .stages.baseline import train_baseline
 from .stages.common import (
@@ -201,6 +201,7 @@ def validate_latency_table(ctx: RunContext, table: LatencyTable,
     metagraph, controller = new_models(ctx)
     children = [(c, "random", 0)
                 for c in random_children(metagraph, random_count, ctx.config.seed)]
+    children.append((mobilenetv2_path(ctx.space), "mbv2-path", 0))
     trained = next((s for s in ("finetune", "search") if stage_path(ctx, s).exists()), None)
     if trained:
         load_stage(ctx, trained, {"metagraph": metagraph, "controller": controller})
