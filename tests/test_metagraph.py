@@ -8,6 +8,12 @@ def _random_policy(space, batch, density):
     return torch.rand(batch, space.num_cells, space.num_modules) < density
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Within 1e-5, relative to the tensor's scale once that exceeds 1: float32 gradients of
+    ~100 summed in another order (sparse vs dense) differ by ~2e-5 on one thread."""
+    return float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+
+
 def test_cell_output_is_sum_of_selected_modules(tiny_space):
     graph = MetaGraph(tiny_space).eval()
     cell = graph.cells[4]  # shape-preserving
@@ -49,8 +55,8 @@ def test_sparse_equals_dense_outputs_and_gradients(tiny_space):
                 sparse_out = out.detach()
             else:
                 assert torch.allclose(sparse_out, out.detach(), atol=1e-5)
-        for a, b in zip(*grads):  # float32 sums in another order: 1e-5 absolute or relative
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(*grads):
+            assert _close(a, b)
 
 
 def test_unselected_module_does_not_run(tiny_space):
@@ -127,7 +133,7 @@ def test_channels_last_sparse_equals_dense(tiny_space):
     out_d, grads_d = _outputs_and_grads(graph, x, policy, "dense")
     assert torch.allclose(out_s, out_d, atol=1e-5)
     for a, b in zip(grads_s, grads_d):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert _close(a, b)
 
 
 
