@@ -30,8 +30,10 @@ def results_markdown(results: dict) -> str:
                      f"{m.get('distinct_children', 1)} | {m.get('mean_active_modules', 0):.1f} |")
     comp = results.get("comparison")
     if comp:
-        lines += ["", f"InstaNAS measured mean latency is **{100 * comp['latency_reduction']:.1f}% "
-                  f"lower** than the MobileNetV2 path, at {comp['accuracy_delta_points']:+.2f} "
+        saving = comp["latency_reduction"]
+        direction = "lower" if saving >= 0 else "higher"
+        lines += ["", f"InstaNAS measured mean latency is **{100 * abs(saving):.1f}% {direction}"
+                  f"** than the MobileNetV2 path, at {comp['accuracy_delta_points']:+.2f} "
                   "points of test accuracy."]
     if "wall_time_s" in results:
         parts = ", ".join(f"{k} {v:.0f} s" for k, v in results["wall_time_s"].items())
