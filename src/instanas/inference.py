@@ -64,8 +64,8 @@ class InstaNASPredictor:
 
         ``execution``: ``"sparse"`` (each selected module runs once on the rows that chose it),
         ``"grouped"`` (one pass per distinct child) or ``"dense"`` (masked reference). Sparse is
-        the default because it measured faster (bench/inference.py): children of one
-        controller share most modules, so grouping repeats their work once per child.
+        the default (bench/inference.py): as fast with one child per batch, faster with
+        several, since children share most modules and grouping repeats them per child.
         """
         policy = self.policies(images)
         return self.metagraph(images, policy, execution=execution), policy
