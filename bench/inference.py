@@ -25,7 +25,8 @@ import torch
 
 import instanas
 from instanas.data import load_dataset
-from instanas.latency import processor_name
+from instanas.evaluate import measure_per_image
+from instanas.latency import cpu_threads, processor_name
 
 BATCH_PATHS = ("dense", "sparse", "grouped")
 
@@ -78,23 +79,8 @@ def batch_one(predictor, images: torch.Tensor, threads: int) -> dict[str, float]
         "deployed": predictor.logits_one,
         "controller": predictor.child_cells,  # network + policy decoding, as in "deployed"
     }
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    samples: dict[str, list[float]] = {p: [] for p in paths}
-    order = random.Random(0)
-    try:
-        with torch.inference_mode():
-            for i in range(len(images)):
-                x = images[i:i + 1]
-                names = list(paths)
-                order.shuffle(names)
-                for name in names:
-                    t = timed(paths[name], x)
-                    if i >= 10:
-                        samples[name].append(t)
-    finally:
-        torch.set_num_threads(previous)
-    return {p: statistics.mean(s) for p, s in samples.items()}
+    timings = measure_per_image(paths, images, threads, warmup=10)
+    return {p: timings[p]["mean"] for p in paths}
 
 
 def random_like(policy: torch.Tensor, generator: torch.Generator):
@@ -121,18 +107,13 @@ def controller_variants(predictor, specs: list[str], image: torch.Tensor, thread
         other = InstaNASPredictor(predictor.metagraph, Controller(
             space.input_channels, space.num_cells, space.num_modules, shape).eval())
         fns[spec] = other.child_cells
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    try:
-        with torch.inference_mode():
-            for r in range(rounds + 20):
-                for name, fn in fns.items():
-                    t = timed(fn, image)
-                    if r >= 20:
-                        samples[name].append(t)
-    finally:
-        torch.set_num_threads(previous)
+    with cpu_threads(threads), torch.inference_mode():
+        for r in range(rounds + 20):
+            for name, fn in fns.items():
+                t = timed(fn, image)
+                if r >= 20:
+                    samples[name].append(t)
     return {k: statistics.mean(v) for k, v in samples.items()}
 
 
@@ -144,7 +125,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for batch 64")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
-    parser.add_argument("--controllers", nargs="*", default=["14:8,16,32", "7:8,16", "7:8", "14:", "7:"],
+    parser.add_argument("--controllers", nargs="*",
+                        default=["14:8,16,32", "7:8,16", "7:8", "14:", "7:"],
                         metavar="PX:WIDTHS",
                         help="other controller shapes to time at batch 1 (\"7:\" is linear)")
     args = parser.parse_args()

@@ -71,15 +71,24 @@ def load_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
                  modules: dict[str, nn.Module], expect: dict | None = None) -> dict:
     """Copy already-read checkpoint tensors into ``modules`` (see :func:`load_checkpoint`)."""
     check_identity(path, meta, expect or {})
-    for prefix, module in modules.items():
-        state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    load_module_states(path, tensors, modules,
+                       fix="use the run directory and preset it was made with")
+    return meta
+
+
+def load_module_states(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                       modules: dict[str, nn.Module], *, fix: str, key_prefix: str = "") -> None:
+    """Load each module from the tensors named ``{key_prefix}{name}.*``; one-line error with
+    ``fix`` when they do not fit."""
+    for name, module in modules.items():
+        prefix = f"{key_prefix}{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             module.load_state_dict(state)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"checkpoint {path} does not fit the {prefix} ({first}): use the "
-                                  "run directory and preset it was made with") from exc
-    return meta
+            raise CheckpointError(f"checkpoint {path} does not fit the {name} ({first}): "
+                                  f"{fix}") from exc
 
 
 def check_identity(path: str | os.PathLike, meta: dict, expect: dict) -> None:

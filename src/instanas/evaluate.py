@@ -10,7 +10,7 @@ import torch
 
 from .controller import Controller
 from .inference import InstaNASPredictor
-from .latency import LatencyTable, TimingStats, count_flops, device_info
+from .latency import LatencyTable, TimingStats, count_flops, cpu_threads, device_info
 from .metagraph import ChildNetwork, MetaGraph, mobilenetv2_path
 from .space import distinct_children
 from .training import RunContext
@@ -26,25 +26,20 @@ def latency_summary(samples_ms: list[float]) -> dict:
 def measure_per_image(models: dict[str, Callable[[torch.Tensor], object]], images: torch.Tensor,
                       threads: int, warmup: int, seed: int = 0) -> dict[str, dict]:
     """Wall-clock per image at batch 1, the models interleaved image by image (same conditions)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     names = list(models)
     samples: dict[str, list[float]] = {n: [] for n in names}
     order = random.Random(seed)
-    try:
-        with torch.inference_mode():
-            for i in range(min(warmup, len(images))):
-                for name in names:
-                    models[name](images[i:i + 1])
-            for i in progress_bar(range(len(images)), desc="batch-1 latency", unit="image"):
-                x = images[i:i + 1]
-                order.shuffle(names)
-                for name in names:
-                    start = time.perf_counter_ns()
-                    models[name](x)
-                    samples[name].append((time.perf_counter_ns() - start) / 1e6)
-    finally:
-        torch.set_num_threads(previous)
+    with cpu_threads(threads), torch.inference_mode():
+        for i in range(min(warmup, len(images))):
+            for name in names:
+                models[name](images[i:i + 1])
+        for i in progress_bar(range(len(images)), desc="batch-1 latency", unit="image"):
+            x = images[i:i + 1]
+            order.shuffle(names)
+            for name in names:
+                start = time.perf_counter_ns()
+                models[name](x)
+                samples[name].append((time.perf_counter_ns() - start) / 1e6)
     return {n: latency_summary(s) for n, s in samples.items()}
 
 

@@ -8,6 +8,7 @@ whichever module happened to be timed at a bad moment.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -75,6 +76,17 @@ def device_info(device: torch.device, threads: int) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def synchronize(device: torch.device) -> None:
@@ -198,16 +210,12 @@ def profile_table(metagraph: MetaGraph, controller: Controller, device: torch.de
 
     if repeats < 30:
         raise ValueError(f"latency repeats is {repeats}: use at least 30 for a stable median")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         graph = metagraph.deploy().to(device)
         ctrl = controller.deploy().to(device)
         units = _timing_units(graph, ctrl, device)
         stats = time_units(units, device, warmup=warmup, repeats=repeats, seed=seed,
                            desc="latency table")
-    finally:
-        torch.set_num_threads(previous)
     modules = [[stats[f"cell{c}/m{m}"] for m in range(metagraph.space.num_modules)]
                for c in range(metagraph.space.num_cells)]
     fixed = {name: stats[name] for name in ("stem", "head", "controller")}

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .controller import Controller
-from .latency import LatencyTable, TimingStats, device_info, time_units
+from .inference import InstaNASPredictor
+from .latency import LatencyTable, TimingStats, cpu_threads, device_info, time_units
 from .metagraph import MetaGraph
 from .space import ChildArchitecture
 from .utils import atomic_write_text
@@ -76,19 +77,15 @@ def random_children(metagraph: MetaGraph, count: int, seed: int) -> list[ChildAr
     return list(children.values())
 
 
-def controller_children(metagraph: MetaGraph, controller: Controller,
-                        images: torch.Tensor) -> dict[str, tuple[ChildArchitecture, int]]:
+def controller_children(predictor: InstaNASPredictor, images: torch.Tensor
+                        ) -> dict[str, tuple[ChildArchitecture, int]]:
     """Every distinct child the controller picks for ``images``, with how many images pick it."""
-    from .controller import greedy_policy
-
     found: dict[str, tuple[ChildArchitecture, int]] = {}
-    with torch.inference_mode():
-        for start in range(0, len(images), 500):
-            policy = metagraph.resolve(greedy_policy(controller(images[start:start + 500])))
-            for row in policy:
-                child = ChildArchitecture.from_policy(row)
-                key = str(child)
-                found[key] = (child, found.get(key, (child, 0))[1] + 1)
+    for start in range(0, len(images), 500):
+        for row in predictor.policies(images[start:start + 500]):
+            child = ChildArchitecture.from_policy(row)
+            key = str(child)
+            found[key] = (child, found.get(key, (child, 0))[1] + 1)
     return found
 
 
@@ -101,13 +98,9 @@ def measure_children(metagraph: MetaGraph, controller: Controller,
     image = torch.randn(1, space.input_channels, space.input_size, space.input_size)
     units = {str(child): _end_to_end(ctrl, metagraph.cpu().materialize(child).deploy(), image)
              for child in children}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         return time_units(units, torch.device("cpu"), warmup=warmup, repeats=repeats,
                           seed=seed, desc="children")
-    finally:
-        torch.set_num_threads(previous)
 
 
 def predicted_ms(table: LatencyTable, metagraph: MetaGraph, child: ChildArchitecture) -> float:
@@ -127,7 +120,7 @@ def calibrate_chain_factor(table: LatencyTable, metagraph: MetaGraph, controller
     raw = LatencyTable(table.key, table.modules, table.fixed, chain_factor=1.0)
     stats = measure_children(metagraph, controller, children, threads=threads, warmup=warmup,
                              repeats=repeats, seed=seed)
-    ratios = sorted(stats[str(c)].median_ms / predicted_ms(raw, metagraph, c) for c in children)
+    ratios = [stats[str(c)].median_ms / predicted_ms(raw, metagraph, c) for c in children]
     return _quantile(ratios, 0.5)
 
 
@@ -139,7 +132,7 @@ def validate_table(table: LatencyTable, metagraph: MetaGraph, controller: Contro
                              threads=threads, warmup=warmup, repeats=repeats, seed=seed)
     timings = [ChildTiming(str(child), source, images, predicted_ms(table, metagraph, child),
                            stats[str(child)].median_ms) for child, source, images in children]
-    errors = sorted(t.relative_error for t in timings)
+    errors = [t.relative_error for t in timings]
     return TableValidation(
         children=timings, device=device_info(torch.device("cpu"), threads),
         chain_factor=table.chain_factor,
@@ -179,13 +172,10 @@ def _ranks(values: list[float]) -> list[float]:
     return ranks
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
         return math.nan
-    position = q * (len(sorted_values) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
 
 def plot_validation(result: TableValidation, path: str | Path) -> None:

@@ -17,6 +17,7 @@ from .config import Config, ConfigError, load_config_file, to_yaml
 from .controller import Controller
 from .data import load_dataset
 from .evaluate import evaluate
+from .inference import InstaNASPredictor
 from .latency import LatencyTable, default_cache_path, load_or_profile, profile_table, table_key
 from .latency_check import (
     TableValidation,
@@ -206,8 +207,8 @@ def validate_latency_table(ctx: RunContext, table: LatencyTable,
     if trained:
         load_stage(ctx, trained, {"metagraph": metagraph, "controller": controller})
         images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.val, 500, train=False)])
-        used = controller_children(metagraph.cpu().eval(), controller.cpu().eval(),
-                                   images.contiguous())
+        predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval())
+        used = controller_children(predictor, images.contiguous())
         children += [(child, "controller", n) for child, n in used.values()]
         log.info("validating with %d random children and the %d children the %s controller "
                  "picks on %d validation images", random_count, len(used), trained, len(images))

@@ -23,7 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_identity, read_checkpoint, save_tensors
+from ..checkpoint import (
+    CheckpointError,
+    check_identity,
+    load_module_states,
+    read_checkpoint,
+    save_tensors,
+)
 from ..training import RunContext
 from ..utils import atomic_write_text
 from .common import identity
@@ -62,7 +68,8 @@ class EpochCheckpoints:
             _drop_records_after(self.ctx, self.stage, 0)
             return 0, {}
         path, tensors, meta = found
-        _load_modules(path, tensors, self.modules)
+        load_module_states(path, tensors, self.modules, key_prefix="module.",
+                           fix="delete it to start the stage over")
         _load_optimizers(path, tensors, meta["optimizers"], self.optimizers)
         _load_rng(tensors, meta["rng"], self.generators)
         _drop_records_after(self.ctx, self.stage, meta["epoch"])
@@ -183,19 +190,6 @@ def _load_optimizers(path: Path, tensors: dict[str, torch.Tensor], saved: dict,
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit the {name} optimiser ({exc}): "
                                   "delete it to start the stage over") from exc
-
-
-def _load_modules(path: Path, tensors: dict[str, torch.Tensor],
-                  modules: dict[str, nn.Module]) -> None:
-    for name, module in modules.items():
-        prefix = f"module.{name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"checkpoint {path} does not fit the {name} ({first}): delete "
-                                  "it to start the stage over") from exc
 
 
 # ---------------------------------------------------------------------------------------------
