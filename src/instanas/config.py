@@ -98,6 +98,10 @@ class SearchConfig:
                                      "for the greedy policies before validation", gt=0)
     select_tolerance: float = _f(0.01, "checkpoint choice: fastest epoch whose validation "
                                        "accuracy is within this of the best", ge=0.0, le=1.0)
+    snapshots_per_epoch: int = _f(1, "checkpoints per search epoch: the last after the "
+                                     "meta-graph epoch, the others evenly inside the controller "
+                                     "epoch (candidates for variants A..E in short searches)",
+                                  ge=1)
 
 
 @dataclass
@@ -116,6 +120,21 @@ class BaselineConfig:
     batch_size: int = _f(256, "batch size", gt=0)
     lr: float = _f(0.1, "SGD learning rate (cosine schedule)", gt=0.0)
     weight_decay: float = _f(4e-5, "SGD weight decay", ge=0.0)
+    widths: list = _f([0.5, 0.75, 1.0, 1.4], "MobileNetV2-path baselines to train, as multiples "
+                                            "of space.width (1.0 is the mbv2-path model)")
+    min_net: bool = _f(True, "also train the forced-default minimum network standalone")
+    random_policy: bool = _f(True, "also fine-tune a random-policy model of the same mean "
+                                   "latency as the controller's children")
+    oracle_children: int = _f(16, "children sampled per test image for the oracle bound "
+                                  "(0: no oracle)", ge=0)
+
+
+@dataclass
+class VariantsConfig:
+    count: int = _f(5, "InstaNAS variants (A..E) picked from the search checkpoints on the "
+                       "validation Pareto front and fine-tuned (0: none)", ge=0, le=5)
+    max_timed_children: int = _f(32, "children timed end to end per candidate (the most used; "
+                                     "the rest are predicted by the table)", gt=0)
 
 
 @dataclass
@@ -144,6 +163,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    variants: VariantsConfig = field(default_factory=VariantsConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def to_dict(self) -> dict:
@@ -163,6 +183,10 @@ class Config:
 
     def controller_spec(self) -> ControllerSpec:
         return ControllerSpec(self.controller.input_size, tuple(self.controller.widths))
+
+    def mbv2_widths(self) -> list[float]:
+        """Widths of the extra MobileNetV2-path baselines (1.0 is the mbv2-path model itself)."""
+        return sorted({float(w) for w in self.baseline.widths if float(w) != 1.0})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +366,11 @@ def validate(config: Config) -> None:
             isinstance(w, int) and w > 0 for w in config.controller.widths):
         raise ConfigError("controller.widths must be a list of positive whole numbers "
                           "(one residual stage each; [] for a linear controller)")
+    widths = config.baseline.widths
+    if not isinstance(widths, list) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise ConfigError("baseline.widths must be a list of positive multiples of space.width, "
+                          "e.g. [0.5, 0.75, 1.0, 1.4]")
     if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in config.pretrain.milestones):
         raise ConfigError("pretrain.milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", config.device):

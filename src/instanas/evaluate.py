@@ -1,18 +1,33 @@
-"""Final numbers on the test set: accuracy, table and measured batch-1 latency, FLOPs, children."""
+"""Final numbers on the test set for every model of a run, timed side by side.
+
+InstaNAS (the main model and variants A..E), the MobileNetV2 path at each width, the minimum
+network and the random-policy model are all evaluated on the whole test split and timed at
+batch 1 on the same images, interleaved image by image in shuffled order, so that drift of the
+machine hits every model alike. The oracle bound is computed, not timed (see ``oracle``).
+"""
 
 from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .controller import Controller
+from .controller import Controller, bound_probabilities, sample_policy
 from .inference import InstaNASPredictor
-from .latency import LatencyTable, TimingStats, count_flops, cpu_threads, device_info
-from .metagraph import ChildNetwork, MetaGraph, mobilenetv2_path
-from .space import distinct_children
+from .latency import (
+    FlopsTable,
+    LatencyTable,
+    TimingStats,
+    cpu_threads,
+    device_info,
+    network_flops,
+)
+from .metagraph import ChildNetwork, MetaGraph
+from .space import ChildArchitecture, distinct_children
 from .training import RunContext
 from .utils import progress_bar
 
@@ -24,8 +39,12 @@ def latency_summary(samples_ms: list[float]) -> dict:
 
 
 def measure_per_image(models: dict[str, Callable[[torch.Tensor], object]], images: torch.Tensor,
-                      threads: int, warmup: int, seed: int = 0) -> dict[str, dict]:
-    """Wall-clock per image at batch 1, the models interleaved image by image (same conditions)."""
+                      threads: int, warmup: int, seed: int = 0,
+                      samples_out: dict[str, list[float]] | None = None) -> dict[str, dict]:
+    """Wall-clock per image at batch 1, the models interleaved image by image (same conditions).
+
+    ``samples_out`` receives every model's per-image times (ms) in image order.
+    """
     names = list(models)
     samples: dict[str, list[float]] = {n: [] for n in names}
     order = random.Random(seed)
@@ -40,19 +59,33 @@ def measure_per_image(models: dict[str, Callable[[torch.Tensor], object]], image
                 start = time.perf_counter_ns()
                 models[name](x)
                 samples[name].append((time.perf_counter_ns() - start) / 1e6)
+    if samples_out is not None:
+        samples_out.update(samples)
     return {n: latency_summary(s) for n, s in samples.items()}
+
+
+@dataclass
+class Evaluated:
+    """One model's test-set outcome before timing."""
+
+    kind: str
+    accuracy: float
+    batch_one: Callable[[torch.Tensor], object]
+    entry: dict = field(default_factory=dict)
+    policies: torch.Tensor | None = None  # resolved [N, cells, modules], dynamic models only
+    correct: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def instanas_test_pass(ctx: RunContext, predictor: InstaNASPredictor
-                       ) -> tuple[float, torch.Tensor]:
-    """Batched greedy evaluation: accuracy and resolved policies [N, cells, modules]."""
-    correct, policies = 0, []
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched greedy evaluation: per-image correctness [N] and resolved policies."""
+    correct, policies = [], []
     for batch in ctx.batches(ctx.data.test, 500, train=False):
         logits, policy = predictor.logits(batch.images.contiguous())
-        correct += int((logits.argmax(1) == batch.labels).sum())
+        correct.append((logits.argmax(1) == batch.labels).cpu())
         policies.append(policy.cpu())
-    return correct / len(ctx.data.test), torch.cat(policies)
+    return torch.cat(correct), torch.cat(policies)
 
 
 @torch.no_grad()
@@ -63,56 +96,216 @@ def baseline_test_accuracy(ctx: RunContext, network: torch.nn.Module) -> float:
     return correct / len(ctx.data.test)
 
 
-def evaluate(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-             baseline: ChildNetwork, table: LatencyTable) -> tuple[dict, torch.Tensor]:
-    """Test-set results (the ``results.json`` contract) and the resolved test policies.
+def policy_entry(policies: torch.Tensor, table: LatencyTable, flops_per_image: torch.Tensor,
+                 include_controller: bool) -> dict:
+    return {"table_latency_ms": float(table.cells_ms(policies).mean())
+            + table.fixed_ms(include_controller),
+            "flops": float(flops_per_image.mean()),
+            "distinct_children": distinct_children([policies]),
+            "mean_active_modules": float(policies.sum(dim=(1, 2)).float().mean())}
 
-    Latency is measured on the CPU of this machine with ``latency.threads`` threads.
+
+def evaluate_instanas(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
+                      table: LatencyTable, flops_table: FlopsTable, kind: str) -> Evaluated:
+    predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval())
+    correct, policies = instanas_test_pass(ctx, predictor)
+    flops = flops_table.per_image(policies)
+    return Evaluated(kind, float(correct.float().mean()), predictor.logits_one,
+                     policy_entry(policies, table, flops, include_controller=True),
+                     policies, correct)
+
+
+def evaluate_static(ctx: RunContext, network: ChildNetwork, table: LatencyTable, kind: str,
+                    width: float | None = None) -> Evaluated:
+    """A standalone network; its table latency is known only in the run's own space."""
+    deployed = network.cpu().eval().deploy()
+    space = network.space
+    entry = {"flops": network_flops(deployed, (space.input_channels, space.input_size,
+                                               space.input_size)),
+             "distinct_children": 1,
+             "mean_active_modules": float(sum(len(m) for m in network.cell_modules))}
+    if width is not None:
+        entry["width"] = width
+    if space == ctx.space:
+        policy = network.child.to_policy().unsqueeze(0)
+        entry["table_latency_ms"] = float(table.cells_ms(policy)[0]) + \
+            table.fixed_ms(include_controller=False)
+    return Evaluated(kind, baseline_test_accuracy(ctx, deployed), deployed, entry)
+
+
+class RandomChildRunner:
+    """Batch-1 path of the random-policy model: the next pre-drawn child, only its modules."""
+
+    def __init__(self, metagraph: MetaGraph, policies: torch.Tensor) -> None:
+        self.graph = metagraph
+        self.children = [ChildArchitecture.from_policy(p).cells for p in policies]
+        self.next = 0
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        cells = self.children[self.next % len(self.children)]
+        self.next += 1
+        return self.graph.head(self.graph.run_cells(self.graph.stem(image), cells))
+
+
+@torch.no_grad()
+def evaluate_random_policy(ctx: RunContext, metagraph: MetaGraph, rate: float,
+                           table: LatencyTable, flops_table: FlopsTable) -> Evaluated:
+    """Random policies drawn per test image (seeded apart from the training draws)."""
+    from .stages.random_policy import RandomPolicy
+
+    graph = metagraph.cpu().eval().deploy()
+    draw = RandomPolicy(ctx.space, rate, ctx.config.seed + 2)
+    correct, policies = [], []
+    for batch in ctx.batches(ctx.data.test, 500, train=False):
+        policy = graph.resolve(draw(batch.images))
+        correct.append((graph(batch.images.contiguous(), policy).argmax(1) == batch.labels).cpu())
+        policies.append(policy.cpu())
+    policies = torch.cat(policies)
+    correct = torch.cat(correct)
+    flops = flops_table.per_image(policies, include_controller=False)
+    entry = policy_entry(policies, table, flops, include_controller=False)
+    entry["selection_rate"] = rate
+    return Evaluated("random-policy", float(correct.float().mean()),
+                     RandomChildRunner(graph, policies), entry, policies, correct)
+
+
+@torch.no_grad()
+def oracle(ctx: RunContext, metagraph: MetaGraph, controller: Controller, table: LatencyTable,
+           samples: int) -> dict:
+    """Per test image, the cheapest correct child among the greedy child and ``samples - 1``
+    children drawn from the controller's bounded probabilities; images no child gets right
+    count as errors at the greedy child's cost. Latency is the table's prediction: a bound to
+    aim at, not a deployable model (it needs the label to choose)."""
+    graph = metagraph.cpu().eval().deploy()
+    controller = controller.cpu().eval()
+    generator = torch.Generator().manual_seed(ctx.config.seed + 3)
+    alpha = ctx.config.controller.alpha
+    costs, solved = [], []
+    for batch in ctx.batches(ctx.data.test, 500, train=False):
+        images = batch.images.cpu().contiguous()
+        probs = controller(images)
+        draws = [probs >= 0.5] + [sample_policy(bound_probabilities(probs, alpha), generator)
+                                  for _ in range(samples - 1)]
+        cost, hit = [], []
+        for draw in draws:
+            policy = graph.resolve(draw)
+            hit.append(graph(images, policy).argmax(1) == batch.labels.cpu())
+            cost.append(table.cells_ms(policy) + table.fixed_ms())
+        cost, hit = torch.stack(cost, 1), torch.stack(hit, 1)
+        best = torch.where(hit, cost, torch.full_like(cost, float("inf"))).min(1).values
+        costs.append(torch.where(hit.any(1), best, cost[:, 0]))
+        solved.append(hit.any(1))
+    costs_ms = torch.cat(costs)
+    return {"kind": "oracle", "test_accuracy": float(torch.cat(solved).float().mean()),
+            "latency_ms": latency_summary(costs_ms.tolist()), "latency_source": "table",
+            "table_latency_ms": float(costs_ms.mean()), "children_sampled": samples}
+
+
+@dataclass
+class PerImage:
+    """Arrays behind the plots (saved as test_per_image.npz)."""
+
+    arrays: dict[str, np.ndarray]
+
+
+def evaluate(ctx: RunContext, models: dict[str, Evaluated], table: LatencyTable,
+             oracle_entry: dict | None, expected_ms: torch.Tensor) -> tuple[dict, PerImage]:
+    """Time every model side by side and assemble the ``results.json`` contract.
+
+    ``models`` must contain ``instanas`` and ``mbv2-path``; ``expected_ms`` is the main
+    controller's expected latency per test image (used to order the galleries).
     """
     cfg = ctx.config.latency
-    metagraph, controller, baseline = (m.cpu().eval() for m in (metagraph, controller, baseline))
-    predictor = InstaNASPredictor(metagraph, controller)
-    deployed_baseline = baseline.deploy()
-    accuracy, policies = instanas_test_pass(ctx, predictor)
-    baseline_accuracy = baseline_test_accuracy(ctx, deployed_baseline)
-    flops = count_flops(metagraph, controller)
-    mbv2_policy = metagraph.resolve(mobilenetv2_path(ctx.space).to_policy().unsqueeze(0))
-
     images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.test, 1000, train=False)])
-    if cfg.eval_images:
-        images = images[:cfg.eval_images]
-    measured = measure_per_image({"instanas": predictor.logits_one,
-                                  "mbv2-path": deployed_baseline},
-                                 images.contiguous(), cfg.threads, cfg.warmup, ctx.config.seed)
-    models = {
-        "instanas": {
-            "test_accuracy": accuracy,
-            "latency_ms": measured["instanas"],
-            "table_latency_ms": float(table.cells_ms(policies).mean()) + table.fixed_ms(),
-            "flops": float(flops.per_image(policies).mean()),
-            "distinct_children": distinct_children([policies]),
-            "mean_active_modules": float(policies.sum(dim=(1, 2)).float().mean()),
-        },
-        "mbv2-path": {
-            "test_accuracy": baseline_accuracy,
-            "latency_ms": measured["mbv2-path"],
-            "table_latency_ms": float(table.cells_ms(mbv2_policy)[0])
-            + table.fixed_ms(include_controller=False),
-            "flops": float(flops.per_image(mbv2_policy, include_controller=False)[0]),
-            "distinct_children": 1,
-            "mean_active_modules": float(mbv2_policy.sum()),
-        },
-    }
-    inst, base = models["instanas"], models["mbv2-path"]
-    return {
-        "device": device_info(torch.device("cpu"), cfg.threads),
-        "models": models,
-        "comparison": {
-            "latency_reduction": 1.0 - inst["latency_ms"]["mean"] / base["latency_ms"]["mean"],
-            "accuracy_delta_points": 100.0 * (inst["test_accuracy"] - base["test_accuracy"]),
-        },
-        "latency_table": {"stem_ms": table.unit_ms("stem"), "head_ms": table.unit_ms("head"),
-                          "controller_ms": table.unit_ms("controller"),
-                          "chain_factor": table.chain_factor},
-        "test_images": len(ctx.data.test),
-    }, policies
+    timed = images[:cfg.eval_images] if cfg.eval_images else images
+    samples: dict[str, list[float]] = {}
+    measured = measure_per_image({n: m.batch_one for n, m in models.items()},
+                                 timed.contiguous(), cfg.threads, cfg.warmup, ctx.config.seed,
+                                 samples)
+    entries = {}
+    for name, m in models.items():
+        entries[name] = {"kind": m.kind, "test_accuracy": m.accuracy,
+                         "latency_ms": measured[name], "latency_source": "measured", **m.entry}
+    if oracle_entry is not None:
+        entries["oracle"] = oracle_entry
+    results = {"device": device_info(torch.device("cpu"), cfg.threads), "models": entries,
+               "comparison": comparison(entries),
+               "latency_table": {"stem_ms": table.unit_ms("stem"),
+                                 "head_ms": table.unit_ms("head"),
+                                 "controller_ms": table.unit_ms("controller"),
+                                 "chain_factor": table.chain_factor},
+               "test_images": len(ctx.data.test), "timed_images": len(timed)}
+    return results, per_image_arrays(ctx, models, table, samples, expected_ms)
+
+
+def comparison(entries: dict[str, dict]) -> dict:
+    """InstaNAS against the MobileNetV2 path and the random policy; which variants dominate."""
+    inst, base = entries["instanas"], entries["mbv2-path"]
+    out = {"latency_reduction": 1.0 - inst["latency_ms"]["mean"] / base["latency_ms"]["mean"],
+           "accuracy_delta_points": 100.0 * (inst["test_accuracy"] - base["test_accuracy"])}
+    if "random-policy" in entries:
+        rand = entries["random-policy"]
+        out["controller_vs_random_points"] = 100.0 * (inst["test_accuracy"]
+                                                      - rand["test_accuracy"])
+        out["random_vs_controller_latency_ratio"] = (rand["latency_ms"]["mean"]
+                                                     / inst["latency_ms"]["mean"])
+    dynamic = [n for n, e in entries.items() if e["kind"] in ("instanas", "variant")]
+    widths = [n for n, e in entries.items() if e["kind"] == "mbv2"]
+    out["dominating"] = [
+        f"{d} beats {w}" for d in dynamic for w in widths
+        if entries[d]["test_accuracy"] > entries[w]["test_accuracy"]
+        and entries[d]["latency_ms"]["mean"] < entries[w]["latency_ms"]["mean"]]
+    return out
+
+
+def per_image_arrays(ctx: RunContext, models: dict[str, Evaluated], table: LatencyTable,
+                     samples: dict[str, list[float]], expected_ms: torch.Tensor,
+                     per_class: int = 8) -> PerImage:
+    main = models["instanas"]
+    predicted = (table.cells_ms(main.policies) + table.fixed_ms()).float()
+    labels = ctx.data.test.labels.cpu()
+    arrays = {"labels": labels.numpy(), "predicted_ms": predicted.numpy(),
+              "expected_ms": expected_ms.float().numpy(),
+              "correct": main.correct.numpy(), "policies": main.policies.to(torch.uint8).numpy(),
+              "measured_index": np.arange(len(samples["instanas"]), dtype=np.int64),
+              "measured_ms": np.asarray(samples["instanas"], dtype=np.float32)}
+    if "random-policy" in samples:
+        arrays["random_measured_ms"] = np.asarray(samples["random-policy"], dtype=np.float32)
+    arrays.update(galleries(ctx, predicted, expected_ms, per_class))
+    return PerImage(arrays)
+
+
+def galleries(ctx: RunContext, predicted: torch.Tensor, expected: torch.Tensor,
+              per_class: int) -> dict[str, np.ndarray]:
+    """The ``per_class`` cheapest and most expensive test images of each class.
+
+    Ordered by the chosen child's table latency, ties broken by the controller's expected
+    latency (sum of module probabilities times module cost), which still ranks images when
+    many share one child.
+    """
+    labels = ctx.data.test.labels.cpu()
+    index = np.zeros((len(ctx.data.classes), 2, per_class), dtype=np.int64)
+    for c in range(len(ctx.data.classes)):
+        members = torch.nonzero(labels == c).flatten()
+        k = min(per_class, len(members))
+        if k == 0:
+            continue
+        order = np.lexsort((expected[members].numpy(), predicted[members].numpy()))
+        ranked = members.numpy()[order]
+        index[c, 0, :k] = ranked[:k]
+        index[c, 1, :k] = ranked[::-1][:k]
+        index[c, :, k:] = index[c, :, k - 1:k]
+    images = ctx.data.test.images.cpu().numpy()[index]
+    return {"gallery_index": index, "gallery_images": images,
+            "gallery_ms": predicted.numpy()[index]}
+
+
+@torch.no_grad()
+def expected_latency(ctx: RunContext, controller: Controller, table: LatencyTable
+                     ) -> torch.Tensor:
+    """Σ p(module) x module cost per test image under the main controller (ms, cells only)."""
+    controller = controller.cpu().eval()
+    module_ms = table.module_ms()
+    out = [(controller(b.images.cpu().contiguous()) * module_ms).flatten(1).sum(1)
+           for b in ctx.batches(ctx.data.test, 500, train=False)]
+    return torch.cat(out)

@@ -309,3 +309,11 @@ def count_flops(metagraph: MetaGraph, controller: Controller) -> FlopsTable:
     modules = torch.tensor([[counts[f"cell{c}/m{m}"] for m in range(space.num_modules)]
                             for c in range(space.num_cells)])
     return FlopsTable(modules, {n: counts[n] for n in ("stem", "head", "controller")})
+
+
+def network_flops(network: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
+    """FLOPs (2 x multiply-adds) of one batch-1 forward of a static network."""
+    mode = FlopCounterMode(display=False)
+    with mode, torch.inference_mode():
+        network(torch.zeros(1, *input_shape))
+    return float(mode.get_total_flops())

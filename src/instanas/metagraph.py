@@ -15,6 +15,7 @@ the same everywhere. Two execution modes compute the same function:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -207,3 +208,14 @@ def mobilenetv2_path(space: SearchSpace) -> ChildArchitecture:
 def build_mbv2_baseline(space: SearchSpace) -> ChildNetwork:
     """The MobileNetV2-like path (module 0 in every cell) as a standalone network."""
     return MetaGraph(space).materialize(mobilenetv2_path(space))
+
+
+def build_min_network(space: SearchSpace) -> ChildNetwork:
+    """The minimum network: no module selected, so only the forced defaults run (spec L_min)."""
+    empty = ChildArchitecture(tuple(() for _ in range(space.num_cells)), space.num_modules)
+    return MetaGraph(space).materialize(empty)
+
+
+def scaled_space(space: SearchSpace, factor: float) -> SearchSpace:
+    """``space`` with every width-scaled channel count multiplied by ``factor``."""
+    return dataclasses.replace(space, width=space.width * factor)

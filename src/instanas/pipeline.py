@@ -13,12 +13,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config_file, to_yaml
 from .controller import Controller
 from .data import load_dataset
-from .evaluate import evaluate
+from .evaluate import (
+    evaluate,
+    evaluate_instanas,
+    evaluate_random_policy,
+    evaluate_static,
+    expected_latency,
+    oracle,
+)
 from .inference import InstaNASPredictor
-from .latency import LatencyTable, default_cache_path, load_or_profile, profile_table, table_key
+from .latency import (
+    LatencyTable,
+    count_flops,
+    default_cache_path,
+    load_or_profile,
+    profile_table,
+    table_key,
+)
 from .latency_check import (
     TableValidation,
     controller_children,
@@ -26,12 +41,13 @@ from .latency_check import (
     random_children,
     validate_table,
 )
-from .metagraph import MetaGraph, build_mbv2_baseline, mobilenetv2_path
+from .metagraph import ChildNetwork, MetaGraph, build_mbv2_baseline, mobilenetv2_path
 from .report import write_results_markdown
-from .stages.baseline import train_baseline
+from .stages.baseline import reference_networks, reference_path, train_baseline, train_references
 from .stages.common import (
     PREVIOUS,
     STAGE_FILES,
+    identity,
     load_stage,
     require_previous,
     stage_path,
@@ -39,13 +55,21 @@ from .stages.common import (
 )
 from .stages.finetune import finetune
 from .stages.pretrain import pretrain
+from .stages.random_policy import train_random_policy
 from .stages.resume import newest_readable, stop_after_epoch
 from .stages.search import search
+from .stages.variants import build_variants, load_candidate
 from .training import RunContext
 from .utils import atomic_copy, atomic_write_bytes, atomic_write_text, set_seed, write_json
 
 log = logging.getLogger("instanas")
-STAGES = ("baseline", "pretrain", "search", "finetune", "evaluate")
+STAGES = ("baseline", "pretrain", "search", "finetune", "random-policy", "variants", "baselines",
+          "evaluate")
+TRAINING_STAGES = STAGES[:-1]
+# Stages a config can switch off; run_all skips them then.
+OPTIONAL = {"random-policy": lambda c: c.baseline.random_policy,
+            "variants": lambda c: c.variants.count > 0,
+            "baselines": lambda c: bool(c.mbv2_widths()) or c.baseline.min_net}
 
 
 def default_run_dir(config: Config) -> Path:
@@ -122,7 +146,7 @@ def verify_inputs(ctx: RunContext, command: str | None) -> None:
 
 def check_free_space(ctx: RunContext, command: str | None) -> None:
     """Fail before training when the disk cannot hold the checkpoints ``command`` will write."""
-    if command not in ("run", "pretrain", "search", "finetune", "baseline"):
+    if command not in ("run", *TRAINING_STAGES):
         return
     probe = next(p for p in (ctx.run_dir, *ctx.run_dir.parents) if p.exists())
     free, need = shutil.disk_usage(probe).free, _bytes_needed(ctx, command)
@@ -148,7 +172,8 @@ def _bytes_needed(ctx: RunContext, command: str) -> int:
     if "search" in todo:
         done = len(list((ctx.run_dir / "search").glob("epoch_*.safetensors")))
         search_epochs = max(ctx.config.search.epochs - done, 0)
-    return weights * (3 * 3 + 1 + search_epochs)
+    snapshots = search_epochs * ctx.config.search.snapshots_per_epoch
+    return weights * (3 * 3 + 1 + snapshots + ctx.config.variants.count)
 
 
 def _log_to_file(run_dir: Path) -> None:
@@ -246,6 +271,18 @@ def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
         table = latency_table(ctx)
         with stop_after_epoch():
             finetune(ctx, metagraph, controller, table)
+    elif stage == "random-policy":
+        metagraph, controller = new_models(ctx)
+        load_stage(ctx, "search", {"metagraph": metagraph, "controller": controller})
+        with stop_after_epoch():
+            train_random_policy(ctx, metagraph, controller, latency_table(ctx))
+    elif stage == "variants":
+        table = latency_table(ctx)
+        with stop_after_epoch():
+            build_variants(ctx, table)
+    elif stage == "baselines":
+        with stop_after_epoch():
+            train_references(ctx)
     elif stage == "evaluate":
         run_evaluation(ctx)
     else:
@@ -255,24 +292,71 @@ def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
 
 
 def run_evaluation(ctx: RunContext) -> dict:
+    """Evaluate every model the run has trained; write results.json, .md and the per-image data."""
+    table = latency_table(ctx)
     metagraph, controller = new_models(ctx)
     load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})
+    flops = count_flops(metagraph, controller)
+    models = {"instanas": evaluate_instanas(ctx, metagraph, controller, table, flops,
+                                            "instanas")}
+    for letter, path in trained_variants(ctx).items():
+        graph, ctrl = load_candidate(ctx, path)
+        models[f"instanas-{letter}"] = evaluate_instanas(ctx, graph, ctrl, table, flops,
+                                                         "variant")
     baseline = build_mbv2_baseline(ctx.space)
     load_stage(ctx, "baseline", {"network": baseline})
-    table = latency_table(ctx)
-    results, policies = evaluate(ctx, metagraph, controller, baseline, table)
+    models["mbv2-path"] = evaluate_static(ctx, baseline, table, "mbv2", width=1.0)
+    for name, net in trained_references(ctx).items():
+        kind = "min-net" if name == "min-net" else "mbv2"
+        width = None if kind == "min-net" else net.space.width / ctx.space.width
+        models[name] = evaluate_static(ctx, net, table, kind, width)
+    if stage_path(ctx, "random-policy").exists():
+        graph, _ = new_models(ctx)
+        meta = load_stage(ctx, "random-policy", {"metagraph": graph})
+        models["random-policy"] = evaluate_random_policy(ctx, graph, float(meta["rate"]), table,
+                                                         flops)
+    samples = ctx.config.baseline.oracle_children
+    oracle_entry = oracle(ctx, metagraph, controller, table, samples) if samples else None
+    results, per_image = evaluate(ctx, models, table, oracle_entry,
+                                  expected_latency(ctx, controller, table))
     results = {"preset": ctx.config.preset, "dataset": ctx.config.data.dataset,
-               "seed": ctx.config.seed, **results,
+               "seed": ctx.config.seed, "classes": list(ctx.data.classes), **results,
                "epochs": {"pretrain": ctx.config.pretrain.epochs,
                           "search": ctx.config.search.epochs,
                           "finetune": ctx.config.finetune.epochs,
                           "baseline": ctx.config.baseline_epochs()}}
+    candidates = ctx.run_dir / "variants" / "candidates.json"
+    if candidates.exists():
+        results["variants"] = json.loads(candidates.read_text())
+    policies = per_image.arrays["policies"]
     buffer = io.BytesIO()
-    np.save(buffer, policies.flatten(1).numpy().astype(np.uint8), allow_pickle=False)
+    np.save(buffer, policies.reshape(len(policies), -1), allow_pickle=False)
     atomic_write_bytes(ctx.run_dir / "test_policies.npy", buffer.getvalue())
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **per_image.arrays)
+    atomic_write_bytes(ctx.run_dir / "test_per_image.npz", buffer.getvalue())
     write_json(ctx.run_dir / "results.json", results)
     write_results_markdown(results, ctx.run_dir / "results.md")
     return results
+
+
+def trained_variants(ctx: RunContext) -> dict[str, Path]:
+    """Variant letter -> fine-tuned checkpoint, for the variants the run has finished."""
+    if not stage_path(ctx, "variants").exists():
+        return {}
+    summary = json.loads(stage_path(ctx, "variants").read_text())
+    return {letter: ctx.run_dir / v["model"] for letter, v in summary.items()}
+
+
+def trained_references(ctx: RunContext) -> dict[str, ChildNetwork]:
+    """The extra standalone baselines the run has trained, loaded."""
+    networks = {}
+    for name, net in reference_networks(ctx).items():
+        path = reference_path(ctx, name)
+        if path.exists():
+            load_checkpoint(path, {"network": net}, expect=identity(ctx))
+            networks[name] = net
+    return networks
 
 
 def _previous_timings(run_dir: Path) -> dict[str, float]:
@@ -299,6 +383,9 @@ def run_all(ctx: RunContext, resume: bool = False) -> dict[str, float]:
     timings["profile"] = time.perf_counter() - start
     save_timings(ctx.run_dir, timings)
     for stage in STAGES:
+        if stage in OPTIONAL and not OPTIONAL[stage](ctx.config):
+            log.info("%s switched off in the config, skipping", stage)
+            continue
         if resume and stage != "evaluate" and stage_path(ctx, stage).exists():
             log.info("%s already done, skipping", stage)
             continue

@@ -21,8 +21,12 @@ STAGE_FILES = {
     "search": "search/selected.safetensors",
     "finetune": "finetune/model.safetensors",
     "baseline": "baseline/mbv2.safetensors",
+    "random-policy": "random-policy/model.safetensors",
+    "variants": "variants/variants.json",
+    "baselines": "baseline/references.json",
 }
-PREVIOUS = {"search": ("pretrain",), "finetune": ("search",), "evaluate": ("finetune", "baseline")}
+PREVIOUS = {"search": ("pretrain",), "finetune": ("search",), "random-policy": ("search",),
+            "variants": ("search",), "evaluate": ("finetune", "baseline")}
 
 
 def stage_path(ctx: RunContext, stage: str) -> Path:
@@ -53,7 +57,7 @@ def load_stage(ctx: RunContext, stage: str, modules: dict[str, nn.Module]) -> di
 def verify_output(ctx: RunContext, stage: str) -> None:
     """Read the stage's output, if there is one, and check that it belongs to this run."""
     path = stage_path(ctx, stage)
-    if path.exists():
+    if path.exists() and path.suffix == ".safetensors":
         _, meta = read_checkpoint(path)
         check_identity(path, meta, identity(ctx))
 

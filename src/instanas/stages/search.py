@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,46 +45,56 @@ class PolicyStats:
     mean_active_modules: float
 
 
+PolicyFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def greedy_of(controller: Controller) -> PolicyFn:
+    """The controller's greedy policy for a batch of images (raw, before the empty-cell rule)."""
+    return lambda images: greedy_policy(controller(images))
+
+
 @torch.no_grad()
-def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                      table: LatencyTable, data) -> tuple[PolicyStats, torch.Tensor]:
-    """Greedy-policy accuracy and table latency on ``data``; also returns the resolved policies."""
+def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn,
+                      table: LatencyTable, data, include_controller: bool = True
+                      ) -> tuple[PolicyStats, torch.Tensor]:
+    """Accuracy and table latency on ``data`` under ``policy_fn`` (e.g. the controller's greedy
+    policy); also returns the resolved policies. ``include_controller``: whether the policy
+    costs a controller pass (not for random policies)."""
     metagraph.eval()
-    controller.eval()
     correct, policies = 0, []
     for batch in ctx.batches(data, 500, train=False):
-        policy = metagraph.resolve(greedy_policy(controller(batch.images)))
+        policy = metagraph.resolve(policy_fn(batch.images))
         correct += int((metagraph(batch.images, policy).argmax(1) == batch.labels).sum())
         policies.append(policy.cpu())
     resolved = torch.cat(policies)
     cells = table.cells_ms(resolved)
     stats = PolicyStats(correct / len(data), float(cells.mean()),
-                        float(cells.mean()) + table.fixed_ms(),
+                        float(cells.mean()) + table.fixed_ms(include_controller),
                         distinct_children([resolved]),
                         float(resolved.sum(dim=(1, 2)).float().mean()))
     return stats, resolved
 
 
-def calibrate(ctx: RunContext, metagraph: MetaGraph, controller: Controller, *, purpose: str,
+def calibrate(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn, *, purpose: str,
               epoch: int) -> None:
-    """Recalibrate the meta-graph's BatchNorm for the controller's current greedy policies."""
+    """Recalibrate the meta-graph's BatchNorm for the policies ``policy_fn`` now picks."""
     cfg = ctx.config.search
-    was_training = controller.training
-    controller.eval()
-    recalibrate_batchnorm(metagraph, lambda x: metagraph(x, greedy_policy(controller(x))),
+    recalibrate_batchnorm(metagraph, lambda x: metagraph(x, policy_fn(x)),
                           training_images(ctx, cfg.batch_size, cfg.recalibrate_batches, purpose,
                                           epoch))
-    controller.train(was_training)
     metagraph.eval()
 
 
 def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                     optimizer: torch.optim.Optimizer, table: LatencyTable, epoch: int) -> dict:
+                     optimizer: torch.optim.Optimizer, table: LatencyTable, epoch: int,
+                     snapshot: Callable[[int], None] | None = None) -> dict:
     """REINFORCE with a self-critical (greedy) baseline; the meta-graph is frozen.
 
     Frozen means no weight updates and untouched running statistics; BatchNorm normalises with
     batch statistics, because the controller's policies move every step and running statistics
     from any fixed policy distribution would misjudge the children it is now sampling.
+    ``snapshot(part)`` is called after the steps where ``search.snapshots_per_epoch`` asks for a
+    checkpoint inside the epoch.
     """
     cfg, ccfg = ctx.config.search, ctx.config.controller
     metagraph.eval()
@@ -95,6 +108,7 @@ def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controll
     start = time.perf_counter()
     batches = ctx.batches(ctx.data.train, cfg.batch_size, train=True,
                           generator=ctx.generator("search/controller-data", epoch))
+    snapshot_at = snapshot_steps(steps, cfg.snapshots_per_epoch)
     for step, batch in enumerate(progress_bar(batches, f"search {epoch + 1}/{cfg.epochs} "
                                               "controller", total=steps, unit="batch")):
         # Window position advances per step so short searches still sweep the whole schedule.
@@ -123,10 +137,31 @@ def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controll
         sums += torch.stack([reward[:size].sum(), latency[:size].sum(), latency[size:].sum(),
                              correct[size:].float().sum()])
         seen += size
+        if snapshot is not None and step in snapshot_at:
+            snapshot(snapshot_at[step])
     mean = (sums / seen).tolist()
     return {"reward": mean[0], "sampled_cells_ms": mean[1], "greedy_cells_ms": mean[2],
             "greedy_train_accuracy": mean[3], "window_lower_ms": lower, "window_upper_ms": upper,
             "controller_seconds": time.perf_counter() - start}
+
+
+def snapshot_steps(steps: int, parts: int) -> dict[int, int]:
+    """{step index: part} for the ``parts - 1`` checkpoints evenly inside an epoch of ``steps``."""
+    at = {max(round(k * steps / parts) - 1, 0): k for k in range(1, parts)}
+    return {step: part for step, part in at.items() if step < steps - 1}
+
+
+def checkpoint_order(path: Path) -> tuple[int, int]:
+    """Chronological sort key of search/epoch_EEE[_partK].safetensors (end of epoch last)."""
+    match = re.fullmatch(r"epoch_(\d+)(?:_part(\d+))?\.safetensors", path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a search checkpoint name")
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else 1 << 30
+
+
+def search_checkpoints(run_dir: Path) -> list[Path]:
+    """Every checkpoint the search kept, in the order they were written."""
+    return sorted((run_dir / "search").glob("epoch_*.safetensors"), key=checkpoint_order)
 
 
 def metagraph_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
@@ -173,11 +208,19 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
     history = saved.get("history", [])
     for epoch in range(start, cfg.epochs):
         record = {"stage": "search", "epoch": epoch + 1}
-        record.update(controller_epoch(ctx, metagraph, controller, ctrl_opt, table, epoch))
+
+        def snapshot(part: int, epoch: int = epoch) -> None:
+            save_stage(ctx, folder / f"epoch_{epoch + 1:03d}_part{part}.safetensors",
+                       {"metagraph": metagraph, "controller": controller},
+                       {"stage": "search", "epoch": epoch + 1, "part": part})
+
+        record.update(controller_epoch(ctx, metagraph, controller, ctrl_opt, table, epoch,
+                                       snapshot))
         record.update(metagraph_epoch(ctx, metagraph, controller, graph_opt, epoch))
-        calibrate(ctx, metagraph, controller, purpose="search/recalibrate-val",
+        controller.eval()
+        calibrate(ctx, metagraph, greedy_of(controller), purpose="search/recalibrate-val",
                   epoch=epoch)
-        val, _ = evaluate_policies(ctx, metagraph, controller, table, ctx.data.val)
+        val, _ = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.val)
         record.update({"val_accuracy": val.accuracy, "val_cells_ms": val.cells_ms,
                        "val_total_ms": val.total_ms, "val_distinct_children": val.distinct_children,
                        "val_mean_active_modules": val.mean_active_modules,
