@@ -45,6 +45,9 @@ DESCRIPTIONS = {
     "evaluate": "test accuracy and measured batch-1 latency (needs finetune and baseline)",
     "profile": "measure the latency lookup table on this machine",
 }
+# Not in DESCRIPTIONS: it reads a finished run and takes none of the run or config options.
+REPORT_HELP = ("plots, report.md and a self-contained report.html from a finished run "
+               "(needs evaluate)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_options(p, name)
         _add_config_options(p)
     sub.add_parser("presets", help="list the shipped presets")
+    report = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
+    report.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished run")
     return parser
 
 
@@ -154,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "presets":
         print("\n".join(preset_names()))
         return 0
-    _setup_logging(args.quiet)
+    _setup_logging(getattr(args, "quiet", False))
     try:
+        if args.command == "report":
+            return _report(Path(args.run_dir))
         return _dispatch(args)
     except USER_ERRORS as exc:
         return _fail(str(exc))
@@ -169,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         print("instanas: interrupted; finished stages and the last completed epoch are kept: "
               "continue with --resume RUN_DIR", file=sys.stderr)
         return 130
+
+
+def _report(run_dir: Path) -> int:
+    from .report import write_report
+
+    for path in write_report(run_dir):
+        print(path)
+    return 0
 
 
 def _fail(message: str) -> int:
