@@ -112,22 +112,41 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((run / "results.json").read_text())
-    assert {"instanas", "mbv2-path"} <= set(results["models"])
+    models = results["models"]
+    assert {"instanas", "mbv2-path", "mbv2-0.5x", "mbv2-0.75x", "mbv2-1.4x", "min-net",
+            "random-policy", "oracle", "instanas-A"} <= set(models)
     assert results["device"]["torch"] and results["device"]["threads"] == 1
-    for model in results["models"].values():
+    for name, model in models.items():
         assert 0.0 <= model["test_accuracy"] <= 1.0
         assert {"mean", "std", "p50", "p90"} <= set(model["latency_ms"])
-        assert model["latency_ms"]["mean"] > 0 and model["flops"] > 0
-        assert model["table_latency_ms"] > 0
-    assert results["models"]["instanas"]["distinct_children"] >= 1
+        assert model["latency_ms"]["mean"] > 0
+        if model["kind"] != "oracle":
+            assert model["flops"] > 0 and model["latency_source"] == "measured"
+        # The table covers the run's own space; other widths are only measured.
+        assert ("table_latency_ms" in model) == (model.get("width", 1.0) == 1.0), name
+    widths = [models[f"mbv2-{w}"]["flops"] for w in ("0.5x", "0.75x", "path", "1.4x")]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    assert models["instanas"]["distinct_children"] >= 1
+    # The oracle picks, per image, the cheapest correct of children that include the greedy one.
+    assert models["oracle"]["test_accuracy"] >= models["instanas"]["test_accuracy"]
+    candidates = results["variants"]["candidates"]
+    assert len(candidates) == 3  # one search epoch, three checkpoints (fashion-cpu)
+    letters = sorted(c["variant"] for c in candidates if c["variant"])
+    assert letters and letters == list("ABCDE"[:len(letters)])
+    assert all(c["pareto"] for c in candidates if c["variant"])
     for name in ["config.yaml", "latency_table.json", "metrics.jsonl", "results.md",
                  "pretrain/metagraph.safetensors", "search/epoch_001.safetensors",
-                 "search/selected.json", "finetune/model.safetensors",
-                 "baseline/mbv2.safetensors"]:
+                 "search/epoch_001_part1.safetensors", "search/selected.json",
+                 "finetune/model.safetensors", "baseline/mbv2.safetensors",
+                 "baseline/mbv2-0.5x.safetensors", "baseline/min-net.safetensors",
+                 "random-policy/model.safetensors", "variants/A/model.safetensors",
+                 "test_per_image.npz", "report.md", "report.html",
+                 "plots/error_vs_latency.png", "plots/gallery.png"]:
         assert (run / name).exists(), name
     lines = (run / "metrics.jsonl").read_text().splitlines()
     stages = {json.loads(line)["stage"] for line in lines}
-    assert stages == {"baseline", "pretrain", "search", "finetune"}
+    assert {"baseline", "pretrain", "search", "finetune", "random-policy", "variants/A",
+            "baseline/min-net", "baseline/mbv2-0.5x"} <= stages
 
     # The result loads in Python and predicts.
     import torch

@@ -260,9 +260,9 @@ def all_keys() -> dict[str, Any]:
 
 
 _SECTIONS = (DataConfig, SpaceConfig, ControllerConfig, PretrainConfig, SearchConfig,
-             FinetuneConfig, BaselineConfig, LatencyConfig)
+             FinetuneConfig, BaselineConfig, VariantsConfig, LatencyConfig)
 _SECTION_NAMES = ("data", "space", "controller", "pretrain", "search", "finetune", "baseline",
-                  "latency")
+                  "variants", "latency")
 
 
 def _suggest(name: str, options: list[str]) -> str:

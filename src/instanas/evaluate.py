@@ -284,20 +284,20 @@ def galleries(ctx: RunContext, predicted: torch.Tensor, expected: torch.Tensor,
     many share one child.
     """
     labels = ctx.data.test.labels.cpu()
-    index = np.zeros((len(ctx.data.classes), 2, per_class), dtype=np.int64)
+    # -1 marks an empty slot (a class with fewer than ``per_class`` test images).
+    index = np.full((len(ctx.data.classes), 2, per_class), -1, dtype=np.int64)
     for c in range(len(ctx.data.classes)):
         members = torch.nonzero(labels == c).flatten()
         k = min(per_class, len(members))
-        if k == 0:
-            continue
         order = np.lexsort((expected[members].numpy(), predicted[members].numpy()))
         ranked = members.numpy()[order]
         index[c, 0, :k] = ranked[:k]
         index[c, 1, :k] = ranked[::-1][:k]
-        index[c, :, k:] = index[c, :, k - 1:k]
-    images = ctx.data.test.images.cpu().numpy()[index]
+    images = ctx.data.test.images.cpu().numpy()[np.maximum(index, 0)]
+    images[index < 0] = 0
+    costs = np.where(index >= 0, predicted.numpy()[np.maximum(index, 0)], np.nan)
     return {"gallery_index": index, "gallery_images": images,
-            "gallery_ms": predicted.numpy()[index]}
+            "gallery_ms": costs.astype(np.float32)}
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from .latency_check import (
     validate_table,
 )
 from .metagraph import ChildNetwork, MetaGraph, build_mbv2_baseline, mobilenetv2_path
-from .report import write_results_markdown
+from .report import write_report, write_results_markdown
 from .stages.baseline import reference_networks, reference_path, train_baseline, train_references
 from .stages.common import (
     PREVIOUS,
@@ -401,4 +401,6 @@ def finalize_results(ctx: RunContext) -> dict:
     results["wall_time_s"] = _previous_timings(ctx.run_dir)
     write_json(path, results)
     write_results_markdown(results, ctx.run_dir / "results.md")
+    md, html = write_report(ctx.run_dir)
+    log.info("report: %s, %s", md, html)
     return results
