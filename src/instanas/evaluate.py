@@ -169,6 +169,14 @@ def evaluate_random_policy(ctx: RunContext, metagraph: MetaGraph, rate: float,
                      RandomChildRunner(graph, policies), entry, policies, correct)
 
 
+def cheapest_correct(costs: torch.Tensor, hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of [images, children] costs and correctness: the cheapest correct child's cost
+    (column 0's cost when none is correct) and whether any is correct."""
+    solved = hits.any(1)
+    best = torch.where(hits, costs, torch.full_like(costs, float("inf"))).min(1).values
+    return torch.where(solved, best, costs[:, 0]), solved
+
+
 @torch.no_grad()
 def oracle(ctx: RunContext, metagraph: MetaGraph, controller: Controller, table: LatencyTable,
            samples: int) -> dict:
@@ -191,10 +199,9 @@ def oracle(ctx: RunContext, metagraph: MetaGraph, controller: Controller, table:
             policy = graph.resolve(draw)
             hit.append(graph(images, policy).argmax(1) == batch.labels.cpu())
             cost.append(table.cells_ms(policy) + table.fixed_ms())
-        cost, hit = torch.stack(cost, 1), torch.stack(hit, 1)
-        best = torch.where(hit, cost, torch.full_like(cost, float("inf"))).min(1).values
-        costs.append(torch.where(hit.any(1), best, cost[:, 0]))
-        solved.append(hit.any(1))
+        cost, ok = cheapest_correct(torch.stack(cost, 1), torch.stack(hit, 1))
+        costs.append(cost)
+        solved.append(ok)
     costs_ms = torch.cat(costs)
     return {"kind": "oracle", "test_accuracy": float(torch.cat(solved).float().mean()),
             "latency_ms": latency_summary(costs_ms.tolist()), "latency_source": "table",
