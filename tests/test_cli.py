@@ -164,6 +164,15 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
         assert torch.equal(policy, again)
         assert torch.allclose(logits, dense, atol=1e-4)
 
+    # A torn results.json is reported in one line, not as a JSON traceback.
+    from instanas.checkpoint import CheckpointError
+
+    text = (run / "results.json").read_text()
+    (run / "results.json").write_text(text[:len(text) // 2])
+    with pytest.raises(CheckpointError, match="results.json is not valid JSON"):
+        instanas.load(run)
+    (run / "results.json").write_text(text)
+
     # The table is checked against whole children, the controller's among them.
     proc = subprocess.run([sys.executable, "-m", "instanas", "profile", "--output", str(run),
                            "--validate", "--children", "4", "--quiet"],

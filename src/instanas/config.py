@@ -133,6 +133,11 @@ class BaselineConfig:
 class VariantsConfig:
     count: int = _f(5, "InstaNAS variants (A..E) picked from the search checkpoints on the "
                        "validation Pareto front and fine-tuned (0: none)", ge=0, le=5)
+    metagraph: str = _f("final", "meta-graph weights each candidate controller is scored and "
+                                 "fine-tuned with: final (the search's last) | own (saved with "
+                                 "it)", choices=("final", "own"))
+    score_epochs: int = _f(1, "fine-tuning epochs each candidate gets before its validation "
+                              "accuracy is scored (0: score the checkpoint as it is)", ge=0)
     max_timed_children: int = _f(32, "children timed end to end per candidate (the most used; "
                                      "the rest are predicted by the table)", gt=0)
 

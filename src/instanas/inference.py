@@ -139,7 +139,13 @@ def load(run_dir: str | Path) -> InstaNASModel:
                             config.controller_spec())
     load_tensors(path, tensors, meta, {"metagraph": metagraph, "controller": controller})
     results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    results = None
+    if results_path.exists():
+        try:
+            results = json.loads(results_path.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{results_path} is not valid JSON ({exc}): run `instanas "
+                                  f"evaluate --output {run_dir}` again to rewrite it") from exc
     norm = meta["normalization"]
     return InstaNASModel(InstaNASPredictor(metagraph.eval(), controller.eval()), meta["classes"],
                          tuple(norm["mean"]), tuple(norm["std"]), results)

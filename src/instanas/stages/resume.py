@@ -104,6 +104,13 @@ class _StopRequest:
     requested = False
 
 
+def stop_if_requested(what: str) -> None:
+    """For stages whose unit of work is not an epoch: stop after ``what`` was saved."""
+    if _stop.requested:
+        log.warning("stopped after %s, which is saved", what)
+        raise KeyboardInterrupt
+
+
 _stop = _StopRequest()
 
 

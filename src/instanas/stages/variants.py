@@ -6,6 +6,13 @@ measured end to end at batch 1 (controller plus the materialised child, for the 
 uses most; rarely used children are predicted by the table). Up to ``variants.count`` candidates
 on the Pareto front of accuracy vs latency are fine-tuned; A is the most accurate, then each
 letter is faster.
+
+A candidate is a controller: by default (``variants.metagraph: final``) every one is paired
+with the meta-graph weights of the search's last checkpoint, for scoring and as the start of its
+fine-tuning. In a short search the shared weights improve all the way, so with each
+checkpoint's own weights every later checkpoint is both faster and more accurate and the front
+collapses to the last one: a comparison of training time, not of architectures.
+(``own`` pairs each controller with the weights saved alongside it.)
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ from ..latency import LatencyTable
 from ..latency_check import measure_children, predicted_ms
 from ..metagraph import MetaGraph
 from ..space import ChildArchitecture
-from ..training import RunContext
+from ..training import RunContext, cosine, sgd, supervised_epoch
 from ..utils import atomic_copy, write_json
 from .common import identity, stage_path
 from .finetune import finetune
-from .search import calibrate, evaluate_policies, greedy_of, search_checkpoints
+from .resume import stop_if_requested
+from .search import PolicyFn, calibrate, evaluate_policies, greedy_of, search_checkpoints
 
 log = logging.getLogger("instanas")
 
@@ -58,54 +66,123 @@ def pick_spread(points: list[tuple[float, float]], front: list[int], count: int)
     return sorted(picked, key=lambda i: (-points[i][0], -points[i][1]))
 
 
-def load_candidate(ctx: RunContext, path: Path) -> tuple[MetaGraph, Controller]:
+def load_candidate(ctx: RunContext, path: Path, weights: Path | None = None
+                   ) -> tuple[MetaGraph, Controller]:
+    """Controller of checkpoint ``path``, meta-graph of ``weights`` (default: the same file)."""
     metagraph = MetaGraph(ctx.space)
     controller = Controller(ctx.space.input_channels, ctx.space.num_cells, ctx.space.num_modules,
                             ctx.config.controller_spec())
-    load_checkpoint(path, {"metagraph": metagraph, "controller": controller},
-                    expect=identity(ctx))
+    load_checkpoint(path, {"controller": controller}, expect=identity(ctx))
+    load_checkpoint(weights or path, {"metagraph": metagraph}, expect=identity(ctx))
     return ctx.prepare(metagraph), ctx.prepare(controller).eval()
 
 
-def measured_mean_ms(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                     policies: torch.Tensor, table: LatencyTable) -> float:
-    """Mean batch-1 latency over the images of ``policies``: the most used children timed end
-    to end, the rest predicted by the table."""
-    cfg = ctx.config.latency
+def candidate_weights(ctx: RunContext, path: Path) -> Path:
+    """The checkpoint whose meta-graph weights go with the controller of ``path``."""
+    if ctx.config.variants.metagraph == "own":
+        return path
+    return search_checkpoints(ctx.run_dir)[-1]
+
+
+def child_counts(policies: torch.Tensor, num_modules: int) -> dict[str, int]:
+    """{child string: images} for resolved policies, most used first."""
     counts = Counter(tuple(row.flatten().tolist()) for row in policies.to(torch.uint8))
-    ranked = [(ChildArchitecture.from_bits(bits, ctx.space.num_modules), n)
-              for bits, n in counts.most_common()]
-    timed = ranked[:ctx.config.variants.max_timed_children]
-    stats = measure_children(metagraph.cpu().eval(), controller.cpu(), [c for c, _ in timed],
+    return {str(ChildArchitecture.from_bits(bits, num_modules)): n
+            for bits, n in counts.most_common()}
+
+
+def measure_candidates(ctx: RunContext, table: LatencyTable, scored: list[dict]) -> None:
+    """Mean batch-1 latency of each candidate on its validation images, in place.
+
+    The children of all candidates are timed together, interleaved (controller plus the
+    materialised child), so a child two candidates share gets one time and drift on the machine
+    hits every candidate alike. Children beyond ``variants.max_timed_children`` (by images,
+    over all candidates) are predicted by the table.
+    """
+    cfg = ctx.config.latency
+    totals: Counter = Counter()
+    for c in scored:
+        totals.update(c["children"])
+    timed = [name for name, _ in totals.most_common(ctx.config.variants.max_timed_children)]
+    metagraph = MetaGraph(ctx.space).eval()  # timing does not depend on the weights
+    controller = Controller(ctx.space.input_channels, ctx.space.num_cells,
+                            ctx.space.num_modules, ctx.config.controller_spec()).eval()
+    children = {n: ChildArchitecture.from_string(n, ctx.space.num_modules) for n in totals}
+    stats = measure_children(metagraph, controller, [children[n] for n in timed],
                              threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
                              seed=ctx.config.seed)
-    total = sum(stats[str(c)].median_ms * n for c, n in timed)
-    total += sum(predicted_ms(table, metagraph, c) * n for c, n in ranked[len(timed):])
-    return total / len(policies)
+    for c in scored:
+        total = sum(n * (stats[name].median_ms if name in stats
+                         else predicted_ms(table, metagraph, children[name]))
+                    for name, n in c["children"].items())
+        c["val_latency_ms"] = total / sum(c["children"].values())
+        c["timed_share"] = sum(n for name, n in c["children"].items() if name in stats) \
+            / sum(c["children"].values())
+
+
+def score_candidate(ctx: RunContext, table: LatencyTable, path: Path, index: int) -> dict:
+    """Validation accuracy of one candidate, after ``variants.score_epochs`` of fine-tuning."""
+    weights = candidate_weights(ctx, path)
+    metagraph, controller = load_candidate(ctx, path, weights)
+    policy = greedy_of(controller)
+    epochs = ctx.config.variants.score_epochs
+    if epochs:
+        quick_finetune(ctx, metagraph, policy, epochs, stage=f"variants/score-{path.stem}")
+    calibrate(ctx, metagraph, policy, purpose="variants/recalibrate", epoch=index)
+    stats, policies = evaluate_policies(ctx, metagraph, policy, table, ctx.data.val)
+    log.info("candidate %s: val accuracy %.4f after %d fine-tuning epoch(s), %.3f ms table, "
+             "%d children", path.stem, stats.accuracy, epochs, stats.total_ms,
+             stats.distinct_children)
+    return {"name": path.stem, "checkpoint": str(path.relative_to(ctx.run_dir)),
+            "weights": str(weights.relative_to(ctx.run_dir)), "score_epochs": epochs,
+            "val_accuracy": stats.accuracy, "val_table_ms": stats.total_ms,
+            "distinct_children": stats.distinct_children,
+            "mean_active_modules": stats.mean_active_modules,
+            "children": child_counts(policies, ctx.space.num_modules)}
+
+
+def quick_finetune(ctx: RunContext, metagraph: MetaGraph, policy: PolicyFn, epochs: int, *,
+                   stage: str) -> None:
+    """The first ``epochs`` of the fine-tuning schedule, for scoring only (nothing is saved)."""
+    cfg = ctx.config.finetune
+    optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
+
+    def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
+        with torch.no_grad():
+            chosen = policy(images)
+        return metagraph(images, chosen)
+
+    metagraph.train()
+    for epoch in range(epochs):
+        supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr, lr_factor=cosine, epoch=epoch,
+                         epochs=max(cfg.epochs, epochs), batch_size=cfg.batch_size, stage=stage)
 
 
 def score_candidates(ctx: RunContext, table: LatencyTable) -> list[dict]:
-    """Validation accuracy and measured latency of every search checkpoint."""
-    scored = []
+    """Validation accuracy and measured latency of every search checkpoint; the Pareto front.
+
+    Each candidate's score is kept as soon as it is known, so an interrupted stage resumes
+    with the next candidate.
+    """
+    partial = ctx.run_dir / "variants" / "scores_partial.json"
+    scored = json.loads(partial.read_text()) if partial.exists() and ctx.resume else []
+    done = {c["checkpoint"] for c in scored}
     for index, path in enumerate(search_checkpoints(ctx.run_dir)):
-        metagraph, controller = load_candidate(ctx, path)
-        policy = greedy_of(controller)
-        calibrate(ctx, metagraph, policy, purpose="variants/recalibrate", epoch=index)
-        stats, policies = evaluate_policies(ctx, metagraph, policy, table, ctx.data.val)
-        latency = measured_mean_ms(ctx, metagraph, controller, policies, table)
-        scored.append({"name": path.stem, "checkpoint": str(path.relative_to(ctx.run_dir)),
-                       "val_accuracy": stats.accuracy, "val_latency_ms": latency,
-                       "val_table_ms": stats.total_ms,
-                       "distinct_children": stats.distinct_children,
-                       "mean_active_modules": stats.mean_active_modules})
-        log.info("candidate %s: val accuracy %.4f, %.3f ms measured (%.3f table), %d children",
-                 path.stem, stats.accuracy, latency, stats.total_ms, stats.distinct_children)
+        if str(path.relative_to(ctx.run_dir)) in done:
+            continue
+        scored.append(score_candidate(ctx, table, path, index))
+        write_json(partial, scored)
+        stop_if_requested(f"scoring candidate {path.stem}")
+    measure_candidates(ctx, table, scored)
     points = [(c["val_latency_ms"], c["val_accuracy"]) for c in scored]
     front = set(pareto_front(points))
     picked = pick_spread(points, sorted(front), ctx.config.variants.count)
     for i, c in enumerate(scored):
         c["pareto"] = i in front
         c["variant"] = string.ascii_uppercase[picked.index(i)] if i in picked else None
+        log.info("candidate %s: val accuracy %.4f, %.3f ms measured%s", c["name"],
+                 c["val_accuracy"], c["val_latency_ms"],
+                 f", variant {c['variant']}" if c["variant"] else "")
     return scored
 
 
@@ -121,20 +198,23 @@ def build_variants(ctx: RunContext, table: LatencyTable) -> dict:
     else:
         candidates = score_candidates(ctx, table)
         write_json(scores_path, {"candidates": candidates})
+        (ctx.run_dir / "variants" / "scores_partial.json").unlink(missing_ok=True)
     selected = json.loads((ctx.run_dir / "search" / "selected.json").read_text())["chosen"]
     chosen = {c["variant"]: c for c in candidates if c["variant"]}
     for letter, candidate in sorted(chosen.items()):
         output = variant_path(ctx, letter)
         if output.exists():
             continue
-        if candidate["checkpoint"] == selected["checkpoint"] and \
+        if candidate["checkpoint"] == selected["checkpoint"] == candidate["weights"] and \
                 stage_path(ctx, "finetune").exists():
             # The main model started from this very checkpoint: same start, same result.
             log.info("variant %s is the main model's checkpoint; reusing its fine-tuning", letter)
             atomic_copy(stage_path(ctx, "finetune"), output)
             continue
-        log.info("fine-tuning variant %s from %s", letter, candidate["checkpoint"])
-        metagraph, controller = load_candidate(ctx, ctx.run_dir / candidate["checkpoint"])
+        log.info("fine-tuning variant %s: controller of %s, meta-graph of %s", letter,
+                 candidate["checkpoint"], candidate["weights"])
+        metagraph, controller = load_candidate(ctx, ctx.run_dir / candidate["checkpoint"],
+                                               ctx.run_dir / candidate["weights"])
         finetune(ctx, metagraph, controller, table, stage=f"variants/{letter}", output=output)
     summary = {letter: {**c, "model": str(variant_path(ctx, letter).relative_to(ctx.run_dir))}
                for letter, c in sorted(chosen.items())}
