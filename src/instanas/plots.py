@@ -335,36 +335,56 @@ def plot_policy_projection(results: Mapping, per_image: PerImage) -> Figure:
 def plot_gallery(results: Mapping, per_image: PerImage) -> Figure:
     images, costs = per_image["gallery_images"], per_image["gallery_ms"]
     index = per_image.get("gallery_index")
+    expected = gallery_expected_ms(results, per_image)
     names = class_names(results, per_image)
     classes, _, k = images.shape[:3]
-    figure = _new_figure(2 * k * 1.05 + 1.6, classes * 1.15 + 0.9)
-    halves = figure.subfigures(1, 2, wspace=0.04)
+    figure = _new_figure(2 * k * 1.05 + 1.6, classes * 1.15 + 1.2)
+    gallery, note = figure.subfigures(2, 1, height_ratios=[classes * 1.15 + 0.9, 0.3])
+    how = ("ordered by the table latency of each image's child, ties by the controller's "
+           "expected latency (sum of module probability x module ms, fixed costs included)")
+    if expected is not None:
+        how += "; labels: child ms | expected ms"
+    note.text(0.5, 0.5, how, ha="center", va="center", fontsize=8)
+    halves = gallery.subfigures(1, 2, wspace=0.04)
     for side, (half, title) in enumerate(zip(halves, ("cheapest", "most expensive"))):
-        half.suptitle(f"{title} {k} per class (predicted ms)", fontsize=11, fontweight="bold")
+        half.suptitle(f"{title} {k} per class", fontsize=11, fontweight="bold")
         axes = np.asarray(half.subplots(classes, k, squeeze=False))
         for row in range(classes):
             for col in range(k):
-                empty = index is not None and index[row, side, col] < 0
-                _draw_thumbnail(axes[row, col], images[row, side, col],
-                                None if empty else float(costs[row, side, col]))
+                empty = (index is not None and index[row, side, col] < 0) \
+                    or not np.isfinite(costs[row, side, col])
+                label = None if empty else f"{float(costs[row, side, col]):.2f}"
+                if label and expected is not None:
+                    label += f" | {float(expected[row, side, col]):.2f}"
+                _draw_thumbnail(axes[row, col], images[row, side, col], label)
             # Labelled on both halves: equal margins keep the two halves' rows aligned.
             axes[row, 0].set_ylabel(names[row], rotation=0, ha="right", va="center",
                                     fontsize=9)
     return figure
 
 
-def _draw_thumbnail(ax: Axes, image: np.ndarray, ms: float | None) -> None:
+def gallery_expected_ms(results: Mapping, per_image: PerImage) -> np.ndarray | None:
+    """The controller's expected latency of each gallery image, fixed costs included."""
+    if "expected_ms" not in per_image or "gallery_index" not in per_image:
+        return None
+    fixed = results.get("latency_table") or {}
+    extra = sum(float(fixed.get(k, 0.0)) for k in ("stem_ms", "head_ms", "controller_ms"))
+    index = per_image["gallery_index"]
+    return per_image["expected_ms"][np.maximum(index, 0)] + extra
+
+
+def _draw_thumbnail(ax: Axes, image: np.ndarray, label: str | None) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
-    if ms is None or not math.isfinite(ms):
+    if label is None:
         return  # a class with fewer test images than gallery slots
     if image.shape[0] == 1:
         ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
     else:
         ax.imshow(np.transpose(image, (1, 2, 0)))
-    ax.set_title(f"{ms:.2f} ms", fontsize=8)
+    ax.set_title(label, fontsize=7)
 
 
 def module_use(per_image: PerImage, classes: int) -> np.ndarray:
