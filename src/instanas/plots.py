@@ -241,6 +241,8 @@ def _reference_lines(results: Mapping, field: str) -> list[tuple[str, float]]:
     for name, model in sorted_models(results["models"]):
         if model_kind(name, model) in ("instanas", "variant"):
             continue
+        if field == "mean" and is_bound(model):
+            continue  # a table prediction has no place among measured means
         value = mean_latency(model) if field == "mean" else model.get(field)
         if _finite(value):
             lines.append((name, float(value)))
@@ -250,11 +252,21 @@ def _reference_lines(results: Mapping, field: str) -> list[tuple[str, float]]:
 def _draw_histogram(ax: Axes, series: list[tuple[str, np.ndarray]],
                     lines: list[tuple[str, float]]) -> None:
     values = [v[np.isfinite(v)] for _, v in series]
-    # Bins span the reference lines too, so a baseline far from the data is still in view.
+    # Bins span the reference lines too, so a baseline far from the data is still in view; a
+    # few timing outliers (an interrupt, a page fault) would squeeze the rest into one bin, so
+    # the range stops at the 99.5th percentile and the cut images are counted in the legend.
     marks = np.array([ms for _, ms in lines])
-    edges = np.histogram_bin_edges(np.concatenate(values + [marks]), bins=40)
+    data_all = np.concatenate(values)
+    top = max(float(np.percentile(data_all, 99.5)) if data_all.size else 0.0,
+              float(marks.max()) if marks.size else 0.0)
+    low = min(float(data_all.min()) if data_all.size else top,
+              float(marks.min()) if marks.size else top)
+    edges = np.histogram_bin_edges(np.concatenate(values + [marks]), bins=40,
+                                   range=(low, top) if top > low else None)
     for (label, _), data in zip(series, values):
-        ax.hist(data, bins=edges, alpha=0.6, label=f"{label} ({data.size} images)")
+        beyond = int((data > edges[-1]).sum())
+        note = f", {beyond} beyond {edges[-1]:.1f} ms not shown" if beyond else ""
+        ax.hist(data, bins=edges, alpha=0.6, label=f"{label} ({data.size} images{note})")
     styles = ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))
     for i, (name, ms) in enumerate(lines):
         ax.axvline(ms, color=f"C{(i + 2) % 10}", linestyle=styles[i % len(styles)],
