@@ -110,7 +110,7 @@ def evaluate_instanas(ctx: RunContext, metagraph: MetaGraph, controller: Control
     predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval())
     correct, policies = instanas_test_pass(ctx, predictor)
     flops = flops_table.per_image(policies)
-    return Evaluated(kind, float(correct.float().mean()), predictor.logits_one,
+    return Evaluated(kind, int(correct.sum()) / len(correct), predictor.logits_one,
                      policy_entry(policies, table, flops, include_controller=True),
                      policies, correct)
 
@@ -165,7 +165,7 @@ def evaluate_random_policy(ctx: RunContext, metagraph: MetaGraph, rate: float,
     flops = flops_table.per_image(policies, include_controller=False)
     entry = policy_entry(policies, table, flops, include_controller=False)
     entry["selection_rate"] = rate
-    return Evaluated("random-policy", float(correct.float().mean()),
+    return Evaluated("random-policy", int(correct.sum()) / len(correct),
                      RandomChildRunner(graph, policies), entry, policies, correct)
 
 
@@ -203,7 +203,7 @@ def oracle(ctx: RunContext, metagraph: MetaGraph, controller: Controller, table:
         costs.append(cost)
         solved.append(ok)
     costs_ms = torch.cat(costs)
-    return {"kind": "oracle", "test_accuracy": float(torch.cat(solved).float().mean()),
+    return {"kind": "oracle", "test_accuracy": int(torch.cat(solved).sum()) / len(ctx.data.test),
             "latency_ms": latency_summary(costs_ms.tolist()), "latency_source": "table",
             "table_latency_ms": float(costs_ms.mean()), "children_sampled": samples}
 
