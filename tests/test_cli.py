@@ -145,8 +145,13 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
         assert (run / name).exists(), name
     lines = (run / "metrics.jsonl").read_text().splitlines()
     stages = {json.loads(line)["stage"] for line in lines}
-    assert {"baseline", "pretrain", "search", "finetune", "random-policy", "variants/A",
+    assert {"baseline", "pretrain", "search", "finetune", "random-policy",
             "baseline/min-net", "baseline/mbv2-0.5x"} <= stages
+    # Each variant was fine-tuned, unless it is the main model's own start (then reused).
+    selected = json.loads((run / "search" / "selected.json").read_text())["chosen"]
+    for letter, variant in json.loads((run / "variants" / "variants.json").read_text()).items():
+        reused = variant["checkpoint"] == selected["checkpoint"] == variant["weights"]
+        assert reused or f"variants/{letter}" in stages, letter
 
     # The result loads in Python and predicts.
     import torch
