@@ -39,8 +39,9 @@ _PLOT_CAPTIONS = {
                              "against the baselines' means.",
     "policy_projection.png": "2-D projection of the per-image policies, coloured by the "
                              "predicted latency of each image's child.",
-    "gallery.png": "The cheapest and the most expensive test images of each class, by the "
-                   "predicted latency of their child.",
+    "gallery.png": "The cheapest and the most expensive test images of each class: ordered by "
+                   "the table latency of their child, ties by the controller's expected "
+                   "latency.",
     "module_use.png": "Share of each class's test images whose child runs each module.",
 }
 
@@ -243,7 +244,8 @@ def _models_table(results: Mapping) -> Table:
                      _fixed(m.get("table_latency_ms"), 4), _fixed(m.get("flops"), 3, 1e-6),
                      str(m.get("distinct_children", "–")),
                      _fixed(m.get("mean_active_modules"), 2),
-                     *(_fixed(m.get(key), 4) for key in extra)))
+                     *(str(m[key]) if isinstance(m.get(key), int) and not isinstance(m[key], bool)
+                       else _fixed(m.get(key), 4) for key in extra)))
     return Table(header, rows)
 
 
