@@ -15,7 +15,6 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config_file, to_yaml
-from .controller import Controller
 from .data import load_dataset
 from .evaluate import (
     evaluate,
@@ -41,7 +40,7 @@ from .latency_check import (
     random_children,
     validate_table,
 )
-from .metagraph import ChildNetwork, MetaGraph, build_mbv2_baseline, mobilenetv2_path
+from .metagraph import ChildNetwork, build_mbv2_baseline, mobilenetv2_path
 from .report import write_report, write_results_markdown
 from .stages.baseline import reference_networks, reference_path, train_baseline, train_references
 from .stages.common import (
@@ -49,6 +48,7 @@ from .stages.common import (
     STAGE_FILES,
     identity,
     load_stage,
+    new_models,
     require_previous,
     stage_path,
     verify_output,
@@ -189,13 +189,6 @@ def _log_to_file(run_dir: Path) -> None:
     logger.addHandler(handler)
 
 
-def new_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:
-    metagraph = MetaGraph(ctx.space)
-    controller = Controller(ctx.space.input_channels, ctx.space.num_cells, ctx.space.num_modules,
-                            ctx.config.controller_spec())
-    return metagraph, controller
-
-
 def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
     """The run's table: reused from the run directory or the per-device cache when it fits.
 
@@ -265,17 +258,14 @@ def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
         table = latency_table(ctx)
         with stop_after_epoch():
             search(ctx, metagraph, controller, table)
-    elif stage == "finetune":
+    elif stage in ("finetune", "random-policy"):
+        # Both start from the searched meta-graph and controller.
         metagraph, controller = new_models(ctx)
         load_stage(ctx, "search", {"metagraph": metagraph, "controller": controller})
+        train = finetune if stage == "finetune" else train_random_policy
         table = latency_table(ctx)
         with stop_after_epoch():
-            finetune(ctx, metagraph, controller, table)
-    elif stage == "random-policy":
-        metagraph, controller = new_models(ctx)
-        load_stage(ctx, "search", {"metagraph": metagraph, "controller": controller})
-        with stop_after_epoch():
-            train_random_policy(ctx, metagraph, controller, latency_table(ctx))
+            train(ctx, metagraph, controller, table)
     elif stage == "variants":
         table = latency_table(ctx)
         with stop_after_epoch():

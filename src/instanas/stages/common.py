@@ -14,6 +14,8 @@ from ..checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from ..controller import Controller
+from ..metagraph import MetaGraph
 from ..training import RunContext
 
 STAGE_FILES = {
@@ -27,6 +29,14 @@ STAGE_FILES = {
 }
 PREVIOUS = {"search": ("pretrain",), "finetune": ("search",), "random-policy": ("search",),
             "variants": ("search",), "evaluate": ("finetune", "baseline")}
+
+
+def new_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:
+    """An untrained meta-graph and controller of this run's space and controller shape."""
+    metagraph = MetaGraph(ctx.space)
+    controller = Controller(ctx.space.input_channels, ctx.space.num_cells, ctx.space.num_modules,
+                            ctx.config.controller_spec())
+    return metagraph, controller
 
 
 def stage_path(ctx: RunContext, stage: str) -> Path:

@@ -6,6 +6,7 @@ The same loop trains the random-policy baseline: only the policy function differ
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -31,6 +32,16 @@ def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                               extra_modules={"controller": controller})
 
 
+def policy_forward(metagraph: MetaGraph, policy_fn: PolicyFn
+                   ) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The training forward: logits under the policies ``policy_fn`` picks (no gradient)."""
+    def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
+        with torch.no_grad():
+            policy = policy_fn(images)
+        return metagraph(images, policy)
+    return forward
+
+
 def train_under_policy(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn,
                        table: LatencyTable, *, stage: str, output: Path,
                        extra_modules: dict[str, torch.nn.Module] | None = None,
@@ -40,11 +51,7 @@ def train_under_policy(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyF
     cfg = ctx.config.finetune
     metagraph = ctx.prepare(metagraph)
     optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
-
-    def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
-        with torch.no_grad():
-            policy = policy_fn(images)
-        return metagraph(images, policy)
+    forward = policy_forward(metagraph, policy_fn)
 
     # ``generators``: random streams the policy draws from, restored on resume.
     checkpoints = EpochCheckpoints(ctx, stage, {"metagraph": metagraph}, {"sgd": optimizer},

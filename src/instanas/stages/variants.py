@@ -33,8 +33,8 @@ from ..metagraph import MetaGraph
 from ..space import ChildArchitecture
 from ..training import RunContext, cosine, sgd, supervised_epoch
 from ..utils import atomic_copy, write_json
-from .common import identity, stage_path
-from .finetune import finetune
+from .common import identity, new_models, stage_path
+from .finetune import finetune, policy_forward
 from .resume import stop_if_requested
 from .search import PolicyFn, calibrate, evaluate_policies, greedy_of, search_checkpoints
 
@@ -69,9 +69,7 @@ def pick_spread(points: list[tuple[float, float]], front: list[int], count: int)
 def load_candidate(ctx: RunContext, path: Path, weights: Path | None = None
                    ) -> tuple[MetaGraph, Controller]:
     """Controller of checkpoint ``path``, meta-graph of ``weights`` (default: the same file)."""
-    metagraph = MetaGraph(ctx.space)
-    controller = Controller(ctx.space.input_channels, ctx.space.num_cells, ctx.space.num_modules,
-                            ctx.config.controller_spec())
+    metagraph, controller = new_models(ctx)
     load_checkpoint(path, {"controller": controller}, expect=identity(ctx))
     load_checkpoint(weights or path, {"metagraph": metagraph}, expect=identity(ctx))
     return ctx.prepare(metagraph), ctx.prepare(controller).eval()
@@ -104,9 +102,9 @@ def measure_candidates(ctx: RunContext, table: LatencyTable, scored: list[dict])
     for c in scored:
         totals.update(c["children"])
     timed = [name for name, _ in totals.most_common(ctx.config.variants.max_timed_children)]
-    metagraph = MetaGraph(ctx.space).eval()  # timing does not depend on the weights
-    controller = Controller(ctx.space.input_channels, ctx.space.num_cells,
-                            ctx.space.num_modules, ctx.config.controller_spec()).eval()
+    metagraph, controller = new_models(ctx)  # timing does not depend on the weights
+    metagraph.eval()
+    controller.eval()
     children = {n: ChildArchitecture.from_string(n, ctx.space.num_modules) for n in totals}
     stats = measure_children(metagraph, controller, [children[n] for n in timed],
                              threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
@@ -146,12 +144,7 @@ def quick_finetune(ctx: RunContext, metagraph: MetaGraph, policy: PolicyFn, epoc
     """The first ``epochs`` of the fine-tuning schedule, for scoring only (nothing is saved)."""
     cfg = ctx.config.finetune
     optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
-
-    def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
-        with torch.no_grad():
-            chosen = policy(images)
-        return metagraph(images, chosen)
-
+    forward = policy_forward(metagraph, policy)
     metagraph.train()
     for epoch in range(epochs):
         supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr, lr_factor=cosine, epoch=epoch,
