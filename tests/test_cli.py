@@ -124,6 +124,9 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
             assert model["flops"] > 0 and model["latency_source"] == "measured"
         # The table covers the run's own space; other widths are only measured.
         assert ("table_latency_ms" in model) == (model.get("width", 1.0) == 1.0), name
+    # An empty child still runs the forced defaults: more than stem and head alone.
+    fixed = results["latency_table"]["stem_ms"] + results["latency_table"]["head_ms"]
+    assert models["min-net"]["table_latency_ms"] > fixed * 1.01
     widths = [models[f"mbv2-{w}"]["flops"] for w in ("0.5x", "0.75x", "path", "1.4x")]
     assert widths == sorted(widths) and widths[0] < widths[-1]
     assert models["instanas"]["distinct_children"] >= 1

@@ -127,7 +127,9 @@ def evaluate_static(ctx: RunContext, network: ChildNetwork, table: LatencyTable,
     if width is not None:
         entry["width"] = width
     if space == ctx.space:
-        policy = network.child.to_policy().unsqueeze(0)
+        # The cells it really runs: an empty child still runs the forced defaults.
+        resolved = ChildArchitecture(network.cell_modules, space.num_modules)
+        policy = resolved.to_policy().unsqueeze(0)
         entry["table_latency_ms"] = float(table.cells_ms(policy)[0]) + \
             table.fixed_ms(include_controller=False)
     return Evaluated(kind, baseline_test_accuracy(ctx, deployed), deployed, entry)
