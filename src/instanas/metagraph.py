@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .ops import ConvBNAct, build_candidate, fold_batchnorm
-from .rows import gather_rows, memory_layout, scatter_add_rows
+from .rows import gather_row_sets, sum_row_sets
 from .space import MBV2_MODULE, CellSpec, ChildArchitecture, SearchSpace, apply_empty_cell_rule
 
 
@@ -39,25 +39,23 @@ class Cell(nn.Module):
                        counts: list[int]) -> torch.Tensor:
         """``policy`` bool [B, modules] already resolved by the empty-cell rule."""
         batch = x.shape[0]
-        layout = memory_layout(x)
         out: torch.Tensor | None = None
         if not self.spec.forced_default:
             empty = ~policy.any(dim=1)
             if bool(empty.any()):
                 out = x * empty.view(-1, 1, 1, 1).to(x.dtype)
+        partial: list[int] = []
         for m, count in enumerate(counts):
-            if count == 0:
-                continue
-            module = self.candidates[m]
-            if count == batch:
-                y = module(x)
+            if count == batch:  # every row: no gather, no scatter
+                y = self.candidates[m](x)
                 out = y if out is None else out + y
-                continue
-            rows = policy[:, m].nonzero().squeeze(1)
-            y = module(gather_rows(x, rows))
-            if out is None:
-                out = y.new_zeros((batch, *y.shape[1:])).contiguous(memory_format=layout)
-            out = scatter_add_rows(out, rows, y)
+            elif count > 0:  # a module no row selects does not run
+                partial.append(m)
+        if partial:
+            row_sets = [policy[:, m].nonzero().squeeze(1) for m in partial]
+            inputs = gather_row_sets(x, row_sets)
+            outputs = [self.candidates[m](rows_in) for m, rows_in in zip(partial, inputs)]
+            out = sum_row_sets(out, batch, row_sets, outputs)
         assert out is not None, "resolved policies never leave a shape-changing cell empty"
         return out
 
@@ -138,16 +136,11 @@ class MetaGraph(nn.Module):
         children, group_of = torch.unique(policy.flatten(1), dim=0, return_inverse=True)
         if len(children) == 1:
             return self.run_cells(x, ChildArchitecture.from_policy(policy[0]).cells)
-        out: torch.Tensor | None = None
-        for g, child in enumerate(children.view(-1, *policy.shape[1:])):
-            rows = (group_of == g).nonzero().squeeze(1)
-            cells = ChildArchitecture.from_policy(child).cells
-            y = self.run_cells(gather_rows(x, rows), cells)
-            if out is None:
-                out = y.new_zeros((x.shape[0], *y.shape[1:])).contiguous(
-                    memory_format=memory_layout(y))
-            out = scatter_add_rows(out, rows, y)
-        return out
+        row_sets = [(group_of == g).nonzero().squeeze(1) for g in range(len(children))]
+        outputs = [self.run_cells(rows_in, ChildArchitecture.from_policy(child).cells)
+                   for rows_in, child in zip(gather_row_sets(x, row_sets),
+                                             children.view(-1, *policy.shape[1:]))]
+        return sum_row_sets(None, x.shape[0], row_sets, outputs)
 
     def run_cells(self, x: torch.Tensor, cells: tuple[tuple[int, ...], ...]) -> torch.Tensor:
         """The cell stack with the same resolved module set per cell for the whole batch."""

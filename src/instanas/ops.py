@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from .smallconv import conv2d
 from .space import CandidateModule
 
 
@@ -22,7 +23,7 @@ class ConvBNAct(nn.Module):
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv(x))
+        x = self.bn(conv2d(self.conv, x))
         return torch.relu(x) if self.relu else x
 
     def fused(self) -> nn.Module:

@@ -1,13 +1,20 @@
-"""Row gather and scatter-add that keep the memory layout, forwards and backwards.
+"""Row gathers and scatter-adds for sparse execution, one autograd node per cell.
 
-``index_select`` and ``index_add`` return NCHW tensors even for channels-last inputs, and their
-autograd backward passes do the same. oneDNN then converts layouts around every convolution and
-picks slower kernels (measured: a depthwise backward took 3x longer with an NCHW gradient). These
-two autograd functions are the only way the sparse meta-graph moves rows between the batch and a
-module, so every tensor a module sees, in either direction, has the batch's layout.
+A cell hands each selected module the rows that chose it and sums the modules' outputs back into
+the batch. Doing that per module (``x[rows]``, ``out.index_add``) costs a full-batch zero
+gradient per module in the backward pass, which autograd then adds up, and a copy of the output
+per module in the forward pass. Here one function gathers all of a cell's row sets and one sums
+them back, each with a single full-batch buffer in either direction.
+
+Every tensor keeps the batch's memory layout (channels-last included), forwards and backwards:
+``index_select`` and ``index_add`` return NCHW even for channels-last input, and oneDNN then
+converts layouts around every convolution and picks slower kernels (measured: a depthwise
+backward took 3x longer with an NCHW gradient).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -24,45 +31,67 @@ def _select(x: torch.Tensor, rows: torch.Tensor, layout: torch.memory_format) ->
     return x.index_select(0, rows).contiguous(memory_format=layout)
 
 
-def _scatter(target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return target.index_add_(0, rows, values.contiguous(memory_format=memory_layout(target)))
+def _zeros(shape: torch.Size, like: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    return like.new_zeros(shape).contiguous(memory_format=layout)
 
 
-class _GatherRows(torch.autograd.Function):
+def _add_rows(target: torch.Tensor, row_sets: Sequence[torch.Tensor],
+              values: Sequence[torch.Tensor]) -> torch.Tensor:
+    layout = memory_layout(target)
+    for rows, value in zip(row_sets, values):
+        target.index_add_(0, rows, value.contiguous(memory_format=layout))
+    return target
+
+
+class _GatherRowSets(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows)
-        ctx.batch_shape = x.shape
-        ctx.layout = memory_layout(x)
-        return _select(x, rows, ctx.layout)
+    def forward(ctx, x: torch.Tensor, *row_sets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(*row_sets)
+        ctx.batch_shape, ctx.layout = x.shape, memory_layout(x)
+        return tuple(_select(x, rows, ctx.layout) for rows in row_sets)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        row_sets = ctx.saved_tensors
+        used = [(rows, g) for rows, g in zip(row_sets, grads) if g is not None]
+        grad_x = None
+        if used:
+            grad_x = _zeros(ctx.batch_shape, used[0][1], ctx.layout)
+            _add_rows(grad_x, [r for r, _ in used], [g for _, g in used])
+        return (grad_x, *(None for _ in row_sets))
+
+
+class _SumRowSets(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, *pairs: torch.Tensor) -> torch.Tensor:
+        row_sets, values = pairs[0::2], pairs[1::2]
+        ctx.save_for_backward(*row_sets)
+        ctx.layouts = [memory_layout(v) for v in values]
+        return _add_rows(base.clone(memory_format=torch.preserve_format), row_sets, values)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (rows,) = ctx.saved_tensors
-        grad_x = grad.new_zeros(ctx.batch_shape).contiguous(memory_format=ctx.layout)
-        return _scatter(grad_x, rows, grad), None
+        grads: list[torch.Tensor | None] = [grad]
+        for rows, layout in zip(ctx.saved_tensors, ctx.layouts):
+            grads += [None, _select(grad, rows, layout)]
+        return tuple(grads)
 
 
-class _ScatterAddRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, target: torch.Tensor, rows: torch.Tensor,
-                values: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows)
-        ctx.layout = memory_layout(values)
-        return _scatter(target.clone(memory_format=torch.preserve_format), rows, values)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (rows,) = ctx.saved_tensors
-        return grad, None, _select(grad, rows, ctx.layout)
+def gather_row_sets(x: torch.Tensor,
+                    row_sets: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``x[rows]`` for each row set, in ``x``'s layout; one gradient buffer for all of them."""
+    return _GatherRowSets.apply(x, *row_sets)
 
 
-def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x[rows]`` in ``x``'s layout; the gradient is scattered back in the same layout."""
-    return _GatherRows.apply(x, rows)
+def sum_row_sets(base: torch.Tensor | None, batch: int, row_sets: Sequence[torch.Tensor],
+                 values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``base`` (zeros when None) plus each ``values[i]`` added at rows ``row_sets[i]``.
 
-
-def scatter_add_rows(target: torch.Tensor, rows: torch.Tensor,
-                     values: torch.Tensor) -> torch.Tensor:
-    """A copy of ``target`` with ``values`` added at ``rows``; gradients keep their layouts."""
-    return _ScatterAddRows.apply(target, rows, values)
+    ``base`` is not modified; the sum is a new tensor of ``batch`` rows in ``base``'s layout
+    (the first value's layout when there is no base).
+    """
+    if base is None:
+        base = _zeros(torch.Size((batch, *values[0].shape[1:])), values[0],
+                      memory_layout(values[0]))
+    pairs = [t for rows, value in zip(row_sets, values) for t in (rows, value)]
+    return _SumRowSets.apply(base, *pairs)

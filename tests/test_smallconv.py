@@ -1,0 +1,66 @@
+"""Tiny-map convolutions as matrix products equal F.conv2d, forwards and backwards."""
+
+import pytest
+import torch
+from torch import nn
+
+from instanas.config import load_preset
+from instanas.metagraph import MetaGraph
+from instanas.smallconv import conv2d, matrix_form
+
+CASES = [  # in, out, kernel, stride, groups, map side
+    (40, 240, 1, 1, 1, 2), (16, 8, 1, 1, 1, 4),
+    (8, 8, 3, 1, 1, 2), (8, 16, 3, 2, 1, 4), (6, 5, 3, 1, 1, 3), (4, 4, 5, 1, 1, 2),
+    (12, 12, 3, 1, 12, 2), (12, 12, 5, 1, 12, 2), (12, 12, 3, 2, 12, 2), (6, 6, 5, 1, 6, 1),
+]
+
+
+@pytest.mark.parametrize("cin,cout,kernel,stride,groups,side", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matrix_form_equals_conv2d(cin, cout, kernel, stride, groups, side, channels_last, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias).double()
+    assert matrix_form(conv, side, side) is not None
+    x = torch.randn(5, cin, side, side, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = None
+    outs, grads = [], []
+    for fn in (conv, lambda t: conv2d(conv, t)):
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        grad_out = torch.randn_like(y) if grad_out is None else grad_out
+        conv.zero_grad()
+        y.backward(grad_out)
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad.clone() for p in conv.parameters()])
+    assert outs[0].shape == outs[1].shape
+    assert torch.allclose(outs[0], outs[1], atol=1e-10)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_large_maps_and_depthwise_on_4x4_keep_onednn():
+    assert matrix_form(nn.Conv2d(8, 8, 3, padding=1), 7, 7) is None
+    assert matrix_form(nn.Conv2d(8, 8, 1), 7, 7) is None
+    assert matrix_form(nn.Conv2d(8, 8, 3, padding=1, groups=8), 4, 4) is None
+    assert matrix_form(nn.Conv2d(8, 8, 3, padding=1, dilation=2), 2, 2) is None
+    assert matrix_form(nn.Conv2d(8, 16, 3, padding=1, groups=4), 2, 2) is None
+
+
+def test_fashion_preset_cells_on_2x2_maps_never_call_onednn(monkeypatch):
+    """The small cells of the shipped preset run as matrix products in training."""
+    space = load_preset("fashion-cpu").search_space(1, 28, 10)
+    graph = MetaGraph(space).train()
+    sides = []
+    original = nn.Conv2d.forward
+
+    def counting(self, x):
+        sides.append(x.shape[-1])
+        return original(self, x)
+
+    monkeypatch.setattr(nn.Conv2d, "forward", counting)
+    graph(torch.randn(8, 1, 28, 28), torch.ones(8, space.num_cells, space.num_modules,
+                                                 dtype=torch.bool)).sum().backward()
+    assert sides and min(sides) >= 4  # every convolution on 2x2 maps took a matrix form
