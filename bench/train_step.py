@@ -2,9 +2,13 @@
 
     .venv/bin/python bench/train_step.py [--steps 12] [--batch 256] [--preset fashion-cpu]
 
-For each policy density, both paths train the same meta-graph on the same random batch with a
-fresh random policy every step (as in search), alternating step by step, and the median step
-times are compared. Prints the machine, thread count and sparse/dense speed ratios.
+For each policy density, the paths train the same meta-graph on the same random batch with a
+fresh random policy every step (as in search), in rotating order step by step, and the median
+step times are compared. Prints the machine, thread count and the speed ratios. The optimiser is
+the stages' own (SGD, Nesterov momentum, weight decay, foreach).
+
+``sparse-onednn`` is the sparse path with every convolution through oneDNN (the tiny-map matrix
+forms of ``instanas.smallconv`` switched off), to show what those contribute.
 
 The last column is a floor no execution strategy of this network can beat: a step of the whole
 meta-graph on ``density * batch`` images (every module, no gathers), i.e. the work of the selected
@@ -15,6 +19,7 @@ dominated by per-operator costs that do not shrink with the number of rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -24,6 +29,10 @@ import torch.nn.functional as F
 from instanas.config import load_preset
 from instanas.latency import processor_name
 from instanas.metagraph import MetaGraph
+from instanas.smallconv import disabled
+from instanas.training import sgd
+
+PATHS = ("sparse", "dense", "sparse-onednn", "floor")
 
 
 def step_time(graph: MetaGraph, optimizer, x, y, policy, execution: str) -> float:
@@ -46,31 +55,34 @@ def main() -> None:
     config = load_preset(args.preset)
     space = config.search_space(1, 28, 10)
     graph = MetaGraph(space).to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(graph.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = sgd(graph.parameters(), lr=1e-3, weight_decay=5e-4)
     x = torch.randn(args.batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,))
     shape = (args.batch, space.num_cells, space.num_modules)
     print(f"machine: {processor_name()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, preset {args.preset}, batch {args.batch}")
-    print(f"{'density':>8} {'sparse ms':>10} {'dense ms':>10} {'dense/sparse':>13} "
-          f"{'floor ms':>9} {'dense/floor':>12}")
+    print(f"{'density':>8} {'sparse ms':>10} {'dense ms':>9} {'dense/sparse':>13} "
+          f"{'sparse-onednn ms':>17} {'onednn/sparse':>14} {'floor ms':>9} {'dense/floor':>12}")
     for density in (1.0, 0.5, 0.25):
         rows = max(1, round(density * args.batch))
         every = torch.ones(shape, dtype=torch.bool)
-        times = {"sparse": [], "dense": [], "floor": []}
+        times: dict[str, list[float]] = {name: [] for name in PATHS}
         for i in range(args.steps + args.warmup):
             policy = torch.rand(shape) < density
-            runs = [("sparse", x, y, policy), ("dense", x, y, policy),
-                    ("floor", x[:rows], y[:rows], every[:rows])]
-            for name, xs, ys, ps in runs if i % 2 == 0 else runs[::-1]:
+            inputs = {"sparse": (x, y, policy), "dense": (x, y, policy),
+                      "sparse-onednn": (x, y, policy),
+                      "floor": (x[:rows], y[:rows], every[:rows])}
+            for name in PATHS[i % len(PATHS):] + PATHS[:i % len(PATHS)]:
                 execution = "dense" if name == "dense" else "sparse"
-                t = step_time(graph, optimizer, xs, ys, ps, execution)
+                with disabled() if name == "sparse-onednn" else contextlib.nullcontext():
+                    t = step_time(graph, optimizer, *inputs[name], execution)
                 if i >= args.warmup:  # the first steps build kernels
                     times[name].append(t)
-        sparse, dense, floor = (statistics.median(times[k]) * 1e3
-                                for k in ("sparse", "dense", "floor"))
-        print(f"{density:>8.2f} {sparse:>10.1f} {dense:>10.1f} {dense / sparse:>12.2f}x "
-              f"{floor:>9.1f} {dense / floor:>11.2f}x")
+        ms = {name: statistics.median(times[name]) * 1e3 for name in PATHS}
+        print(f"{density:>8.2f} {ms['sparse']:>10.1f} {ms['dense']:>9.1f} "
+              f"{ms['dense'] / ms['sparse']:>12.2f}x {ms['sparse-onednn']:>17.1f} "
+              f"{ms['sparse-onednn'] / ms['sparse']:>13.2f}x {ms['floor']:>9.1f} "
+              f"{ms['dense'] / ms['floor']:>11.2f}x")
 
 
 if __name__ == "__main__":

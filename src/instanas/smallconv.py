@@ -22,7 +22,9 @@ Results equal ``F.conv2d`` up to float rounding (tests).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,18 @@ from torch import nn
 MAX_POINTWISE_PIXELS = 16  # 1x1 convolutions as one matmul on maps of up to 4x4
 MAX_DENSE_PIXELS = 16      # k x k convolutions (groups 1) as one matmul on maps of up to 4x4
 MAX_DEPTHWISE_PIXELS = 4   # depthwise k x k as a per-channel product on maps of up to 2x2
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Every convolution through ``nn.Conv2d`` inside the block (benchmarks compare this)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
 
 
 def matrix_form(conv: nn.Conv2d, height: int, width: int) -> str | None:
@@ -49,7 +63,8 @@ def matrix_form(conv: nn.Conv2d, height: int, width: int) -> str | None:
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``, as a matrix product where that is faster (CPU, tiny maps)."""
-    form = matrix_form(conv, x.shape[2], x.shape[3]) if x.device.type == "cpu" else None
+    on_cpu = _enabled and x.device.type == "cpu"
+    form = matrix_form(conv, x.shape[2], x.shape[3]) if on_cpu else None
     if form is None:
         return conv(x)
     if form == "pointwise":
