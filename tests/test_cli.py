@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from instanas.cli import main
+from tiny_runs import snapshot
 
 TINY = ["--data.limit_train", "600", "--data.limit_test", "200", "--pretrain.epochs", "1",
         "--search.epochs", "1", "--finetune.epochs", "1", "--baseline.epochs", "1",
@@ -180,6 +181,17 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     with pytest.raises(CheckpointError, match="results.json is not valid JSON"):
         instanas.load(run)
     (run / "results.json").write_text(text)
+
+    # Resuming a finished run does nothing and rewrites nothing (the log gains its lines).
+    before = snapshot(run)
+    before.pop("log.txt")
+    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--resume", str(run),
+                           "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nothing to do" in proc.stdout
+    after = snapshot(run)
+    after.pop("log.txt")
+    assert after == before
 
     # The table is checked against whole children, the controller's among them.
     proc = subprocess.run([sys.executable, "-m", "instanas", "profile", "--output", str(run),

@@ -240,6 +240,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.command == "run":
         timings = run_all(ctx, resume=bool(resume))
+        if not timings and (run_dir / "results.md").exists():
+            # Resumed a finished run: nothing ran, so nothing is rewritten.
+            print(f"every stage of {run_dir} is finished; nothing to do "
+                  f"(`instanas report {run_dir}` redraws the plots and report)")
+            _print_summary(run_dir, {})
+            return 0
         timings["total"] = time.perf_counter() - start
         save_timings(run_dir, timings)
         results = finalize_results(ctx)

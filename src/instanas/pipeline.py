@@ -366,22 +366,29 @@ def save_timings(run_dir: Path, timings: dict[str, float]) -> None:
 
 
 def run_all(ctx: RunContext, resume: bool = False) -> dict[str, float]:
-    """Profile, then every stage in order; with ``resume`` the finished stages are skipped."""
+    """Profile, then every stage in order; with ``resume`` the finished stages are skipped.
+
+    On resume, evaluation runs again only when some stage ran (its numbers would be stale) or
+    when it never finished; a finished run is left as it is and the result has no stage times.
+    """
     timings: dict[str, float] = {}
     start = time.perf_counter()
     latency_table(ctx)
     timings["profile"] = time.perf_counter() - start
-    save_timings(ctx.run_dir, timings)
+    ran = False
     for stage in STAGES:
         if stage in OPTIONAL and not OPTIONAL[stage](ctx.config):
             log.info("%s switched off in the config, skipping", stage)
             continue
-        if resume and stage != "evaluate" and stage_path(ctx, stage).exists():
+        finished = stage_path(ctx, stage).exists() if stage != "evaluate" else \
+            not ran and (ctx.run_dir / "results.json").exists()
+        if resume and finished:
             log.info("%s already done, skipping", stage)
             continue
         run_stage(ctx, stage, timings)
         save_timings(ctx.run_dir, timings)
-    return timings
+        ran = True
+    return timings if ran else {}
 
 
 def finalize_results(ctx: RunContext) -> dict:
