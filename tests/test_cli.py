@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_runs import snapshot
 
 from instanas.cli import main
-from tiny_runs import snapshot
 
 TINY = ["--data.limit_train", "600", "--data.limit_test", "200", "--pretrain.epochs", "1",
         "--search.epochs", "1", "--finetune.epochs", "1", "--baseline.epochs", "1",

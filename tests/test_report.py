@@ -212,3 +212,15 @@ def test_cli_writes_both_reports(capsys, tmp_path):
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out.split()
     assert out == [str(run / "report.md"), str(run / "report.html")]
+
+
+def test_cli_interrupted_report_says_how_to_redo_it(capsys, tmp_path, monkeypatch):
+    run = _make_run(tmp_path, _results(), None)
+
+    def interrupted(run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("instanas.report.write_report", interrupted)
+    assert main(["report", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert f"instanas report {run}` again" in err and "--resume" not in err

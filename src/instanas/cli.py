@@ -181,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
                      "whole (every write is atomic): free space or fix permissions, then "
                      "continue with --resume RUN_DIR")
     except KeyboardInterrupt:
-        print("instanas: interrupted; finished stages and the last completed epoch are kept: "
-              "continue with --resume RUN_DIR", file=sys.stderr)
+        if args.command == "report":
+            print(f"instanas: interrupted; files already written are whole: run "
+                  f"`instanas report {args.run_dir}` again", file=sys.stderr)
+        else:
+            print("instanas: interrupted; finished stages and the last completed epoch are "
+                  "kept: continue with --resume RUN_DIR", file=sys.stderr)
         return 130
 
 
