@@ -1,6 +1,6 @@
 """Training-step time: sparse execution vs the dense masked reference, side by side.
 
-    .venv/bin/python bench/train_step.py [--steps 12] [--batch 256] [--preset fashion-cpu]
+    .venv/bin/python bench/train_step.py [--steps 16] [--batch 256] [--preset fashion-cpu]
 
 For each policy density, the paths train the same meta-graph on the same random batch with a
 fresh random policy every step (as in search), in rotating order step by step, and the median

@@ -248,12 +248,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             # Resumed a finished run: nothing ran, so nothing is rewritten.
             print(f"every stage of {run_dir} is finished; nothing to do "
                   f"(`instanas report {run_dir}` redraws the plots and report)")
-            _print_summary(run_dir, {})
+            _print_summary(run_dir)
             return 0
         timings["total"] = time.perf_counter() - start
         save_timings(run_dir, timings)
-        results = finalize_results(ctx)
-        _print_summary(run_dir, results)
+        finalize_results(ctx)
+        _print_summary(run_dir)
     elif args.command == "profile":
         table = latency_table(ctx, fresh=args.fresh)
         if args.table_out:
@@ -277,7 +277,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_stage(ctx, args.command, timings)
         save_timings(run_dir, timings)
         if args.command == "evaluate":
-            _print_summary(run_dir, finalize_results(ctx))
+            finalize_results(ctx)
+            _print_summary(run_dir)
     return 0
 
 
@@ -299,7 +300,7 @@ def check_stage_unfinished(run_dir: Path, stage: str, resume: bool) -> None:
                           f"{stage} --resume {run_dir}`")
 
 
-def _print_summary(run_dir: Path, results: dict) -> None:
+def _print_summary(run_dir: Path) -> None:
     print((run_dir / "results.md").read_text())
     print(f"run directory: {run_dir}")
 
