@@ -25,10 +25,11 @@ from .config import (
     preset_names,
 )
 from .data import DataError
+from .runtime import ExportError
 from .training import TrainingError
 
 log = logging.getLogger("instanas")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ExportError)
 RESUMABLE = ("pretrain", "search", "finetune", "baseline", "random-policy", "variants",
              "baselines")
 # Failures of the machine rather than the program: reported in one line, not a traceback.
@@ -56,6 +57,10 @@ DESCRIPTIONS = {
 # Not in DESCRIPTIONS: it reads a finished run and takes none of the run or config options.
 REPORT_HELP = ("plots, report.md and a self-contained report.html from a finished run "
                "(needs evaluate)")
+EXPORT_HELP = ("the BatchNorm-folded controller and every child it uses as ONNX or TorchScript, "
+               "with routing.json and manifest.json (needs finetune)")
+PREDICT_HELP = ("classify PNG/JPEG files and folders with a run directory or an export folder; "
+                "CSV of path, class, probability and child")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,7 +97,51 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the shipped presets")
     report = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
     report.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished run")
+    _add_export_parser(sub)
+    _add_predict_parser(sub)
     return parser
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run with finetune done")
+    p.add_argument("--model", default="instanas",
+                   help="instanas (the main model) or a variant letter A..E")
+    p.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--output", "-o", required=True, help="export folder (must not exist)")
+    p.add_argument("--children", type=int, default=None, metavar="K",
+                   help="export only the K children most used on the validation split "
+                        "(default: all); other policies run a fallback child (routing.json)")
+    p.add_argument("--validate", action="store_true",
+                   help="compare with the eager model on the test split (routing, "
+                        "predictions, logits) and time both at batch 1: validation.json")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for timing (default: the run's latency.threads)")
+    p.add_argument("--timed-images", type=int, default=1000,
+                   help="test images timed at batch 1 by --validate (0: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("target", metavar="RUN_DIR|EXPORT_DIR",
+                   help="a run directory (torch) or an export folder (onnxruntime)")
+    p.add_argument("paths", metavar="PATH", nargs="+",
+                   help="image files, or folders searched recursively for images")
+    p.add_argument("--output", "-o", default=None,
+                   help="CSV file to write (default: standard output)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+    p.add_argument("--model", default=None,
+                   help="with a run directory: instanas or a variant letter A..E")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the runtime's own choice)")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow a TorchScript export (loading TorchScript runs code stored in "
+                        "its files: only for exports you made)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_run_options(p: argparse.ArgumentParser, command: str) -> None:
@@ -171,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             return _report(Path(args.run_dir))
+        if args.command == "export":
+            return _export(args)
+        if args.command == "predict":
+            return _predict(args)
         return _dispatch(args)
     except USER_ERRORS as exc:
         return _fail(str(exc))
@@ -184,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(f"instanas: interrupted; files already written are whole: run "
                   f"`instanas report {args.run_dir}` again", file=sys.stderr)
+        elif args.command in ("export", "predict"):
+            print(f"instanas: interrupted; nothing was written: run `instanas {args.command}` "
+                  "again", file=sys.stderr)
         else:
             print("instanas: interrupted; finished stages and the last completed epoch are "
                   "kept: continue with --resume RUN_DIR", file=sys.stderr)
@@ -196,6 +252,59 @@ def _report(run_dir: Path) -> int:
     for path in write_report(run_dir):
         print(path)
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .exporter import export
+    from .validation import summary_line
+
+    for name, value in (("--threads", args.threads), ("--timed-images", args.timed_images)):
+        if value is not None and value < (0 if name == "--timed-images" else 1):
+            raise ExportError(f"{name} is {value}: pass a positive number")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "finetune" / "model.safetensors").exists():
+        raise ExportError(f"{run_dir} has no fine-tuned model (finetune/model.safetensors): "
+                          f"pass a finished run, or run `instanas finetune --output {run_dir}`")
+    result = export(run_dir, args.output, model=args.model, fmt=args.fmt,
+                    children=args.children, validate=args.validate, threads=args.threads,
+                    timed_images=args.timed_images)
+    children = result.routing["children"]
+    share = result.routing["fallback"]["validation_share_exported"]
+    print(f"exported {len(children)} children covering {100 * share:.2f}% of the validation "
+          f"split to {result.folder}")
+    if result.validation is None:
+        return 0
+    print(summary_line(result.validation))
+    return 0 if result.validation["passed"] else 1
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import (
+        check_output,
+        collect_files,
+        open_classifier,
+        predict_files,
+        write_predictions,
+    )
+
+    if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+        raise ExportError("--batch-size and --threads must be positive: pass e.g. "
+                          "--batch-size 64")
+    output = Path(args.output) if args.output else None
+    check_output(output, args.force)
+    files = collect_files(args.paths)
+    if not files:
+        raise ExportError(f"no image files in {' '.join(args.paths)}: pass PNG/JPEG files or "
+                          "folders holding them")
+    classifier = open_classifier(Path(args.target), args.model, args.threads,
+                                 args.trust_torchscript)
+    predictions = list(predict_files(classifier, files, args.batch_size))
+    write_predictions(predictions, output)
+    failed = sum(p.failed for p in predictions)
+    where = f" to {output}" if output else ""
+    print(f"instanas: {len(predictions) - failed} images classified{where}, {failed} "
+          "unreadable", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _fail(message: str) -> int:
