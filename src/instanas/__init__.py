@@ -10,6 +10,11 @@ _os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
 
 __version__ = "0.1.0"
 
+from .controller import Controller  # noqa: E402
+from .exporter import export  # noqa: E402
 from .inference import InstaNASModel, load  # noqa: E402
+from .metagraph import MetaGraph  # noqa: E402
+from .space import ChildArchitecture, SearchSpace  # noqa: E402
 
-__all__ = ["InstaNASModel", "load", "__version__"]
+__all__ = ["ChildArchitecture", "Controller", "InstaNASModel", "MetaGraph", "SearchSpace",
+           "__version__", "export", "load"]

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import __version__
 from .controller import Controller, bound_probabilities, sample_policy
 from .inference import InstaNASPredictor
 from .latency import (
@@ -27,6 +28,8 @@ from .latency import (
     network_flops,
 )
 from .metagraph import ChildNetwork, MetaGraph
+from .provenance import code_commit, utc_now
+from .schema import RESULTS_SCHEMA_VERSION
 from .space import ChildArchitecture, distinct_children
 from .training import RunContext
 from .utils import progress_bar
@@ -225,6 +228,7 @@ def evaluate(ctx: RunContext, models: dict[str, Evaluated], table: LatencyTable,
     controller's expected latency per test image (used to order the galleries).
     """
     cfg = ctx.config.latency
+    started = utc_now()
     images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.test, 1000, train=False)])
     timed = images[:cfg.eval_images] if cfg.eval_images else images
     samples: dict[str, list[float]] = {}
@@ -237,7 +241,8 @@ def evaluate(ctx: RunContext, models: dict[str, Evaluated], table: LatencyTable,
                          "latency_ms": measured[name], "latency_source": "measured", **m.entry}
     if oracle_entry is not None:
         entries["oracle"] = oracle_entry
-    results = {"device": device_info(torch.device("cpu"), cfg.threads), "models": entries,
+    results = {**contract_fields(started),
+               "device": device_info(torch.device("cpu"), cfg.threads), "models": entries,
                "comparison": comparison(entries),
                "latency_table": {"stem_ms": table.unit_ms("stem"),
                                  "head_ms": table.unit_ms("head"),
@@ -245,6 +250,12 @@ def evaluate(ctx: RunContext, models: dict[str, Evaluated], table: LatencyTable,
                                  "chain_factor": table.chain_factor},
                "test_images": len(ctx.data.test), "timed_images": len(timed)}
     return results, per_image_arrays(ctx, models, table, samples, expected_ms)
+
+
+def contract_fields(started: str) -> dict:
+    """What identifies a results.json: schema version, package version, code commit, times."""
+    return {"schema_version": RESULTS_SCHEMA_VERSION, "instanas_version": __version__,
+            "code": code_commit(), "created_at": utc_now(), "evaluation_started_at": started}
 
 
 def comparison(entries: dict[str, dict]) -> dict:
