@@ -1,6 +1,14 @@
-"""instanas: instance-aware neural architecture search (InstaNAS) with measured latency."""
+"""instanas: instance-aware neural architecture search (InstaNAS) with measured latency.
+
+The building blocks are importable from here: ``SearchSpace`` and ``ChildArchitecture`` (the
+search space and child encodings), ``MetaGraph`` (the supernet), ``Controller`` (the policy
+network), ``load`` (a trained run as an ``nn.Module``, :class:`InstaNASModel`) and ``export``
+(a trained model as ONNX or TorchScript files). They are imported on first use, so that
+``instanas.runtime`` (which runs exports) works on machines without torch.
+"""
 
 import os as _os
+from importlib import import_module as _import_module
 
 # Sparse execution gives every module a batch of varying size; oneDNN builds a new convolution
 # primitive per shape and its default cache (1024) is far smaller than 255 convolutions x a few
@@ -10,11 +18,27 @@ _os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
 
 __version__ = "0.1.0"
 
-from .controller import Controller  # noqa: E402
-from .exporter import export  # noqa: E402
-from .inference import InstaNASModel, load  # noqa: E402
-from .metagraph import MetaGraph  # noqa: E402
-from .space import ChildArchitecture, SearchSpace  # noqa: E402
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "ChildArchitecture": "space",
+    "Controller": "controller",
+    "InstaNASModel": "inference",
+    "MetaGraph": "metagraph",
+    "SearchSpace": "space",
+    "export": "exporter",
+    "load": "inference",
+}
 
-__all__ = ["ChildArchitecture", "Controller", "InstaNASModel", "MetaGraph", "SearchSpace",
-           "__version__", "export", "load"]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'instanas' has no attribute {name!r}")
+    value = getattr(_import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

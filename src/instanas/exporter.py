@@ -30,6 +30,7 @@ from .data import DataBundle, load_dataset
 from .inference import InstaNASModel, load
 from .latency import LatencyTable, TimingStats, cpu_threads
 from .provenance import code_commit, utc_now, versions
+from . import runtime
 from .runtime import (
     EXPORT_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -45,6 +46,7 @@ from .utils import write_json
 
 log = logging.getLogger("instanas")
 FORMATS = ("onnx", "torchscript")
+RUNTIME_FILE = "instanas_runtime.py"
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 FALLBACK_RULE = ("a policy whose child was not exported runs the exported child with the fewest "
                  "modules among those that run every module it selects (a superset); when none "
@@ -96,6 +98,8 @@ def export(run_dir: str | Path, output: str | Path, *, model: str = "instanas",
         routing = write_files(eager, chosen, counts, fmt, temp, threads, run_dir)
         routing["source"] = {"run": str(run_dir.resolve()), "model": eager.name}
         write_json(temp / ROUTING_FILE, routing)
+        # The runtime travels with the export: a machine without instanas imports it from here.
+        shutil.copyfile(runtime.__file__, temp / RUNTIME_FILE)
         report = validate_export(eager, temp, data, threads, timed_images) if validate else None
         if report is not None:
             write_json(temp / "validation.json", report)
