@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import runtime
 from .data import DataBundle, load_dataset
 from .inference import InstaNASModel, load
 from .latency import LatencyTable, TimingStats, cpu_threads
 from .provenance import code_commit, utc_now, versions
-from . import runtime
 from .runtime import (
     EXPORT_FORMAT_VERSION,
     MANIFEST_FILE,
