@@ -181,11 +181,12 @@ def save_network(network: nn.Module, example: torch.Tensor, path: Path, fmt: str
     """One network to one file with a dynamic batch axis."""
     network = network.eval()
     if fmt == "torchscript":
-        # The tracer warns that shape checks become constants: the input size is fixed here.
+        # TorchScript is deprecated in PyTorch (docs/deploy.md says so), and the tracer warns
+        # that shape checks become constants (the input size is fixed): no warnings per file.
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(network, example)
-        torch.jit.save(traced, str(path))
+            torch.jit.save(traced, str(path))
         return
     # Their notices (progress, torchvision operators it skips; we use none) are not for users.
     for name in ("torch.onnx", "onnxscript", "onnx_ir"):
@@ -212,7 +213,9 @@ def open_session(fmt: str, trusted: bool = False):
 
 def torchscript_session(path: Path, threads: int | None = None) -> Session:
     """A TorchScript file as a numpy-in, numpy-out function (only for exports you trust)."""
-    module = torch.jit.load(str(path)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path)).eval()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

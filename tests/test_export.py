@@ -1,0 +1,300 @@
+"""instanas export / predict / runtime on a few-second run of the tiny config.
+
+One tiny run (class-folder PNGs, 4 cells) is trained once for the module; every test exports
+or reads it. ONNX tests need onnx, onnxscript and onnxruntime (the ``export`` extra, also in
+``test``) and are skipped with the reason when they are missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_runs import make_folder_dataset, snapshot, tiny_config
+
+from instanas.cli import main
+from instanas.runtime import ExportedModel, ExportError, fallback_child, resolve_policies
+
+HAVE_ONNX = all(__import__("importlib").util.find_spec(m) for m in
+                ("onnx", "onnxscript", "onnxruntime"))
+needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx, onnxscript or onnxruntime is not "
+                                "installed (pip install 'instanas[export]')")
+# Only the stages the main model needs: a few seconds on 2 cores.
+TINY_EXTRAS = {"variants": "{count: 0}",
+               "baseline": "{epochs: 1, batch_size: 16, widths: [1.0], min_net: false, "
+                           "random_policy: false, oracle_children: 0}"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_folder_dataset(root / "data")
+    config = root / "config.yaml"
+    config.write_text(tiny_config(data, **TINY_EXTRAS))
+    env = {**os.environ, "INSTANAS_CACHE": str(root / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--config", str(config),
+                           "--output", str(root / "run"), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_run, tmp_path_factory) -> Path:
+    if not HAVE_ONNX:
+        pytest.skip("onnx, onnxscript or onnxruntime is not installed")
+    out = tmp_path_factory.mktemp("exports") / "onnx"
+    assert main(["export", str(tiny_run), "-o", str(out), "--validate", "--quiet"]) == 0
+    return out
+
+
+def _images(folder: Path) -> dict[str, Path]:
+    """Good images in several sizes and colour modes, a broken file and a missing one."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"wide": folder / "wide.png", "gray": folder / "sub" / "gray.jpg",
+             "palette": folder / "palette.png", "rgba": folder / "rgba.png",
+             "broken": folder / "broken.png", "missing": folder.parent / "missing.png"}
+    files["gray"].parent.mkdir(exist_ok=True)
+    Image.fromarray((rng.random((30, 50, 3)) * 255).astype(np.uint8)).save(files["wide"])
+    Image.fromarray((rng.random((20, 20)) * 255).astype(np.uint8), "L").save(files["gray"])
+    Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).convert("P").save(
+        files["palette"])
+    Image.fromarray((rng.random((9, 7, 4)) * 255).astype(np.uint8), "RGBA").save(files["rgba"])
+    files["broken"].write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
+    return files
+
+
+# --------------------------------------------------------------------------- export, validate
+
+
+@needs_onnx
+def test_onnx_export_validates_against_eager(onnx_export, tiny_run):
+    routing = json.loads((onnx_export / "routing.json").read_text())
+    report = json.loads((onnx_export / "validation.json").read_text())
+    manifest = json.loads((onnx_export / "manifest.json").read_text())
+    assert report["passed"] and report["routing_differs"] == 0
+    assert report["routing_identical"] == report["images"] > 0
+    assert report["prediction_agreement"] >= 0.999 and report["max_logit_difference"] < 1e-3
+    latency = report["batch1_latency_ms"]
+    assert latency["eager"]["mean"] > 0 and latency["exported"]["mean"] > 0
+    # Every child the controller used on the validation split is exported and timed.
+    assert routing["fallback"]["validation_share_exported"] == 1.0
+    for child in routing["children"]:
+        assert (onnx_export / child["file"]).is_file()
+        assert child["measured_latency_ms"]["median"] > 0 and child["table_latency_ms"] > 0
+        assert len(child["cells"]) == routing["cells"]
+    assert routing["empty_cell_rule"]["default_module"] == 4
+    assert routing["classes"] == ["class0", "class1"] and routing["source"]["model"] == "instanas"
+    assert set(manifest["files"]) == {p.relative_to(onnx_export).as_posix() for p in
+                                      onnx_export.rglob("*") if p.is_file()
+                                      and p.name != "manifest.json"}
+    assert manifest["versions"]["onnxruntime"] and manifest["versions"]["torch"]
+    assert not list(onnx_export.parent.glob(".*tmp*"))  # the temporary folder is gone
+
+
+def test_torchscript_export_validates_and_needs_trust_to_load(tiny_run, tmp_path, capsys):
+    out = tmp_path / "ts"
+    assert main(["export", str(tiny_run), "-o", str(out), "--format", "torchscript",
+                 "--validate", "--quiet"]) == 0
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"] and report["routing_differs"] == 0
+    assert {p.suffix for p in (out / "children").iterdir()} == {".pt"}
+    files = _images(tmp_path / "images")
+    capsys.readouterr()
+    assert main(["predict", str(out), str(files["wide"]), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--trust-torchscript" in err
+    assert main(["predict", str(out), str(files["wide"]), "--trust-torchscript",
+                 "--quiet"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 1 and rows[0]["class"] in ("class0", "class1")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--children", "0"], "at least 1 child"),
+    (["--model", "Z"], "has no model 'Z'"),
+    (["--format", "torchscript", "--threads", "0"], "--threads is 0"),
+])
+def test_export_bad_requests_fail_in_one_line(tiny_run, tmp_path, capsys, argv, words):
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_run), "-o", str(out), *argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_export_never_overwrites(tiny_run, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = snapshot(out)
+    assert main(["export", str(tiny_run), "-o", str(out), "--format", "torchscript"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "x")]) == 2
+    assert "no fine-tuned model" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def test_fallback_rule():
+    exported = ["4-4-_-4", "0-4-_-4", "01-4-2-4", "0-04-2-4"]
+    assert fallback_child("0-4-_-4", exported) == "0-4-_-4"
+    # Supersets: the one with the fewest modules; ties go to the earlier (more frequent).
+    assert fallback_child("0-4-_-4", exported[2:]) == "01-4-2-4"  # a tie: earlier wins
+    assert fallback_child("1-4-_-4", exported) == "01-4-2-4"  # the only superset
+    assert fallback_child("_-4-_-4", exported) == "4-4-_-4"  # fewest modules, earlier first
+    # No superset: the fewest differing entries ("3-4-_-4" differs from "0-4-_-4" in two).
+    assert fallback_child("3-4-_-4", exported) == "4-4-_-4"
+
+
+def test_runtime_routes_a_missing_child_to_its_fallback(tmp_path):
+    """Fake sessions: the controller's logits pick a child that was not exported."""
+    routing = {"format": "fake", "classes": ["a", "b"], "cells": 2, "modules": 5,
+               "input": {"channels": 1, "size": 4}, "controller": {"file": "controller"},
+               "normalization": {"mean": [0.5], "std": [0.25]},
+               "empty_cell_rule": {"forced_cells": [True, False], "default_module": 4},
+               "children": [{"child": "4-_", "file": "small"}, {"child": "04-1", "file": "big"}],
+               "policy_to_file": {"4-_": "small", "04-1": "big"}}
+    (tmp_path / "routing.json").write_text(json.dumps(routing))
+    logits = np.full((3, 2, 5), -1.0, dtype=np.float32)  # image 0: nothing -> "4-_"
+    logits[1, 0, 0] = logits[1, 1, 1] = 1.0  # image 1: "0-1", not exported -> superset "04-1"
+    logits[2, 0, [0, 4]] = logits[2, 1, 1] = 1.0  # image 2: "04-1" itself
+    calls = []
+
+    def factory(path, threads):
+        def run(x):
+            calls.append((path.name, len(x)))
+            if path.name == "controller":
+                return logits[:len(x)]
+            return np.tile([[1.0, 0.0]] if path.name == "small" else [[0.0, 1.0]], (len(x), 1))
+        return run
+
+    model = ExportedModel(tmp_path, session_factory=factory, verify=False)
+    out, wanted, ran = model.logits(np.zeros((3, 1, 4, 4), dtype=np.uint8))
+    assert wanted == ["4-_", "0-1", "04-1"] and ran == ["4-_", "04-1", "04-1"]
+    assert out.argmax(1).tolist() == [0, 1, 1]
+    assert sorted(calls[1:]) == [("big", 2), ("small", 1)]  # grouped: one pass per child
+    assert resolve_policies(logits, [True, False], 4)[0].sum() == 1
+
+
+@needs_onnx
+def test_export_of_the_top_child_only_uses_fallbacks(tiny_run, tmp_path):
+    out = tmp_path / "top1"
+    assert main(["export", str(tiny_run), "-o", str(out), "--children", "1", "--validate",
+                 "--quiet"]) in (0, 1)  # fewer children may cost agreement: reported, not hidden
+    routing = json.loads((out / "routing.json").read_text())
+    report = json.loads((out / "validation.json").read_text())
+    assert len(routing["children"]) == 1 and report["routing_differs"] == 0
+    model = ExportedModel(out)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8).numpy()
+    _, wanted, ran = model.logits(images)
+    assert set(ran) == {routing["children"][0]["child"]}
+    if report["eager_distinct_children"] > 1:
+        assert report["fallback_images"] > 0
+    assert all(r == w or r == fallback_child(w, model.children) for w, r in zip(wanted, ran))
+
+
+# --------------------------------------------------------------------------- runtime, predict
+
+
+@needs_onnx
+def test_runtime_runs_without_torch(onnx_export, tmp_path):
+    """In a fresh interpreter where importing torch fails, both the package's runtime and the
+    copy inside the export classify files, batched and at batch 1."""
+    files = _images(tmp_path / "images")
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now raises ImportError
+sys.path.insert(0, {str(onnx_export)!r})
+import instanas.runtime, instanas_runtime
+for rt in (instanas.runtime, instanas_runtime):
+    model = rt.load({str(onnx_export)!r})
+    images = model.read_images([{str(files['wide'])!r}, {str(files['rgba'])!r}])
+    probs, children = model.predict_proba(images)
+    assert probs.shape == (2, 2) and abs(probs.sum() - 2) < 1e-5, probs
+    one = model.logits_one(images[:1])
+    assert abs(one - model.logits(images)[0][:1]).max() < 1e-4
+print("torch" in sys.modules and sys.modules["torch"] is not None)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
+
+
+@needs_onnx
+def test_predict_mixed_good_and_broken_files(onnx_export, tiny_run, tmp_path, capsys):
+    files = _images(tmp_path / "images")
+    outputs = {}
+    for name, target in (("export", onnx_export), ("run", tiny_run)):
+        csv_path = tmp_path / f"{name}.csv"
+        code = main(["predict", str(target), str(tmp_path / "images"), str(files["missing"]),
+                     "-o", str(csv_path), "--batch-size", "2", "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 1  # some files were unreadable; every other file was classified
+        assert err.count("cannot read image") == 2 and str(files["broken"]) in err
+        rows = list(csv.DictReader(csv_path.open()))
+        outputs[name] = rows
+        assert [r["path"] for r in rows] == sorted(
+            str(p) for k, p in files.items() if k != "missing") + [str(files["missing"])]
+        good = [r for r in rows if not r["note"]]
+        assert len(good) == 4
+        assert all(0.5 <= float(r["probability"]) <= 1 and r["child"] for r in good)
+        bad = {r["path"]: r for r in rows if r["note"]}
+        assert set(bad) == {str(files["broken"]), str(files["missing"])}
+        assert all(not r["class"] for r in bad.values())
+    # The same images, the same answers with torch and with onnxruntime.
+    assert [(r["class"], r["child"]) for r in outputs["export"]] == \
+        [(r["class"], r["child"]) for r in outputs["run"]]
+    # An existing CSV is not overwritten unless asked.
+    before = (tmp_path / "run.csv").read_bytes()
+    assert main(["predict", str(tiny_run), str(files["wide"]), "-o",
+                 str(tmp_path / "run.csv")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "run.csv").read_bytes() == before
+
+
+def test_predict_bad_target_and_no_images(tiny_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tiny_run), str(tmp_path / "empty")]) == 2
+    assert "no image files" in capsys.readouterr().err
+    image = _images(tmp_path / "images")["wide"]
+    assert main(["predict", str(tmp_path / "empty"), str(image)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "neither a run directory" in err and len(err.splitlines()) == 1
+
+
+def test_runtime_preprocessing_matches_the_training_loader(tmp_path):
+    from instanas.data import _read_image
+    from instanas.runtime import read_image
+
+    files = _images(tmp_path / "images")
+    for key in ("wide", "gray", "palette", "rgba"):
+        expected = _read_image(files[key], 8).transpose(2, 0, 1)
+        assert np.array_equal(read_image(files[key], 3, 8), expected), key
+    with pytest.raises(ExportError, match="cannot read image"):
+        read_image(files["broken"], 3, 8)
+
+
+@needs_onnx
+def test_exported_files_are_checked_against_the_manifest(onnx_export, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(onnx_export, copy)
+    child = json.loads((copy / "routing.json").read_text())["children"][0]["file"]
+    (copy / child).write_bytes((copy / child).read_bytes()[:-10])
+    with pytest.raises(ExportError, match="changed since the export"):
+        ExportedModel(copy)
