@@ -76,6 +76,8 @@ def validation_report(eager: InstaNASModel, exported: ExportedModel, images: tor
         "max_logit_difference": float(diff.max()),
         "max_logit_difference_exported_children": float(diff[exported_child].max())
         if exported_child.any() else None,
+        "prediction_agreement_exported_children": _share(agree[exported_child]),
+        "prediction_agreement_fallback_children": _share(agree[~exported_child]),
         "fallback_images": int((~exported_child).sum()),
         "eager_distinct_children": len(set(eager_children)),
     }
@@ -87,6 +89,10 @@ def validation_report(eager: InstaNASModel, exported: ExportedModel, images: tor
     return report
 
 
+def _share(flags: np.ndarray) -> float | None:
+    return float(flags.mean()) if len(flags) else None
+
+
 def summary_line(report: dict) -> str:
     """One line for the terminal."""
     lat = report["batch1_latency_ms"]
@@ -96,6 +102,12 @@ def summary_line(report: dict) -> str:
             f"{100 * report['prediction_agreement']:.2f}% (need "
             f"{100 * report['prediction_agreement_required']:.1f}%), max logit difference "
             f"{report['max_logit_difference']:.2e}, {report['fallback_images']} images on a "
-            f"fallback child; batch-1 latency exported {lat['exported']['mean']:.3f} ms vs eager "
+            f"fallback child{_fallback_agreement(report)}; batch-1 latency exported "
+            f"{lat['exported']['mean']:.3f} ms vs eager "
             f"{lat['eager']['mean']:.3f} ms (x{lat['exported_vs_eager']:.2f}, "
             f"{report['timed_images']} images, {report['threads']} thread(s))")
+
+
+def _fallback_agreement(report: dict) -> str:
+    share = report["prediction_agreement_fallback_children"]
+    return "" if share is None else f" (their predictions agree for {100 * share:.1f}%)"
