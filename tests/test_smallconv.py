@@ -64,3 +64,64 @@ def test_fashion_preset_cells_on_2x2_maps_never_call_onednn(monkeypatch):
     graph(torch.randn(8, 1, 28, 28), torch.ones(8, space.num_cells, space.num_modules,
                                                  dtype=torch.bool)).sum().backward()
     assert sides and min(sides) >= 4  # every convolution on 2x2 maps took a matrix form
+
+
+@pytest.mark.parametrize("cin,cout,stride,groups,side", [
+    (4, 8, 2, 1, 8), (3, 6, 2, 1, 7), (8, 16, 2, 1, 2), (5, 7, 3, 1, 9), (4, 8, 2, 2, 6),
+    (16, 32, 2, 1, 28)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("matrix_forms", [False, True])
+def test_strided_pointwise_equals_conv2d(cin, cout, stride, groups, side, channels_last,
+                                         matrix_forms):
+    """Strided 1x1 convolutions never reach oneDNN's strided kernel (it corrupts the heap on
+    AVX2-only CPUs) and compute the same outputs and gradients as F.conv2d."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 1, stride, 0, groups=groups, bias=True).double()
+    x = torch.randn(3, cin, side, side, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    outs, grads, grad_out = [], [], None
+    for fn in (conv, lambda t: conv2d(conv, t, matrix_forms=matrix_forms)):
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        grad_out = torch.randn_like(y) if grad_out is None else grad_out
+        conv.zero_grad()
+        y.backward(grad_out)
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad.clone() for p in conv.parameters()])
+    assert outs[0].shape == outs[1].shape
+    assert torch.allclose(outs[0], outs[1], atol=1e-10)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_strided_pointwise_never_calls_the_strided_kernel(monkeypatch):
+    strides = []
+    original = nn.Conv2d._conv_forward
+
+    def recording(self, x, weight, bias):
+        strides.append(self.stride)
+        return original(self, x, weight, bias)
+
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", recording)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", _recording_conv2d(strides))
+    conv = nn.Conv2d(4, 8, 1, 2, bias=False)
+    for matrix_forms in (False, True):
+        conv2d(conv, torch.randn(2, 4, 8, 8), matrix_forms=matrix_forms).sum().backward()
+    assert all(s in (1, (1, 1)) for s in strides)
+
+
+def _recording_conv2d(strides):
+    original = torch.nn.functional.conv2d
+
+    def recording(x, weight, bias=None, stride=1, *args):
+        strides.append(stride)
+        return original(x, weight, bias, stride, *args)
+
+    return recording
+
+
+def test_wide_dense_convolutions_keep_onednn():
+    """The tap matrix would have 448*16 x 448*16 entries here (paper-cifar on 4x4 maps)."""
+    assert matrix_form(nn.Conv2d(448, 448, 3, padding=1), 4, 4) is None
+    assert matrix_form(nn.Conv2d(80, 80, 3, padding=1), 2, 2) == "dense"

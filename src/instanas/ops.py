@@ -46,7 +46,8 @@ class FusedConvAct(nn.Module):
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        # oneDNN, not the matrix forms: at batch 1 they are slower (bench/inference.py).
+        x = conv2d(self.conv, x, matrix_forms=False)
         return torch.relu(x) if self.relu else x
 
 

@@ -33,6 +33,10 @@ from torch import nn
 MAX_POINTWISE_PIXELS = 16  # 1x1 convolutions as one matmul on maps of up to 4x4
 MAX_DENSE_PIXELS = 16      # k x k convolutions (groups 1) as one matmul on maps of up to 4x4
 MAX_DEPTHWISE_PIXELS = 4   # depthwise k x k as a per-channel product on maps of up to 2x2
+# The dense form's tap matrix has H*W*Cin x Ho*Wo*Cout entries; with about 1e5 or more its
+# construction and product cost more than oneDNN, even with a new kernel per batch size
+# (bench/conv_forms.py). Wide presets (paper-cifar on 4x4 maps) would build 200 MB matrices.
+MAX_DENSE_MATRIX = 1 << 17
 _enabled = True
 
 
@@ -55,24 +59,57 @@ def matrix_form(conv: nn.Conv2d, height: int, width: int) -> str | None:
     if conv.groups == 1:
         if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0):
             return "pointwise" if pixels <= MAX_POINTWISE_PIXELS else None
-        return "dense" if pixels <= MAX_DENSE_PIXELS else None
+        if pixels > MAX_DENSE_PIXELS:
+            return None
+        out_pixels = _output_pixels(conv, height, width)
+        matrix = pixels * conv.in_channels * out_pixels * conv.out_channels
+        return "dense" if matrix <= MAX_DENSE_MATRIX else None
     if conv.groups == conv.in_channels == conv.out_channels:
         return "depthwise" if pixels <= MAX_DEPTHWISE_PIXELS else None
     return None
 
 
-def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, as a matrix product where that is faster (CPU, tiny maps)."""
-    on_cpu = _enabled and x.device.type == "cpu"
-    form = matrix_form(conv, x.shape[2], x.shape[3]) if on_cpu else None
+def _output_pixels(conv: nn.Conv2d, height: int, width: int) -> int:
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    return ((height + 2 * ph - kh) // sh + 1) * ((width + 2 * pw - kw) // sw + 1)
+
+
+def conv2d(conv: nn.Conv2d, x: torch.Tensor, matrix_forms: bool = True) -> torch.Tensor:
+    """``conv(x)`` on the CPU without the oneDNN kernels known to be unsafe, and as a matrix
+    product where that is faster (tiny maps; ``matrix_forms=False`` keeps oneDNN there)."""
+    if x.device.type != "cpu":
+        return conv(x)
+    if is_strided_pointwise(conv):
+        return _strided_pointwise(conv, x, matrix_forms)
+    form = matrix_form(conv, x.shape[2], x.shape[3]) if matrix_forms and _enabled else None
     if form is None:
         return conv(x)
     if form == "pointwise":
-        # [N, H, W, Cin] (a view for channels-last input) times W^T; the result, permuted
-        # back, is a channels-last tensor.
-        y = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias)
-        return y.permute(0, 3, 1, 2)
+        return _pointwise(conv, x)
     return _tap_matrix_conv(conv, x, depthwise=form == "depthwise")
+
+
+def is_strided_pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1 convolution with a stride above 1 and no padding (a residual shortcut)."""
+    return (conv.kernel_size == (1, 1) and conv.stride != (1, 1) and conv.padding == (0, 0)
+            and conv.padding_mode == "zeros")
+
+
+def _strided_pointwise(conv: nn.Conv2d, x: torch.Tensor, matrix_forms: bool) -> torch.Tensor:
+    """Subsample, then a stride-1 1x1 convolution: the same function, but never oneDNN's
+    strided 1x1 kernel, whose backward corrupts the heap on AVX2-only CPUs
+    (docs/troubleshooting.md, "Native crashes")."""
+    x = x[:, :, ::conv.stride[0], ::conv.stride[1]]
+    if matrix_forms and conv.groups == 1:
+        return _pointwise(conv, x)
+    return F.conv2d(x, conv.weight, conv.bias, 1, 0, 1, conv.groups)
+
+
+def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    # [N, H, W, Cin] (a view for channels-last input) times W^T; the result, permuted back, is
+    # a channels-last tensor.
+    y = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias)
+    return y.permute(0, 3, 1, 2)
 
 
 def _tap_matrix_conv(conv: nn.Conv2d, x: torch.Tensor, depthwise: bool) -> torch.Tensor:

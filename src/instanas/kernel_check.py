@@ -1,0 +1,224 @@
+"""Native-kernel guard: every convolution shape a configuration builds, run forward and backward.
+
+oneDNN and ATen choose AVX-512 or AVX2 kernels at run time, and some of those kernels have
+corrupted the heap for narrow sets of shapes (docs/troubleshooting.md, "Native crashes"). A crash
+there kills a process hours into a run, or silently changes numbers. This module lists the
+convolution shapes of a configuration (meta-graph with every module on, the MobileNetV2-path
+baselines at each width, the controller) and runs each through the package's own layers, the way
+training (channels-last, train mode, forward and backward, many batch sizes) and deployment
+(BatchNorm folded, inference) run them.
+
+Run it in a fresh process so the kernel caps apply (they are read when torch starts)::
+
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MALLOC_CHECK_=3 \\
+        python -m instanas.kernel_check --preset fashion-cpu
+
+Before each shape it prints one ``checking`` line, so the last such line of a process that died
+names the shape that killed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import Config, load_config_file, load_preset, preset_names
+from .controller import Controller
+from .metagraph import MetaGraph, scaled_space
+from .ops import ConvBNAct
+from .space import SearchSpace
+
+# The environment that makes an AVX-512 machine run the AVX2 code paths, with glibc stopping at
+# the first bad free instead of much later.
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MALLOC_CHECK_": "3"}
+# Batch sizes of sparse execution vary at every step: small, odd and even ones.
+SMALL_MAP_BATCHES = (1, 2, 3, 5, 8, 13, 16)
+LARGE_MAP_BATCHES = (1, 2, 3)  # maps over 32x32 (ImageNet-sized), to bound the check's time
+LARGE_MAP_PIXELS = 32 * 32
+
+
+@dataclass(frozen=True, order=True)
+class ConvShape:
+    """One convolution as the package builds it, with the map it runs on."""
+
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    groups: int
+    height: int
+    width: int
+
+    def label(self) -> str:
+        return (f"conv {self.in_channels}->{self.out_channels} k{self.kernel} s{self.stride} "
+                f"g{self.groups} on {self.height}x{self.width}")
+
+    def batches(self) -> tuple[int, ...]:
+        large = self.height * self.width > LARGE_MAP_PIXELS
+        return LARGE_MAP_BATCHES if large else SMALL_MAP_BATCHES
+
+
+def input_geometries(config: Config) -> list[tuple[int, int]]:
+    """(channels, side) of the images a configuration can train on."""
+    data = config.data
+    if data.dataset == "fashion-mnist":
+        return [(1, data.image_size or 28)]
+    if data.dataset in ("cifar10", "cifar100"):
+        return [(3, data.image_size or 32)]
+    from .data import DEFAULT_FOLDER_IMAGE_SIZE
+    side = data.image_size or DEFAULT_FOLDER_IMAGE_SIZE
+    return [(1, side), (3, side)]  # folder trees may be grayscale or colour
+
+
+def conv_shapes(config: Config) -> list[ConvShape]:
+    """Every distinct convolution shape of the models a run of ``config`` builds."""
+    shapes: set[ConvShape] = set()
+    for channels, side in input_geometries(config):
+        space = config.search_space(channels, side, 10)
+        spaces = [space] + [scaled_space(space, w) for w in config.mbv2_widths()]
+        for each in spaces:
+            shapes |= _shapes_of(MetaGraph(each), _all_modules(each), channels, side)
+        controller = Controller(channels, space.num_cells, space.num_modules,
+                                config.controller_spec())
+        shapes |= _shapes_of(controller, None, channels, side)
+    return sorted(shapes)
+
+
+def _all_modules(space: SearchSpace) -> torch.Tensor:
+    return torch.ones(1, space.num_cells, space.num_modules, dtype=torch.bool)
+
+
+def _shapes_of(model: nn.Module, policy: torch.Tensor | None, channels: int,
+               side: int) -> set[ConvShape]:
+    """Shapes seen by the model's ConvBNAct layers in one batch-1 forward pass."""
+    found: set[ConvShape] = set()
+
+    def record(layer: nn.Module, args: tuple) -> None:
+        conv, (_, _, height, width) = layer.conv, args[0].shape
+        found.add(ConvShape(conv.in_channels, conv.out_channels, conv.kernel_size[0],
+                            conv.stride[0], conv.groups, height, width))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+             if isinstance(m, ConvBNAct)]
+    with torch.no_grad():
+        x = torch.zeros(1, channels, side, side)
+        model.eval()(x) if policy is None else model.eval()(x, policy)
+    for hook in hooks:
+        hook.remove()
+    return found
+
+
+def sweep_shapes() -> list[ConvShape]:
+    """A grid around the shapes the presets build: 1x1, 3x3 and 5x5 kernels, strides 1 and 2,
+    dense, grouped and depthwise, on maps from 1x1 to 8x8 (for finding other bad kernels)."""
+    shapes = []
+    for kernel, stride, channels, side in itertools.product(
+            (1, 3, 5), (1, 2), (4, 8, 16), (1, 2, 3, 4, 7, 8)):
+        for groups in (1, 2, channels):
+            shapes.append(ConvShape(channels, channels * 2 if groups == 1 else channels,
+                                    kernel, stride, groups, side, side))
+    return shapes
+
+
+def run_shape(shape: ConvShape, raw: bool = False) -> None:
+    """Training (channels-last, forward and backward) and deployment passes of one shape, through
+    the package's layers or, with ``raw``, through a plain ``nn.Conv2d``."""
+    layer: nn.Module = ConvBNAct(shape.in_channels, shape.out_channels, shape.kernel,
+                                 shape.stride, groups=shape.groups)
+    deployed = layer.fused()
+    if raw:
+        layer = deployed = layer.conv
+    layer = layer.to(memory_format=torch.channels_last)
+    for batch in shape.batches():
+        x = torch.randn(batch, shape.in_channels, shape.height, shape.width)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        layer.train()(x).sum().backward()
+        with torch.inference_mode():
+            deployed(x.detach())
+
+
+RAW_PATTERN = ConvShape(4, 8, 1, 2, 1, 8, 8)  # aborts on AVX2-only CPUs with torch 2.12-2.13
+
+
+def check_shapes(name: str, shapes: list[ConvShape], raw: bool = False, isolate: bool = False,
+                 threads: int = 1) -> list[str]:
+    """Run every shape; with ``isolate`` each in a forked process, returning those that died."""
+    died = []
+    for shape in shapes:
+        label = f"{name}: {shape.label()}{' (raw nn.Conv2d)' if raw else ''}"
+        print(f"checking {label}", flush=True)
+        if not isolate:
+            run_shape(shape, raw)
+            continue
+        status = _in_child(shape, raw, threads)
+        if status:
+            died.append(f"{label}: {status}")
+            print(f"DIED {label}: {status}", flush=True)
+    return died
+
+
+def _in_child(shape: ConvShape, raw: bool, threads: int) -> str | None:
+    # The parent stays at one thread: a child forked from a process whose OpenMP pool has
+    # worker threads hangs; a child may start its own pool.
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            torch.set_num_threads(threads)
+            run_shape(shape, raw)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}" if os.WEXITSTATUS(status) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m instanas.kernel_check",
+        description="Run every convolution shape of the shipped presets forward and backward.")
+    parser.add_argument("--preset", action="append", choices=preset_names(),
+                        help="preset to check (repeatable; default: every shipped preset)")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="a run's config YAML to check (repeatable)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="a grid of kernels, strides, groups and tiny maps instead of presets")
+    parser.add_argument("--raw-pattern", action="store_true",
+                        help="only the plain nn.Conv2d pattern known to abort on AVX2-only CPUs")
+    parser.add_argument("--raw", action="store_true",
+                        help="plain nn.Conv2d layers instead of the package's (what the package "
+                             "would run without its safe forms)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each shape in a forked process and list every one that dies")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1 if args.isolate else args.threads)
+    torch.manual_seed(0)
+    if args.raw_pattern:
+        groups = {"raw-pattern": [RAW_PATTERN]}
+        args.raw = True
+    elif args.sweep:
+        groups = {"sweep": sweep_shapes()}
+    else:
+        names = args.preset or ([] if args.config else preset_names())
+        groups = {name: conv_shapes(load_preset(name)) for name in names}
+        groups.update({path: conv_shapes(load_config_file(path)) for path in args.config})
+    died = []
+    for name, shapes in groups.items():
+        died += check_shapes(name, shapes, args.raw, args.isolate, args.threads)
+        print(f"done: {name}, {len(shapes)} convolution shapes", flush=True)
+    for line in died:
+        print(f"died: {line}")
+    return 1 if died else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
