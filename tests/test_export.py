@@ -86,7 +86,11 @@ def test_onnx_export_validates_against_eager(onnx_export, tiny_run):
     manifest = json.loads((onnx_export / "manifest.json").read_text())
     assert report["passed"] and report["routing_differs"] == 0
     assert report["routing_identical"] == report["images"] > 0
-    assert report["prediction_agreement"] >= 0.999 and report["max_logit_difference"] < 1e-3
+    assert report["prediction_agreement"] >= 0.999
+    # The tiny run's controller depends on its measured latency table, so a test image may pick
+    # a child no validation image picked; only exported children must match eager closely.
+    assert report["max_logit_difference_exported_children"] < 1e-3
+    assert report["prediction_agreement_exported_children"] == 1.0
     latency = report["batch1_latency_ms"]
     assert latency["eager"]["mean"] > 0 and latency["exported"]["mean"] > 0
     # Every child the controller used on the validation split is exported and timed.
@@ -251,15 +255,18 @@ def test_predict_mixed_good_and_broken_files(onnx_export, tiny_run, tmp_path, ca
         outputs[name] = rows
         assert [r["path"] for r in rows] == sorted(
             str(p) for k, p in files.items() if k != "missing") + [str(files["missing"])]
-        good = [r for r in rows if not r["note"]]
+        good = [r for r in rows if r["class"]]
         assert len(good) == 4
         assert all(0.5 <= float(r["probability"]) <= 1 and r["child"] for r in good)
-        bad = {r["path"]: r for r in rows if r["note"]}
+        assert all(r["note"].startswith("fallback") for r in good if r["note"])
+        bad = {r["path"]: r for r in rows if not r["class"]}
         assert set(bad) == {str(files["broken"]), str(files["missing"])}
-        assert all(not r["class"] for r in bad.values())
-    # The same images, the same answers with torch and with onnxruntime.
-    assert [(r["class"], r["child"]) for r in outputs["export"]] == \
-        [(r["class"], r["child"]) for r in outputs["run"]]
+        assert all(r["note"].startswith("cannot read image") for r in bad.values())
+    # The same images, the same answers with torch and with onnxruntime (where the export has
+    # the child; a fallback child may answer differently, and its row says so).
+    pairs = list(zip(outputs["export"], outputs["run"]))
+    assert all((e["class"], e["child"]) == (r["class"], r["child"])
+               for e, r in pairs if not e["note"])
     # An existing CSV is not overwritten unless asked.
     before = (tmp_path / "run.csv").read_bytes()
     assert main(["predict", str(tiny_run), str(files["wide"]), "-o",
