@@ -103,12 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP)
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run with finetune done")
     p.add_argument("--model", default="instanas",
-                   help="instanas (the main model) or a variant letter A..E")
-    p.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), default="onnx")
+                   help="instanas (the main model, the default) or a variant letter A..E")
+    p.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), default="onnx",
+                   help="file format (default: %(default)s; TorchScript is deprecated in "
+                        "PyTorch)")
     p.add_argument("--output", "-o", required=True, help="export folder (must not exist)")
     p.add_argument("--children", type=int, default=None, metavar="K",
                    help="export only the K children most used on the validation split "
@@ -119,13 +120,13 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for timing (default: the run's latency.threads)")
     p.add_argument("--timed-images", type=int, default=1000,
-                   help="test images timed at batch 1 by --validate (0: all)")
+                   help="test images timed at batch 1 by --validate (default: %(default)s; "
+                        "0: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP)
     p.add_argument("target", metavar="RUN_DIR|EXPORT_DIR",
                    help="a run directory (torch) or an export folder (onnxruntime)")
     p.add_argument("paths", metavar="PATH", nargs="+",
@@ -135,7 +136,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
     p.add_argument("--model", default=None,
                    help="with a run directory: instanas or a variant letter A..E")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per batch (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the runtime's own choice)")
     p.add_argument("--trust-torchscript", action="store_true",

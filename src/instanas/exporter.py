@@ -92,6 +92,7 @@ def export(run_dir: str | Path, output: str | Path, *, model: str = "instanas",
     threads = threads or config.latency.threads
     counts = validation_children(eager, data)
     chosen = [c for c, _ in counts.most_common(children)]
+    output.parent.mkdir(parents=True, exist_ok=True)
     temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     try:
@@ -121,9 +122,6 @@ def check_request(output: Path, fmt: str, children: int | None) -> None:
                           "to export every child the controller uses)")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ExportError(f"{output} already exists: choose a new --output or delete it first")
-    if not output.parent.exists():
-        raise ExportError(f"the folder {output.parent} does not exist: create it or choose "
-                          "another --output")
     if fmt == "onnx":
         for package in ("onnx", "onnxscript", "onnxruntime"):
             try:
