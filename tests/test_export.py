@@ -94,7 +94,7 @@ def test_onnx_export_validates_against_eager(onnx_export, tiny_run):
     latency = report["batch1_latency_ms"]
     assert latency["eager"]["mean"] > 0 and latency["exported"]["mean"] > 0
     # Every child the controller used on the validation split is exported and timed.
-    assert routing["fallback"]["validation_share_exported"] == 1.0
+    assert routing["fallback"]["counted_share_exported"] == 1.0
     for child in routing["children"]:
         assert (onnx_export / child["file"]).is_file()
         assert child["measured_latency_ms"]["median"] > 0 and child["table_latency_ms"] > 0
@@ -305,3 +305,18 @@ def test_exported_files_are_checked_against_the_manifest(onnx_export, tmp_path):
     (copy / child).write_bytes((copy / child).read_bytes()[:-10])
     with pytest.raises(ExportError, match="changed since the export"):
         ExportedModel(copy)
+
+
+@needs_onnx
+def test_children_counted_on_train_and_validation(tiny_run, tmp_path):
+    import instanas
+
+    result = instanas.export(tiny_run, tmp_path / "tv", split="train+val")
+    routing = result.routing
+    assert routing["source"]["children_counted_on"] == "train+val"
+    counted = sum(c["counted_images"] for c in routing["children"])
+    assert json.loads((tmp_path / "tv" / "routing.json").read_text()) == routing
+    assert counted == 72  # the tiny run: 80 images, 8 held out as test, the rest train + val
+    with pytest.raises(ExportError, match="unknown split"):
+        instanas.export(tiny_run, tmp_path / "bad", split="test")
+    assert not (tmp_path / "bad").exists()

@@ -114,6 +114,9 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--children", type=int, default=None, metavar="K",
                    help="export only the K children most used on the validation split "
                         "(default: all); other policies run a fallback child (routing.json)")
+    p.add_argument("--split", choices=("val", "train+val"), default="val",
+                   help="where the controller's children are counted (default: %(default)s; "
+                        "train+val exports more of the children new images may pick)")
     p.add_argument("--validate", action="store_true",
                    help="compare with the eager model on the test split (routing, "
                         "predictions, logits) and time both at batch 1: validation.json")
@@ -269,11 +272,11 @@ def _export(args: argparse.Namespace) -> int:
                           f"pass a finished run, or run `instanas finetune --output {run_dir}`")
     result = export(run_dir, args.output, model=args.model, fmt=args.fmt,
                     children=args.children, validate=args.validate, threads=args.threads,
-                    timed_images=args.timed_images)
+                    timed_images=args.timed_images, split=args.split)
     children = result.routing["children"]
-    share = result.routing["fallback"]["validation_share_exported"]
-    print(f"exported {len(children)} children covering {100 * share:.2f}% of the validation "
-          f"split to {result.folder}")
+    share = result.routing["fallback"]["counted_share_exported"]
+    print(f"exported {len(children)} children covering {100 * share:.2f}% of the "
+          f"{args.split} images to {result.folder}")
     if result.validation is None:
         return 0
     print(summary_line(result.validation))

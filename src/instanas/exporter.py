@@ -5,7 +5,8 @@ BatchNorm-folded controller (images -> policy logits), one static network per ch
 controller uses (stem, that child's modules, head), and ``routing.json``, which says how a
 controller output becomes a child file (decision rule, empty-cell rule, fallback). The
 children exported are those the controller chose on the validation split (all of them, or the
-``children`` most frequent). ``manifest.json`` records versions and the SHA-256 of every file.
+``children`` most frequent; ``split="train+val"`` counts the training split too, never the test
+split). ``manifest.json`` records versions and the SHA-256 of every file.
 
 The folder is built under a temporary name beside ``output`` and renamed into place when it is
 whole, so an interrupted export leaves nothing at ``output``.
@@ -46,6 +47,7 @@ from .utils import write_json
 
 log = logging.getLogger("instanas")
 FORMATS = ("onnx", "torchscript")
+SPLITS = ("val", "train+val")
 RUNTIME_FILE = "instanas_runtime.py"
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 FALLBACK_RULE = ("a policy whose child was not exported runs the exported child with the fewest "
@@ -77,27 +79,31 @@ class ControllerLogits(nn.Module):
 
 def export(run_dir: str | Path, output: str | Path, *, model: str = "instanas",
            fmt: str = "onnx", children: int | None = None, validate: bool = False,
-           threads: int | None = None, timed_images: int = 1000) -> ExportResult:
+           threads: int | None = None, timed_images: int = 1000,
+           split: str = "val") -> ExportResult:
     """Export ``model`` ("instanas" or a variant letter) of ``run_dir`` to the folder ``output``.
 
     ``children``: export only the K children most used on the validation split (default all).
+    ``split``: where children are counted, ``"val"`` or ``"train+val"`` (more of the children a
+    new image may pick, at the cost of a larger export).
     ``validate``: compare against the eager model on the test split and time both at batch 1
     (``timed_images`` images); the numbers go to ``validation.json`` in the export.
     ``threads``: CPU threads for timing (default: the run's ``latency.threads``).
     """
     run_dir, output = Path(run_dir), Path(output)
-    check_request(output, fmt, children)
+    check_request(output, fmt, children, split)
     eager = load(run_dir, model)
     config, data = run_data(run_dir)
     threads = threads or config.latency.threads
-    counts = validation_children(eager, data)
+    counts = chosen_children(eager, data, split)
     chosen = [c for c, _ in counts.most_common(children)]
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     try:
         routing = write_files(eager, chosen, counts, fmt, temp, threads, run_dir)
-        routing["source"] = {"run": str(run_dir.resolve()), "model": eager.name}
+        routing["source"] = {"run": str(run_dir.resolve()), "model": eager.name,
+                             "children_counted_on": split}
         write_json(temp / ROUTING_FILE, routing)
         # The runtime travels with the export: a machine without instanas imports it from here.
         shutil.copyfile(runtime.__file__, temp / RUNTIME_FILE)
@@ -113,8 +119,10 @@ def export(run_dir: str | Path, output: str | Path, *, model: str = "instanas",
     return ExportResult(output, routing, report)
 
 
-def check_request(output: Path, fmt: str, children: int | None) -> None:
+def check_request(output: Path, fmt: str, children: int | None, split: str = "val") -> None:
     """Fail before any work when the request cannot succeed."""
+    if split not in SPLITS:
+        raise ExportError(f"unknown split {split!r}: use --split val or --split train+val")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: use --format onnx or --format torchscript")
     if children is not None and children < 1:
@@ -145,10 +153,18 @@ def run_data(run_dir: Path) -> tuple[object, DataBundle]:
     return config, data
 
 
-def validation_children(model: InstaNASModel, data: DataBundle) -> Counter[str]:
-    """How many validation images the controller sends to each child (empty-cell rule applied)."""
-    images = data.val.images
-    return Counter(model.route(images, batch_size=_CHUNK))
+def chosen_children(model: InstaNASModel, data: DataBundle, split: str) -> Counter[str]:
+    """How many images of ``split`` the controller sends to each child (empty-cell rule
+    applied); the controller alone runs, in chunks."""
+    sets = [data.val.images] + ([data.train.images] if split == "train+val" else [])
+    counts: Counter[str] = Counter()
+    with torch.inference_mode():
+        for images in sets:
+            for start in range(0, len(images), _CHUNK):
+                x = model.normalise(images[start:start + _CHUNK])
+                counts.update(str(ChildArchitecture.from_policy(p))
+                              for p in model.predictor.policies(x))
+    return counts
 
 
 def write_files(model: InstaNASModel, chosen: list[str], counts: Counter[str], fmt: str,
@@ -254,8 +270,8 @@ def child_entry(child: str, file: str, images: int, total: int, measured: dict,
     """One exported child: its module table, how often it was chosen, table and measured ms."""
     arch = ChildArchitecture.from_string(child)
     entry = {"child": child, "file": file, "cells": [list(c) for c in arch.cells],
-             "active_modules": arch.active_modules(), "validation_images": images,
-             "validation_share": images / max(total, 1), "measured_latency_ms": measured}
+             "active_modules": arch.active_modules(), "counted_images": images,
+             "counted_share": images / max(total, 1), "measured_latency_ms": measured}
     if table is not None:
         # Stem, cells and head; the controller is listed once, with its own cost.
         cells = table.cells_ms(arch.to_policy().unsqueeze(0))[0]
@@ -289,7 +305,7 @@ def routing_document(model: InstaNASModel, fmt: str, controller_file: str, contr
             "text": "a forced (shape-changing) cell with nothing selected runs default_module; "
                     "an empty shape-preserving cell is the identity"},
         "children": children, "policy_to_file": {c["child"]: c["file"] for c in children},
-        "fallback": {"rule": FALLBACK_RULE, "validation_share_exported": covered},
+        "fallback": {"rule": FALLBACK_RULE, "counted_share_exported": covered},
         "latency": {"threads": threads, "batch": 1, "repeats": _REPEATS,
                     "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit"},
     }
