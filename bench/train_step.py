@@ -10,6 +10,11 @@ the stages' own (SGD, Nesterov momentum, weight decay, foreach).
 ``sparse-onednn`` is the sparse path with every convolution through oneDNN (the tiny-map matrix
 forms of ``instanas.smallconv`` switched off), to show what those contribute.
 
+``sparse-gather`` is the sparse path with the tap matrices of the tiny-map forms built by an
+indexed gather, as before they became a product with a one-hot placement. The gather's backward
+sums in a thread-dependent order (runs differ bit for bit); ``gather/sparse`` is what the
+reproducible form costs or saves.
+
 The last column is a floor no execution strategy of this network can beat: a step of the whole
 meta-graph on ``density * batch`` images (every module, no gathers), i.e. the work of the selected
 rows with no overhead. Where it is far above ``density`` times the full-batch step, the step is
@@ -26,13 +31,50 @@ import time
 import torch
 import torch.nn.functional as F
 
+from instanas import smallconv
 from instanas.config import load_preset
 from instanas.latency import processor_name
 from instanas.metagraph import MetaGraph
 from instanas.smallconv import disabled
 from instanas.training import sgd
 
-PATHS = ("sparse", "dense", "sparse-onednn", "floor")
+PATHS = ("sparse", "dense", "sparse-onednn", "sparse-gather", "floor")
+
+
+def gather_form(conv, x, depthwise):
+    """The tiny-map forms with the tap matrix built by an indexed gather (the earlier, not
+    reproducible, construction); otherwise as ``smallconv._tap_matrix_conv``."""
+    n, channels, height, width = x.shape
+    placement, out_h, out_w = smallconv._tap_placement(
+        height, width, conv.kernel_size, conv.stride, conv.padding, x.device, x.dtype)
+    taps = conv.weight.flatten(2)
+    index = placement.argmax(0)  # the tap of each (output, input) pixel pair, or the zero tap
+    index[placement.sum(0) == 0] = taps.shape[-1]
+    taps = F.pad(taps, (0, 1))[..., index]  # [Cout, Cin/groups, HWout*HWin]
+    rows = x.permute(0, 2, 3, 1).reshape(n, height * width, channels)
+    if depthwise:
+        matrix = taps[:, 0].view(channels, out_h * out_w, height * width).permute(2, 1, 0)
+        y = (rows.unsqueeze(2) * matrix).sum(1)
+    else:
+        matrix = taps.view(conv.out_channels, channels, out_h * out_w, height * width)
+        y = rows.reshape(n, -1) @ matrix.permute(3, 1, 2, 0).reshape(height * width * channels, -1)
+    y = y.view(n, out_h, out_w, conv.out_channels)
+    return (y if conv.bias is None else y + conv.bias).permute(0, 3, 1, 2)
+
+
+@contextlib.contextmanager
+def _switch(path: str):
+    if path == "sparse-onednn":
+        with disabled():
+            yield
+        return
+    original = smallconv._tap_matrix_conv
+    if path == "sparse-gather":
+        smallconv._tap_matrix_conv = gather_form
+    try:
+        yield
+    finally:
+        smallconv._tap_matrix_conv = original
 
 
 def step_time(graph: MetaGraph, optimizer, x, y, policy, execution: str) -> float:
@@ -62,7 +104,8 @@ def main() -> None:
     print(f"machine: {processor_name()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, preset {args.preset}, batch {args.batch}")
     print(f"{'density':>8} {'sparse ms':>10} {'dense ms':>9} {'dense/sparse':>13} "
-          f"{'sparse-onednn ms':>17} {'onednn/sparse':>14} {'floor ms':>9} {'dense/floor':>12}")
+          f"{'sparse-onednn ms':>17} {'onednn/sparse':>14} {'gather/sparse':>14} "
+          f"{'floor ms':>9} {'dense/floor':>12}")
     for density in (1.0, 0.5, 0.25):
         rows = max(1, round(density * args.batch))
         every = torch.ones(shape, dtype=torch.bool)
@@ -70,18 +113,19 @@ def main() -> None:
         for i in range(args.steps + args.warmup):
             policy = torch.rand(shape) < density
             inputs = {"sparse": (x, y, policy), "dense": (x, y, policy),
-                      "sparse-onednn": (x, y, policy),
+                      "sparse-onednn": (x, y, policy), "sparse-gather": (x, y, policy),
                       "floor": (x[:rows], y[:rows], every[:rows])}
             for name in PATHS[i % len(PATHS):] + PATHS[:i % len(PATHS)]:
                 execution = "dense" if name == "dense" else "sparse"
-                with disabled() if name == "sparse-onednn" else contextlib.nullcontext():
+                with _switch(name):
                     t = step_time(graph, optimizer, *inputs[name], execution)
                 if i >= args.warmup:  # the first steps build kernels
                     times[name].append(t)
         ms = {name: statistics.median(times[name]) * 1e3 for name in PATHS}
         print(f"{density:>8.2f} {ms['sparse']:>10.1f} {ms['dense']:>9.1f} "
               f"{ms['dense'] / ms['sparse']:>12.2f}x {ms['sparse-onednn']:>17.1f} "
-              f"{ms['sparse-onednn'] / ms['sparse']:>13.2f}x {ms['floor']:>9.1f} "
+              f"{ms['sparse-onednn'] / ms['sparse']:>13.2f}x "
+              f"{ms['sparse-gather'] / ms['sparse']:>13.2f}x {ms['floor']:>9.1f} "
               f"{ms['dense'] / ms['floor']:>11.2f}x")
 
 

@@ -160,6 +160,10 @@ class Config:
     preset: str = _f("custom", "name of the preset this config started from")
     seed: int = _f(0, "seed of every random number generator", ge=0)
     device: str = _f("cpu", "cpu | cuda | cuda:N", )
+    threads: int | None = _f(None, "CPU threads of training and evaluation (default: torch's "
+                                   "choice, one per core; the run records the count it used). "
+                                   "On the CPU a seeded run is bit-reproducible at the same "
+                                   "thread count, machine and software", gt=0)
     channels_last: bool = _f(True, "train in channels-last memory format (faster on CPU)")
     data: DataConfig = field(default_factory=DataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)

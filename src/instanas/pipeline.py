@@ -110,6 +110,10 @@ def open_run(config: Config, run_dir: Path, *, resume: bool = False,
         raise ConfigError(f"latency.table {table} is a folder: give a JSON file, e.g. "
                           f"--latency.table {Path(table) / 'latency_table.json'}")
     set_seed(config.seed)
+    # The thread count fixes the order of floating-point sums: saved, a resumed or repeated run
+    # adds in the same order (docs/reproducibility.md).
+    config.threads = config.threads or torch.get_num_threads()
+    torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device is cuda but no CUDA GPU is visible: use --device cpu")

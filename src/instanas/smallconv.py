@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -114,16 +115,19 @@ def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def _tap_matrix_conv(conv: nn.Conv2d, x: torch.Tensor, depthwise: bool) -> torch.Tensor:
     n, channels, height, width = x.shape
-    kernel, stride, padding = conv.kernel_size, conv.stride, conv.padding
-    index, out_h, out_w = _tap_index(height, width, kernel, stride, padding, str(x.device))
-    # Taps [Cout, Cin/groups, kh*kw] plus a trailing zero for pixel pairs no tap connects.
-    taps = F.pad(conv.weight.flatten(2), (0, 1))
+    placement, out_h, out_w = _tap_placement(height, width, conv.kernel_size, conv.stride,
+                                             conv.padding, x.device, x.dtype)
+    # Taps times a constant one-hot placement: each (output, input) pixel pair gets its tap's
+    # weight, or zero where no tap connects them. A product, not an indexed gather, because
+    # the gather's backward (an accumulating scatter) sums in an order that changes from run
+    # to run with more than one thread; the product's backward is a fixed-order BLAS call.
+    taps = conv.weight.flatten(2) @ placement  # [Cout, Cin/groups, HWout*HWin]
     rows = x.permute(0, 2, 3, 1).reshape(n, height * width, channels)
     if depthwise:
-        matrix = taps[:, 0][:, index].permute(2, 1, 0)  # [HWin, HWout, C]
+        matrix = taps[:, 0].view(channels, out_h * out_w, height * width).permute(2, 1, 0)
         y = (rows.unsqueeze(2) * matrix).sum(1)  # [N, HWout, C]
     else:
-        matrix = taps[:, :, index]  # [Cout, Cin, HWout, HWin]
+        matrix = taps.view(conv.out_channels, channels, out_h * out_w, height * width)
         matrix = matrix.permute(3, 1, 2, 0).reshape(height * width * channels, -1)
         y = rows.reshape(n, -1) @ matrix
     y = y.view(n, out_h, out_w, conv.out_channels)
@@ -133,19 +137,17 @@ def _tap_matrix_conv(conv: nn.Conv2d, x: torch.Tensor, depthwise: bool) -> torch
 
 
 @functools.lru_cache(maxsize=256)
-def _tap_index(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
-               padding: tuple[int, int], device: str) -> tuple[torch.Tensor, int, int]:
-    """[Ho*Wo, H*W] kernel-tap number connecting each output to each input pixel (kh*kw: none)."""
+def _tap_placement(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int], device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, int, int]:
+    """One-hot [kh*kw, Ho*Wo*H*W]: which kernel tap connects each output to each input pixel."""
     kh, kw = kernel
     out_h = (height + 2 * padding[0] - kh) // stride[0] + 1
     out_w = (width + 2 * padding[1] - kw) // stride[1] + 1
-    index = torch.full((out_h * out_w, height * width), kh * kw, dtype=torch.long)
-    for oy in range(out_h):
-        for ox in range(out_w):
-            for ky in range(kh):
-                for kx in range(kw):
-                    iy = oy * stride[0] - padding[0] + ky
-                    ix = ox * stride[1] - padding[1] + kx
-                    if 0 <= iy < height and 0 <= ix < width:
-                        index[oy * out_w + ox, iy * width + ix] = ky * kw + kx
-    return index.to(device), out_h, out_w
+    placement = torch.zeros(kh * kw, out_h * out_w, height * width, dtype=dtype)
+    for oy, ox, ky, kx in itertools.product(range(out_h), range(out_w), range(kh), range(kw)):
+        iy = oy * stride[0] - padding[0] + ky
+        ix = ox * stride[1] - padding[1] + kx
+        if 0 <= iy < height and 0 <= ix < width:
+            placement[ky * kw + kx, oy * out_w + ox, iy * width + ix] = 1
+    return placement.flatten(1).to(device), out_h, out_w
