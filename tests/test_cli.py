@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tiny_runs import snapshot
 
 from instanas.cli import main
@@ -117,6 +118,8 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     assert {"instanas", "mbv2-path", "mbv2-0.5x", "mbv2-0.75x", "mbv2-1.4x", "min-net",
             "random-policy", "oracle", "instanas-A"} <= set(models)
     assert results["device"]["torch"] and results["device"]["threads"] == 1
+    assert results["reproducibility"]["training_threads"] == torch.get_num_threads()
+    assert results["reproducibility"]["bitwise"] is True
     for name, model in models.items():
         assert 0.0 <= model["test_accuracy"] <= 1.0
         assert {"mean", "std", "p50", "p90"} <= set(model["latency_ms"])
@@ -158,7 +161,6 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
         assert reused or f"variants/{letter}" in stages, letter
 
     # The result loads in Python and predicts.
-    import torch
 
     import instanas
 

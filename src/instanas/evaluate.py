@@ -18,16 +18,11 @@ import torch
 
 from . import __version__
 from .controller import Controller, bound_probabilities, sample_policy
+from .flops import FlopsTable, network_flops
 from .inference import InstaNASPredictor
-from .latency import (
-    FlopsTable,
-    LatencyTable,
-    TimingStats,
-    cpu_threads,
-    device_info,
-    network_flops,
-)
+from .latency import LatencyTable, TimingStats, cpu_threads, device_info
 from .metagraph import ChildNetwork, MetaGraph
+from .policy import RandomPolicy
 from .provenance import code_commit, utc_now
 from .schema import RESULTS_SCHEMA_VERSION
 from .space import ChildArchitecture, distinct_children
@@ -156,8 +151,6 @@ class RandomChildRunner:
 def evaluate_random_policy(ctx: RunContext, metagraph: MetaGraph, rate: float,
                            table: LatencyTable, flops_table: FlopsTable) -> Evaluated:
     """Random policies drawn per test image (seeded apart from the training draws)."""
-    from .stages.random_policy import RandomPolicy
-
     graph = metagraph.cpu().eval().deploy()
     draw = RandomPolicy(ctx.space, rate, ctx.config.seed + 2)
     correct, policies = [], []
@@ -248,8 +241,17 @@ def evaluate(ctx: RunContext, models: dict[str, Evaluated], table: LatencyTable,
                                  "head_ms": table.unit_ms("head"),
                                  "controller_ms": table.unit_ms("controller"),
                                  "chain_factor": table.chain_factor},
-               "test_images": len(ctx.data.test), "timed_images": len(timed)}
+               "test_images": len(ctx.data.test), "timed_images": len(timed),
+               "reproducibility": reproducibility(ctx)}
     return results, per_image_arrays(ctx, models, table, samples, expected_ms)
+
+
+def reproducibility(ctx: RunContext) -> dict:
+    """What a rerun must match to give the same weights bit for bit (docs/reproducibility.md)."""
+    return {"seed": ctx.config.seed, "training_threads": ctx.config.threads,
+            "training_device": str(ctx.device),
+            "bitwise": ctx.device.type == "cpu",
+            "scope": "same seed, thread count, processor, torch and instanas version"}
 
 
 def contract_fields(started: str) -> dict:

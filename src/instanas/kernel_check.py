@@ -115,15 +115,20 @@ def _shapes_of(model: nn.Module, policy: torch.Tensor | None, channels: int,
 
 
 def sweep_shapes() -> list[ConvShape]:
-    """A grid around the shapes the presets build: 1x1, 3x3 and 5x5 kernels, strides 1 and 2,
-    dense, grouped and depthwise, on maps from 1x1 to 8x8 (for finding other bad kernels)."""
-    shapes = []
+    """Shapes around those the presets build, for finding other bad kernels: 1x1, 3x3 and 5x5
+    kernels, strides 1 and 2, dense, grouped and depthwise, on maps from 1x1 to 8x8; and the
+    strided 1x1 family in detail (1 to 16 input channels, maps up to 16x16)."""
+    shapes = set()
     for kernel, stride, channels, side in itertools.product(
             (1, 3, 5), (1, 2), (4, 8, 16), (1, 2, 3, 4, 7, 8)):
         for groups in (1, 2, channels):
-            shapes.append(ConvShape(channels, channels * 2 if groups == 1 else channels,
-                                    kernel, stride, groups, side, side))
-    return shapes
+            shapes.add(ConvShape(channels, channels * 2 if groups == 1 else channels,
+                                 kernel, stride, groups, side, side))
+    for channels, stride, side in itertools.product(
+            (1, 2, 3, 4, 6, 8, 12, 16), (2, 3), (2, 3, 4, 5, 6, 8, 9, 12, 16)):
+        for out in {channels, channels * 2, 8}:
+            shapes.add(ConvShape(channels, out, 1, stride, 1, side, side))
+    return sorted(shapes)
 
 
 def run_shape(shape: ConvShape, raw: bool = False) -> None:
