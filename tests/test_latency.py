@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from instanas.controller import Controller, ControllerSpec
+from instanas.flops import count_flops
 from instanas.latency import (
     LatencyTable,
     TimingStats,
-    count_flops,
     load_or_profile,
     profile_table,
     table_key,

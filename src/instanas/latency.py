@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -21,16 +22,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .controller import Controller
 from .metagraph import MetaGraph
 from .reward import LatencyBounds
-from .space import FORCED_DEFAULT_MODULE, MBV2_MODULE
+from .space import FORCED_DEFAULT_MODULE, MBV2_MODULE, ChildArchitecture
 from .utils import atomic_write_text, progress_bar
 
 log = logging.getLogger(__name__)
 TABLE_FORMAT = 2  # 2: chain_factor calibrated against whole children
+CALIBRATION_SEED_OFFSET = 7919  # keeps calibration children apart from validation children
 
 
 @dataclass(frozen=True)
@@ -206,14 +207,12 @@ def profile_table(metagraph: MetaGraph, controller: Controller, device: torch.de
                   calibration_children: int = 30) -> LatencyTable:
     """Time every (cell, module), the stem, the head and the controller at batch 1, then
     calibrate the table's ``chain_factor`` on whole random children (0 children: no factor)."""
-    from .latency_check import calibrate_chain_factor
-
     if repeats < 30:
         raise ValueError(f"latency repeats is {repeats}: use at least 30 for a stable median")
     with cpu_threads(threads):
         graph = metagraph.deploy().to(device)
         ctrl = controller.deploy().to(device)
-        units = _timing_units(graph, ctrl, device)
+        units = timing_units(graph, ctrl, device)
         stats = time_units(units, device, warmup=warmup, repeats=repeats, seed=seed,
                            desc="latency table")
     modules = [[stats[f"cell{c}/m{m}"] for m in range(metagraph.space.num_modules)]
@@ -227,8 +226,10 @@ def profile_table(metagraph: MetaGraph, controller: Controller, device: torch.de
     return table
 
 
-def _timing_units(graph: MetaGraph, ctrl: Controller,
-                  device: torch.device) -> dict[str, Callable[[], object]]:
+def timing_units(graph: MetaGraph, ctrl: Controller,
+                 device: torch.device) -> dict[str, Callable[[], object]]:
+    """The units a table holds (stem, controller, every cell's modules, head) of a deployed
+    meta-graph, each a batch-1 forward on a random input of its real shape."""
     space = graph.space
     units: dict[str, Callable[[], object]] = {}
 
@@ -280,40 +281,70 @@ def default_cache_path(key: dict) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs (device independent; counted once per module with torch's FlopCounterMode)
+# Whole children timed end to end: the table's chain factor, ``profile --validate`` and the
+# variants' measured latency
 
 
-@dataclass
-class FlopsTable:
-    modules: torch.Tensor  # [cells, modules]
-    fixed: dict[str, float]
+def random_children(metagraph: MetaGraph, count: int, seed: int) -> list[ChildArchitecture]:
+    """``count`` distinct resolved children spread over the whole latency range.
 
-    def per_image(self, resolved_policy: torch.Tensor, include_controller: bool = True
-                  ) -> torch.Tensor:
-        names = ["stem", "head"] + (["controller"] if include_controller else [])
-        cells = (resolved_policy.float().cpu() * self.modules).flatten(-2).sum(-1)
-        return cells + sum(self.fixed[n] for n in names)
-
-
-def count_flops(metagraph: MetaGraph, controller: Controller) -> FlopsTable:
-    """Multiply-add FLOPs (x2) of every unit at batch 1, counted by running it once."""
-    graph = metagraph.deploy().cpu()
-    ctrl = controller.deploy().cpu()
-    counts = {}
-    for name, fn in _timing_units(graph, ctrl, torch.device("cpu")).items():
-        mode = FlopCounterMode(display=False)
-        with mode, torch.inference_mode():
-            fn()
-        counts[name] = float(mode.get_total_flops())
+    Each child draws its own selection rate (uniform in [0.05, 0.8]) so that cheap, medium and
+    expensive children are all represented, not only children near 50 % density.
+    """
+    generator = torch.Generator().manual_seed(seed)
     space = metagraph.space
-    modules = torch.tensor([[counts[f"cell{c}/m{m}"] for m in range(space.num_modules)]
-                            for c in range(space.num_cells)])
-    return FlopsTable(modules, {n: counts[n] for n in ("stem", "head", "controller")})
+    children: dict[str, ChildArchitecture] = {}
+    while len(children) < count:
+        rate = 0.05 + 0.75 * float(torch.rand((), generator=generator))
+        draw = torch.rand((1, space.num_cells, space.num_modules), generator=generator) < rate
+        child = ChildArchitecture.from_policy(metagraph.resolve(draw)[0])
+        children.setdefault(str(child), child)
+    return list(children.values())
 
 
-def network_flops(network: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
-    """FLOPs (2 x multiply-adds) of one batch-1 forward of a static network."""
-    mode = FlopCounterMode(display=False)
-    with mode, torch.inference_mode():
-        network(torch.zeros(1, *input_shape))
-    return float(mode.get_total_flops())
+def measure_children(metagraph: MetaGraph, controller: Controller,
+                     children: list[ChildArchitecture], *, threads: int, warmup: int,
+                     repeats: int, seed: int = 0) -> dict[str, TimingStats]:
+    """Batch-1 CPU time of controller + materialised, BN-folded child, interleaved rounds."""
+    space = metagraph.space
+    ctrl = controller.deploy().cpu()
+    image = torch.randn(1, space.input_channels, space.input_size, space.input_size)
+    units = {str(child): _end_to_end(ctrl, metagraph.cpu().materialize(child).deploy(), image)
+             for child in children}
+    with cpu_threads(threads):
+        return time_units(units, torch.device("cpu"), warmup=warmup, repeats=repeats,
+                          seed=seed, desc="children")
+
+
+def predicted_ms(table: LatencyTable, metagraph: MetaGraph, child: ChildArchitecture) -> float:
+    """Table prediction for the deployed batch-1 path: controller + child."""
+    return float(table.cells_ms(metagraph.resolve(child.to_policy()))) + table.fixed_ms()
+
+
+def calibrate_chain_factor(table: LatencyTable, metagraph: MetaGraph, controller: Controller,
+                           count: int, *, threads: int, warmup: int, repeats: int,
+                           seed: int = 0) -> float:
+    """Median of measured / additive-sum over ``count`` random children (see LatencyTable).
+
+    The children come from a different random stream than the validation children, so
+    ``profile --validate`` checks the factor on children it was not fitted to.
+    """
+    children = random_children(metagraph, count, seed=CALIBRATION_SEED_OFFSET + seed)
+    raw = LatencyTable(table.key, table.modules, table.fixed, chain_factor=1.0)
+    stats = measure_children(metagraph, controller, children, threads=threads, warmup=warmup,
+                             repeats=repeats, seed=seed)
+    ratios = [stats[str(c)].median_ms / predicted_ms(raw, metagraph, c) for c in children]
+    return quantile(ratios, 0.5)
+
+
+def _end_to_end(controller: torch.nn.Module, network: torch.nn.Module, image: torch.Tensor):
+    def run() -> torch.Tensor:
+        controller(image)  # the deployed path always pays for the controller first
+        return network(image)
+    return run
+
+
+def quantile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))

@@ -20,12 +20,17 @@ import torch
 
 from .controller import Controller
 from .inference import InstaNASPredictor
-from .latency import LatencyTable, TimingStats, cpu_threads, device_info, time_units
+from .latency import (
+    LatencyTable,
+    device_info,
+    measure_children,
+    predicted_ms,
+    quantile,
+)
+from .latency import random_children as random_children  # re-exported: it used to live here
 from .metagraph import MetaGraph
 from .space import ChildArchitecture
 from .utils import atomic_write_text
-
-CALIBRATION_SEED_OFFSET = 7919  # keeps calibration children apart from validation children
 
 
 @dataclass
@@ -60,23 +65,6 @@ class TableValidation:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
 
-def random_children(metagraph: MetaGraph, count: int, seed: int) -> list[ChildArchitecture]:
-    """``count`` distinct resolved children spread over the whole latency range.
-
-    Each child draws its own selection rate (uniform in [0.05, 0.8]) so that cheap, medium and
-    expensive children are all represented, not only children near 50 % density.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    space = metagraph.space
-    children: dict[str, ChildArchitecture] = {}
-    while len(children) < count:
-        rate = 0.05 + 0.75 * float(torch.rand((), generator=generator))
-        draw = torch.rand((1, space.num_cells, space.num_modules), generator=generator) < rate
-        child = ChildArchitecture.from_policy(metagraph.resolve(draw)[0])
-        children.setdefault(str(child), child)
-    return list(children.values())
-
-
 def controller_children(predictor: InstaNASPredictor, images: torch.Tensor
                         ) -> dict[str, tuple[ChildArchitecture, int]]:
     """Every distinct child the controller picks for ``images``, with how many images pick it."""
@@ -87,41 +75,6 @@ def controller_children(predictor: InstaNASPredictor, images: torch.Tensor
             key = str(child)
             found[key] = (child, found.get(key, (child, 0))[1] + 1)
     return found
-
-
-def measure_children(metagraph: MetaGraph, controller: Controller,
-                     children: list[ChildArchitecture], *, threads: int, warmup: int,
-                     repeats: int, seed: int = 0) -> dict[str, TimingStats]:
-    """Batch-1 CPU time of controller + materialised, BN-folded child, interleaved rounds."""
-    space = metagraph.space
-    ctrl = controller.deploy().cpu()
-    image = torch.randn(1, space.input_channels, space.input_size, space.input_size)
-    units = {str(child): _end_to_end(ctrl, metagraph.cpu().materialize(child).deploy(), image)
-             for child in children}
-    with cpu_threads(threads):
-        return time_units(units, torch.device("cpu"), warmup=warmup, repeats=repeats,
-                          seed=seed, desc="children")
-
-
-def predicted_ms(table: LatencyTable, metagraph: MetaGraph, child: ChildArchitecture) -> float:
-    """Table prediction for the deployed batch-1 path: controller + child."""
-    return float(table.cells_ms(metagraph.resolve(child.to_policy()))) + table.fixed_ms()
-
-
-def calibrate_chain_factor(table: LatencyTable, metagraph: MetaGraph, controller: Controller,
-                           count: int, *, threads: int, warmup: int, repeats: int,
-                           seed: int = 0) -> float:
-    """Median of measured / additive-sum over ``count`` random children (see LatencyTable).
-
-    The children come from a different random stream than the validation children, so
-    ``profile --validate`` checks the factor on children it was not fitted to.
-    """
-    children = random_children(metagraph, count, seed=CALIBRATION_SEED_OFFSET + seed)
-    raw = LatencyTable(table.key, table.modules, table.fixed, chain_factor=1.0)
-    stats = measure_children(metagraph, controller, children, threads=threads, warmup=warmup,
-                             repeats=repeats, seed=seed)
-    ratios = [stats[str(c)].median_ms / predicted_ms(raw, metagraph, c) for c in children]
-    return _quantile(ratios, 0.5)
 
 
 def validate_table(table: LatencyTable, metagraph: MetaGraph, controller: Controller,
@@ -137,14 +90,7 @@ def validate_table(table: LatencyTable, metagraph: MetaGraph, controller: Contro
         children=timings, device=device_info(torch.device("cpu"), threads),
         chain_factor=table.chain_factor,
         spearman=spearman([t.predicted_ms for t in timings], [t.measured_ms for t in timings]),
-        median_relative_error=_quantile(errors, 0.5), p90_relative_error=_quantile(errors, 0.9))
-
-
-def _end_to_end(controller: torch.nn.Module, network: torch.nn.Module, image: torch.Tensor):
-    def run() -> torch.Tensor:
-        controller(image)  # the deployed path always pays for the controller first
-        return network(image)
-    return run
+        median_relative_error=quantile(errors, 0.5), p90_relative_error=quantile(errors, 0.9))
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -170,12 +116,6 @@ def _ranks(values: list[float]) -> list[float]:
             ranks[order[k]] = (i + j) / 2 + 1
         i = j + 1
     return ranks
-
-
-def _quantile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
 
 def plot_validation(result: TableValidation, path: str | Path) -> None:

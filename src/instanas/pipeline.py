@@ -24,29 +24,23 @@ from .evaluate import (
     expected_latency,
     oracle,
 )
+from .flops import count_flops
 from .inference import InstaNASPredictor
 from .latency import (
     LatencyTable,
-    count_flops,
     default_cache_path,
     load_or_profile,
     profile_table,
+    random_children,
     table_key,
 )
-from .latency_check import (
-    TableValidation,
-    controller_children,
-    plot_validation,
-    random_children,
-    validate_table,
-)
+from .latency_check import TableValidation, controller_children, plot_validation, validate_table
 from .metagraph import ChildNetwork, build_mbv2_baseline, mobilenetv2_path
 from .report import write_report, write_results_markdown
 from .stages.baseline import reference_networks, reference_path, train_baseline, train_references
 from .stages.common import (
     PREVIOUS,
     STAGE_FILES,
-    identity,
     load_stage,
     new_models,
     require_previous,
@@ -59,7 +53,7 @@ from .stages.random_policy import train_random_policy
 from .stages.resume import newest_readable, stop_after_epoch
 from .stages.search import search
 from .stages.variants import build_variants, load_candidate
-from .training import RunContext
+from .training import RunContext, run_identity
 from .utils import atomic_copy, atomic_write_bytes, atomic_write_text, set_seed, write_json
 
 log = logging.getLogger("instanas")
@@ -348,7 +342,7 @@ def trained_references(ctx: RunContext) -> dict[str, ChildNetwork]:
     for name, net in reference_networks(ctx).items():
         path = reference_path(ctx, name)
         if path.exists():
-            load_checkpoint(path, {"network": net}, expect=identity(ctx))
+            load_checkpoint(path, {"network": net}, expect=run_identity(ctx))
             networks[name] = net
     return networks
 

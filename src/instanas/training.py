@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -71,6 +72,15 @@ class RunContext:
     def steps_per_epoch(self, batch_size: int) -> int:
         n = len(self.data.train)
         return num_batches(n, batch_size, drop_last=n > batch_size)
+
+
+def run_identity(ctx: RunContext) -> dict:
+    """What a checkpoint must agree on with the run that loads it."""
+    facts = {"preset": ctx.config.preset, "space": ctx.space.to_dict(),
+             "classes": list(ctx.data.classes),
+             "controller": ctx.config.controller_spec().to_dict(),
+             "normalization": {"mean": list(ctx.data.mean), "std": list(ctx.data.std)}}
+    return json.loads(json.dumps(facts))  # tuples become lists, as they come back from JSON
 
 
 def sgd(params, lr: float, weight_decay: float) -> torch.optim.SGD:

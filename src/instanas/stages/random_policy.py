@@ -15,27 +15,13 @@ import torch
 
 from ..latency import LatencyTable
 from ..metagraph import MetaGraph
+from ..policy import RandomPolicy, evaluate_policies, greedy_of
 from ..space import SearchSpace, apply_empty_cell_rule
 from ..training import RunContext
-from .common import stage_path
-from .finetune import train_under_policy
-from .search import evaluate_policies, greedy_of
+from .common import stage_path, train_under_policy
 
 log = logging.getLogger("instanas")
 _MATCH_SAMPLES = 8192
-
-
-class RandomPolicy:
-    """Independent Bernoulli(rate) per (cell, module), from its own seeded generator."""
-
-    def __init__(self, space: SearchSpace, rate: float, seed: int) -> None:
-        self.shape = (space.num_cells, space.num_modules)
-        self.rate = rate
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        draw = torch.rand((images.shape[0], *self.shape), generator=self.generator)
-        return (draw < self.rate).to(images.device)
 
 
 def mean_random_ms(table: LatencyTable, space: SearchSpace, rate: float, seed: int) -> float:

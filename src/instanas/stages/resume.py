@@ -30,9 +30,8 @@ from ..checkpoint import (
     read_checkpoint,
     save_tensors,
 )
-from ..training import RunContext
+from ..training import RunContext, run_identity
 from ..utils import atomic_write_text
-from .common import identity
 
 log = logging.getLogger("instanas")
 KEEP = 2
@@ -85,7 +84,7 @@ class EpochCheckpoints:
         optimizers = {name: _optimizer_json(name, opt, tensors)
                       for name, opt in self.optimizers.items()}
         rng = _rng_json(tensors, self.generators)
-        meta = {**identity(self.ctx), "stage": self.stage, "epoch": epoch,
+        meta = {**run_identity(self.ctx), "stage": self.stage, "epoch": epoch,
                 "optimizers": optimizers, "rng": rng, "record": record or {}}
         folder = state_folder(self.ctx.run_dir, self.stage)
         save_tensors(folder / f"epoch_{epoch:04d}.safetensors", tensors, meta)
@@ -150,7 +149,7 @@ def newest_readable(ctx: RunContext, stage: str) -> tuple[Path, dict, dict] | No
             tensors, meta = read_checkpoint(path)
         except CheckpointError:
             continue
-        check_identity(path, meta, identity(ctx))  # another run's state is an error, not a skip
+        check_identity(path, meta, run_identity(ctx))  # another run's state is an error, not a skip
         for bad in paths[:i]:
             log.warning("%s is corrupt or truncated; resuming from %s instead", bad, path.name)
         return path, tensors, meta

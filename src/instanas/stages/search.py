@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,69 +17,12 @@ from ..controller import (
 )
 from ..latency import LatencyTable
 from ..metagraph import MetaGraph
+from ..policy import calibrate, evaluate_policies, greedy_of
 from ..reward import instance_reward, window_bounds
-from ..space import distinct_children
-from ..training import (
-    RunContext,
-    batch_statistics,
-    check_finite,
-    recalibrate_batchnorm,
-    sgd,
-    supervised_epoch,
-    training_images,
-)
+from ..training import RunContext, batch_statistics, check_finite, sgd, supervised_epoch
 from ..utils import atomic_copy, progress_bar, write_json
 from .common import save_stage, stage_path
 from .resume import EpochCheckpoints
-
-
-@dataclass
-class PolicyStats:
-    accuracy: float
-    cells_ms: float  # mean table latency of the cells
-    total_ms: float  # plus stem, head and controller
-    distinct_children: int
-    mean_active_modules: float
-
-
-PolicyFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def greedy_of(controller: Controller) -> PolicyFn:
-    """The controller's greedy policy for a batch of images (raw, before the empty-cell rule)."""
-    return lambda images: greedy_policy(controller(images))
-
-
-@torch.no_grad()
-def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn,
-                      table: LatencyTable, data, include_controller: bool = True
-                      ) -> tuple[PolicyStats, torch.Tensor]:
-    """Accuracy and table latency on ``data`` under ``policy_fn`` (e.g. the controller's greedy
-    policy); also returns the resolved policies. ``include_controller``: whether the policy
-    costs a controller pass (not for random policies)."""
-    metagraph.eval()
-    correct, policies = 0, []
-    for batch in ctx.batches(data, 500, train=False):
-        policy = metagraph.resolve(policy_fn(batch.images))
-        correct += int((metagraph(batch.images, policy).argmax(1) == batch.labels).sum())
-        policies.append(policy.cpu())
-    resolved = torch.cat(policies)
-    cells = table.cells_ms(resolved)
-    stats = PolicyStats(correct / len(data), float(cells.mean()),
-                        float(cells.mean()) + table.fixed_ms(include_controller),
-                        distinct_children([resolved]),
-                        float(resolved.sum(dim=(1, 2)).float().mean()))
-    return stats, resolved
-
-
-def calibrate(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn, *, purpose: str,
-              epoch: int) -> None:
-    """Recalibrate the meta-graph's BatchNorm for the policies ``policy_fn`` now picks."""
-    cfg = ctx.config.search
-    recalibrate_batchnorm(metagraph, lambda x: metagraph(x, policy_fn(x)),
-                          training_images(ctx, cfg.batch_size, cfg.recalibrate_batches, purpose,
-                                          epoch))
-    metagraph.eval()
 
 
 def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
@@ -149,19 +89,6 @@ def snapshot_steps(steps: int, parts: int) -> dict[int, int]:
     """{step index: part} for the ``parts - 1`` checkpoints evenly inside an epoch of ``steps``."""
     at = {max(round(k * steps / parts) - 1, 0): k for k in range(1, parts)}
     return {step: part for step, part in at.items() if step < steps - 1}
-
-
-def checkpoint_order(path: Path) -> tuple[int, int]:
-    """Chronological sort key of search/epoch_EEE[_partK].safetensors (end of epoch last)."""
-    match = re.fullmatch(r"epoch_(\d+)(?:_part(\d+))?\.safetensors", path.name)
-    if match is None:
-        raise ValueError(f"{path} is not a search checkpoint name")
-    return int(match.group(1)), int(match.group(2)) if match.group(2) else 1 << 30
-
-
-def search_checkpoints(run_dir: Path) -> list[Path]:
-    """Every checkpoint the search kept, in the order they were written."""
-    return sorted((run_dir / "search").glob("epoch_*.safetensors"), key=checkpoint_order)
 
 
 def metagraph_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,

@@ -27,16 +27,14 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..controller import Controller
-from ..latency import LatencyTable
-from ..latency_check import measure_children, predicted_ms
+from ..latency import LatencyTable, measure_children, predicted_ms
 from ..metagraph import MetaGraph
+from ..policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
 from ..space import ChildArchitecture
-from ..training import RunContext, cosine, sgd, supervised_epoch
+from ..training import RunContext, cosine, run_identity, sgd, supervised_epoch
 from ..utils import atomic_copy, write_json
-from .common import identity, new_models, stage_path
-from .finetune import finetune, policy_forward
+from .common import finetune_under_controller, new_models, search_checkpoints, stage_path
 from .resume import stop_if_requested
-from .search import PolicyFn, calibrate, evaluate_policies, greedy_of, search_checkpoints
 
 log = logging.getLogger("instanas")
 
@@ -70,8 +68,8 @@ def load_candidate(ctx: RunContext, path: Path, weights: Path | None = None
                    ) -> tuple[MetaGraph, Controller]:
     """Controller of checkpoint ``path``, meta-graph of ``weights`` (default: the same file)."""
     metagraph, controller = new_models(ctx)
-    load_checkpoint(path, {"controller": controller}, expect=identity(ctx))
-    load_checkpoint(weights or path, {"metagraph": metagraph}, expect=identity(ctx))
+    load_checkpoint(path, {"controller": controller}, expect=run_identity(ctx))
+    load_checkpoint(weights or path, {"metagraph": metagraph}, expect=run_identity(ctx))
     return ctx.prepare(metagraph), ctx.prepare(controller).eval()
 
 
@@ -208,7 +206,8 @@ def build_variants(ctx: RunContext, table: LatencyTable) -> dict:
                  candidate["checkpoint"], candidate["weights"])
         metagraph, controller = load_candidate(ctx, ctx.run_dir / candidate["checkpoint"],
                                                ctx.run_dir / candidate["weights"])
-        finetune(ctx, metagraph, controller, table, stage=f"variants/{letter}", output=output)
+        finetune_under_controller(ctx, metagraph, controller, table, stage=f"variants/{letter}",
+                                  output=output)
     summary = {letter: {**c, "model": str(variant_path(ctx, letter).relative_to(ctx.run_dir))}
                for letter, c in sorted(chosen.items())}
     write_json(stage_path(ctx, "variants"), summary)

@@ -1,0 +1,93 @@
+"""Policies: which modules each image runs, and what a meta-graph scores under them.
+
+A policy function maps a batch of images to a [batch, cells, modules] boolean policy. The
+stages use two kinds: a controller's greedy policy (``greedy_of``) and independent random
+draws (``RandomPolicy``, the random-policy baseline). Search, fine-tuning, the variants and the
+random-policy stage all score a policy with ``evaluate_policies`` and recalibrate BatchNorm for
+it with ``calibrate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .controller import Controller, greedy_policy
+from .latency import LatencyTable
+from .metagraph import MetaGraph
+from .space import SearchSpace, distinct_children
+from .training import RunContext, recalibrate_batchnorm, training_images
+
+
+@dataclass
+class PolicyStats:
+    accuracy: float
+    cells_ms: float  # mean table latency of the cells
+    total_ms: float  # plus stem, head and controller
+    distinct_children: int
+    mean_active_modules: float
+
+
+PolicyFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def greedy_of(controller: Controller) -> PolicyFn:
+    """The controller's greedy policy for a batch of images (raw, before the empty-cell rule)."""
+    return lambda images: greedy_policy(controller(images))
+
+
+class RandomPolicy:
+    """Independent Bernoulli(rate) per (cell, module), from its own seeded generator."""
+
+    def __init__(self, space: SearchSpace, rate: float, seed: int) -> None:
+        self.shape = (space.num_cells, space.num_modules)
+        self.rate = rate
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        draw = torch.rand((images.shape[0], *self.shape), generator=self.generator)
+        return (draw < self.rate).to(images.device)
+
+
+def policy_forward(metagraph: MetaGraph, policy_fn: PolicyFn
+                   ) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The training forward: logits under the policies ``policy_fn`` picks (no gradient)."""
+    def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
+        with torch.no_grad():
+            policy = policy_fn(images)
+        return metagraph(images, policy)
+    return forward
+
+
+@torch.no_grad()
+def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn,
+                      table: LatencyTable, data, include_controller: bool = True
+                      ) -> tuple[PolicyStats, torch.Tensor]:
+    """Accuracy and table latency on ``data`` under ``policy_fn`` (e.g. the controller's greedy
+    policy); also returns the resolved policies. ``include_controller``: whether the policy
+    costs a controller pass (not for random policies)."""
+    metagraph.eval()
+    correct, policies = 0, []
+    for batch in ctx.batches(data, 500, train=False):
+        policy = metagraph.resolve(policy_fn(batch.images))
+        correct += int((metagraph(batch.images, policy).argmax(1) == batch.labels).sum())
+        policies.append(policy.cpu())
+    resolved = torch.cat(policies)
+    cells = table.cells_ms(resolved)
+    stats = PolicyStats(correct / len(data), float(cells.mean()),
+                        float(cells.mean()) + table.fixed_ms(include_controller),
+                        distinct_children([resolved]),
+                        float(resolved.sum(dim=(1, 2)).float().mean()))
+    return stats, resolved
+
+
+def calibrate(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn, *, purpose: str,
+              epoch: int) -> None:
+    """Recalibrate the meta-graph's BatchNorm for the policies ``policy_fn`` now picks."""
+    cfg = ctx.config.search
+    recalibrate_batchnorm(metagraph, lambda x: metagraph(x, policy_fn(x)),
+                          training_images(ctx, cfg.batch_size, cfg.recalibrate_batches, purpose,
+                                          epoch))
+    metagraph.eval()

@@ -1,0 +1,116 @@
+"""The package's import graph: no cycles, and no training stage importing another stage.
+
+The graph is read from the source with ``ast`` (nothing is imported), counting every ``import``
+and ``from ... import`` wherever it sits: at module level, inside functions (lazy imports) and
+under ``if TYPE_CHECKING``. A lazy import inside a function still ties two modules together;
+hiding a cycle that way is what this test is meant to catch.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = "instanas"
+ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
+# Modules under stages/ that every stage may use: they hold no stage of their own.
+STAGE_HELPERS = {f"{PACKAGE}.stages.common", f"{PACKAGE}.stages.resume"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(ROOT.rglob("*.py"))}
+
+
+def _resolve_from(node: ast.ImportFrom, name: str, is_package: bool) -> str | None:
+    """The absolute module a ``from X import ...`` names, or None when it is outside the package."""
+    if node.level == 0:
+        return node.module
+    base = name.split(".") if is_package else name.split(".")[:-1]
+    if node.level > 1:
+        base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules that module ``name`` imports."""
+    found: set[str] = set()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = _resolve_from(node, name, path.name == "__init__.py")
+            if module is None:
+                continue
+            # `from . import space` imports the submodule; `from . import __version__` the package.
+            targets = [f"{module}.{alias.name}" if f"{module}.{alias.name}" in known else module
+                       for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = modules()
+    known = set(paths)
+    return {name: imports_of(name, path, known) for name, path in paths.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None. Depth-first search with colours."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_graph_reader_sees_relative_and_lazy_imports():
+    graph = import_graph()
+    assert f"{PACKAGE}.stages.common" in graph[f"{PACKAGE}.stages.pretrain"]  # from .common
+    assert f"{PACKAGE}.metagraph" in graph[f"{PACKAGE}.stages.pretrain"]  # from ..metagraph
+    assert f"{PACKAGE}.report" in graph[f"{PACKAGE}.cli"]  # imported inside a function
+    assert f"{PACKAGE}.cli" in graph[f"{PACKAGE}.__main__"]
+
+
+def test_cycle_finder():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_stage_imports_another_stage():
+    prefix = f"{PACKAGE}.stages."
+    stages = {name for name in modules() if name.startswith(prefix) and name not in STAGE_HELPERS}
+    graph = import_graph()
+    offending = sorted(f"{name} imports {other}" for name in stages
+                       for other in graph[name] if other in stages)
+    assert not offending, ("stages share code through stages/common.py or modules outside "
+                           "stages/, not through each other: " + "; ".join(offending))
