@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from tiny_runs import snapshot
 
 from instanas.cli import main
@@ -120,6 +121,10 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     assert results["device"]["torch"] and results["device"]["threads"] == 1
     assert results["reproducibility"]["training_threads"] == torch.get_num_threads()
     assert results["reproducibility"]["bitwise"] is True
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["threads"] >= 1  # every run records what it ran with
+    assert {k: resolved["data"][k] for k in ("flip", "crop_padding", "cutout")} == \
+        {"flip": True, "crop_padding": 2, "cutout": 0}
     for name, model in models.items():
         assert 0.0 <= model["test_accuracy"] <= 1.0
         assert {"mean", "std", "p50", "p90"} <= set(model["latency_ms"])

@@ -531,6 +531,17 @@ def test_augmenter_for_defaults() -> None:
     assert not evaluation.augments and evaluation.mean == (0.5, 0.5, 0.5)
 
 
+def test_augmentation_options_override_the_data_set_defaults() -> None:
+    folder = augmenter_for(tiny_bundle("folder", 64), train=True, flip=False, crop_padding=0,
+                           cutout=4)
+    assert (folder.crop_padding, folder.flip, folder.cutout) == (0, False, 4)
+    unflipped = augmenter_for(tiny_bundle("folder", 64), train=True, flip=False, crop_padding=0)
+    images = torch.from_numpy(id_images(16, 64, 3))
+    generator = torch.Generator().manual_seed(0)
+    identity = augmenter_for(tiny_bundle("folder", 64), train=False)
+    assert torch.equal(unflipped(images, generator=generator), identity(images))
+
+
 # --------------------------------------------------------------------------- batching
 
 

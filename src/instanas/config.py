@@ -47,6 +47,15 @@ class DataConfig:
                              gt=0.0, le=0.5)
     image_size: int | None = _f(None, "side images are resized to (default: the data set's own)",
                                 gt=0)
+    flip: bool | None = _f(None, "random horizontal flips in training (default: on for every "
+                                 "data set); turn off where orientation carries the class: "
+                                 "digits, text, documents, many medical images")
+    crop_padding: int | None = _f(None, "random crops from images zero-padded by this many "
+                                        "pixels in training (default: 2 for fashion-mnist, 4 "
+                                        "for cifar, image_size / 8 for folder trees; 0: none)",
+                                  ge=0)
+    cutout: int | None = _f(None, "side of the square cutout in training (default: 16 for "
+                                  "cifar10, 8 for cifar100, 0 = none otherwise)", ge=0)
     limit_train: int | None = _f(None, "use only this many training images (smoke runs)", gt=1)
     limit_test: int | None = _f(None, "use only this many test images (smoke runs)", gt=0)
 

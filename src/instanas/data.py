@@ -32,6 +32,7 @@ __all__ = [
     "DataError",
     "ImageSet",
     "augmenter_for",
+    "default_augmentation",
     "iterate_batches",
     "load_dataset",
     "num_batches",
@@ -697,17 +698,26 @@ def _randint(
     return torch.randint(high, (n,), generator=generator, device=gen_device).to(device)
 
 
-def augmenter_for(bundle: DataBundle, *, train: bool) -> BatchAugmenter:
-    """Standard augmentation for the bundle's dataset; train=False only normalises."""
-    if not train:
-        return BatchAugmenter(bundle.mean, bundle.std)
+def default_augmentation(bundle: DataBundle) -> dict[str, int | bool]:
+    """The data set's standard training augmentation: flip, crop padding, cutout side."""
     if bundle.name == "fashion-mnist":
-        return BatchAugmenter(bundle.mean, bundle.std, crop_padding=2, flip=True)
+        return {"flip": True, "crop_padding": 2, "cutout": 0}
     if bundle.name in ("cifar10", "cifar100"):
         # Cutout sizes from DeVries & Taylor (2017): 16 for CIFAR-10, 8 for CIFAR-100.
-        cutout = 16 if bundle.name == "cifar10" else 8
-        return BatchAugmenter(bundle.mean, bundle.std, crop_padding=4, flip=True, cutout=cutout)
-    return BatchAugmenter(bundle.mean, bundle.std, crop_padding=bundle.image_size // 8, flip=True)
+        return {"flip": True, "crop_padding": 4, "cutout": 16 if bundle.name == "cifar10" else 8}
+    return {"flip": True, "crop_padding": bundle.image_size // 8, "cutout": 0}
+
+
+def augmenter_for(bundle: DataBundle, *, train: bool, flip: bool | None = None,
+                  crop_padding: int | None = None, cutout: int | None = None) -> BatchAugmenter:
+    """Training augmentation of the bundle (None: the data set's default, see
+    ``default_augmentation``); train=False only normalises."""
+    if not train:
+        return BatchAugmenter(bundle.mean, bundle.std)
+    given = {"flip": flip, "crop_padding": crop_padding, "cutout": cutout}
+    settings = {k: v if given[k] is None else given[k]
+                for k, v in default_augmentation(bundle).items()}
+    return BatchAugmenter(bundle.mean, bundle.std, **settings)
 
 
 # --------------------------------------------------------------------------- batching

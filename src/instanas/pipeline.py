@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config_file, to_yaml
-from .data import load_dataset
+from .data import default_augmentation, load_dataset
 from .evaluate import (
     evaluate,
     evaluate_instanas,
@@ -115,6 +115,9 @@ def open_run(config: Config, run_dir: Path, *, resume: bool = False,
     data = load_dataset(d.dataset, d.root, val_fraction=d.val_fraction, seed=config.seed,
                         image_size=d.image_size, limit_train=d.limit_train,
                         limit_test=d.limit_test)
+    for key, value in default_augmentation(data).items():  # config.yaml shows what runs
+        if getattr(d, key) is None:
+            setattr(d, key, value)
     space = config.search_space(data.channels, data.image_size, data.num_classes)
     if space.final_size < 2:
         log.warning("the last cells work on %dx%d maps; BatchNorm may fail on single images",

@@ -42,7 +42,9 @@ class RunContext:
     eval_augment: BatchAugmenter = field(init=False)
 
     def __post_init__(self) -> None:
-        self.train_augment = augmenter_for(self.data, train=True)
+        d = self.config.data
+        self.train_augment = augmenter_for(self.data, train=True, flip=d.flip,
+                                           crop_padding=d.crop_padding, cutout=d.cutout)
         self.eval_augment = augmenter_for(self.data, train=False)
 
     def generator(self, purpose: str, epoch: int = 0) -> torch.Generator:
