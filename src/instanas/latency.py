@@ -4,6 +4,10 @@ Modules are timed in their deployed form (BatchNorm folded), the same form the m
 inference runs, with each cell's real input shape. Timings are interleaved in rounds over all
 units, so background load on a noisy machine spreads evenly over the table instead of inflating
 whichever module happened to be timed at a bad moment.
+
+Whole children are timed end to end here too (``measure_children``): the table's chain factor
+is calibrated on them, the variants' latency is measured with them, and ``latency_check``
+compares them with the table's predictions.
 """
 
 from __future__ import annotations
