@@ -15,19 +15,11 @@ CASES = [  # in, out, kernel, stride, groups, map side
 ]
 
 
-@pytest.mark.parametrize("cin,cout,kernel,stride,groups,side", CASES)
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_matrix_form_equals_conv2d(cin, cout, kernel, stride, groups, side, channels_last, bias):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias).double()
-    assert matrix_form(conv, side, side) is not None
-    x = torch.randn(5, cin, side, side, dtype=torch.double)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+def assert_same_as_conv2d(conv: nn.Conv2d, x: torch.Tensor, form) -> None:
+    """``form(x)`` equals ``conv(x)``: outputs, input gradients and parameter gradients."""
     grad_out = None
     outs, grads = [], []
-    for fn in (conv, lambda t: conv2d(conv, t)):
+    for fn in (conv, form):
         xi = x.clone().requires_grad_(True)
         y = fn(xi)
         grad_out = torch.randn_like(y) if grad_out is None else grad_out
@@ -39,6 +31,19 @@ def test_matrix_form_equals_conv2d(cin, cout, kernel, stride, groups, side, chan
     assert torch.allclose(outs[0], outs[1], atol=1e-10)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("cin,cout,kernel,stride,groups,side", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matrix_form_equals_conv2d(cin, cout, kernel, stride, groups, side, channels_last, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias).double()
+    assert matrix_form(conv, side, side) is not None
+    x = torch.randn(5, cin, side, side, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_same_as_conv2d(conv, x, lambda t: conv2d(conv, t))
 
 
 def test_large_maps_and_depthwise_on_4x4_keep_onednn():
@@ -80,19 +85,7 @@ def test_strided_pointwise_equals_conv2d(cin, cout, stride, groups, side, channe
     x = torch.randn(3, cin, side, side, dtype=torch.double)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    outs, grads, grad_out = [], [], None
-    for fn in (conv, lambda t: conv2d(conv, t, matrix_forms=matrix_forms)):
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi)
-        grad_out = torch.randn_like(y) if grad_out is None else grad_out
-        conv.zero_grad()
-        y.backward(grad_out)
-        outs.append(y)
-        grads.append([xi.grad] + [p.grad.clone() for p in conv.parameters()])
-    assert outs[0].shape == outs[1].shape
-    assert torch.allclose(outs[0], outs[1], atol=1e-10)
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-10)
+    assert_same_as_conv2d(conv, x, lambda t: conv2d(conv, t, matrix_forms=matrix_forms))
 
 
 def test_strided_pointwise_never_calls_the_strided_kernel(monkeypatch):
