@@ -8,16 +8,15 @@ it runs as BLAS matrix products, which need no per-shape kernels:
 
 * a 1x1 convolution on channels-last rows is ``x[N*H*W, Cin] @ W[Cin, Cout]``;
 * a k x k convolution with groups 1 is one ``x[N, H*W*Cin] @ M[H*W*Cin, Ho*Wo*Cout]``, where
-  ``M`` places each kernel tap at the (output pixel, input pixel) pairs it connects (built from
-  the weight with one gather, so gradients reach the weight through the same gather);
+  ``M`` places each kernel tap at the (output pixel, input pixel) pairs it connects (the
+  weight times a constant one-hot placement, so the weight gradient is a fixed-order product);
 * a depthwise k x k convolution on a 2x2 map is the per-channel product of the 4 input pixels
   with a [4 x Ho*Wo] tap matrix.
 
-Measured on the 2-core dev machine (fwd+bwd, 120 rows; ``bench/train_step.py`` shows the effect
-on whole steps): 1x1 40->240 on 2x2 maps 0.28 ms vs 0.44 ms warm oneDNN and 1.2 ms for a new
-batch size; 3x3 16->16 on 2x2 0.28 ms vs 0.31 / 1.0 ms. On 7x7 maps and for depthwise
-convolutions on 4x4 maps the matrix forms lose, so they keep oneDNN (``matrix_form`` decides).
-Results equal ``F.conv2d`` up to float rounding (tests).
+On larger maps, for depthwise convolutions on 4x4 maps and for wide dense ones the matrix forms
+lose, so those keep oneDNN (``matrix_form`` decides; ``bench/conv_forms.py`` and
+``bench/train_step.py`` measure both). Strided 1x1 convolutions never reach oneDNN's strided
+kernel (docs/troubleshooting.md). Results equal ``F.conv2d`` up to float rounding (tests).
 """
 
 from __future__ import annotations
