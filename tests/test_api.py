@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny_runs import make_folder_dataset, tiny_config
+from tiny_runs import tiny_main_model_run
 
 import instanas
 
@@ -24,22 +21,11 @@ except ImportError:  # only the results.json contract tests need it
 needs_jsonschema = pytest.mark.skipif(jsonschema is None, reason="jsonschema is not installed "
                                       "(pip install 'instanas[test]')")
 REPO = Path(__file__).resolve().parents[1]
-TINY_EXTRAS = {"variants": "{count: 0}",
-               "baseline": "{epochs: 1, batch_size: 16, widths: [1.0], min_net: false, "
-                           "random_policy: false, oracle_children: 0}"}
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("api")
-    config = root / "config.yaml"
-    config.write_text(tiny_config(make_folder_dataset(root / "data"), **TINY_EXTRAS))
-    env = {**os.environ, "INSTANAS_CACHE": str(root / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--config", str(config),
-                           "--output", str(root / "run"), "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return root / "run"
+    return tiny_main_model_run(tmp_path_factory.mktemp("api"))
 
 
 def _pngs(folder: Path, count: int = 5) -> list[Path]:

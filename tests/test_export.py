@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_runs import make_folder_dataset, snapshot, tiny_config
+from tiny_runs import snapshot, tiny_main_model_run
 
 from instanas.cli import main
 from instanas.runtime import ExportedModel, ExportError, fallback_child, resolve_policies
@@ -28,24 +27,11 @@ HAVE_ONNX = all(__import__("importlib").util.find_spec(m) for m in
                 ("onnx", "onnxscript", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx, onnxscript or onnxruntime is not "
                                 "installed (pip install 'instanas[export]')")
-# Only the stages the main model needs: a few seconds on 2 cores.
-TINY_EXTRAS = {"variants": "{count: 0}",
-               "baseline": "{epochs: 1, batch_size: 16, widths: [1.0], min_net: false, "
-                           "random_policy: false, oracle_children: 0}"}
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    data = make_folder_dataset(root / "data")
-    config = root / "config.yaml"
-    config.write_text(tiny_config(data, **TINY_EXTRAS))
-    env = {**os.environ, "INSTANAS_CACHE": str(root / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--config", str(config),
-                           "--output", str(root / "run"), "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return root / "run"
+    return tiny_main_model_run(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

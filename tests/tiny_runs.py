@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +49,21 @@ def snapshot(folder: Path) -> dict[str, str]:
         return {}
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# Only the stages the main model needs: a few seconds on 2 cores.
+MAIN_MODEL_ONLY = {"variants": "{count: 0}",
+                   "baseline": "{epochs: 1, batch_size: 16, widths: [1.0], min_net: false, "
+                               "random_policy: false, oracle_children: 0}"}
+
+
+def tiny_main_model_run(root: Path) -> Path:
+    """``instanas run`` of the tiny config with only the main model and its baseline."""
+    config = root / "config.yaml"
+    config.write_text(tiny_config(make_folder_dataset(root / "data"), **MAIN_MODEL_ONLY))
+    env = {**os.environ, "INSTANAS_CACHE": str(root / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--config", str(config),
+                           "--output", str(root / "run"), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "run"
