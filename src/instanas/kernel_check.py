@@ -32,6 +32,7 @@ from .config import Config, load_config_file, load_preset, preset_names
 from .controller import Controller
 from .metagraph import MetaGraph, scaled_space
 from .ops import ConvBNAct
+from .smallconv import output_size
 from .space import SearchSpace
 
 # The environment that makes an AVX-512 machine run the AVX2 code paths, with glibc stopping at
@@ -140,11 +141,12 @@ def run_shape(shape: ConvShape, raw: bool = False) -> None:
     if raw:
         layer = deployed = layer.conv
     layer = layer.to(memory_format=torch.channels_last)
-    out_pixels = -(-shape.height // shape.stride) * -(-shape.width // shape.stride)
+    out_h, out_w = output_size(shape.height, shape.width, (shape.kernel,) * 2,
+                               (shape.stride,) * 2, (shape.kernel // 2,) * 2)
     for batch in shape.batches():
         x = torch.randn(batch, shape.in_channels, shape.height, shape.width)
         x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        if raw or batch * out_pixels > 1:  # BatchNorm cannot train on one value per channel
+        if raw or batch * out_h * out_w > 1:  # BatchNorm cannot train on one value per channel
             layer.train()(x).sum().backward()
         with torch.inference_mode():
             deployed(x.detach())

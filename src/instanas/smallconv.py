@@ -61,17 +61,19 @@ def matrix_form(conv: nn.Conv2d, height: int, width: int) -> str | None:
             return "pointwise" if pixels <= MAX_POINTWISE_PIXELS else None
         if pixels > MAX_DENSE_PIXELS:
             return None
-        out_pixels = _output_pixels(conv, height, width)
-        matrix = pixels * conv.in_channels * out_pixels * conv.out_channels
+        out_h, out_w = output_size(height, width, conv.kernel_size, conv.stride, conv.padding)
+        matrix = pixels * conv.in_channels * out_h * out_w * conv.out_channels
         return "dense" if matrix <= MAX_DENSE_MATRIX else None
     if conv.groups == conv.in_channels == conv.out_channels:
         return "depthwise" if pixels <= MAX_DEPTHWISE_PIXELS else None
     return None
 
 
-def _output_pixels(conv: nn.Conv2d, height: int, width: int) -> int:
-    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    return ((height + 2 * ph - kh) // sh + 1) * ((width + 2 * pw - kw) // sw + 1)
+def output_size(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+                padding: tuple[int, int]) -> tuple[int, int]:
+    """Output side lengths of a convolution on a ``height x width`` map."""
+    return ((height + 2 * padding[0] - kernel[0]) // stride[0] + 1,
+            (width + 2 * padding[1] - kernel[1]) // stride[1] + 1)
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, matrix_forms: bool = True) -> torch.Tensor:
@@ -141,8 +143,7 @@ def _tap_placement(height: int, width: int, kernel: tuple[int, int], stride: tup
                    dtype: torch.dtype) -> tuple[torch.Tensor, int, int]:
     """One-hot [kh*kw, Ho*Wo*H*W]: which kernel tap connects each output to each input pixel."""
     kh, kw = kernel
-    out_h = (height + 2 * padding[0] - kh) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - kw) // stride[1] + 1
+    out_h, out_w = output_size(height, width, kernel, stride, padding)
     placement = torch.zeros(kh * kw, out_h * out_w, height * width, dtype=dtype)
     for oy, ox, ky, kx in itertools.product(range(out_h), range(out_w), range(kh), range(kw)):
         iy = oy * stride[0] - padding[0] + ky
