@@ -14,7 +14,8 @@ from tiny_runs import snapshot
 
 from instanas.cli import main
 
-TINY = ["--data.limit_train", "600", "--data.limit_test", "200", "--pretrain.epochs", "1",
+TINY = ["--preset", "fashion-cpu-full", "--data.limit_train", "600", "--data.limit_test", "200",
+        "--pretrain.epochs", "1",
         "--search.epochs", "1", "--finetune.epochs", "1", "--baseline.epochs", "1",
         "--pretrain.batch_size", "100", "--search.batch_size", "100",
         "--finetune.batch_size", "100", "--baseline.batch_size", "100",
@@ -117,7 +118,7 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     results = json.loads((run / "results.json").read_text())
     models = results["models"]
     assert {"instanas", "mbv2-path", "mbv2-0.5x", "mbv2-0.75x", "mbv2-1.4x", "min-net",
-            "random-policy", "oracle", "instanas-A"} <= set(models)
+            "random-policy", "static-child", "oracle", "instanas-A"} <= set(models)
     assert results["device"]["torch"] and results["device"]["threads"] == 1
     assert results["reproducibility"]["training_threads"] == torch.get_num_threads()
     assert results["reproducibility"]["bitwise"] is True
@@ -138,11 +139,20 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     assert models["min-net"]["table_latency_ms"] > fixed * 1.01
     widths = [models[f"mbv2-{w}"]["flops"] for w in ("0.5x", "0.75x", "path", "1.4x")]
     assert widths == sorted(widths) and widths[0] < widths[-1]
-    assert models["instanas"]["distinct_children"] >= 1
+    main = models["instanas"]
+    assert main["distinct_children"] >= 1
+    assert 1.0 <= main["effective_children"] <= main["distinct_children"]
+    assert 0.0 < main["top_child_share"] <= 1.0
+    assert 0.0 <= main["shuffled_routing_accuracy"] <= 1.0
+    comparison = results["comparison"]
+    assert comparison["routing_gain_points"] == pytest.approx(
+        100 * (main["test_accuracy"] - main["shuffled_routing_accuracy"]))
+    assert comparison["static_child_latency_ratio"] > 0
+    assert models["static-child"]["distinct_children"] == 1
     # The oracle picks, per image, the cheapest correct of children that include the greedy one.
     assert models["oracle"]["test_accuracy"] >= models["instanas"]["test_accuracy"]
     candidates = results["variants"]["candidates"]
-    assert len(candidates) == 3  # one search epoch, three checkpoints (fashion-cpu)
+    assert len(candidates) == 3  # one search epoch, three checkpoints (fashion-cpu-full)
     letters = sorted(c["variant"] for c in candidates if c["variant"])
     assert letters and letters == list("ABCDE"[:len(letters)])
     assert all(c["pareto"] for c in candidates if c["variant"])
@@ -151,13 +161,14 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
                  "search/epoch_001_part1.safetensors", "search/selected.json",
                  "finetune/model.safetensors", "baseline/mbv2.safetensors",
                  "baseline/mbv2-0.5x.safetensors", "baseline/min-net.safetensors",
-                 "random-policy/model.safetensors", "variants/A/model.safetensors",
+                 "random-policy/model.safetensors", "static-child/model.safetensors",
+                 "variants/A/model.safetensors",
                  "test_per_image.npz", "report.md", "report.html",
                  "plots/error_vs_latency.png", "plots/gallery.png"]:
         assert (run / name).exists(), name
     lines = (run / "metrics.jsonl").read_text().splitlines()
     stages = {json.loads(line)["stage"] for line in lines}
-    assert {"baseline", "pretrain", "search", "finetune", "random-policy",
+    assert {"baseline", "pretrain", "search", "finetune", "random-policy", "static-child",
             "baseline/min-net", "baseline/mbv2-0.5x"} <= stages
     # Each variant was fine-tuned, unless it is the main model's own start (then reused).
     selected = json.loads((run / "search" / "selected.json").read_text())["chosen"]

@@ -30,8 +30,8 @@ from .training import TrainingError
 
 log = logging.getLogger("instanas")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ExportError)
-RESUMABLE = ("pretrain", "search", "finetune", "baseline", "random-policy", "variants",
-             "baselines")
+RESUMABLE = ("pretrain", "search", "finetune", "baseline", "random-policy", "static-child",
+             "variants", "baselines")
 # Failures of the machine rather than the program: reported in one line, not a traceback.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                        errno.EROFS: "the file system is read-only",
@@ -39,13 +39,16 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk
 
 DESCRIPTIONS = {
     "run": "the whole pipeline: latency table, MobileNetV2-path baseline, pretrain, search, "
-           "fine-tune, random-policy model, variants A..E, other baselines, evaluate",
+           "fine-tune, random-policy model, best static child, variants A..E, other "
+           "baselines, evaluate",
     "pretrain": "stage 1: one-shot pretraining of the meta-graph",
     "search": "stage 2: alternate controller and meta-graph epochs (needs pretrain)",
     "finetune": "stage 3: fine-tune under the frozen controller (needs search)",
     "baseline": "train the MobileNetV2-path baseline standalone",
     "random-policy": "fine-tune the searched meta-graph on random policies of the controller's "
                      "mean latency (needs search)",
+    "static-child": "fine-tune the searched meta-graph on the one child of the controller's "
+                    "closest to and not below the main model's measured latency (needs search)",
     "variants": "pick variants A..E on the validation Pareto front of the search checkpoints "
                 "and fine-tune each (needs search)",
     "baselines": "train the other baselines standalone: MobileNetV2 path at baseline.widths, "
@@ -352,7 +355,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                           f"continue it with --resume {run_dir}")
     if args.command in RESUMABLE:
         check_stage_unfinished(run_dir, args.command, bool(resume))
-    if args.command in ("search", "finetune", "random-policy", "variants", "evaluate"):
+    if args.command in ("search", "finetune", "random-policy", "static-child", "variants",
+                        "evaluate"):
         require_previous(run_dir, args.command)
     ctx = open_run(config, run_dir, resume=bool(resume), command=args.command)
     start = time.perf_counter()

@@ -83,6 +83,26 @@ class ControllerConfig:
     neg_w: float = _f(0.0, "reward of a wrong prediction")
     window: str = _f("dynamic", "latency window: dynamic (UB shrinks) | static",
                      choices=("dynamic", "static"))
+    reward: str = _f("window", "per-image reward: window (the paper's parabola between the "
+                               "latency bounds) | budget (correctness minus a latency penalty "
+                               "whose weight a dual variable adapts so that the batch's mean "
+                               "latency meets controller.budget)", choices=("window", "budget"))
+    budget: float = _f(0.4, "budget reward: target mean cell latency of the greedy children, as "
+                            "a fraction of the MobileNetV2 path's cell latency", gt=0.0)
+    signal: str = _f("correct", "budget reward: what a child's prediction scores, correct "
+                                "(pos_w if right, neg_w if wrong) | log_prob (pos_w x log "
+                                "p(true class), graded)", choices=("correct", "log_prob"))
+    usage_floor: float = _f(0.0, "share of a batch every module should be chosen by, and "
+                                 "not chosen by (0: off); a hinge penalty on each module's mean "
+                                 "probability keeps choices from becoming the same for every "
+                                 "image", ge=0.0, le=0.45)
+    budget_warmup: float = _f(0.5, "budget reward: share of the search over which the target "
+                                   "falls from 0.7 x L_all to the budget", ge=0.0, le=1.0)
+    dual_lr: float = _f(0.05, "budget reward: step of the latency weight per controller step, "
+                              "per unit of relative budget overshoot", ge=0.0)
+    entropy: str = _f("paper", "entropy bonus: paper (sum of -p log p) | bernoulli (the full "
+                               "entropy of each module's choice, largest at p = 0.5)",
+                      choices=("paper", "bernoulli"))
 
 
 @dataclass
@@ -111,6 +131,15 @@ class SearchConfig:
                                      "meta-graph epoch, the others evenly inside the controller "
                                      "epoch (candidates for variants A..E in short searches)",
                                   ge=1)
+    controller_norm: str = _f("batch", "BatchNorm of the frozen meta-graph in controller epochs: "
+                                       "batch (each forward's own statistics) | running "
+                                       "(statistics re-estimated under the sampled policies at "
+                                       "the start of each controller epoch, then fixed)",
+                              choices=("batch", "running"))
+    random_share: float = _f(0.0, "share of each meta-graph batch trained on random children "
+                                  "(each row its own rate, uniform in [0, 1]) instead of the "
+                                  "controller's samples, so cheap and costly children stay "
+                                  "trained", ge=0.0, le=1.0)
 
 
 @dataclass
@@ -132,6 +161,9 @@ class BaselineConfig:
     widths: list = _f([0.5, 0.75, 1.0, 1.4], "MobileNetV2-path baselines to train, as multiples "
                                             "of space.width (1.0 is the mbv2-path model)")
     min_net: bool = _f(True, "also train the forced-default minimum network standalone")
+    static_child: bool = _f(True, "also fine-tune the best static child: the controller's "
+                                  "child closest to and not below the main model's measured "
+                                  "latency, alone, with the fine-tuning budget")
     random_policy: bool = _f(True, "also fine-tune a random-policy model of the same mean "
                                    "latency as the controller's children")
     oracle_children: int = _f(16, "children sampled per test image for the oracle bound "
@@ -221,10 +253,25 @@ def load_preset(name: str) -> Config:
     if name not in names:
         raise ConfigError(f"unknown preset {name!r}{_suggest(name, names)}; "
                           f"choose one of: {', '.join(names)}")
-    text = (resources.files("instanas") / "presets" / f"{name}.yaml").read_text()
-    config = from_dict(yaml.safe_load(text) or {})
+    config = from_dict(_preset_data(name))
     config.preset = name
     return config
+
+
+def _preset_data(name: str) -> dict:
+    """A preset's mapping; ``extends: OTHER`` starts from OTHER's and overrides key by key."""
+    text = (resources.files("instanas") / "presets" / f"{name}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    parent = data.pop("extends", None)
+    return _merged(_preset_data(parent), data) if parent else data
+
+
+def _merged(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_maps else value
+    return out
 
 
 def load_config_file(path: str | Path) -> Config:

@@ -112,7 +112,15 @@ def policy_log_prob(probs: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     return chosen.log().flatten(1).sum(dim=1)
 
 
-def policy_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """The spec's entropy term, sum(-p log p) per image: [B]."""
-    probs = probs.clamp(1e-6, 1.0)
-    return (-probs * probs.log()).flatten(1).sum(dim=1)
+def policy_entropy(probs: torch.Tensor, form: str = "paper") -> torch.Tensor:
+    """Entropy bonus per image [B]: ``paper`` sum(-p log p) (largest at p = 1/e, below the
+    greedy threshold), ``bernoulli`` sum(-p log p - (1-p) log(1-p)) (largest at p = 0.5)."""
+    if form == "paper":
+        probs = probs.clamp(1e-6, 1.0)
+        terms = -probs * probs.log()
+    elif form == "bernoulli":
+        probs = probs.clamp(1e-6, 1 - 1e-6)
+        terms = -probs * probs.log() - (1 - probs) * (1 - probs).log()
+    else:
+        raise ValueError(f"unknown entropy form {form!r}: use 'paper' or 'bernoulli'")
+    return terms.flatten(1).sum(dim=1)

@@ -22,10 +22,10 @@ from .flops import FlopsTable, network_flops
 from .inference import InstaNASPredictor
 from .latency import LatencyTable, TimingStats, cpu_threads, device_info
 from .metagraph import ChildNetwork, MetaGraph
-from .policy import RandomPolicy
+from .policy import RandomPolicy, shuffled_routing_accuracy
 from .provenance import code_commit, utc_now
 from .schema import RESULTS_SCHEMA_VERSION
-from .space import ChildArchitecture, distinct_children
+from .space import ChildArchitecture, routing_summary
 from .training import RunContext
 from .utils import progress_bar
 
@@ -99,7 +99,7 @@ def policy_entry(policies: torch.Tensor, table: LatencyTable, flops_per_image: t
     return {"table_latency_ms": float(table.cells_ms(policies).mean())
             + table.fixed_ms(include_controller),
             "flops": float(flops_per_image.mean()),
-            "distinct_children": distinct_children([policies]),
+            **routing_summary(policies),
             "mean_active_modules": float(policies.sum(dim=(1, 2)).float().mean())}
 
 
@@ -108,8 +108,10 @@ def evaluate_instanas(ctx: RunContext, metagraph: MetaGraph, controller: Control
     predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval())
     correct, policies = instanas_test_pass(ctx, predictor)
     flops = flops_table.per_image(policies)
-    return Evaluated(kind, int(correct.sum()) / len(correct), predictor.logits_one,
-                     policy_entry(policies, table, flops, include_controller=True),
+    entry = policy_entry(policies, table, flops, include_controller=True)
+    entry["shuffled_routing_accuracy"] = shuffled_routing_accuracy(
+        ctx, predictor.metagraph, policies, ctx.data.test, ctx.config.seed + 4)
+    return Evaluated(kind, int(correct.sum()) / len(correct), predictor.logits_one, entry,
                      policies, correct)
 
 
@@ -271,6 +273,14 @@ def comparison(entries: dict[str, dict]) -> dict:
                                                       - rand["test_accuracy"])
         out["random_vs_controller_latency_ratio"] = (rand["latency_ms"]["mean"]
                                                      / inst["latency_ms"]["mean"])
+    if "shuffled_routing_accuracy" in inst:
+        out["routing_gain_points"] = 100.0 * (inst["test_accuracy"]
+                                              - inst["shuffled_routing_accuracy"])
+    if "static-child" in entries:
+        static = entries["static-child"]
+        out["static_child_points"] = 100.0 * (inst["test_accuracy"] - static["test_accuracy"])
+        out["static_child_latency_ratio"] = (static["latency_ms"]["mean"]
+                                             / inst["latency_ms"]["mean"])
     dynamic = [n for n, e in entries.items() if e["kind"] in ("instanas", "variant")]
     widths = [n for n, e in entries.items() if e["kind"] == "mbv2"]
     out["dominating"] = [

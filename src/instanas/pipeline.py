@@ -52,16 +52,18 @@ from .stages.pretrain import pretrain
 from .stages.random_policy import train_random_policy
 from .stages.resume import newest_readable, stop_after_epoch
 from .stages.search import search
+from .stages.static_child import static_child_network, train_static_child
 from .stages.variants import build_variants, load_candidate
 from .training import RunContext, run_identity
 from .utils import atomic_copy, atomic_write_bytes, atomic_write_text, set_seed, write_json
 
 log = logging.getLogger("instanas")
-STAGES = ("baseline", "pretrain", "search", "finetune", "random-policy", "variants", "baselines",
-          "evaluate")
+STAGES = ("baseline", "pretrain", "search", "finetune", "random-policy", "static-child",
+          "variants", "baselines", "evaluate")
 TRAINING_STAGES = STAGES[:-1]
 # Stages a config can switch off; run_all skips them then.
 OPTIONAL = {"random-policy": lambda c: c.baseline.random_policy,
+            "static-child": lambda c: c.baseline.static_child,
             "variants": lambda c: c.variants.count > 0,
             "baselines": lambda c: bool(c.mbv2_widths()) or c.baseline.min_net}
 
@@ -259,11 +261,12 @@ def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
         table = latency_table(ctx)
         with stop_after_epoch():
             search(ctx, metagraph, controller, table)
-    elif stage in ("finetune", "random-policy"):
-        # Both start from the searched meta-graph and controller.
+    elif stage in ("finetune", "random-policy", "static-child"):
+        # All three start from the searched meta-graph and controller.
         metagraph, controller = new_models(ctx)
         load_stage(ctx, "search", {"metagraph": metagraph, "controller": controller})
-        train = finetune if stage == "finetune" else train_random_policy
+        train = {"finetune": finetune, "random-policy": train_random_policy,
+                 "static-child": train_static_child}[stage]
         table = latency_table(ctx)
         with stop_after_epoch():
             train(ctx, metagraph, controller, table)
@@ -306,6 +309,9 @@ def run_evaluation(ctx: RunContext) -> dict:
         meta = load_stage(ctx, "random-policy", {"metagraph": graph})
         models["random-policy"] = evaluate_random_policy(ctx, graph, float(meta["rate"]), table,
                                                          flops)
+    if stage_path(ctx, "static-child").exists():
+        models["static-child"] = evaluate_static(ctx, static_child_network(ctx), table,
+                                                 "static-child")
     samples = ctx.config.baseline.oracle_children
     oracle_entry = oracle(ctx, metagraph, controller, table, samples) if samples else None
     results, per_image = evaluate(ctx, models, table, oracle_entry,

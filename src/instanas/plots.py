@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 DPI = 120
 MAX_PROJECTED = 5000  # more points only overplot, and UMAP time grows with them
-KIND_ORDER = ("instanas", "variant", "mbv2", "min-net", "random-policy", "oracle", "other")
+KIND_ORDER = ("instanas", "variant", "mbv2", "min-net", "random-policy", "static-child", "oracle",
+              "other")
 PER_IMAGE_FILE = "test_per_image.npz"
 PerImage = Mapping[str, np.ndarray]
 Model = Mapping[str, Any]
@@ -165,6 +166,7 @@ _STYLE = {"variant": ("o", "tab:orange", "InstaNAS variants"),
           "mbv2": ("s", "tab:blue", "MobileNetV2 widths"),
           "min-net": ("v", "tab:green", "min-net (fewest modules)"),
           "random-policy": ("X", "tab:purple", "random policy"),
+          "static-child": ("^", "tab:red", "best static child"),
           "oracle": ("D", "tab:gray", "oracle"),
           "other": ("P", "tab:brown", "other")}
 

@@ -17,7 +17,7 @@ import torch
 from .controller import Controller, greedy_policy
 from .latency import LatencyTable
 from .metagraph import MetaGraph
-from .space import SearchSpace, distinct_children
+from .space import SearchSpace, routing_summary
 from .training import RunContext, recalibrate_batchnorm, training_images
 
 
@@ -28,6 +28,8 @@ class PolicyStats:
     total_ms: float  # plus stem, head and controller
     distinct_children: int
     mean_active_modules: float
+    effective_children: float  # exp(entropy of the child distribution)
+    top_child_share: float  # share of the images the most used child serves
 
 
 PolicyFn = Callable[[torch.Tensor], torch.Tensor]
@@ -76,10 +78,12 @@ def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn
         policies.append(policy.cpu())
     resolved = torch.cat(policies)
     cells = table.cells_ms(resolved)
+    routing = routing_summary(resolved)
     stats = PolicyStats(correct / len(data), float(cells.mean()),
                         float(cells.mean()) + table.fixed_ms(include_controller),
-                        distinct_children([resolved]),
-                        float(resolved.sum(dim=(1, 2)).float().mean()))
+                        routing["distinct_children"],
+                        float(resolved.sum(dim=(1, 2)).float().mean()),
+                        routing["effective_children"], routing["top_child_share"])
     return stats, resolved
 
 
@@ -91,3 +95,25 @@ def calibrate(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn, *, pur
                           training_images(ctx, cfg.batch_size, cfg.recalibrate_batches, purpose,
                                           epoch))
     metagraph.eval()
+
+
+@torch.no_grad()
+def accuracy_under(ctx: RunContext, metagraph: MetaGraph, policies: torch.Tensor, data,
+                   batch_size: int = 500) -> float:
+    """Accuracy on ``data`` when its i-th image runs ``policies[i]`` (in the data's order)."""
+    metagraph.eval()
+    correct, start = 0, 0
+    for batch in ctx.batches(data, batch_size, train=False):
+        rows = policies[start:start + len(batch.labels)].to(batch.images.device)
+        correct += int((metagraph(batch.images, rows).argmax(1) == batch.labels).sum())
+        start += len(batch.labels)
+    return correct / len(data)
+
+
+def shuffled_routing_accuracy(ctx: RunContext, metagraph: MetaGraph, policies: torch.Tensor,
+                              data, seed: int) -> float:
+    """Accuracy with the policies permuted across images: the same children in the same
+    proportions, the per-image choice removed. The gap to the routed accuracy is what routing
+    each image to its own child is worth."""
+    order = torch.randperm(len(policies), generator=torch.Generator().manual_seed(seed))
+    return accuracy_under(ctx, metagraph, policies[order], data)

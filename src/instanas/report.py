@@ -137,6 +137,29 @@ def _controller_vs_random(results: Mapping) -> str | None:
             f"points), at {_fixed(mean_latency(main))} vs {_fixed(mean_latency(rand))} ms.")
 
 
+def _routing(results: Mapping) -> str | None:
+    main = results["models"].get("instanas") or {}
+    if "shuffled_routing_accuracy" not in main:
+        return None
+    gain = 100.0 * (main["test_accuracy"] - main["shuffled_routing_accuracy"])
+    return (f"Routing: the main model uses {main['distinct_children']} distinct children "
+            f"(effective number {main['effective_children']:.1f}; the most used serves "
+            f"{100 * main['top_child_share']:.1f}% of the test images); with its policies "
+            f"shuffled across images it reaches {_percent(main['shuffled_routing_accuracy'])}% "
+            f"({gain:+.2f} points for routing each image to its own child).")
+
+
+def _static_child(results: Mapping) -> str | None:
+    main, static = results["models"].get("instanas"), results["models"].get("static-child")
+    if not main or not static:
+        return None
+    delta = 100.0 * (main["test_accuracy"] - static["test_accuracy"])
+    return (f"The best static child (the controller's child closest to and not below the main "
+            f"model's latency, fine-tuned alone) reaches {_percent(static['test_accuracy'])}% "
+            f"at {_fixed(mean_latency(static))} ms: the main model is {delta:+.2f} points at "
+            f"{_fixed(mean_latency(main))} ms.")
+
+
 def _oracle(results: Mapping) -> str | None:
     oracle = results["models"].get("oracle")
     if not oracle or "test_accuracy" not in oracle:
@@ -160,7 +183,8 @@ def _device_sentence(results: Mapping) -> str | None:
 
 def summary_sentences(results: Mapping) -> list[str]:
     sentences = (_instanas_vs_mbv2(results), _dominance(results),
-                 _controller_vs_random(results), _oracle(results), _device_sentence(results))
+                 _controller_vs_random(results), _routing(results), _static_child(results),
+                 _oracle(results), _device_sentence(results))
     return [s for s in sentences if s]
 
 

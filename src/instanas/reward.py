@@ -1,4 +1,11 @@
-"""Per-image reward: correctness times a latency window that shrinks during search."""
+"""Per-image rewards of the search.
+
+``window``: the paper's, correctness times a parabola of latency inside a window that shrinks
+during the search. ``budget``: correctness minus a linear latency penalty whose weight is a dual
+variable, raised while the batch's mean latency is over a target and lowered while under it.
+The batch meets the budget on average, while a single image may spend more where extra modules
+make it right and less where the cheapest child already is.
+"""
 
 from __future__ import annotations
 
@@ -47,3 +54,55 @@ def instance_reward(correct: torch.Tensor, latency: torch.Tensor, lower: float, 
     """R = pos_w * R_lat for a correct prediction, neg_w otherwise; one value per image."""
     lat = latency_reward(latency, lower, upper)
     return torch.where(correct, pos_w * lat, torch.full_like(lat, neg_w))
+
+
+# Floor of the log-likelihood score: one hopeless image cannot outweigh a batch.
+LOG_PROB_FLOOR = -5.0
+
+
+def prediction_score(correct: torch.Tensor, log_prob: torch.Tensor, signal: str,
+                     pos_w: float = 30.0, neg_w: float = 0.0) -> torch.Tensor:
+    """How good one child's prediction is, per image.
+
+    ``correct``: pos_w if right, neg_w if wrong. ``log_prob``: pos_w x log p(true class),
+    floored; graded, so that two children that are both right (or both wrong) still differ by
+    how sure they are, which is what tells easy images (sure with few modules) from hard ones.
+    """
+    if signal == "log_prob":
+        return pos_w * log_prob.clamp(min=LOG_PROB_FLOOR)
+    if signal != "correct":
+        raise ValueError(f"unknown reward signal {signal!r}: use 'correct' or 'log_prob'")
+    return torch.where(correct, torch.full_like(log_prob, pos_w),
+                       torch.full_like(log_prob, neg_w))
+
+
+def budget_reward(score: torch.Tensor, latency: torch.Tensor, weight: float, reference: float,
+                  pos_w: float = 30.0) -> torch.Tensor:
+    """R = score - pos_w x weight x latency / reference (``score``: ``prediction_score``)."""
+    return score - pos_w * weight * latency / reference
+
+
+def budget_target(bounds: LatencyBounds, progress: float, budget: float, warmup: float
+                  ) -> float:
+    """Target mean cell latency at search progress ``progress``: from the window's starting
+    upper bound (0.7 L_all) down to ``budget`` x L_mbv2 over the first ``warmup`` of the
+    search, then held, so the controller is not pushed from every module to the budget at once.
+    """
+    end = budget * bounds.mbv2
+    if warmup <= 0 or progress >= warmup:
+        return end
+    start = max(0.7 * bounds.all_modules, end)
+    return start - (start - end) * progress / warmup
+
+
+@dataclass
+class DualWeight:
+    """The latency weight of the budget reward, a Lagrange multiplier kept non-negative."""
+
+    value: float = 0.0
+
+    def update(self, mean_latency: float, target: float, step: float) -> float:
+        # The relative overshoot is clipped so one far-off batch cannot swing the weight.
+        overshoot = min(max(mean_latency / target - 1.0, -1.0), 1.0)
+        self.value = max(0.0, self.value + step * overshoot)
+        return self.value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
@@ -277,10 +278,25 @@ def all_on_policy(space: SearchSpace) -> torch.Tensor:
     return torch.ones(space.num_cells, space.num_modules, dtype=torch.bool)
 
 
-def distinct_children(policies: Iterable[torch.Tensor]) -> int:
-    """Number of distinct rows among [N, cells, modules] policy batches."""
-    seen: set[bytes] = set()
+def child_counts(policies: Iterable[torch.Tensor]) -> Counter[bytes]:
+    """How many rows of the [N, cells, modules] policy batches run each distinct child."""
+    counts: Counter[bytes] = Counter()
     for batch in policies:
         flat = batch.bool().flatten(1).to(torch.uint8).cpu().numpy()
-        seen.update(row.tobytes() for row in flat)
-    return len(seen)
+        counts.update(row.tobytes() for row in flat)
+    return counts
+
+
+def distinct_children(policies: Iterable[torch.Tensor]) -> int:
+    """Number of distinct rows among [N, cells, modules] policy batches."""
+    return len(child_counts(policies))
+
+
+def routing_summary(policies: torch.Tensor) -> dict[str, float]:
+    """How spread the routing is over children: distinct children, the effective number of
+    children exp(entropy of the child distribution), and the most used child's share."""
+    counts = torch.tensor(list(child_counts([policies]).values()), dtype=torch.float64)
+    share = counts / counts.sum()
+    entropy = float(-(share * share.log()).sum())
+    return {"distinct_children": len(counts), "effective_children": math.exp(entropy),
+            "top_child_share": float(share.max())}

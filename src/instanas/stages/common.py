@@ -30,10 +30,12 @@ STAGE_FILES = {
     "finetune": "finetune/model.safetensors",
     "baseline": "baseline/mbv2.safetensors",
     "random-policy": "random-policy/model.safetensors",
+    "static-child": "static-child/model.safetensors",
     "variants": "variants/variants.json",
     "baselines": "baseline/references.json",
 }
 PREVIOUS = {"search": ("pretrain",), "finetune": ("search",), "random-policy": ("search",),
+            "static-child": ("search",),
             "variants": ("search",), "evaluate": ("finetune", "baseline")}
 
 

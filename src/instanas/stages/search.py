@@ -17,8 +17,16 @@ from ..controller import (
 )
 from ..latency import LatencyTable
 from ..metagraph import MetaGraph
-from ..policy import calibrate, evaluate_policies, greedy_of
-from ..reward import instance_reward, window_bounds
+from ..policy import PolicyFn, calibrate, evaluate_policies, greedy_of
+from ..reward import (
+    DualWeight,
+    LatencyBounds,
+    budget_reward,
+    budget_target,
+    instance_reward,
+    prediction_score,
+    window_bounds,
+)
 from ..training import RunContext, batch_statistics, check_finite, sgd, supervised_epoch
 from ..utils import atomic_copy, progress_bar, write_json
 from .common import save_stage, stage_path
@@ -27,62 +35,132 @@ from .resume import EpochCheckpoints
 
 def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                      optimizer: torch.optim.Optimizer, table: LatencyTable, epoch: int,
-                     snapshot: Callable[[int], None] | None = None) -> dict:
+                     dual: DualWeight, snapshot: Callable[[int], None] | None = None) -> dict:
     """REINFORCE with a self-critical (greedy) baseline; the meta-graph is frozen.
 
-    Frozen means no weight updates and untouched running statistics; BatchNorm normalises with
-    batch statistics, because the controller's policies move every step and running statistics
-    from any fixed policy distribution would misjudge the children it is now sampling.
-    ``snapshot(part)`` is called after the steps where ``search.snapshots_per_epoch`` asks for a
-    checkpoint inside the epoch.
+    Frozen means no weight updates. ``search.controller_norm`` says how its BatchNorm
+    normalises: ``batch``, each forward with its own statistics (the running statistics stay
+    untouched), or ``running``, statistics re-estimated once under the controller's sampled
+    policies at the start of the epoch. ``snapshot(part)`` is called after the steps where
+    ``search.snapshots_per_epoch`` asks for a checkpoint inside the epoch.
     """
     cfg, ccfg = ctx.config.search, ctx.config.controller
+    module_ms = table.module_ms().to(ctx.device)
+    reward_of = RewardFunction(ccfg, table.bounds(ctx.space.forced_mask()), dual)
+    steps = ctx.steps_per_epoch(cfg.batch_size)
+    if cfg.controller_norm == "running":
+        controller.eval()
+        calibrate(ctx, metagraph, sampled_of(controller, ccfg.alpha,
+                                             ctx.generator("search/controller-norm", epoch)),
+                  purpose="search/controller-norm", epoch=epoch)
     metagraph.eval()
     controller.train()
-    module_ms = table.module_ms().to(ctx.device)
-    bounds = table.bounds(ctx.space.forced_mask())
-    steps = ctx.steps_per_epoch(cfg.batch_size)
     sample_gen = ctx.generator("search/controller-sample", epoch)
-    sums = torch.zeros(4, device=ctx.device)
-    seen = 0
-    start = time.perf_counter()
+    sums = torch.zeros(5, device=ctx.device)
+    seen, start = 0, time.perf_counter()
     batches = ctx.batches(ctx.data.train, cfg.batch_size, train=True,
                           generator=ctx.generator("search/controller-data", epoch))
     snapshot_at = snapshot_steps(steps, cfg.snapshots_per_epoch)
     for step, batch in enumerate(progress_bar(batches, f"search {epoch + 1}/{cfg.epochs} "
                                               "controller", total=steps, unit="batch")):
-        # Window position advances per step so short searches still sweep the whole schedule.
-        lower, upper = window_bounds(bounds, (epoch * steps + step) / (cfg.epochs * steps),
-                                     ccfg.window)
         probs = controller(batch.images)
         bounded = bound_probabilities(probs, ccfg.alpha)
         size = len(batch.labels)
-        with torch.no_grad(), batch_statistics(metagraph):
+        with torch.no_grad():
             sampled = sample_policy(bounded, sample_gen)
-            greedy = greedy_policy(probs)
-            both = metagraph.resolve(torch.cat([sampled, greedy]))
-            # Two forwards, so each set of children is normalised with its own statistics.
-            logits = torch.cat([metagraph(batch.images, both[:size]),
-                                metagraph(batch.images, both[size:])])
-            correct = logits.argmax(1) == torch.cat([batch.labels, batch.labels])
-            latency = (both.float() * module_ms).flatten(1).sum(1)
-            reward = instance_reward(correct, latency, lower, upper, ccfg.pos_w, ccfg.neg_w)
+            correct, log_prob, latency = score_children(
+                metagraph, batch.images, batch.labels, torch.cat([sampled, greedy_policy(probs)]),
+                module_ms, cfg.controller_norm)
+            reward = reward_of(correct, log_prob, latency,
+                               (epoch * steps + step) / (cfg.epochs * steps))
             advantage = reward[:size] - reward[size:]
         loss = (-(policy_log_prob(bounded, sampled) * advantage).sum()
-                - ccfg.beta * policy_entropy(bounded).sum()) / size
+                - ccfg.beta * policy_entropy(bounded, ccfg.entropy).sum()) / size
+        if ccfg.usage_floor > 0:
+            loss = loss + ccfg.pos_w * usage_penalty(probs, ccfg.usage_floor)
         check_finite(loss, "controller")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        reward_of.update(latency[size:])
         sums += torch.stack([reward[:size].sum(), latency[:size].sum(), latency[size:].sum(),
-                             correct[size:].float().sum()])
+                             correct[size:].float().sum(), correct[:size].float().sum()])
         seen += size
         if snapshot is not None and step in snapshot_at:
             snapshot(snapshot_at[step])
     mean = (sums / seen).tolist()
     return {"reward": mean[0], "sampled_cells_ms": mean[1], "greedy_cells_ms": mean[2],
-            "greedy_train_accuracy": mean[3], "window_lower_ms": lower, "window_upper_ms": upper,
-            "controller_seconds": time.perf_counter() - start}
+            "greedy_train_accuracy": mean[3], "sampled_train_accuracy": mean[4],
+            **reward_of.describe(), "controller_seconds": time.perf_counter() - start}
+
+
+def usage_penalty(probs: torch.Tensor, floor: float) -> torch.Tensor:
+    """Keeps every module's greedy choice from being the same for the whole batch.
+
+    The greedy policy runs a module where its logit is >= 0. Per module, the logit below
+    which ``floor`` of the batch lies should be negative and the one above which ``floor``
+    lies positive; the penalty is how far they are on the wrong side, summed over modules.
+    A module every image runs (or none does) makes the same choice for all: it cannot route.
+    """
+    logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
+    low, high = torch.quantile(logits.flatten(1), torch.tensor([floor, 1.0 - floor],
+                                                               device=logits.device), dim=0)
+    return (torch.relu(low) + torch.relu(-high)).sum()
+
+
+def sampled_of(controller: Controller, alpha: float, generator: torch.Generator) -> PolicyFn:
+    """The controller's sampled (bounded) policies, as a policy function."""
+    return lambda images: sample_policy(bound_probabilities(controller(images), alpha), generator)
+
+
+def score_children(metagraph: MetaGraph, images: torch.Tensor, labels: torch.Tensor,
+                   policies: torch.Tensor, module_ms: torch.Tensor, norm: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Correctness, log-likelihood of the label and table cell latency of ``policies`` =
+    [sampled; greedy] for ``images``."""
+    both = metagraph.resolve(policies)
+    size = len(labels)
+    if norm == "running":  # rows are independent: one forward for both halves
+        logits = metagraph(torch.cat([images, images]), both)
+    else:
+        with batch_statistics(metagraph):
+            # Two forwards, so each set of children is normalised with its own statistics.
+            logits = torch.cat([metagraph(images, both[:size]), metagraph(images, both[size:])])
+    targets = torch.cat([labels, labels])
+    log_prob = torch.log_softmax(logits.float(), 1).gather(1, targets[:, None]).squeeze(1)
+    return (logits.argmax(1) == targets, log_prob,
+            (both.float() * module_ms).flatten(1).sum(1))
+
+
+class RewardFunction:
+    """Per-image reward of ``controller.reward`` at search progress p in [0, 1]."""
+
+    def __init__(self, ccfg, bounds: LatencyBounds, dual: DualWeight) -> None:
+        self.ccfg, self.bounds, self.dual = ccfg, bounds, dual
+        self.reference = bounds.mbv2
+        self.window = window_bounds(bounds, 0.0, ccfg.window)
+        self.target = budget_target(bounds, 0.0, ccfg.budget, ccfg.budget_warmup)
+
+    def __call__(self, correct: torch.Tensor, log_prob: torch.Tensor, latency: torch.Tensor,
+                 progress: float) -> torch.Tensor:
+        c = self.ccfg
+        if c.reward == "budget":
+            self.target = budget_target(self.bounds, progress, c.budget, c.budget_warmup)
+            score = prediction_score(correct, log_prob, c.signal, c.pos_w, c.neg_w)
+            return budget_reward(score, latency, self.dual.value, self.reference, c.pos_w)
+        # The window advances per step so short searches still sweep the whole schedule.
+        self.window = window_bounds(self.bounds, progress, c.window)
+        return instance_reward(correct, latency, *self.window, c.pos_w, c.neg_w)
+
+    def update(self, greedy_latency: torch.Tensor) -> None:
+        """After a step: move the latency weight towards the budget (budget reward only)."""
+        if self.ccfg.reward == "budget":
+            self.dual.update(float(greedy_latency.mean()), self.target, self.ccfg.dual_lr)
+
+    def describe(self) -> dict:
+        if self.ccfg.reward == "budget":
+            return {"latency_weight": self.dual.value, "budget_cells_ms": self.target}
+        return {"window_lower_ms": self.window[0], "window_upper_ms": self.window[1]}
 
 
 def snapshot_steps(steps: int, parts: int) -> dict[int, int]:
@@ -104,6 +182,8 @@ def metagraph_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controlle
             # Shuffling decouples image and child, so every child is trained on all kinds of
             # images instead of co-adapting with the controller's current assignment.
             policy = policy[torch.randperm(len(policy), generator=gen).to(policy.device)]
+            if cfg.random_share > 0:
+                policy = mix_random_children(policy, cfg.random_share, gen)
         return metagraph(images, policy)
 
     metagraph.train()
@@ -114,8 +194,31 @@ def metagraph_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controlle
             "metagraph_seconds": stats.seconds}
 
 
-def select_epoch(history: list[dict], tolerance: float) -> dict:
-    """Fastest epoch (validation table latency) whose validation accuracy is near the best."""
+def mix_random_children(policy: torch.Tensor, share: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """The first ``share`` of the rows get random children, each row its own rate in [0, 1]:
+    small and large children alike keep being trained, not only the controller's favourites."""
+    rows = round(share * len(policy))
+    if rows == 0:
+        return policy
+    rates = torch.rand((rows, 1, 1), generator=generator)
+    draw = torch.rand((rows, *policy.shape[1:]), generator=generator) < rates
+    policy = policy.clone()
+    policy[:rows] = draw.to(policy.device)
+    return policy
+
+
+def select_epoch(history: list[dict], tolerance: float,
+                 budget_cells_ms: float | None = None) -> dict:
+    """Fastest epoch (validation table latency) whose validation accuracy is near the best.
+
+    With ``budget_cells_ms`` (the budget reward) only epochs whose validation cell latency
+    is within 5% of the budget compete (the fastest epoch if none is): an early epoch that
+    runs every module would otherwise win on accuracy.
+    """
+    if budget_cells_ms is not None:
+        within = [h for h in history if h["val_cells_ms"] <= 1.05 * budget_cells_ms]
+        history = within or [min(history, key=lambda h: h["val_cells_ms"])]
     best = max(h["val_accuracy"] for h in history)
     eligible = [h for h in history if h["val_accuracy"] >= best - tolerance]
     return min(eligible, key=lambda h: (h["val_total_ms"], -h["val_accuracy"]))
@@ -133,6 +236,7 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                                    {"controller": ctrl_opt, "metagraph": graph_opt})
     start, saved = checkpoints.restore()
     history = saved.get("history", [])
+    dual = DualWeight(saved.get("latency_weight", 0.0))
     for epoch in range(start, cfg.epochs):
         record = {"stage": "search", "epoch": epoch + 1}
 
@@ -142,7 +246,7 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                        {"stage": "search", "epoch": epoch + 1, "part": part})
 
         record.update(controller_epoch(ctx, metagraph, controller, ctrl_opt, table, epoch,
-                                       snapshot))
+                                       dual, snapshot))
         record.update(metagraph_epoch(ctx, metagraph, controller, graph_opt, epoch))
         controller.eval()
         calibrate(ctx, metagraph, greedy_of(controller), purpose="search/recalibrate-val",
@@ -150,6 +254,8 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
         val, _ = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.val)
         record.update({"val_accuracy": val.accuracy, "val_cells_ms": val.cells_ms,
                        "val_total_ms": val.total_ms, "val_distinct_children": val.distinct_children,
+                       "val_effective_children": val.effective_children,
+                       "val_top_child_share": val.top_child_share,
                        "val_mean_active_modules": val.mean_active_modules,
                        "checkpoint": f"search/epoch_{epoch + 1:03d}.safetensors"})
         save_stage(ctx, ctx.run_dir / record["checkpoint"],
@@ -157,8 +263,11 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                    {"stage": "search", "epoch": epoch + 1})
         ctx.log_metrics(record)
         history.append(record)
-        checkpoints.save(epoch + 1, {"history": history})
-    chosen = select_epoch(history, cfg.select_tolerance)
+        checkpoints.save(epoch + 1, {"history": history, "latency_weight": dual.value})
+    ccfg = ctx.config.controller
+    budget = (ccfg.budget * table.bounds(ctx.space.forced_mask()).mbv2
+              if ccfg.reward == "budget" else None)
+    chosen = select_epoch(history, cfg.select_tolerance, budget)
     write_json(folder / "selected.json", {"chosen": chosen, "tolerance": cfg.select_tolerance,
                                           "history": history})
     # Last: the selected checkpoint is what marks the stage as done.
