@@ -25,6 +25,7 @@ from instanas.config import apply_overrides, load_config_file
 from instanas.pipeline import latency_table, open_run, run_stage
 from instanas.policy import evaluate_policies, greedy_of, shuffled_routing_accuracy
 from instanas.stages.common import STAGE_FILES, load_stage, new_models
+from instanas.stages.search import select_epoch
 from instanas.utils import append_jsonl
 
 
@@ -69,9 +70,35 @@ def markdown_table(path: Path) -> str:
     return "\n".join(rows)
 
 
+def rescore(out: Path, name: str) -> dict:
+    """Choose the search checkpoint again with the current rule and score it (search only)."""
+    target = out / name
+    ctx = open_run(load_config_file(target / "config.yaml"), target, command="search")
+    table = latency_table(ctx)
+    selected = json.loads((target / "search" / "selected.json").read_text())
+    history, before = selected["history"], selected["chosen"]["checkpoint"]
+    ccfg = ctx.config.controller
+    budget = (ccfg.budget * table.bounds(ctx.space.forced_mask()).mbv2
+              if ccfg.reward == "budget" else None)
+    chosen = select_epoch(history, ctx.config.search.select_tolerance, budget)
+    shutil.copy(target / chosen["checkpoint"], target / STAGE_FILES["search"])
+    lines = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
+    for record in lines:
+        if record["name"] == name:
+            record["search"] = score(ctx, "search")
+            record["search"]["epoch"] = chosen["epoch"]
+            if chosen["checkpoint"] != before:  # fine-tuned from another checkpoint
+                record.pop("finetune", None)
+    (out / "ablation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return chosen
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--table":
         print(markdown_table(Path(sys.argv[2])))
+        return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "--rescore":
+        print(rescore(Path(sys.argv[2]), sys.argv[3])["epoch"])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="python scripts/routing_ablation.py --table "

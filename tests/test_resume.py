@@ -90,6 +90,18 @@ def test_two_seeded_runs_of_every_training_stage_are_byte_identical(reference):
     assert "threads: 2" in (run / "config.yaml").read_text()
 
 
+def test_one_command_equals_the_stages_one_at_a_time(reference):
+    base, run = reference.parent, reference.parent / "one-command"
+    config = base / "only-main.yaml"
+    config.write_text((base / "tiny.yaml").read_text().replace(
+        "baseline: {", "variants: {count: 0}\nbaseline: {widths: [1.0], min_net: false, "
+        "random_policy: false, static_child: false, oracle_children: 0, "))
+    _instanas(base, "run", "--config", str(config), "--output", str(run))
+    for name in ("pretrain/metagraph.safetensors", "search/selected.safetensors",
+                 "finetune/model.safetensors", "baseline/mbv2.safetensors"):
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+
+
 def test_pretrain_killed_resumes_exactly_even_from_a_torn_checkpoint(reference):
     base, run = reference.parent, reference.parent / "pretrain-killed"
     folder = run / "pretrain" / "resume"

@@ -16,6 +16,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config_file, to_yaml
 from .data import default_augmentation, load_dataset
+from .diagnostics import undertrained
 from .evaluate import (
     evaluate,
     evaluate_instanas,
@@ -247,11 +248,13 @@ def validate_latency_table(ctx: RunContext, table: LatencyTable,
 def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
     require_previous(ctx.run_dir, stage)
     start = time.perf_counter()
+    # Every stage starts from the seed, so a stage run on its own (`instanas search`) builds the
+    # same initial weights as the same stage inside `instanas run`.
+    set_seed(ctx.config.seed)
     if stage == "baseline":
         with stop_after_epoch():
             train_baseline(ctx)
     elif stage == "pretrain":
-        set_seed(ctx.config.seed)
         metagraph, _ = new_models(ctx)
         with stop_after_epoch():
             pretrain(ctx, metagraph)
@@ -403,6 +406,9 @@ def finalize_results(ctx: RunContext) -> dict:
     path = ctx.run_dir / "results.json"
     results = json.loads(path.read_text())
     results["wall_time_s"] = _previous_timings(ctx.run_dir)
+    records = [json.loads(line) for line in
+               (ctx.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    results["undertrained"] = undertrained(records)
     write_json(path, results)
     write_results_markdown(results, ctx.run_dir / "results.md")
     md, html = write_report(ctx.run_dir)

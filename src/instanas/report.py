@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from .diagnostics import undertrained_sentence
 from .plots import (
     is_bound,
     load_results,
@@ -184,7 +185,8 @@ def _device_sentence(results: Mapping) -> str | None:
 def summary_sentences(results: Mapping) -> list[str]:
     sentences = (_instanas_vs_mbv2(results), _dominance(results),
                  _controller_vs_random(results), _routing(results), _static_child(results),
-                 _oracle(results), _device_sentence(results))
+                 _oracle(results), _device_sentence(results),
+                 undertrained_sentence(results.get("undertrained") or []))
     return [s for s in sentences if s]
 
 

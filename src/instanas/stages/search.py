@@ -15,6 +15,7 @@ from ..controller import (
     policy_log_prob,
     sample_policy,
 )
+from ..diagnostics import near_chance
 from ..latency import LatencyTable
 from ..metagraph import MetaGraph
 from ..policy import PolicyFn, calibrate, evaluate_policies, greedy_of
@@ -27,7 +28,15 @@ from ..reward import (
     prediction_score,
     window_bounds,
 )
-from ..training import RunContext, batch_statistics, check_finite, sgd, supervised_epoch
+from ..training import (
+    RunContext,
+    TrainingError,
+    accuracy,
+    batch_statistics,
+    check_finite,
+    sgd,
+    supervised_epoch,
+)
 from ..utils import atomic_copy, progress_bar, write_json
 from .common import save_stage, stage_path
 from .resume import EpochCheckpoints
@@ -224,6 +233,19 @@ def select_epoch(history: list[dict], tolerance: float,
     return min(eligible, key=lambda h: (h["val_total_ms"], -h["val_accuracy"]))
 
 
+def refuse_weak_metagraph(ctx: RunContext, metagraph: MetaGraph) -> None:
+    """Stop before searching on a meta-graph that is near chance on validation: the controller
+    would learn nothing but which children are cheapest."""
+    metagraph.eval()
+    value = accuracy(ctx, metagraph, ctx.data.val)
+    if near_chance(value, len(ctx.data.classes)):
+        raise TrainingError(
+            f"search: the pretrained meta-graph is near chance on validation ({100 * value:.1f}% "
+            f"with every module on, chance {100 / len(ctx.data.classes):.1f}%): pretrain longer, "
+            f"e.g. `instanas pretrain --output NEW_DIR --pretrain.epochs "
+            f"{2 * ctx.config.pretrain.epochs}` (or more), then search there")
+
+
 def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
            table: LatencyTable) -> tuple[MetaGraph, Controller]:
     cfg = ctx.config.search
@@ -235,6 +257,8 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
                                    {"metagraph": metagraph, "controller": controller},
                                    {"controller": ctrl_opt, "metagraph": graph_opt})
     start, saved = checkpoints.restore()
+    if start == 0:
+        refuse_weak_metagraph(ctx, metagraph)
     history = saved.get("history", [])
     dual = DualWeight(saved.get("latency_weight", 0.0))
     for epoch in range(start, cfg.epochs):

@@ -1,0 +1,65 @@
+"""Warnings a run gives about its own training: models still improving when their budget ended,
+and a meta-graph too weak to search on."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+# Stage name in metrics.jsonl -> (training-accuracy field, the option that extends it).
+_TRAINED = {"baseline": ("train_accuracy", "baseline.epochs"),
+            "pretrain": ("train_accuracy", "pretrain.epochs"),
+            "search": ("metagraph_train_accuracy", "search.epochs"),
+            "finetune": ("train_accuracy", "finetune.epochs"),
+            "random-policy": ("train_accuracy", "finetune.epochs"),
+            "static-child": ("train_accuracy", "finetune.epochs")}
+# Training accuracy that rose by more than this over the last epochs counts as still rising.
+RISING_POINTS = 0.5
+
+
+def still_rising(accuracies: list[float], threshold_points: float = RISING_POINTS
+                 ) -> float | None:
+    """Points gained over the last fifth of the epochs (at least the last two), when more than
+    ``threshold_points``; None otherwise or with fewer than three epochs."""
+    if len(accuracies) < 3:
+        return None
+    tail = max(2, len(accuracies) // 5)
+    gain = 100.0 * (accuracies[-1] - accuracies[-1 - tail])
+    return gain if gain > threshold_points else None
+
+
+def undertrained(records: Iterable[dict]) -> list[dict]:
+    """Stages whose training accuracy was still rising when they ended.
+
+    ``records``: the lines of metrics.jsonl. Pretraining is left out: its drop-path schedule
+    makes later epochs harder by design, so its accuracy does not show convergence.
+    """
+    series: dict[str, list[float]] = {}
+    for record in records:
+        stage = record.get("stage")
+        if stage in _TRAINED and stage != "pretrain":
+            value = record.get(_TRAINED[stage][0])
+            if isinstance(value, (int, float)):
+                series.setdefault(stage, []).append(float(value))
+    flags = []
+    for stage, values in series.items():
+        gain = still_rising(values)
+        if gain is not None:
+            flags.append({"stage": stage, "epochs": len(values),
+                          "last_epochs_gain_points": round(gain, 2),
+                          "option": _TRAINED[stage][1]})
+    return flags
+
+
+def undertrained_sentence(flags: list[dict]) -> str | None:
+    if not flags:
+        return None
+    parts = [f"{f['stage']} (+{f['last_epochs_gain_points']:.1f} points in its last epochs; "
+             f"raise --{f['option']})" for f in flags]
+    return ("Possibly undertrained — training accuracy was still rising when the budget ended: "
+            + "; ".join(parts) + ".")
+
+
+def near_chance(accuracy: float, num_classes: int) -> bool:
+    """Within a tenth of the way from chance to perfect: too weak to search on."""
+    chance = 1.0 / num_classes
+    return accuracy < chance + 0.1 * (1.0 - chance)
