@@ -53,7 +53,7 @@ def score(ctx, stage: str) -> dict:
             "routing_gain_points": 100 * (test.accuracy - shuffled)}
 
 
-def markdown_table(path: Path) -> str:
+def markdown_table(path: Path, overrides_column: bool = True) -> str:
     """The settings of an ablation.jsonl as one markdown table (the last stage scored)."""
     rows = ["| setting | overrides | stage | distinct children | effective children | "
             "top child share | routing gain (points) | test accuracy | table latency ms |",
@@ -62,11 +62,14 @@ def markdown_table(path: Path) -> str:
         record = json.loads(line)
         stage = "finetune" if "finetune" in record else "search"
         s = record[stage]
-        overrides = " ".join(f"{k}={v}" for k, v in record["overrides"].items()) or "(preset)"
+        overrides = (" ".join(f"{k}={v}" for k, v in record["overrides"].items())
+                     or "(none: the base config)")
         rows.append(f"| {record['name']} | `{overrides}` | {stage} | {s['distinct_children']} | "
                     f"{s['effective_children']:.2f} | {s['top_child_share']:.2f} | "
                     f"{s['routing_gain_points']:+.2f} | {100 * s['test_accuracy']:.2f}% | "
                     f"{s['table_total_ms']:.3f} |")
+    if not overrides_column:
+        rows = ["|".join(c for i, c in enumerate(r.split("|")) if i != 2) for r in rows]
     return "\n".join(rows)
 
 
@@ -94,8 +97,8 @@ def rescore(out: Path, name: str) -> dict:
 
 
 def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "--table":
-        print(markdown_table(Path(sys.argv[2])))
+    if len(sys.argv) == 3 and sys.argv[1] in ("--table", "--table-short"):
+        print(markdown_table(Path(sys.argv[2]), overrides_column=sys.argv[1] == "--table"))
         return 0
     if len(sys.argv) == 4 and sys.argv[1] == "--rescore":
         print(rescore(Path(sys.argv[2]), sys.argv[3])["epoch"])

@@ -31,6 +31,7 @@ def test_undertrained_names_the_stage_and_its_option():
 def test_near_chance():
     assert near_chance(0.11, 10) and not near_chance(0.3, 10)
     assert near_chance(0.52, 2) and not near_chance(0.7, 2)
+    assert not near_chance(0.11, 10, floor=0.0) and near_chance(0.5, 10, floor=0.6)
 
 
 def test_search_refuses_a_metagraph_at_chance(tmp_path):

@@ -131,6 +131,10 @@ class SearchConfig:
                                      "meta-graph epoch, the others evenly inside the controller "
                                      "epoch (candidates for variants A..E in short searches)",
                                   ge=1)
+    min_pretrain_accuracy: float | None = _f(
+        None, "the search stops with an error when the pretrained meta-graph's validation "
+              "accuracy (every module on) is below this (default: a tenth of the way from chance "
+              "to perfect; 0: never, e.g. for smoke runs)", ge=0.0, le=1.0)
     controller_norm: str = _f("batch", "BatchNorm of the frozen meta-graph in controller epochs: "
                                        "batch (each forward's own statistics) | running "
                                        "(statistics re-estimated under the sampled policies at "

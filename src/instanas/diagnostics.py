@@ -59,7 +59,10 @@ def undertrained_sentence(flags: list[dict]) -> str | None:
             + "; ".join(parts) + ".")
 
 
-def near_chance(accuracy: float, num_classes: int) -> bool:
-    """Within a tenth of the way from chance to perfect: too weak to search on."""
-    chance = 1.0 / num_classes
-    return accuracy < chance + 0.1 * (1.0 - chance)
+def near_chance(accuracy: float, num_classes: int, floor: float | None = None) -> bool:
+    """Below ``floor``, by default a tenth of the way from chance to perfect: too weak to
+    search on."""
+    if floor is None:
+        chance = 1.0 / num_classes
+        floor = chance + 0.1 * (1.0 - chance)
+    return accuracy < floor

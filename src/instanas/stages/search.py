@@ -238,12 +238,13 @@ def refuse_weak_metagraph(ctx: RunContext, metagraph: MetaGraph) -> None:
     would learn nothing but which children are cheapest."""
     metagraph.eval()
     value = accuracy(ctx, metagraph, ctx.data.val)
-    if near_chance(value, len(ctx.data.classes)):
+    if near_chance(value, len(ctx.data.classes), ctx.config.search.min_pretrain_accuracy):
         raise TrainingError(
             f"search: the pretrained meta-graph is near chance on validation ({100 * value:.1f}% "
             f"with every module on, chance {100 / len(ctx.data.classes):.1f}%): pretrain longer, "
             f"e.g. `instanas pretrain --output NEW_DIR --pretrain.epochs "
-            f"{2 * ctx.config.pretrain.epochs}` (or more), then search there")
+            f"{2 * ctx.config.pretrain.epochs}` (or more), then search there; "
+            "--search.min_pretrain_accuracy 0 searches anyway")
 
 
 def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
