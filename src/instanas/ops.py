@@ -69,7 +69,7 @@ class InvertedResidual(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """conv3x3(stride) BN ReLU, conv3x3 BN ReLU, no shortcut (the spec's module 4)."""
+    """conv3x3(stride) BN ReLU, conv3x3 BN ReLU, no shortcut (module 4 of the paper's five)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, kernel: int = 3) -> None:
         super().__init__()

@@ -32,7 +32,7 @@ class CandidateModule:
         return f"basic_k{self.kernel}"
 
 
-# The five candidates of the paper, in the order of their ids (spec section 2).
+# The five candidates of the paper, in the order of their ids.
 CANDIDATES: tuple[CandidateModule, ...] = (
     CandidateModule("inverted_residual", 3, 6),
     CandidateModule("inverted_residual", 3, 3),
@@ -88,7 +88,7 @@ class CellSpec:
 
     @property
     def forced_default(self) -> bool:
-        """True when an empty policy runs module 4 here: a stage's first cell (spec section 3)."""
+        """True when an empty policy runs module 4 here: a stage's first cell (docs/design.md)."""
         return self.first_in_stage or not self.shape_preserving
 
 
@@ -258,7 +258,7 @@ class ChildArchitecture:
 
 
 def apply_empty_cell_rule(policy: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
-    """The one empty-cell rule (spec section 3), for any leading batch shape.
+    """The one empty-cell rule (docs/design.md), for any leading batch shape.
 
     ``policy`` is bool [..., cells, modules]; ``forced`` bool [cells]. Returns a bool policy where
     every shape-changing cell with nothing selected selects the forced default module. Empty

@@ -1,4 +1,4 @@
-"""Stage 1: one-shot pretraining of the meta-graph with a drop-path schedule (spec section 6.1)."""
+"""Stage 1: one-shot pretraining of the meta-graph with a drop-path schedule (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
         keep = drop_path_keep(progress, cfg.final_keep)
         if keep >= 1.0:
             return metagraph(images)  # every module on
-        # Per image and per module; outputs are not rescaled (spec). Cells left empty follow the
-        # empty-cell rule inside the meta-graph.
+        # Per image and per module; outputs are not rescaled, as in the paper. Cells left empty
+        # follow the empty-cell rule inside the meta-graph.
         policy = torch.rand((images.shape[0], *shape), generator=drop_gen) < keep
         return metagraph(images, policy)
 

@@ -1,4 +1,4 @@
-"""Stage 2: the search, alternating controller epochs and meta-graph epochs (spec section 6.2)."""
+"""Stage 2: the search, alternating controller epochs and meta-graph epochs (docs/design.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Variants A..E: several operating points from one search (spec section 6.2).
+"""Variants A..E: several operating points from one search (docs/design.md, "Variants A..E").
 
 Every checkpoint the search kept is a candidate. Each is scored on the validation split only:
 accuracy of the controller's greedy policies (BatchNorm recalibrated for them) and mean latency
