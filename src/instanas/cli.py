@@ -200,6 +200,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def resolve_config(args: argparse.Namespace, run_dir: Path | None):
+    from .budgets import prefer_given_epochs
     from .pipeline import existing_config
 
     stored = existing_config(run_dir) if run_dir is not None else None
@@ -212,7 +213,10 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None):
         config = load_config_file(args.config)
     else:
         config = load_preset(args.preset or "fashion-cpu")
-    return apply_overrides(config, _overrides(args))
+    overrides = _overrides(args)
+    config = apply_overrides(config, overrides)
+    prefer_given_epochs(config, overrides)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +333,7 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from .budgets import pinned_stages
     from .pipeline import (
         default_run_dir,
         finalize_results,
@@ -358,7 +363,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("search", "finetune", "random-policy", "static-child", "variants",
                         "evaluate"):
         require_previous(run_dir, args.command)
-    ctx = open_run(config, run_dir, resume=bool(resume), command=args.command)
+    ctx = open_run(config, run_dir, resume=bool(resume), command=args.command,
+                   pinned=pinned_stages(_overrides(args)))
     start = time.perf_counter()
     if args.command == "run":
         timings = run_all(ctx, resume=bool(resume))

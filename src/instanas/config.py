@@ -108,6 +108,8 @@ class ControllerConfig:
 @dataclass
 class PretrainConfig:
     epochs: int = _f(100, "one-shot pretraining epochs (first half every module on)", gt=0)
+    steps: int | None = _f(None, "optimiser steps instead of epochs (rounded up to whole "
+                                 "epochs; config.yaml shows both)", gt=0)
     batch_size: int = _f(128, "batch size", gt=0)
     lr: float = _f(0.1, "SGD learning rate (x0.1 at the milestones)", gt=0.0)
     weight_decay: float = _f(1e-4, "SGD weight decay", ge=0.0)
@@ -120,6 +122,8 @@ class PretrainConfig:
 class SearchConfig:
     epochs: int = _f(500, "search epochs (each: a controller epoch, then a meta-graph epoch)",
                      gt=0)
+    steps: int | None = _f(None, "optimiser steps instead of epochs (rounded up to whole "
+                                 "epochs; config.yaml shows both)", gt=0)
     batch_size: int = _f(32, "batch size of both alternating epochs", gt=0)
     metagraph_lr: float = _f(0.01, "SGD learning rate of the meta-graph during search", gt=0.0)
     weight_decay: float = _f(1e-4, "SGD weight decay of the meta-graph during search", ge=0.0)
@@ -150,6 +154,8 @@ class SearchConfig:
 class FinetuneConfig:
     epochs: int = _f(300, "fine-tuning epochs under the frozen controller's greedy policies",
                      gt=0)
+    steps: int | None = _f(None, "optimiser steps instead of epochs (rounded up to whole "
+                                 "epochs; config.yaml shows both)", gt=0)
     batch_size: int = _f(256, "batch size", gt=0)
     lr: float = _f(1e-3, "SGD learning rate (cosine schedule)", gt=0.0)
     weight_decay: float = _f(4e-5, "SGD weight decay", ge=0.0)
@@ -159,6 +165,8 @@ class FinetuneConfig:
 class BaselineConfig:
     epochs: int | None = _f(None, "epochs of the standalone MobileNetV2-path baseline "
                                   "(default: pretrain + search + finetune epochs)", gt=0)
+    steps: int | None = _f(None, "optimiser steps instead of epochs (rounded up to whole "
+                                 "epochs; config.yaml shows both)", gt=0)
     batch_size: int = _f(256, "batch size", gt=0)
     lr: float = _f(0.1, "SGD learning rate (cosine schedule)", gt=0.0)
     weight_decay: float = _f(4e-5, "SGD weight decay", ge=0.0)
@@ -209,6 +217,11 @@ class Config:
                                    "choice, one per core; the run records the count it used). "
                                    "On the CPU a seeded run is bit-reproducible at the same "
                                    "thread count, machine and software", gt=0)
+    budget_images: int | None = _f(None, "training images the epoch counts were sized for: on a "
+                                         "smaller training split, each stage not given epochs or "
+                                         "steps on the command line keeps its number of "
+                                         "optimiser steps (recorded as steps in config.yaml)",
+                                   gt=0)
     channels_last: bool = _f(True, "train in channels-last memory format (faster on CPU)")
     data: DataConfig = field(default_factory=DataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)

@@ -8,11 +8,13 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .budgets import describe, resolve_budgets
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config_file, to_yaml
 from .data import default_augmentation, load_dataset
@@ -96,7 +98,7 @@ def _writable(path: Path) -> bool:
 
 
 def open_run(config: Config, run_dir: Path, *, resume: bool = False,
-             command: str | None = None) -> RunContext:
+             command: str | None = None, pinned: Collection[str] = ()) -> RunContext:
     """Load the data and check the checkpoints ``command`` reads, then set up.
 
     Every check runs before anything is written, so bad input leaves no trace.
@@ -121,6 +123,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool = False,
     for key, value in default_augmentation(data).items():  # config.yaml shows what runs
         if getattr(d, key) is None:
             setattr(d, key, value)
+    resolve_budgets(config, len(data.train), pinned)
     space = config.search_space(data.channels, data.image_size, data.num_classes)
     if space.final_size < 2:
         log.warning("the last cells work on %dx%d maps; BatchNorm may fail on single images",
@@ -251,6 +254,9 @@ def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
     # Every stage starts from the seed, so a stage run on its own (`instanas search`) builds the
     # same initial weights as the same stage inside `instanas run`.
     set_seed(ctx.config.seed)
+    budget = describe(ctx.config, stage, len(ctx.data.train))
+    if budget:
+        log.info(budget)
     if stage == "baseline":
         with stop_after_epoch():
             train_baseline(ctx)
