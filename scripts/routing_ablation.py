@@ -25,7 +25,7 @@ from instanas.config import apply_overrides, load_config_file
 from instanas.pipeline import latency_table, open_run, run_stage
 from instanas.policy import evaluate_policies, greedy_of, shuffled_routing_accuracy
 from instanas.stages.common import STAGE_FILES, load_stage, new_models
-from instanas.stages.search import select_epoch
+from instanas.stages.search import final_budget, select_epoch
 from instanas.utils import append_jsonl
 
 
@@ -80,10 +80,7 @@ def rescore(out: Path, name: str) -> dict:
     table = latency_table(ctx)
     selected = json.loads((target / "search" / "selected.json").read_text())
     history, before = selected["history"], selected["chosen"]["checkpoint"]
-    ccfg = ctx.config.controller
-    budget = (ccfg.budget * table.bounds(ctx.space.forced_mask()).mbv2
-              if ccfg.reward == "budget" else None)
-    chosen = select_epoch(history, ctx.config.search.select_tolerance, budget)
+    chosen = select_epoch(history, ctx.config.search.select_tolerance, final_budget(ctx, table))
     shutil.copy(target / chosen["checkpoint"], target / STAGE_FILES["search"])
     lines = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
     for record in lines:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Iterable
 
 # Stage name in metrics.jsonl -> (training-accuracy field, the option that extends it).
+# Pretraining is left out: its drop-path schedule makes later epochs harder by design, so its
+# training accuracy does not show convergence.
 _TRAINED = {"baseline": ("train_accuracy", "baseline.epochs"),
-            "pretrain": ("train_accuracy", "pretrain.epochs"),
             "search": ("metagraph_train_accuracy", "search.epochs"),
             "finetune": ("train_accuracy", "finetune.epochs"),
             "random-policy": ("train_accuracy", "finetune.epochs"),
@@ -30,13 +31,12 @@ def still_rising(accuracies: list[float], threshold_points: float = RISING_POINT
 def undertrained(records: Iterable[dict]) -> list[dict]:
     """Stages whose training accuracy was still rising when they ended.
 
-    ``records``: the lines of metrics.jsonl. Pretraining is left out: its drop-path schedule
-    makes later epochs harder by design, so its accuracy does not show convergence.
+    ``records``: the lines of metrics.jsonl.
     """
     series: dict[str, list[float]] = {}
     for record in records:
         stage = record.get("stage")
-        if stage in _TRAINED and stage != "pretrain":
+        if stage in _TRAINED:
             value = record.get(_TRAINED[stage][0])
             if isinstance(value, (int, float)):
                 series.setdefault(stage, []).append(float(value))

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The dynamic window's upper bound, and the budget's target, start at this share of L_all.
+WINDOW_START = 0.7
+
 
 @dataclass(frozen=True)
 class LatencyBounds:
@@ -36,7 +39,7 @@ def window_bounds(bounds: LatencyBounds, progress: float, schedule: str = "dynam
         return lower, bounds.all_modules
     if schedule != "dynamic":
         raise ValueError(f"unknown window schedule {schedule!r}: use 'dynamic' or 'static'")
-    start, end = 0.7 * bounds.all_modules, 0.5 * bounds.mbv2
+    start, end = WINDOW_START * bounds.all_modules, 0.5 * bounds.mbv2
     upper = start - (start - end) * progress
     # A window narrower than zero would make every latency "outside"; keep it valid.
     return lower, max(upper, lower * 1.05)
@@ -91,7 +94,7 @@ def budget_target(bounds: LatencyBounds, progress: float, budget: float, warmup:
     end = budget * bounds.mbv2
     if warmup <= 0 or progress >= warmup:
         return end
-    start = max(0.7 * bounds.all_modules, end)
+    start = max(WINDOW_START * bounds.all_modules, end)
     return start - (start - end) * progress / warmup
 
 

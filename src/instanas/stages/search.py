@@ -146,7 +146,6 @@ class RewardFunction:
 
     def __init__(self, ccfg, bounds: LatencyBounds, dual: DualWeight) -> None:
         self.ccfg, self.bounds, self.dual = ccfg, bounds, dual
-        self.reference = bounds.mbv2
         self.window = window_bounds(bounds, 0.0, ccfg.window)
         self.target = budget_target(bounds, 0.0, ccfg.budget, ccfg.budget_warmup)
 
@@ -156,7 +155,7 @@ class RewardFunction:
         if c.reward == "budget":
             self.target = budget_target(self.bounds, progress, c.budget, c.budget_warmup)
             score = prediction_score(correct, log_prob, c.signal, c.pos_w, c.neg_w)
-            return budget_reward(score, latency, self.dual.value, self.reference, c.pos_w)
+            return budget_reward(score, latency, self.dual.value, self.bounds.mbv2, c.pos_w)
         # The window advances per step so short searches still sweep the whole schedule.
         self.window = window_bounds(self.bounds, progress, c.window)
         return instance_reward(correct, latency, *self.window, c.pos_w, c.neg_w)
@@ -233,6 +232,15 @@ def select_epoch(history: list[dict], tolerance: float,
     return min(eligible, key=lambda h: (h["val_total_ms"], -h["val_accuracy"]))
 
 
+def final_budget(ctx: RunContext, table: LatencyTable) -> float | None:
+    """The budget reward's target cell latency once warmed up (None for the window reward)."""
+    ccfg = ctx.config.controller
+    if ccfg.reward != "budget":
+        return None
+    return budget_target(table.bounds(ctx.space.forced_mask()), 1.0, ccfg.budget,
+                         ccfg.budget_warmup)
+
+
 def refuse_weak_metagraph(ctx: RunContext, metagraph: MetaGraph) -> None:
     """Stop before searching on a meta-graph that is near chance on validation: the controller
     would learn nothing but which children are cheapest."""
@@ -289,10 +297,7 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
         ctx.log_metrics(record)
         history.append(record)
         checkpoints.save(epoch + 1, {"history": history, "latency_weight": dual.value})
-    ccfg = ctx.config.controller
-    budget = (ccfg.budget * table.bounds(ctx.space.forced_mask()).mbv2
-              if ccfg.reward == "budget" else None)
-    chosen = select_epoch(history, cfg.select_tolerance, budget)
+    chosen = select_epoch(history, cfg.select_tolerance, final_budget(ctx, table))
     write_json(folder / "selected.json", {"chosen": chosen, "tolerance": cfg.select_tolerance,
                                           "history": history})
     # Last: the selected checkpoint is what marks the stage as done.

@@ -11,6 +11,7 @@ differ only in routing.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -51,8 +52,10 @@ def choose_static_child(ctx: RunContext, metagraph: MetaGraph, controller: Contr
     """Time the controller's children and the main model; pick the child to compare with."""
     _, policies = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.val)
     candidates = used_children(policies, ctx.config.variants.max_timed_children)
-    graph = metagraph.cpu().eval()
-    models = {"instanas": InstaNASPredictor(graph, controller.cpu().eval()).logits_one}
+    # Timed on the CPU, from copies: the caller's modules stay on their device.
+    graph = copy.deepcopy(metagraph).cpu().eval()
+    models = {"instanas": InstaNASPredictor(graph, copy.deepcopy(controller).cpu().eval())
+              .logits_one}
     for i, (child, _) in enumerate(candidates):
         models[f"child-{i}"] = graph.materialize(child).eval().deploy()
     images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.val, 500, train=False)])
@@ -78,7 +81,6 @@ def train_static_child(ctx: RunContext, metagraph: MetaGraph, controller: Contro
     metagraph, controller = ctx.prepare(metagraph), ctx.prepare(controller)
     controller.eval()
     child, info = choose_static_child(ctx, metagraph, controller, table)
-    metagraph = ctx.prepare(metagraph)
     policy = child.to_policy()
 
     def constant(images: torch.Tensor) -> torch.Tensor:
