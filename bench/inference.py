@@ -26,7 +26,7 @@ import torch
 import instanas
 from instanas.data import load_dataset
 from instanas.evaluate import measure_per_image
-from instanas.latency import cpu_threads, processor_name
+from instanas.latency.table import cpu_threads, processor_name
 
 BATCH_PATHS = ("dense", "sparse", "grouped")
 
@@ -96,8 +96,8 @@ def controller_variants(predictor, specs: list[str], image: torch.Tensor, thread
                         rounds: int = 500) -> dict[str, float]:
     """Batch-1 ms of untrained controllers of other shapes ("PX:W1,W2,..."), policy decoding
     included, interleaved with the run's own controller; timing does not depend on weights."""
-    from instanas.controller import Controller, ControllerSpec
-    from instanas.inference import InstaNASPredictor
+    from instanas.deploy.inference import InstaNASPredictor
+    from instanas.models.controller import Controller, ControllerSpec
 
     space = predictor.space
     fns = {"this run": predictor.child_cells}

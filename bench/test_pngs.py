@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from instanas.exporter import run_data
+from instanas.deploy.export import run_data
 
 
 def write(run_dir: Path, out: Path, count: int) -> None:

@@ -8,7 +8,7 @@ step times are compared. Prints the machine, thread count and the speed ratios. 
 the stages' own (SGD, Nesterov momentum, weight decay, foreach).
 
 ``sparse-onednn`` is the sparse path with every convolution through oneDNN (the tiny-map matrix
-forms of ``instanas.smallconv`` switched off), to show what those contribute.
+forms of ``instanas.nn.smallconv`` switched off), to show what those contribute.
 
 ``sparse-gather`` is the sparse path with the tap matrices of the tiny-map forms built by an
 indexed gather, as before they became a product with a one-hot placement. The gather's backward
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from instanas import smallconv
 from instanas.config import load_preset
-from instanas.latency import processor_name
-from instanas.metagraph import MetaGraph
-from instanas.smallconv import disabled
+from instanas.latency.table import processor_name
+from instanas.models.metagraph import MetaGraph
+from instanas.nn.smallconv import disabled
 from instanas.training import sgd
 
 PATHS = ("sparse", "dense", "sparse-onednn", "sparse-gather", "floor")

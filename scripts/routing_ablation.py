@@ -23,7 +23,7 @@ from pathlib import Path
 
 from instanas.config import apply_overrides, load_config_file
 from instanas.pipeline import latency_table, open_run, run_stage
-from instanas.policy import evaluate_policies, greedy_of, shuffled_routing_accuracy
+from instanas.search.policy import evaluate_policies, greedy_of, shuffled_routing_accuracy
 from instanas.stages.common import STAGE_FILES, load_stage, new_models
 from instanas.stages.search import final_budget, select_epoch
 from instanas.utils import append_jsonl

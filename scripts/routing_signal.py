@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from instanas.config import load_config_file
 from instanas.pipeline import latency_table, open_run
-from instanas.policy import calibrate
+from instanas.search.policy import calibrate
 from instanas.stages.common import load_stage, new_models, stage_path
 
 

@@ -5,7 +5,7 @@ import torch
 
 os.environ.setdefault("INSTANAS_NO_PROGRESS", "1")
 
-from instanas.space import SearchSpace, Stage  # noqa: E402
+from instanas.search.space import SearchSpace, Stage  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

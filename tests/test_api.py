@@ -65,7 +65,7 @@ def test_load_is_an_nn_module_and_round_trips(tiny_run, tmp_path):
     policies = model.policies(paths)
     assert routes == [str(instanas.ChildArchitecture.from_policy(p)) for p in policies]
     # uint8 tensors at the model's size go the same way as the decoded files.
-    from instanas.runtime import read_image
+    from instanas.deploy.runtime import read_image
 
     raw = torch.from_numpy(np.stack([read_image(p, 3, 8) for p in paths]))
     assert torch.equal(model.predict(raw), model.predict(paths))
@@ -109,7 +109,7 @@ def test_building_blocks_at_the_top_level():
 
 @needs_jsonschema
 def test_results_of_a_run_validate_against_the_shipped_schema(tiny_run):
-    from instanas.schema import results_schema, validate_results
+    from instanas.report.schema import results_schema, validate_results
 
     results = json.loads((tiny_run / "results.json").read_text())
     validate_results(results)
@@ -133,7 +133,7 @@ def test_checked_in_results_validate():
     """Every results.json under docs/runs written under the contract validates; the main job's,
     written before the contract existed, validates once its metadata fields are set aside
     (the schema describes the real 13-model file)."""
-    from instanas.schema import results_schema
+    from instanas.report.schema import results_schema
 
     files = sorted((REPO / "docs" / "runs").glob("*/results.json"))
     for path in files:

@@ -460,9 +460,9 @@ def test_latency_table_of_another_torch_is_profiled_again(pretrained, tmp_path, 
     (torch.full((1, 1, 12, 12), 255.0), "divide 0..255 values by 255"),
 ])
 def test_inference_rejects_bad_images(tiny_space, images, words):
-    from instanas.controller import Controller, ControllerSpec
-    from instanas.inference import InstaNASModel, InstaNASPredictor
-    from instanas.metagraph import MetaGraph
+    from instanas.deploy.inference import InstaNASModel, InstaNASPredictor
+    from instanas.models.controller import Controller, ControllerSpec
+    from instanas.models.metagraph import MetaGraph
 
     graph = MetaGraph(tiny_space).eval()
     ctrl = Controller(1, 17, 5, ControllerSpec(12, (4, 8, 8))).eval()

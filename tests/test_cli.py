@@ -234,9 +234,9 @@ def test_load_rejects_a_folder_that_is_not_a_run(tmp_path):
 def test_predict_rejects_bad_images(tiny_space):
     import torch
 
-    from instanas.controller import Controller, ControllerSpec
-    from instanas.inference import InstaNASModel, InstaNASPredictor
-    from instanas.metagraph import MetaGraph
+    from instanas.deploy.inference import InstaNASModel, InstaNASPredictor
+    from instanas.models.controller import Controller, ControllerSpec
+    from instanas.models.metagraph import MetaGraph
 
     graph = MetaGraph(tiny_space).eval()
     ctrl = Controller(1, 17, 5, ControllerSpec(12, (4, 8, 8))).eval()

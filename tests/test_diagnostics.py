@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from instanas.diagnostics import near_chance, still_rising, undertrained, undertrained_sentence
+from instanas.report.diagnostics import (
+    near_chance,
+    still_rising,
+    undertrained,
+    undertrained_sentence,
+)
 
 
 def test_still_rising_fires_on_a_climbing_tail_only():

@@ -21,7 +21,7 @@ import torch
 from tiny_runs import snapshot, tiny_main_model_run
 
 from instanas.cli import main
-from instanas.runtime import ExportedModel, ExportError, fallback_child, resolve_policies
+from instanas.deploy.runtime import ExportedModel, ExportError, fallback_child, resolve_policies
 
 HAVE_ONNX = all(__import__("importlib").util.find_spec(m) for m in
                 ("onnx", "onnxscript", "onnxruntime"))
@@ -210,8 +210,8 @@ def test_runtime_runs_without_torch(onnx_export, tmp_path):
 import sys
 sys.modules["torch"] = None  # any import of torch now raises ImportError
 sys.path.insert(0, {str(onnx_export)!r})
-import instanas.runtime, instanas_runtime
-for rt in (instanas.runtime, instanas_runtime):
+import instanas.deploy.runtime, instanas_runtime
+for rt in (instanas.deploy.runtime, instanas_runtime):
     model = rt.load({str(onnx_export)!r})
     images = model.read_images([{str(files['wide'])!r}, {str(files['rgba'])!r}])
     probs, children = model.predict_proba(images)
@@ -273,7 +273,7 @@ def test_predict_bad_target_and_no_images(tiny_run, tmp_path, capsys):
 
 def test_runtime_preprocessing_matches_the_training_loader(tmp_path):
     from instanas.data import _read_image
-    from instanas.runtime import read_image
+    from instanas.deploy.runtime import read_image
 
     files = _images(tmp_path / "images")
     for key in ("wide", "gray", "palette", "rgba"):

@@ -90,8 +90,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_graph_reader_sees_relative_and_lazy_imports():
     graph = import_graph()
     assert f"{PACKAGE}.stages.common" in graph[f"{PACKAGE}.stages.pretrain"]  # from .common
-    assert f"{PACKAGE}.metagraph" in graph[f"{PACKAGE}.stages.pretrain"]  # from ..metagraph
-    assert f"{PACKAGE}.report" in graph[f"{PACKAGE}.cli"]  # imported inside a function
+    assert f"{PACKAGE}.models.metagraph" in graph[f"{PACKAGE}.stages.pretrain"]  # from ..models
+    assert f"{PACKAGE}.report.document" in graph[f"{PACKAGE}.cli"]  # imported inside a function
     assert f"{PACKAGE}.cli" in graph[f"{PACKAGE}.__main__"]
 
 

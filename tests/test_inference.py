@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from instanas.controller import Controller, ControllerSpec
-from instanas.inference import InstaNASPredictor
-from instanas.metagraph import MetaGraph
+from instanas.deploy.inference import InstaNASPredictor
+from instanas.models.controller import Controller, ControllerSpec
+from instanas.models.metagraph import MetaGraph
 
 
 def _predictor(space, bias: float | None = None) -> InstaNASPredictor:

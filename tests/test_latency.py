@@ -3,16 +3,16 @@ import json
 import pytest
 import torch
 
-from instanas.controller import Controller, ControllerSpec
-from instanas.flops import count_flops
-from instanas.latency import (
+from instanas.latency.flops import count_flops
+from instanas.latency.table import (
     LatencyTable,
     TimingStats,
     load_or_profile,
     profile_table,
     table_key,
 )
-from instanas.metagraph import MetaGraph
+from instanas.models.controller import Controller, ControllerSpec
+from instanas.models.metagraph import MetaGraph
 
 
 def _models(space):
@@ -107,7 +107,7 @@ def test_profiled_table_is_calibrated(tiny_space):
 
 
 def test_spearman():
-    from instanas.latency_check import spearman
+    from instanas.latency.validation import spearman
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties
@@ -115,7 +115,7 @@ def test_spearman():
 
 
 def test_validation_compares_table_with_measured_children(tiny_space, tmp_path):
-    from instanas.latency_check import plot_validation, random_children, validate_table
+    from instanas.latency.validation import plot_validation, random_children, validate_table
     graph, ctrl = _models(tiny_space)
     table = profile_table(graph, ctrl, torch.device("cpu"), threads=1, warmup=1, repeats=30,
                           calibration_children=0)

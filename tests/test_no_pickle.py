@@ -22,10 +22,10 @@ UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib
 # the base class) and pickle.UnpicklingError, and nothing else from pickle.
 ALLOWED_PICKLE_NAMES = {("data.py", "pickle.Unpickler"), ("data.py", "pickle.UnpicklingError")}
 ALLOWED_PICKLE_IMPORTS = {"data.py"}
-# TorchScript files are programs: exporter.torchscript_session loads them only for an export this
-# process has just written (export --validate) or when the user passes --trust-torchscript
+# TorchScript files are programs: deploy.export.torchscript_session loads them only for an export
+# this process has just written (export --validate) or when the user passes --trust-torchscript
 # (tests/test_export.py checks that predict refuses a TorchScript export without it).
-ALLOWED_CODE_LOADS = {("exporter.py", "torch.jit.load")}
+ALLOWED_CODE_LOADS = {("deploy/export.py", "torch.jit.load")}
 
 
 def _dotted(node: ast.AST) -> str:

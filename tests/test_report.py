@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from instanas.cli import main
-from instanas.plots import PLOTS, write_plots
-from instanas.report import write_report
+from instanas.report.document import write_report
+from instanas.report.plots import PLOTS, write_plots
 
 ALL_PLOTS = [name for name, _, _ in PLOTS]
 CLASSES, CELLS, MODULES, N, K = 4, 6, 5, 60, 3
@@ -220,7 +220,7 @@ def test_cli_interrupted_report_says_how_to_redo_it(capsys, tmp_path, monkeypatc
     def interrupted(run_dir):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("instanas.report.write_report", interrupted)
+    monkeypatch.setattr("instanas.report.document.write_report", interrupted)
     assert main(["report", str(run)]) == 130
     err = capsys.readouterr().err
     assert f"instanas report {run}` again" in err and "--resume" not in err

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from instanas.controller import (
+from instanas.models.controller import (
     Controller,
     ControllerSpec,
     bound_probabilities,
@@ -9,7 +9,7 @@ from instanas.controller import (
     policy_log_prob,
     sample_policy,
 )
-from instanas.reward import LatencyBounds, instance_reward, latency_reward, window_bounds
+from instanas.search.reward import LatencyBounds, instance_reward, latency_reward, window_bounds
 from instanas.stages.pretrain import drop_path_keep
 
 BOUNDS = LatencyBounds(all_modules=100.0, mbv2=20.0, minimum=4.0)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from instanas.config import load_preset
-from instanas.controller import policy_entropy
-from instanas.reward import (
+from instanas.models.controller import policy_entropy
+from instanas.search.reward import (
     LOG_PROB_FLOOR,
     DualWeight,
     LatencyBounds,
@@ -16,7 +16,7 @@ from instanas.reward import (
     budget_target,
     prediction_score,
 )
-from instanas.space import routing_summary
+from instanas.search.space import routing_summary
 from instanas.stages.search import mix_random_children
 from instanas.stages.static_child import closest_not_below, used_children
 

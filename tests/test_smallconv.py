@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from instanas.config import load_preset
-from instanas.metagraph import MetaGraph
-from instanas.smallconv import conv2d, matrix_form
+from instanas.models.metagraph import MetaGraph
+from instanas.nn.smallconv import conv2d, matrix_form
 
 CASES = [  # in, out, kernel, stride, groups, map side
     (40, 240, 1, 1, 1, 2), (16, 8, 1, 1, 1, 4),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from instanas.space import (
+from instanas.search.space import (
     FORCED_DEFAULT_MODULE,
     ChildArchitecture,
     SearchSpace,

@@ -1,6 +1,6 @@
 import torch
 
-from instanas.metagraph import MetaGraph
+from instanas.models.metagraph import MetaGraph
 from instanas.stages.search import select_epoch
 from instanas.training import batch_statistics, cosine, recalibrate_batchnorm, step_decay
 

@@ -4,7 +4,7 @@ The building blocks are importable from here: ``SearchSpace`` and ``ChildArchite
 search space and child encodings), ``MetaGraph`` (the supernet), ``Controller`` (the policy
 network), ``load`` (a trained run as an ``nn.Module``, :class:`InstaNASModel`) and ``export``
 (a trained model as ONNX or TorchScript files). They are imported on first use, so that
-``instanas.runtime`` (which runs exports) works on machines without torch.
+``instanas.deploy.runtime`` (which runs exports) works on machines without torch.
 """
 
 import os as _os
@@ -20,13 +20,13 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "ChildArchitecture": "space",
-    "Controller": "controller",
-    "InstaNASModel": "inference",
-    "MetaGraph": "metagraph",
-    "SearchSpace": "space",
-    "export": "exporter",
-    "load": "inference",
+    "ChildArchitecture": "search.space",
+    "Controller": "models.controller",
+    "InstaNASModel": "deploy.inference",
+    "MetaGraph": "models.metagraph",
+    "SearchSpace": "search.space",
+    "export": "deploy.export",
+    "load": "deploy.inference",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -25,7 +25,7 @@ from .config import (
     preset_names,
 )
 from .data import DataError
-from .runtime import ExportError
+from .deploy.runtime import ExportError
 from .training import TrainingError
 
 log = logging.getLogger("instanas")
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(run_dir: Path) -> int:
-    from .report import write_report
+    from .report.document import write_report
 
     for path in write_report(run_dir):
         print(path)
@@ -267,8 +267,8 @@ def _report(run_dir: Path) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .exporter import export
-    from .validation import summary_line
+    from .deploy.export import export
+    from .deploy.validation import summary_line
 
     for name, value in (("--threads", args.threads), ("--timed-images", args.timed_images)):
         if value is not None and value < (0 if name == "--timed-images" else 1):
@@ -291,7 +291,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import (
+    from .deploy.predict import (
         check_output,
         collect_files,
         open_classifier,

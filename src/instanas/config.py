@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from .controller import ControllerSpec
-from .space import SearchSpace, Stage
+from .models.controller import ControllerSpec
+from .search.space import SearchSpace, Stage
 
 
 class ConfigError(ValueError):

@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from . import __version__
-from .controller import Controller, bound_probabilities, sample_policy
-from .flops import FlopsTable, network_flops
-from .inference import InstaNASPredictor
-from .latency import LatencyTable, TimingStats, cpu_threads, device_info
-from .metagraph import ChildNetwork, MetaGraph
-from .policy import RandomPolicy, shuffled_routing_accuracy
+from .deploy.inference import InstaNASPredictor
+from .latency.flops import FlopsTable, network_flops
+from .latency.table import LatencyTable, TimingStats, cpu_threads, device_info
+from .models.controller import Controller, bound_probabilities, sample_policy
+from .models.metagraph import ChildNetwork, MetaGraph
 from .provenance import code_commit, utc_now
-from .schema import RESULTS_SCHEMA_VERSION
-from .space import ChildArchitecture, routing_summary
+from .report.schema import RESULTS_SCHEMA_VERSION
+from .search.policy import RandomPolicy, shuffled_routing_accuracy
+from .search.space import ChildArchitecture, routing_summary
 from .training import RunContext
 from .utils import progress_bar
 

@@ -18,7 +18,7 @@ from .budgets import describe, resolve_budgets
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config_file, to_yaml
 from .data import default_augmentation, load_dataset
-from .diagnostics import undertrained
+from .deploy.inference import InstaNASPredictor
 from .evaluate import (
     evaluate,
     evaluate_instanas,
@@ -27,9 +27,8 @@ from .evaluate import (
     expected_latency,
     oracle,
 )
-from .flops import count_flops
-from .inference import InstaNASPredictor
-from .latency import (
+from .latency.flops import count_flops
+from .latency.table import (
     LatencyTable,
     default_cache_path,
     load_or_profile,
@@ -37,9 +36,15 @@ from .latency import (
     random_children,
     table_key,
 )
-from .latency_check import TableValidation, controller_children, plot_validation, validate_table
-from .metagraph import ChildNetwork, build_mbv2_baseline, mobilenetv2_path
-from .report import write_report, write_results_markdown
+from .latency.validation import (
+    TableValidation,
+    controller_children,
+    plot_validation,
+    validate_table,
+)
+from .models.metagraph import ChildNetwork, build_mbv2_baseline, mobilenetv2_path
+from .report.diagnostics import undertrained
+from .report.document import write_report, write_results_markdown
 from .stages.baseline import reference_networks, reference_path, train_baseline, train_references
 from .stages.common import (
     PREVIOUS,

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import Config
 from .data import BatchAugmenter, DataBundle, ImageSet, augmenter_for, iterate_batches, num_batches
-from .space import SearchSpace
+from .search.space import SearchSpace
 from .utils import append_jsonl, make_generator, progress_bar
 
 log = logging.getLogger(__name__)

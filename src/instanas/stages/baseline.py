@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from ..metagraph import ChildNetwork, build_mbv2_baseline, build_min_network, scaled_space
+from ..models.metagraph import ChildNetwork, build_mbv2_baseline, build_min_network, scaled_space
 from ..training import RunContext, accuracy, cosine, sgd, supervised_epoch
 from ..utils import write_json
 from .common import save_stage, stage_path

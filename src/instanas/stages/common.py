@@ -17,10 +17,10 @@ from ..checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from ..controller import Controller
-from ..latency import LatencyTable
-from ..metagraph import MetaGraph
-from ..policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
+from ..latency.table import LatencyTable
+from ..models.controller import Controller
+from ..models.metagraph import MetaGraph
+from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
 from ..training import RunContext, cosine, run_identity, sgd, supervised_epoch
 from .resume import EpochCheckpoints
 

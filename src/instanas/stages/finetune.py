@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..controller import Controller
-from ..latency import LatencyTable
-from ..metagraph import MetaGraph
+from ..latency.table import LatencyTable
+from ..models.controller import Controller
+from ..models.metagraph import MetaGraph
 from ..training import RunContext
 from .common import finetune_under_controller, stage_path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..metagraph import MetaGraph
+from ..models.metagraph import MetaGraph
 from ..training import RunContext, accuracy, sgd, step_decay, supervised_epoch
 from .common import save_stage, stage_path
 from .resume import EpochCheckpoints

@@ -13,10 +13,10 @@ import logging
 
 import torch
 
-from ..latency import LatencyTable
-from ..metagraph import MetaGraph
-from ..policy import RandomPolicy, evaluate_policies, greedy_of
-from ..space import SearchSpace, apply_empty_cell_rule
+from ..latency.table import LatencyTable
+from ..models.metagraph import MetaGraph
+from ..search.policy import RandomPolicy, evaluate_policies, greedy_of
+from ..search.space import SearchSpace, apply_empty_cell_rule
 from ..training import RunContext
 from .common import stage_path, train_under_policy
 

@@ -7,7 +7,8 @@ from typing import Callable
 
 import torch
 
-from ..controller import (
+from ..latency.table import LatencyTable
+from ..models.controller import (
     Controller,
     bound_probabilities,
     greedy_policy,
@@ -15,11 +16,10 @@ from ..controller import (
     policy_log_prob,
     sample_policy,
 )
-from ..diagnostics import near_chance
-from ..latency import LatencyTable
-from ..metagraph import MetaGraph
-from ..policy import PolicyFn, calibrate, evaluate_policies, greedy_of
-from ..reward import (
+from ..models.metagraph import MetaGraph
+from ..report.diagnostics import near_chance
+from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of
+from ..search.reward import (
     DualWeight,
     LatencyBounds,
     budget_reward,

@@ -16,13 +16,13 @@ import logging
 
 import torch
 
-from ..controller import Controller
+from ..deploy.inference import InstaNASPredictor
 from ..evaluate import measure_per_image
-from ..inference import InstaNASPredictor
-from ..latency import LatencyTable
-from ..metagraph import ChildNetwork, MetaGraph
-from ..policy import evaluate_policies, greedy_of
-from ..space import ChildArchitecture, child_counts
+from ..latency.table import LatencyTable
+from ..models.controller import Controller
+from ..models.metagraph import ChildNetwork, MetaGraph
+from ..search.policy import evaluate_policies, greedy_of
+from ..search.space import ChildArchitecture, child_counts
 from ..training import RunContext
 from .common import load_stage, stage_path, train_under_policy
 

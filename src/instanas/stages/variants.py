@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..controller import Controller
-from ..latency import LatencyTable, measure_children, predicted_ms
-from ..metagraph import MetaGraph
-from ..policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
-from ..space import ChildArchitecture
+from ..latency.table import LatencyTable, measure_children, predicted_ms
+from ..models.controller import Controller
+from ..models.metagraph import MetaGraph
+from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
+from ..search.space import ChildArchitecture
 from ..training import RunContext, cosine, run_identity, sgd, supervised_epoch
 from ..utils import atomic_copy, write_json
 from .common import finetune_under_controller, new_models, search_checkpoints, stage_path

@@ -12,10 +12,10 @@ import torch
 import yaml
 from torch import nn
 
-from .controller import Controller
-from .metagraph import MetaGraph
+from ..models.controller import Controller
+from ..models.metagraph import MetaGraph
+from ..search.space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
 from .runtime import preprocess_image, read_image
-from .space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -198,7 +198,7 @@ def _check_images(images: torch.Tensor, space: SearchSpace) -> torch.Tensor:
 
 def model_checkpoint(run_dir: Path, model: str) -> tuple[str, Path]:
     """(canonical name, checkpoint) of ``model``: "instanas" or a variant letter "A".."E"."""
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
 
     name = model.removeprefix(f"{MAIN_MODEL}-") if model != MAIN_MODEL else model
     if name == MAIN_MODEL:
@@ -212,7 +212,7 @@ def model_checkpoint(run_dir: Path, model: str) -> tuple[str, Path]:
 
 
 def read_results(run_dir: Path) -> dict | None:
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
 
     path = run_dir / "results.json"
     if not path.exists():
@@ -229,8 +229,8 @@ def load(run_dir: str | Path, model: str = MAIN_MODEL) -> InstaNASModel:
 
     ``model``: ``"instanas"`` (the fine-tuned main model) or a variant letter ``"A"``..``"E"``.
     """
-    from .checkpoint import CheckpointError, load_tensors, read_checkpoint
-    from .config import from_dict
+    from ..checkpoint import CheckpointError, load_tensors, read_checkpoint
+    from ..config import from_dict
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():

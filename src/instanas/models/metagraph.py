@@ -20,9 +20,15 @@ import dataclasses
 import torch
 from torch import nn
 
-from .ops import ConvBNAct, build_candidate, fold_batchnorm
-from .rows import gather_row_sets, sum_row_sets
-from .space import MBV2_MODULE, CellSpec, ChildArchitecture, SearchSpace, apply_empty_cell_rule
+from ..nn.ops import ConvBNAct, build_candidate, fold_batchnorm
+from ..nn.rows import gather_row_sets, sum_row_sets
+from ..search.space import (
+    MBV2_MODULE,
+    CellSpec,
+    ChildArchitecture,
+    SearchSpace,
+    apply_empty_cell_rule,
+)
 
 
 class Cell(nn.Module):

@@ -18,19 +18,19 @@ from pathlib import Path
 
 import torch
 
-from .controller import Controller
-from .inference import InstaNASPredictor
-from .latency import (
+from ..deploy.inference import InstaNASPredictor
+from ..models.controller import Controller
+from ..models.metagraph import MetaGraph
+from ..search.space import ChildArchitecture
+from ..utils import atomic_write_text
+from .table import (
     LatencyTable,
     device_info,
     measure_children,
     predicted_ms,
     quantile,
 )
-from .latency import random_children as random_children  # re-exported: it used to live here
-from .metagraph import MetaGraph
-from .space import ChildArchitecture
-from .utils import atomic_write_text
+from .table import random_children as random_children  # re-exported: it used to live here
 
 
 @dataclass

@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 
-from .controller import Controller, greedy_policy
-from .latency import LatencyTable
-from .metagraph import MetaGraph
+from ..latency.table import LatencyTable
+from ..models.controller import Controller, greedy_policy
+from ..models.metagraph import MetaGraph
+from ..training import RunContext, recalibrate_batchnorm, training_images
 from .space import SearchSpace, routing_summary
-from .training import RunContext, recalibrate_batchnorm, training_images
 
 
 @dataclass

@@ -20,10 +20,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .data import IMAGE_EXTENSIONS
+from ..data import IMAGE_EXTENSIONS
+from ..search.space import ChildArchitecture
+from ..utils import atomic_write_text, progress_bar
 from .runtime import MANIFEST_FILE, ROUTING_FILE, ExportedModel, ExportError, read_image
-from .space import ChildArchitecture
-from .utils import atomic_write_text, progress_bar
 
 COLUMNS = ("path", "class", "class_index", "probability", "child", "note")
 
@@ -79,7 +79,7 @@ class ExportClassifier:
     """An export folder run by its runtime (onnxruntime, or TorchScript when trusted)."""
 
     def __init__(self, folder: Path, threads: int | None, trusted: bool) -> None:
-        from .exporter import open_export
+        from .export import open_export
 
         self.model: ExportedModel = open_export(folder, threads=threads, trusted=trusted)
         self.classes = self.model.classes

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import ConvBNAct, fold_batchnorm
+from ..nn.ops import ConvBNAct, fold_batchnorm
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ training (channels-last, train mode, forward and backward, many batch sizes) and
 Run it in a fresh process so the kernel caps apply (they are read when torch starts)::
 
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MALLOC_CHECK_=3 \\
-        python -m instanas.kernel_check --preset fashion-cpu
+        python -m instanas.nn.kernel_check --preset fashion-cpu
 
 Before each shape it prints one ``checking`` line, so the last such line of a process that died
 names the shape that killed it.
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import Config, load_config_file, load_preset, preset_names
-from .controller import Controller
-from .metagraph import MetaGraph, scaled_space
+from ..config import Config, load_config_file, load_preset, preset_names
+from ..models.controller import Controller
+from ..models.metagraph import MetaGraph, scaled_space
+from ..search.space import SearchSpace
 from .ops import ConvBNAct
 from .smallconv import output_size
-from .space import SearchSpace
 
 # The environment that makes an AVX-512 machine run the AVX2 code paths, with glibc stopping at
 # the first bad free instead of much later.
@@ -72,7 +72,7 @@ def input_geometries(config: Config) -> list[tuple[int, int]]:
         return [(1, data.image_size or 28)]
     if data.dataset in ("cifar10", "cifar100"):
         return [(3, data.image_size or 32)]
-    from .data import DEFAULT_FOLDER_IMAGE_SIZE
+    from ..data import DEFAULT_FOLDER_IMAGE_SIZE
     side = data.image_size or DEFAULT_FOLDER_IMAGE_SIZE
     return [(1, side), (3, side)]  # folder trees may be grayscale or colour
 
@@ -192,7 +192,7 @@ def _in_child(shape: ConvShape, raw: bool, threads: int) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m instanas.kernel_check",
+        prog="python -m instanas.nn.kernel_check",
         description="Run every convolution shape of the shipped presets forward and backward.")
     parser.add_argument("--preset", action="append", choices=preset_names(),
                         help="preset to check (repeatable; default: every shipped preset)")

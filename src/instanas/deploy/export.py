@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import DataBundle, load_dataset
+from ..latency.table import LatencyTable, TimingStats, cpu_threads
+from ..provenance import code_commit, utc_now, versions
+from ..search.space import FORCED_DEFAULT_MODULE, ChildArchitecture
+from ..utils import write_json
 from . import runtime
-from .data import DataBundle, load_dataset
 from .inference import InstaNASModel, load
-from .latency import LatencyTable, TimingStats, cpu_threads
-from .provenance import code_commit, utc_now, versions
 from .runtime import (
     EXPORT_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -42,8 +44,6 @@ from .runtime import (
     image_mode,
     sha256_file,
 )
-from .space import FORCED_DEFAULT_MODULE, ChildArchitecture
-from .utils import write_json
 
 log = logging.getLogger("instanas")
 FORMATS = ("onnx", "torchscript")
@@ -143,7 +143,7 @@ def run_data(run_dir: Path) -> tuple[object, DataBundle]:
     """The run's config and its data splits, loaded the way the run loaded them."""
     import yaml
 
-    from .config import from_dict
+    from ..config import from_dict
 
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     d = config.data

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from .config import ConfigError
-from .utils import atomic_write_bytes
+from ..config import ConfigError
+from ..utils import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

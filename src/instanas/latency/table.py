@@ -27,11 +27,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from .controller import Controller
-from .metagraph import MetaGraph
-from .reward import LatencyBounds
-from .space import FORCED_DEFAULT_MODULE, MBV2_MODULE, ChildArchitecture
-from .utils import atomic_write_text, progress_bar
+from ..models.controller import Controller
+from ..models.metagraph import MetaGraph
+from ..search.reward import LatencyBounds
+from ..search.space import FORCED_DEFAULT_MODULE, MBV2_MODULE, ChildArchitecture
+from ..utils import atomic_write_text, progress_bar
 
 log = logging.getLogger(__name__)
 TABLE_FORMAT = 2  # 2: chain_factor calibrated against whole children

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from ..utils import atomic_write_text
 from .diagnostics import undertrained_sentence
 from .plots import (
     is_bound,
@@ -23,7 +24,6 @@ from .plots import (
     sorted_models,
     write_plots,
 )
-from .utils import atomic_write_text
 
 Model = Mapping[str, Any]
 # Known per-model fields with their own column; any other number gets a column of its own.
@@ -298,7 +298,7 @@ def _versions(results: Mapping) -> Table:
     import matplotlib
     import numpy
 
-    from . import __version__
+    from .. import __version__
 
     table = _key_values(results.get("device"))
     table.rows.extend([("numpy (this report)", numpy.__version__),

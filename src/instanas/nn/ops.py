@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from ..search.space import CandidateModule
 from .smallconv import conv2d
-from .space import CandidateModule
 
 
 class ConvBNAct(nn.Module):

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .controller import Controller
-from .latency import timing_units
-from .metagraph import MetaGraph
+from ..models.controller import Controller
+from ..models.metagraph import MetaGraph
+from .table import timing_units
 
 
 @dataclass
