@@ -16,12 +16,13 @@ PACKAGE = Path(instanas.__file__).parent
 # Modules whose loaders can run code stored in the data they read.
 UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve",
                   "marshal", "jsonpickle"}
-# The one allowed site. CIFAR-10/100 are published only as Python pickles, so data.py reads them
-# with _ArrayUnpickler, whose find_class admits numpy's array-rebuilding globals and nothing else
-# (test_cifar_unpickler_refuses_other_globals below checks that). It names pickle.Unpickler (as
-# the base class) and pickle.UnpicklingError, and nothing else from pickle.
-ALLOWED_PICKLE_NAMES = {("data.py", "pickle.Unpickler"), ("data.py", "pickle.UnpicklingError")}
-ALLOWED_PICKLE_IMPORTS = {"data.py"}
+# The one allowed site. CIFAR-10/100 are published only as Python pickles, so data/cifar.py reads
+# them with _ArrayUnpickler, whose find_class admits numpy's array-rebuilding globals and nothing
+# else (test_cifar_unpickler_refuses_other_globals below checks that). It names pickle.Unpickler
+# (as the base class) and pickle.UnpicklingError, and nothing else from pickle.
+ALLOWED_PICKLE_NAMES = {("data/cifar.py", "pickle.Unpickler"),
+                        ("data/cifar.py", "pickle.UnpicklingError")}
+ALLOWED_PICKLE_IMPORTS = {"data/cifar.py"}
 # TorchScript files are programs: deploy.export.torchscript_session loads them only for an export
 # this process has just written (export --validate) or when the user passes --trust-torchscript
 # (tests/test_export.py checks that predict refuses a TorchScript export without it).

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .data import DATASETS, VAL_FRACTION_RANGE
 from .models.controller import ControllerSpec
 from .search.space import SearchSpace, Stage
 
@@ -37,14 +38,24 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
     return field(default=default, metadata={"help": help, **checks})
 
 
+def _steps() -> Any:
+    """The ``steps`` field of every training stage's section."""
+    return _f(None, "optimiser steps instead of epochs (rounded up to whole epochs; config.yaml "
+                    "shows both)", gt=0)
+
+
+def _batch_size(default: int, help: str = "batch size") -> Any:
+    """The ``batch_size`` field of a training stage's section."""
+    return _f(default, help, gt=0)
+
+
 @dataclass
 class DataConfig:
-    dataset: str = _f("fashion-mnist", "fashion-mnist | cifar10 | cifar100 | folder",
-                      choices=("fashion-mnist", "cifar10", "cifar100", "folder"))
+    dataset: str = _f("fashion-mnist", " | ".join(DATASETS), choices=DATASETS)
     root: str | None = _f(None, "folder holding the data set (fashion-mnist: the four IDX files; "
                                 "cifar: the python-batch folder; folder: class-per-folder tree)")
     val_fraction: float = _f(0.1, "share of the training data held out for validation",
-                             gt=0.0, le=0.5)
+                             gt=VAL_FRACTION_RANGE[0], le=VAL_FRACTION_RANGE[1])
     image_size: int | None = _f(None, "side images are resized to (default: the data set's own)",
                                 gt=0)
     flip: bool | None = _f(None, "random horizontal flips in training (default: on for every "
@@ -108,9 +119,8 @@ class ControllerConfig:
 @dataclass
 class PretrainConfig:
     epochs: int = _f(100, "one-shot pretraining epochs (first half every module on)", gt=0)
-    steps: int | None = _f(None, "optimiser steps instead of epochs (rounded up to whole "
-                                 "epochs; config.yaml shows both)", gt=0)
-    batch_size: int = _f(128, "batch size", gt=0)
+    steps: int | None = _steps()
+    batch_size: int = _batch_size(128)
     lr: float = _f(0.1, "SGD learning rate (x0.1 at the milestones)", gt=0.0)
     weight_decay: float = _f(1e-4, "SGD weight decay", ge=0.0)
     milestones: list = _f([0.5, 0.75], "fractions of training where the learning rate drops x0.1")
@@ -122,9 +132,8 @@ class PretrainConfig:
 class SearchConfig:
     epochs: int = _f(500, "search epochs (each: a controller epoch, then a meta-graph epoch)",
                      gt=0)
-    steps: int | None = _f(None, "optimiser steps instead of epochs (rounded up to whole "
-                                 "epochs; config.yaml shows both)", gt=0)
-    batch_size: int = _f(32, "batch size of both alternating epochs", gt=0)
+    steps: int | None = _steps()
+    batch_size: int = _batch_size(32, "batch size of both alternating epochs")
     metagraph_lr: float = _f(0.01, "SGD learning rate of the meta-graph during search", gt=0.0)
     weight_decay: float = _f(1e-4, "SGD weight decay of the meta-graph during search", ge=0.0)
     recalibrate_batches: int = _f(8, "training batches used to re-estimate BatchNorm statistics "
@@ -154,9 +163,8 @@ class SearchConfig:
 class FinetuneConfig:
     epochs: int = _f(300, "fine-tuning epochs under the frozen controller's greedy policies",
                      gt=0)
-    steps: int | None = _f(None, "optimiser steps instead of epochs (rounded up to whole "
-                                 "epochs; config.yaml shows both)", gt=0)
-    batch_size: int = _f(256, "batch size", gt=0)
+    steps: int | None = _steps()
+    batch_size: int = _batch_size(256)
     lr: float = _f(1e-3, "SGD learning rate (cosine schedule)", gt=0.0)
     weight_decay: float = _f(4e-5, "SGD weight decay", ge=0.0)
 
@@ -165,9 +173,8 @@ class FinetuneConfig:
 class BaselineConfig:
     epochs: int | None = _f(None, "epochs of the standalone MobileNetV2-path baseline "
                                   "(default: pretrain + search + finetune epochs)", gt=0)
-    steps: int | None = _f(None, "optimiser steps instead of epochs (rounded up to whole "
-                                 "epochs; config.yaml shows both)", gt=0)
-    batch_size: int = _f(256, "batch size", gt=0)
+    steps: int | None = _steps()
+    batch_size: int = _batch_size(256)
     lr: float = _f(0.1, "SGD learning rate (cosine schedule)", gt=0.0)
     weight_decay: float = _f(4e-5, "SGD weight decay", ge=0.0)
     widths: list = _f([0.5, 0.75, 1.0, 1.4], "MobileNetV2-path baselines to train, as multiples "
@@ -381,32 +388,46 @@ def coerce(key: str, raw: Any, hint: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{key} cannot be empty: give a {hint.__name__}")
-    if hint is bool:
-        if isinstance(raw, bool):
-            return raw
-        raise ConfigError(f"{key} must be true or false, not {raw!r}: {_example(key)}")
-    if hint is int:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            if isinstance(raw, float) and raw.is_integer():
-                return int(raw)
-            raise ConfigError(f"{key} must be a whole number, not {raw!r}: {_example(key)}")
+    convert = _CONVERTERS.get(hint)
+    if convert is None:
+        raise ConfigError(f"{key}: unsupported type {hint}")
+    return convert(key, raw)
+
+
+def _to_bool(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
         return raw
-    if hint is float:
-        if isinstance(raw, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                raw = float(raw)
-            except ValueError:
-                pass
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise ConfigError(f"{key} must be a number, not {raw!r}: {_example(key)}")
-        return float(raw)
-    if hint is str:
-        return str(raw)
-    if hint is list:
-        if not isinstance(raw, list):
-            raise ConfigError(f"{key} must be a list, not {raw!r}: {_example(key)}")
-        return raw
-    raise ConfigError(f"{key}: unsupported type {hint}")
+    raise ConfigError(f"{key} must be true or false, not {raw!r}: {_example(key)}")
+
+
+def _to_int(key: str, raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        raise ConfigError(f"{key} must be a whole number, not {raw!r}: {_example(key)}")
+    return raw
+
+
+def _to_float(key: str, raw: Any) -> float:
+    if isinstance(raw, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+        try:
+            raw = float(raw)
+        except ValueError:
+            pass
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ConfigError(f"{key} must be a number, not {raw!r}: {_example(key)}")
+    return float(raw)
+
+
+def _to_list(key: str, raw: Any) -> list:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{key} must be a list, not {raw!r}: {_example(key)}")
+    return raw
+
+
+# How coerce converts a value once YAML has parsed it, by the field's type.
+_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: lambda key, raw: str(raw),
+               list: _to_list}
 
 
 def _example(key: str) -> str:

@@ -1,0 +1,132 @@
+"""Class-per-folder image trees (root/<class>/*.png, or root/train/<class>/... with a test or
+val folder beside it), decoded with Pillow, centre-cropped and resized at load time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .containers import DataError, ImageSet
+from .subsets import TEST_SEED, pick_rows
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+DEFAULT_FOLDER_IMAGE_SIZE = 32
+
+# A single class-per-folder tree gets this share of each class held out as its test split.
+_FOLDER_TEST_FRACTION = 0.1
+
+
+def load_folder(
+    root: Path,
+    size: int,
+    limit_train: int | None,
+    limit_test: int | None,
+    train_gen: torch.Generator,
+    test_gen: torch.Generator,
+) -> tuple[list[str], ImageSet, ImageSet]:
+    """(classes, train, test) of the tree at `root`, images decoded at `size` x `size`."""
+    if not root.is_dir():
+        raise DataError(
+            f"image folder {root} does not exist: pass --data.root pointing at a "
+            f"class-per-folder tree (root/<class>/*.png or root/train/<class>/...)"
+        )
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    test_dir = next(
+        (root / s for s in ("test", "val") if train_dir != root and (root / s).is_dir()), None
+    )
+    train_files = _class_files(train_dir)
+    classes = sorted(train_files)
+    if len(classes) < 2:
+        raise DataError(
+            f"only one class folder ({classes[0]}) in {train_dir}: "
+            f"a classifier needs at least 2 class folders"
+        )
+    if test_dir is not None:
+        test_files = _class_files(test_dir)
+        unknown = sorted(set(test_files) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{test_dir} has classes not in {train_dir}: {', '.join(unknown)}; "
+                f"add them to train or remove them from test"
+            )
+    else:
+        # The fixed-seed hold-out keeps the test split the same whatever `seed` is.
+        train_files, test_files = _hold_out(train_files, torch.Generator().manual_seed(TEST_SEED))
+    train = _decode_rows(_rows(train_files, classes), size, limit_train, train_gen)
+    test = _decode_rows(_rows(test_files, classes), size, limit_test, test_gen)
+    return classes, train, test
+
+
+def _class_files(split_dir: Path) -> dict[str, list[Path]]:
+    """Image files per class folder (non-recursive, sorted for determinism)."""
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"no class folders in {split_dir}: put images in {split_dir}/<class>/")
+    files: dict[str, list[Path]] = {}
+    for d in class_dirs:
+        images = sorted(
+            p
+            for p in d.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not images:
+            raise DataError(
+                f"class folder {d} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+                f"add images or remove the folder"
+            )
+        files[d.name] = images
+    return files
+
+
+def _hold_out(
+    files: dict[str, list[Path]], generator: torch.Generator
+) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """Split `_FOLDER_TEST_FRACTION` of every class (at least 1 if it has 2+ images) to test."""
+    train: dict[str, list[Path]] = {}
+    test: dict[str, list[Path]] = {}
+    for cls, paths in files.items():
+        n_test = max(1, round(len(paths) * _FOLDER_TEST_FRACTION)) if len(paths) > 1 else 0
+        perm = torch.randperm(len(paths), generator=generator).tolist()
+        test[cls] = [paths[i] for i in sorted(perm[:n_test])]
+        train[cls] = [paths[i] for i in sorted(perm[n_test:])]
+    return train, test
+
+
+def _rows(files: dict[str, list[Path]], classes: list[str]) -> list[tuple[Path, int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    return [(p, index[c]) for c in sorted(files) for p in files[c]]
+
+
+def _decode_rows(
+    rows: list[tuple[Path, int]], size: int, limit: int | None, generator: torch.Generator
+) -> ImageSet:
+    # Apply the limit to the file list so skipped images are never decoded.
+    idx = pick_rows(len(rows), limit, generator)
+    if idx is not None:
+        rows = [rows[i] for i in idx.tolist()]
+    pixels = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(rows):  # load time only, never in the training loop
+        pixels[i] = _read_image(path, size)
+    labels = torch.tensor([label for _, label in rows], dtype=torch.int64)
+    return ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2), labels)
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    """Decode, centre-crop to square and bilinear-resize one image to [size, size, 3] uint8."""
+    from PIL import Image  # imported lazily: only folder datasets need Pillow
+
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("P", "PA"):
+                img = img.convert("RGBA")  # palette transparency must go via RGBA
+            rgb = img.convert("RGB")  # forces the full decode, so corrupt files fail here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path} ({exc}): replace or delete the file") from None
+    w, h = rgb.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    # crop() before resize(): resize(box=...) would blend in pixels from outside the box.
+    square = rgb.crop((left, top, left + side, top + side))
+    return np.asarray(square.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
