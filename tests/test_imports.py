@@ -11,10 +11,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from instanas.stages import registry
+
 PACKAGE = "instanas"
 ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
-# Modules under stages/ that every stage may use: they hold no stage of their own.
-STAGE_HELPERS = {f"{PACKAGE}.stages.common", f"{PACKAGE}.stages.resume"}
+# The stage modules are the registry's; every other module under stages/ is a helper that any
+# stage may use (the loop, resume, common run-directory I/O, ...).
+STAGE_MODULES = {stage.module for stage in registry.STAGES}
 
 
 def module_name(path: Path) -> str:
@@ -107,10 +110,22 @@ def test_no_import_cycles():
 
 
 def test_no_stage_imports_another_stage():
-    prefix = f"{PACKAGE}.stages."
-    stages = {name for name in modules() if name.startswith(prefix) and name not in STAGE_HELPERS}
+    stages = STAGE_MODULES
     graph = import_graph()
     offending = sorted(f"{name} imports {other}" for name in stages
                        for other in graph[name] if other in stages)
     assert not offending, ("stages share code through stages/common.py or modules outside "
                            "stages/, not through each other: " + "; ".join(offending))
+
+
+def test_every_registered_stage_is_one_module_with_a_run_function():
+    stage_files = {name for name in modules() if name.startswith(f"{PACKAGE}.stages.")}
+    for module in STAGE_MODULES:
+        assert module in stage_files, f"{module} is registered but has no file"
+        tree = ast.parse(modules()[module].read_text())
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body), module
+    # A helper module must not look like a stage the registry forgot.
+    for name in stage_files - STAGE_MODULES:
+        tree = ast.parse(modules()[name].read_text())
+        assert not any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body), \
+            f"{name} defines run() but is not in stages/registry.py"

@@ -7,14 +7,7 @@ network), ``load`` (a trained run as an ``nn.Module``, :class:`InstaNASModel`) a
 ``instanas.deploy.runtime`` (which runs exports) works on machines without torch.
 """
 
-import os as _os
 from importlib import import_module as _import_module
-
-# Sparse execution gives every module a batch of varying size; oneDNN builds a new convolution
-# primitive per shape and its default cache (1024) is far smaller than 255 convolutions x a few
-# dozen sizes, so without this most training steps rebuild kernels (about 1.5x slower). The
-# variable is read lazily at the first convolution, so it works even after torch is imported.
-_os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
 
 __version__ = "0.1.0"
 

@@ -14,6 +14,7 @@ from collections.abc import Collection
 
 from .config import Config
 from .data import num_batches
+from .stages import registry
 
 # The stages whose budget is an epoch count of their own.
 BUDGETED = ("pretrain", "search", "finetune", "baseline")
@@ -50,8 +51,8 @@ def _scales(config: Config, stage: str, train_images: int, pinned: Collection[st
 
 def describe(config: Config, stage: str, train_images: int) -> str | None:
     """'baseline: 14 epochs = 2,950 steps of 256 images' for a training stage, else None."""
-    section = {"random-policy": "finetune", "static-child": "finetune"}.get(stage, stage)
-    if section not in BUDGETED:
+    section = registry.get(stage).budget
+    if section is None:
         return None
     cfg = getattr(config, section)
     epochs = config.baseline_epochs() if section == "baseline" else cfg.epochs

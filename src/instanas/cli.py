@@ -15,6 +15,7 @@ from typing import NoReturn
 from . import __version__
 from .checkpoint import CheckpointError
 from .config import (
+    Config,
     ConfigError,
     all_keys,
     apply_overrides,
@@ -26,38 +27,23 @@ from .config import (
 )
 from .data import DataError
 from .deploy.runtime import ExportError
+from .nn.backend import enlarge_primitive_cache
+from .stages import registry
 from .training import TrainingError
+from .utils import hidden_progress
 
 log = logging.getLogger("instanas")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ExportError)
-RESUMABLE = ("pretrain", "search", "finetune", "baseline", "random-policy", "static-child",
-             "variants", "baselines")
 # Failures of the machine rather than the program: reported in one line, not a traceback.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                        errno.EROFS: "the file system is read-only",
                        errno.EACCES: "permission denied"}
 
-DESCRIPTIONS = {
-    "run": "the whole pipeline: latency table, MobileNetV2-path baseline, pretrain, search, "
-           "fine-tune, random-policy model, best static child, variants A..E, other "
-           "baselines, evaluate",
-    "pretrain": "stage 1: one-shot pretraining of the meta-graph",
-    "search": "stage 2: alternate controller and meta-graph epochs (needs pretrain)",
-    "finetune": "stage 3: fine-tune under the frozen controller (needs search)",
-    "baseline": "train the MobileNetV2-path baseline standalone",
-    "random-policy": "fine-tune the searched meta-graph on random policies of the controller's "
-                     "mean latency (needs search)",
-    "static-child": "fine-tune the searched meta-graph on the one child of the controller's "
-                    "closest to and not below the main model's measured latency (needs search)",
-    "variants": "pick variants A..E on the validation Pareto front of the search checkpoints "
-                "and fine-tune each (needs search)",
-    "baselines": "train the other baselines standalone: MobileNetV2 path at baseline.widths, "
-                 "minimum network",
-    "evaluate": "test accuracy and measured batch-1 latency of every trained model (needs "
-                "finetune and baseline)",
-    "profile": "measure the latency lookup table on this machine",
-}
-# Not in DESCRIPTIONS: it reads a finished run and takes none of the run or config options.
+RUN_HELP = ("the whole pipeline: latency table, MobileNetV2-path baseline, pretrain, search, "
+            "fine-tune, random-policy model, best static child, variants A..E, other "
+            "baselines, evaluate")
+PROFILE_HELP = "measure the latency lookup table on this machine"
+# These read a finished run and take none of the run or config options.
 REPORT_HELP = ("plots, report.md and a self-contained report.html from a finished run "
                "(needs evaluate)")
 EXPORT_HELP = ("the BatchNorm-folded controller and every child it uses as ONNX or TorchScript, "
@@ -92,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="instanas", description="InstaNAS: instance-aware neural architecture search.")
     parser.add_argument("--version", action="version", version=f"instanas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, text in DESCRIPTIONS.items():
+    commands = {"run": RUN_HELP, **{s.name: s.help for s in registry.STAGES},
+                "profile": PROFILE_HELP}
+    for name, text in commands.items():
         p = sub.add_parser(name, help=text, description=text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_run_options(p, name)
@@ -164,7 +152,7 @@ def _add_run_options(p: argparse.ArgumentParser, command: str) -> None:
         g.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue an interrupted run: finished stages are skipped, the "
                             "unfinished one goes on from its last completed epoch")
-    if command in RESUMABLE:
+    if command in registry.names() and registry.get(command).resumable:
         g.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue this stage of RUN_DIR from its last completed epoch")
     if command == "profile":
@@ -228,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "presets":
         print("\n".join(preset_names()))
         return 0
-    _setup_logging(getattr(args, "quiet", False))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    enlarge_primitive_cache()
+    with hidden_progress(getattr(args, "quiet", False)):
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command; user errors become one line and exit code 2."""
     try:
         if args.command == "report":
             return _report(Path(args.run_dir))
@@ -274,7 +269,7 @@ def _export(args: argparse.Namespace) -> int:
         if value is not None and value < (0 if name == "--timed-images" else 1):
             raise ExportError(f"{name} is {value}: pass a positive number")
     run_dir = Path(args.run_dir)
-    if not (run_dir / "finetune" / "model.safetensors").exists():
+    if not (run_dir / registry.get("finetune").output).exists():
         raise ExportError(f"{run_dir} has no fine-tuned model (finetune/model.safetensors): "
                           f"pass a finished run, or run `instanas finetune --output {run_dir}`")
     result = export(run_dir, args.output, model=args.model, fmt=args.fmt,
@@ -324,26 +319,32 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _setup_logging(quiet: bool) -> None:
-    import os
-
-    if quiet:
-        os.environ["INSTANAS_NO_PROGRESS"] = "1"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     from .budgets import pinned_stages
-    from .pipeline import (
-        default_run_dir,
-        finalize_results,
-        latency_table,
-        open_run,
-        run_all,
-        run_stage,
-        save_timings,
-        validate_latency_table,
-    )
+    from .pipeline import open_run, save_timings
+
+    config, run_dir, resume = _run_directory(args)
+    ctx = open_run(config, run_dir, resume=resume, command=args.command,
+                   pinned=pinned_stages(_overrides(args)))
+    if args.command == "run":
+        return _run_all(ctx)
+    if args.command == "profile":
+        return _profile(ctx, args)
+    from .pipeline import finalize_results, run_stage
+
+    timings: dict[str, float] = {}
+    run_stage(ctx, args.command, timings)
+    save_timings(ctx.run_dir, timings)
+    if args.command == "evaluate":
+        finalize_results(ctx)
+        _print_summary(ctx.run_dir)
+    return 0
+
+
+def _run_directory(args: argparse.Namespace) -> tuple[Config, Path, bool]:
+    """(config, run directory, resume) of a run or stage command, checked before anything
+    is written."""
+    from .pipeline import default_run_dir
     from .stages.common import require_previous
 
     resume = getattr(args, "resume", None)
@@ -358,65 +359,59 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run" and not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} already exists: choose a new --output or "
                           f"continue it with --resume {run_dir}")
-    if args.command in RESUMABLE:
-        check_stage_unfinished(run_dir, args.command, bool(resume))
-    if args.command in ("search", "finetune", "random-policy", "static-child", "variants",
-                        "evaluate"):
+    if args.command in registry.names():
+        if registry.get(args.command).resumable:
+            check_stage_unfinished(run_dir, args.command, bool(resume))
         require_previous(run_dir, args.command)
-    ctx = open_run(config, run_dir, resume=bool(resume), command=args.command,
-                   pinned=pinned_stages(_overrides(args)))
+    return config, run_dir, bool(resume)
+
+
+def _run_all(ctx) -> int:
+    from .pipeline import finalize_results, run_all, save_timings
+
     start = time.perf_counter()
-    if args.command == "run":
-        timings = run_all(ctx, resume=bool(resume))
-        if not timings and (run_dir / "results.md").exists():
-            # Resumed a finished run: nothing ran, so nothing is rewritten.
-            print(f"every stage of {run_dir} is finished; nothing to do "
-                  f"(`instanas report {run_dir}` redraws the plots and report)")
-            _print_summary(run_dir)
-            return 0
-        timings["total"] = time.perf_counter() - start
-        save_timings(run_dir, timings)
-        finalize_results(ctx)
-        _print_summary(run_dir)
-    elif args.command == "profile":
-        table = latency_table(ctx, fresh=args.fresh)
-        if args.table_out:
-            table.save(args.table_out)
-        print(json.dumps({"key": table.key, "fixed_ms": {k: v.median_ms for k, v in
-                                                          table.fixed.items()},
-                          "cells_ms_mbv2": table.bounds(ctx.space.forced_mask()).mbv2},
-                         indent=1))
-        if args.validate:
-            if args.children < 2:
-                raise ConfigError(f"--children is {args.children}: validating the table "
-                                  "needs at least 2 random children (50 recommended)")
-            check = validate_latency_table(ctx, table, args.children)
-            print(f"latency table vs {len(check.children)} children measured end to end: "
-                  f"Spearman {check.spearman:.3f}, relative error median "
-                  f"{100 * check.median_relative_error:.1f}%, p90 "
-                  f"{100 * check.p90_relative_error:.1f}% "
-                  f"({run_dir / 'latency_validation.png'})")
-    else:
-        timings: dict[str, float] = {}
-        run_stage(ctx, args.command, timings)
-        save_timings(run_dir, timings)
-        if args.command == "evaluate":
-            finalize_results(ctx)
-            _print_summary(run_dir)
+    timings = run_all(ctx, resume=ctx.resume)
+    if not timings and (ctx.run_dir / "results.md").exists():
+        # Resumed a finished run: nothing ran, so nothing is rewritten.
+        print(f"every stage of {ctx.run_dir} is finished; nothing to do "
+              f"(`instanas report {ctx.run_dir}` redraws the plots and report)")
+        _print_summary(ctx.run_dir)
+        return 0
+    timings["total"] = time.perf_counter() - start
+    save_timings(ctx.run_dir, timings)
+    finalize_results(ctx)
+    _print_summary(ctx.run_dir)
     return 0
 
 
-def stage_path_exists(run_dir: Path, stage: str) -> bool:
-    from .stages.common import STAGE_FILES
+def _profile(ctx, args: argparse.Namespace) -> int:
+    from .pipeline import validate_latency_table
+    from .stages.common import latency_table
 
-    return (run_dir / STAGE_FILES[stage]).exists()
+    table = latency_table(ctx, fresh=args.fresh)
+    if args.table_out:
+        table.save(args.table_out)
+    print(json.dumps({"key": table.key, "fixed_ms": {k: v.median_ms for k, v in
+                                                      table.fixed.items()},
+                      "cells_ms_mbv2": table.bounds(ctx.space.forced_mask()).mbv2}, indent=1))
+    if not args.validate:
+        return 0
+    if args.children < 2:
+        raise ConfigError(f"--children is {args.children}: validating the table needs at least "
+                          "2 random children (50 recommended)")
+    check = validate_latency_table(ctx, table, args.children)
+    print(f"latency table vs {len(check.children)} children measured end to end: Spearman "
+          f"{check.spearman:.3f}, relative error median {100 * check.median_relative_error:.1f}%"
+          f", p90 {100 * check.p90_relative_error:.1f}% "
+          f"({ctx.run_dir / 'latency_validation.png'})")
+    return 0
 
 
 def check_stage_unfinished(run_dir: Path, stage: str, resume: bool) -> None:
     """A stage command needs a stage that has not finished; a started one needs --resume."""
     from .stages.resume import saved_epochs
 
-    if stage_path_exists(run_dir, stage):
+    if (run_dir / registry.get(stage).output).exists():
         raise ConfigError(f"{run_dir} already has {stage} output: choose a new --output "
                           "or delete that stage's folder to redo it")
     if not resume and saved_epochs(run_dir, stage):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -11,69 +10,37 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .budgets import describe, resolve_budgets
-from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config_file, to_yaml
 from .data import default_augmentation, load_dataset
 from .deploy.inference import InstaNASPredictor
-from .evaluate import (
-    evaluate,
-    evaluate_instanas,
-    evaluate_random_policy,
-    evaluate_static,
-    expected_latency,
-    oracle,
-)
-from .latency.flops import count_flops
-from .latency.table import (
-    LatencyTable,
-    default_cache_path,
-    load_or_profile,
-    profile_table,
-    random_children,
-    table_key,
-)
+from .latency.table import LatencyTable, random_children
 from .latency.validation import (
     TableValidation,
     controller_children,
     plot_validation,
     validate_table,
 )
-from .models.metagraph import ChildNetwork, build_mbv2_baseline, mobilenetv2_path
+from .models.metagraph import mobilenetv2_path
+from .nn.backend import enlarge_primitive_cache
 from .report.diagnostics import undertrained
 from .report.document import write_report, write_results_markdown
-from .stages.baseline import reference_networks, reference_path, train_baseline, train_references
+from .stages import registry
 from .stages.common import (
-    PREVIOUS,
-    STAGE_FILES,
+    latency_table,
     load_stage,
     new_models,
     require_previous,
     stage_path,
     verify_output,
 )
-from .stages.finetune import finetune
-from .stages.pretrain import pretrain
-from .stages.random_policy import train_random_policy
 from .stages.resume import newest_readable, stop_after_epoch
-from .stages.search import search
-from .stages.static_child import static_child_network, train_static_child
-from .stages.variants import build_variants, load_candidate
-from .training import RunContext, run_identity
-from .utils import atomic_copy, atomic_write_bytes, atomic_write_text, set_seed, write_json
+from .training import RunContext
+from .utils import atomic_write_text, set_seed, write_json
 
 log = logging.getLogger("instanas")
-STAGES = ("baseline", "pretrain", "search", "finetune", "random-policy", "static-child",
-          "variants", "baselines", "evaluate")
-TRAINING_STAGES = STAGES[:-1]
-# Stages a config can switch off; run_all skips them then.
-OPTIONAL = {"random-policy": lambda c: c.baseline.random_policy,
-            "static-child": lambda c: c.baseline.static_child,
-            "variants": lambda c: c.variants.count > 0,
-            "baselines": lambda c: bool(c.mbv2_widths()) or c.baseline.min_net}
 
 
 def default_run_dir(config: Config) -> Path:
@@ -109,6 +76,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool = False,
     Every check runs before anything is written, so bad input leaves no trace.
     """
     check_writable(run_dir)
+    enlarge_primitive_cache()
     table = config.latency.table
     if table and Path(table).is_dir():
         raise ConfigError(f"latency.table {table} is a folder: give a JSON file, e.g. "
@@ -148,17 +116,22 @@ def verify_inputs(ctx: RunContext, command: str | None) -> None:
     """Fail early on a corrupt or foreign checkpoint that ``command`` would read later."""
     if command is None:
         return
-    stages = STAGES[:-1] if command == "run" else (*PREVIOUS.get(command, ()), command)
+    training = [stage.name for stage in registry.training_stages()]
+    if command == "run":
+        stages = training
+    elif command in registry.names():
+        stages = [*registry.get(command).needs, command]
+    else:
+        return
     for stage in stages:
-        if stage in STAGE_FILES:
-            verify_output(ctx, stage)
-            if ctx.resume:
-                newest_readable(ctx, stage)
+        verify_output(ctx, stage)
+        if ctx.resume and stage in training:
+            newest_readable(ctx, stage)
 
 
 def check_free_space(ctx: RunContext, command: str | None) -> None:
     """Fail before training when the disk cannot hold the checkpoints ``command`` will write."""
-    if command not in ("run", *TRAINING_STAGES):
+    if command not in ("run", *(stage.name for stage in registry.training_stages())):
         return
     probe = next(p for p in (ctx.run_dir, *ctx.run_dir.parents) if p.exists())
     free, need = shutil.disk_usage(probe).free, _bytes_needed(ctx, command)
@@ -169,8 +142,8 @@ def check_free_space(ctx: RunContext, command: str | None) -> None:
 
 
 def _bytes_needed(ctx: RunContext, command: str) -> int:
-    todo = [s for s in (STAGES[:-1] if command == "run" else (command,))
-            if not stage_path(ctx, s).exists()]
+    names = [s.name for s in registry.training_stages()] if command == "run" else [command]
+    todo = [name for name in names if not stage_path(ctx, name).exists()]
     if not todo:
         return 0
     # fork_rng: building the models must not move the seeded generator the stages start from.
@@ -199,29 +172,6 @@ def _log_to_file(run_dir: Path) -> None:
     handler.instanas_run_log = True
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
-
-
-def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
-    """The run's table: reused from the run directory or the per-device cache when it fits.
-
-    ``fresh`` measures anew even when a matching table exists (and replaces it).
-    """
-    cfg = ctx.config.latency
-    metagraph, controller = new_models(ctx)
-    cpu = torch.device("cpu")
-    path = Path(cfg.table) if cfg.table else default_cache_path(
-        table_key(metagraph, controller, cpu, cfg.threads))
-    local = ctx.run_dir / "latency_table.json"
-    if local.exists() and not cfg.table:
-        path = local
-    options = {"threads": cfg.threads, "warmup": cfg.warmup, "repeats": cfg.repeats,
-               "seed": ctx.config.seed, "calibration_children": cfg.calibration_children}
-    if fresh:
-        profile_table(metagraph, controller, cpu, **options).save(path)
-    table = load_or_profile(path, metagraph, controller, cpu, **options)
-    if path.resolve() != local.resolve():
-        atomic_copy(path, local)
-    return table
 
 
 def validate_latency_table(ctx: RunContext, table: LatencyTable,
@@ -253,121 +203,23 @@ def validate_latency_table(ctx: RunContext, table: LatencyTable,
     return result
 
 
-def run_stage(ctx: RunContext, stage: str, timings: dict[str, float]) -> None:
-    require_previous(ctx.run_dir, stage)
+def run_stage(ctx: RunContext, name: str, timings: dict[str, float]) -> None:
+    stage = registry.get(name)
+    require_previous(ctx.run_dir, name)
     start = time.perf_counter()
     # Every stage starts from the seed, so a stage run on its own (`instanas search`) builds the
     # same initial weights as the same stage inside `instanas run`.
     set_seed(ctx.config.seed)
-    budget = describe(ctx.config, stage, len(ctx.data.train))
+    budget = describe(ctx.config, name, len(ctx.data.train))
     if budget:
         log.info(budget)
-    if stage == "baseline":
+    if stage.resumable:
         with stop_after_epoch():
-            train_baseline(ctx)
-    elif stage == "pretrain":
-        metagraph, _ = new_models(ctx)
-        with stop_after_epoch():
-            pretrain(ctx, metagraph)
-    elif stage == "search":
-        metagraph, controller = new_models(ctx)
-        load_stage(ctx, "pretrain", {"metagraph": metagraph})
-        table = latency_table(ctx)
-        with stop_after_epoch():
-            search(ctx, metagraph, controller, table)
-    elif stage in ("finetune", "random-policy", "static-child"):
-        # All three start from the searched meta-graph and controller.
-        metagraph, controller = new_models(ctx)
-        load_stage(ctx, "search", {"metagraph": metagraph, "controller": controller})
-        train = {"finetune": finetune, "random-policy": train_random_policy,
-                 "static-child": train_static_child}[stage]
-        table = latency_table(ctx)
-        with stop_after_epoch():
-            train(ctx, metagraph, controller, table)
-    elif stage == "variants":
-        table = latency_table(ctx)
-        with stop_after_epoch():
-            build_variants(ctx, table)
-    elif stage == "baselines":
-        with stop_after_epoch():
-            train_references(ctx)
-    elif stage == "evaluate":
-        run_evaluation(ctx)
+            stage.run(ctx)
     else:
-        raise ConfigError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
-    timings[stage] = time.perf_counter() - start
-    log.info("%s done in %.0f s", stage, timings[stage])
-
-
-def run_evaluation(ctx: RunContext) -> dict:
-    """Evaluate every model the run has trained; write results.json, .md and the per-image data."""
-    table = latency_table(ctx)
-    metagraph, controller = new_models(ctx)
-    load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})
-    flops = count_flops(metagraph, controller)
-    models = {"instanas": evaluate_instanas(ctx, metagraph, controller, table, flops,
-                                            "instanas")}
-    for letter, path in trained_variants(ctx).items():
-        graph, ctrl = load_candidate(ctx, path)
-        models[f"instanas-{letter}"] = evaluate_instanas(ctx, graph, ctrl, table, flops,
-                                                         "variant")
-    baseline = build_mbv2_baseline(ctx.space)
-    load_stage(ctx, "baseline", {"network": baseline})
-    models["mbv2-path"] = evaluate_static(ctx, baseline, table, "mbv2", width=1.0)
-    for name, net in trained_references(ctx).items():
-        kind = "min-net" if name == "min-net" else "mbv2"
-        width = None if kind == "min-net" else net.space.width / ctx.space.width
-        models[name] = evaluate_static(ctx, net, table, kind, width)
-    if stage_path(ctx, "random-policy").exists():
-        graph, _ = new_models(ctx)
-        meta = load_stage(ctx, "random-policy", {"metagraph": graph})
-        models["random-policy"] = evaluate_random_policy(ctx, graph, float(meta["rate"]), table,
-                                                         flops)
-    if stage_path(ctx, "static-child").exists():
-        models["static-child"] = evaluate_static(ctx, static_child_network(ctx), table,
-                                                 "static-child")
-    samples = ctx.config.baseline.oracle_children
-    oracle_entry = oracle(ctx, metagraph, controller, table, samples) if samples else None
-    results, per_image = evaluate(ctx, models, table, oracle_entry,
-                                  expected_latency(ctx, controller, table))
-    results = {"preset": ctx.config.preset, "dataset": ctx.config.data.dataset,
-               "seed": ctx.config.seed, "classes": list(ctx.data.classes), **results,
-               "epochs": {"pretrain": ctx.config.pretrain.epochs,
-                          "search": ctx.config.search.epochs,
-                          "finetune": ctx.config.finetune.epochs,
-                          "baseline": ctx.config.baseline_epochs()}}
-    candidates = ctx.run_dir / "variants" / "candidates.json"
-    if candidates.exists():
-        results["variants"] = json.loads(candidates.read_text())
-    policies = per_image.arrays["policies"]
-    buffer = io.BytesIO()
-    np.save(buffer, policies.reshape(len(policies), -1), allow_pickle=False)
-    atomic_write_bytes(ctx.run_dir / "test_policies.npy", buffer.getvalue())
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **per_image.arrays)
-    atomic_write_bytes(ctx.run_dir / "test_per_image.npz", buffer.getvalue())
-    write_json(ctx.run_dir / "results.json", results)
-    write_results_markdown(results, ctx.run_dir / "results.md")
-    return results
-
-
-def trained_variants(ctx: RunContext) -> dict[str, Path]:
-    """Variant letter -> fine-tuned checkpoint, for the variants the run has finished."""
-    if not stage_path(ctx, "variants").exists():
-        return {}
-    summary = json.loads(stage_path(ctx, "variants").read_text())
-    return {letter: ctx.run_dir / v["model"] for letter, v in summary.items()}
-
-
-def trained_references(ctx: RunContext) -> dict[str, ChildNetwork]:
-    """The extra standalone baselines the run has trained, loaded."""
-    networks = {}
-    for name, net in reference_networks(ctx).items():
-        path = reference_path(ctx, name)
-        if path.exists():
-            load_checkpoint(path, {"network": net}, expect=run_identity(ctx))
-            networks[name] = net
-    return networks
+        stage.run(ctx)
+    timings[name] = time.perf_counter() - start
+    log.info("%s done in %.0f s", name, timings[name])
 
 
 def _previous_timings(run_dir: Path) -> dict[str, float]:
@@ -397,16 +249,15 @@ def run_all(ctx: RunContext, resume: bool = False) -> dict[str, float]:
     latency_table(ctx)
     timings["profile"] = time.perf_counter() - start
     ran = False
-    for stage in STAGES:
-        if stage in OPTIONAL and not OPTIONAL[stage](ctx.config):
-            log.info("%s switched off in the config, skipping", stage)
+    for stage in registry.STAGES:
+        if not stage.enabled(ctx.config):
+            log.info("%s switched off in the config, skipping", stage.name)
             continue
-        finished = stage_path(ctx, stage).exists() if stage != "evaluate" else \
-            not ran and (ctx.run_dir / "results.json").exists()
+        finished = stage_path(ctx, stage.name).exists() and not (stage.refresh and ran)
         if resume and finished:
-            log.info("%s already done, skipping", stage)
+            log.info("%s already done, skipping", stage.name)
             continue
-        run_stage(ctx, stage, timings)
+        run_stage(ctx, stage.name, timings)
         save_timings(ctx.run_dir, timings)
         ran = True
     return timings if ran else {}

@@ -105,17 +105,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-# The option that sets the learning rate of what each stage trains.
-_LR_OPTION = {"pretrain": "pretrain.lr", "search": "search.metagraph_lr",
-              "controller": "controller.lr", "finetune": "finetune.lr", "baseline": "baseline.lr"}
-
-
-def check_finite(loss: torch.Tensor, stage: str) -> None:
+def check_finite(loss: torch.Tensor, stage: str, lr_option: str) -> None:
+    """``lr_option``: the config option of the learning rate that trains what diverged."""
     if not torch.isfinite(loss):
-        option = _LR_OPTION.get(stage, f"{stage}.lr")
         raise TrainingError(f"{stage}: the loss became {loss.item()}, training stopped and the "
-                            f"last completed epoch is kept: lower --{option} and continue with "
-                            "--resume RUN_DIR")
+                            f"last completed epoch is kept: lower --{lr_option} and continue "
+                            "with --resume RUN_DIR")
 
 
 @dataclass
@@ -128,7 +123,7 @@ class EpochStats:
 def supervised_epoch(ctx: RunContext, forward: Callable[[torch.Tensor, float], torch.Tensor],
                      params_optimizer: torch.optim.Optimizer, *, base_lr: float,
                      lr_factor: Callable[[float], float], epoch: int, epochs: int,
-                     batch_size: int, stage: str) -> EpochStats:
+                     batch_size: int, stage: str, lr_option: str) -> EpochStats:
     """One epoch of cross-entropy training; ``forward(images, progress)`` returns logits.
 
     ``progress`` in [0, 1] is the position in the whole stage, per step, for schedules such as
@@ -147,7 +142,7 @@ def supervised_epoch(ctx: RunContext, forward: Callable[[torch.Tensor, float], t
         set_lr(params_optimizer, base_lr * lr_factor(progress))
         logits = forward(batch.images, progress)
         loss = F.cross_entropy(logits, batch.labels)
-        check_finite(loss, stage)
+        check_finite(loss, stage, lr_option)
         params_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params_optimizer.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import random
@@ -14,6 +16,8 @@ import numpy as np
 import torch
 
 T = TypeVar("T")
+_show_progress: contextvars.ContextVar[bool] = contextvars.ContextVar("instanas_progress",
+                                                                      default=True)
 # Read once (it can only be read by setting it): the permissions new files get by default.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -70,12 +74,22 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+@contextlib.contextmanager
+def hidden_progress(hidden: bool = True) -> Iterator[None]:
+    """No progress bars inside the block when ``hidden`` (``--quiet``)."""
+    token = _show_progress.set(not hidden)
+    try:
+        yield
+    finally:
+        _show_progress.reset(token)
+
+
 def progress_bar(iterable: Iterable[T], desc: str, total: int | None = None,
                  unit: str = "it") -> Iterator[T]:
     """tqdm with ETA; quieter refresh when the output is not a terminal (CI logs)."""
     from tqdm.auto import tqdm
 
-    quiet = os.environ.get("INSTANAS_NO_PROGRESS") == "1"
+    quiet = os.environ.get("INSTANAS_NO_PROGRESS") == "1" or not _show_progress.get()
     interactive = sys.stderr.isatty()
     return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=quiet,
                      mininterval=0.5 if interactive else 15.0, leave=interactive,

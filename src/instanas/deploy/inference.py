@@ -12,9 +12,12 @@ import torch
 import yaml
 from torch import nn
 
+from ..models import build_models
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
+from ..nn.backend import enlarge_primitive_cache
 from ..search.space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
+from ..stages import registry
 from .runtime import preprocess_image, read_image
 
 if TYPE_CHECKING:
@@ -53,12 +56,7 @@ class InstaNASPredictor(nn.Module):
     @torch.inference_mode()
     def logits_one(self, image: torch.Tensor) -> torch.Tensor:
         """Batch-1 path: controller, then only the selected modules of each cell."""
-        cells = self.child_cells(image)
-        graph = self.metagraph
-        x = graph.stem(image)
-        for cell, modules in zip(graph.cells, cells):
-            x = cell.forward_modules(x, modules)
-        return graph.head(x)
+        return self.metagraph.forward_resolved(image, self.child_cells(image))
 
     @torch.inference_mode()
     def policies(self, images: torch.Tensor) -> torch.Tensor:
@@ -202,8 +200,8 @@ def model_checkpoint(run_dir: Path, model: str) -> tuple[str, Path]:
 
     name = model.removeprefix(f"{MAIN_MODEL}-") if model != MAIN_MODEL else model
     if name == MAIN_MODEL:
-        return name, run_dir / "finetune" / "model.safetensors"
-    summary = run_dir / "variants" / "variants.json"
+        return name, run_dir / registry.get("finetune").output
+    summary = run_dir / registry.get("variants").output
     variants = json.loads(summary.read_text()) if summary.exists() else {}
     if name not in variants:
         known = ", ".join([MAIN_MODEL, *sorted(variants)])
@@ -232,6 +230,7 @@ def load(run_dir: str | Path, model: str = MAIN_MODEL) -> InstaNASModel:
     from ..checkpoint import CheckpointError, load_tensors, read_checkpoint
     from ..config import from_dict
 
+    enlarge_primitive_cache()
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise CheckpointError(f"{run_dir} is not an instanas run directory (no config.yaml): "
@@ -240,9 +239,7 @@ def load(run_dir: str | Path, model: str = MAIN_MODEL) -> InstaNASModel:
     name, path = model_checkpoint(run_dir, model)
     tensors, meta = read_checkpoint(path)  # read once: metadata first, weights below
     space = SearchSpace.from_dict(meta["space"])
-    metagraph = MetaGraph(space)
-    controller = Controller(space.input_channels, space.num_cells, space.num_modules,
-                            config.controller_spec())
+    metagraph, controller = build_models(space, config.controller_spec())
     load_tensors(path, tensors, meta, {"metagraph": metagraph, "controller": controller})
     results = read_results(run_dir)
     norm = meta["normalization"]

@@ -50,7 +50,7 @@ def exported_pass(model: ExportedModel, inputs: torch.Tensor
 def batch_one_latency(eager: InstaNASModel, exported: ExportedModel, inputs: torch.Tensor,
                       threads: int) -> dict:
     """Per-image batch-1 latency (ms) of both paths, interleaved in one loop."""
-    from ..evaluate import measure_per_image
+    from ..evaluation import measure_per_image
 
     paths = {"eager": eager.predictor.logits_one,
              "exported": lambda x: exported.logits_one(x.numpy())}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +30,22 @@ from ..search.space import (
     SearchSpace,
     apply_empty_cell_rule,
 )
+
+
+def run_stack(x: torch.Tensor, cells: Iterable[Sequence[nn.Module]]) -> torch.Tensor:
+    """The cell stack when the whole batch runs the same modules in each cell: every cell's
+    output is the sum of its modules' outputs; a cell without modules is the identity.
+
+    The one executor of static children: the meta-graph's batch-wide and batch-1 paths, the
+    materialised :class:`ChildNetwork` and the deployed predictor all run through it.
+    """
+    for modules in cells:
+        out = None
+        for module in modules:
+            y = module(x)
+            out = y if out is None else out + y
+        x = x if out is None else out
+    return x
 
 
 class Cell(nn.Module):
@@ -74,15 +91,6 @@ class Cell(nn.Module):
             out = out + x * empty.view(-1, 1, 1, 1)
         return out
 
-    def forward_modules(self, x: torch.Tensor, modules: tuple[int, ...]) -> torch.Tensor:
-        """The whole batch runs the same (already resolved) module set."""
-        if not modules:
-            return x
-        out = self.candidates[modules[0]](x)
-        for m in modules[1:]:
-            out = out + self.candidates[m](x)
-        return out
-
 
 class Head(nn.Module):
     def __init__(self, in_channels: int, head_channels: int, num_classes: int) -> None:
@@ -117,11 +125,10 @@ class MetaGraph(nn.Module):
 
         ``policy=None`` selects every module of every cell.
         """
-        x = self.stem(x)
         if policy is None:
-            for cell in self.cells:
-                x = cell.forward_modules(x, tuple(range(len(cell.candidates))))
-            return self.head(x)
+            return self.forward_resolved(x, tuple(tuple(range(len(cell.candidates)))
+                                                  for cell in self.cells))
+        x = self.stem(x)
         policy = self.resolve(policy.to(x.device))
         if execution == "dense":
             for c, cell in enumerate(self.cells):
@@ -150,13 +157,17 @@ class MetaGraph(nn.Module):
 
     def run_cells(self, x: torch.Tensor, cells: tuple[tuple[int, ...], ...]) -> torch.Tensor:
         """The cell stack with the same resolved module set per cell for the whole batch."""
-        for cell, modules in zip(self.cells, cells):
-            x = cell.forward_modules(x, modules)
-        return x
+        return run_stack(x, ([cell.candidates[m] for m in modules]
+                             for cell, modules in zip(self.cells, cells)))
+
+    def forward_resolved(self, x: torch.Tensor,
+                         cells: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+        """Logits when every image of the batch runs the resolved module sets ``cells``."""
+        return self.head(self.run_cells(self.stem(x), cells))
 
     def forward_child(self, x: torch.Tensor, child: ChildArchitecture) -> torch.Tensor:
         """Logits when every image of the batch runs ``child``; only its modules execute."""
-        return self.head(self.run_cells(self.stem(x), self.resolved_cells(child)))
+        return self.forward_resolved(x, self.resolved_cells(child))
 
     def resolved_cells(self, child: ChildArchitecture) -> tuple[tuple[int, ...], ...]:
         policy = self.resolve(child.to_policy().to(self.forced.device))
@@ -186,15 +197,7 @@ class ChildNetwork(nn.Module):
         self.head = copy.deepcopy(metagraph.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for modules in self.cells:
-            if len(modules) == 0:
-                continue  # identity cell
-            out = modules[0](x)
-            for module in modules[1:]:
-                out = out + module(x)
-            x = out
-        return self.head(x)
+        return self.head(run_stack(self.stem(x), self.cells))
 
     def deploy(self) -> "ChildNetwork":
         return fold_batchnorm(self)

@@ -22,6 +22,7 @@ kernel (docs/troubleshooting.md). Results equal ``F.conv2d`` up to float roundin
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import itertools
 from collections.abc import Iterator
@@ -37,18 +38,18 @@ MAX_DEPTHWISE_PIXELS = 4   # depthwise k x k as a per-channel product on maps of
 # construction and product cost more than oneDNN, even with a new kernel per batch size
 # (bench/conv_forms.py). Wide presets (paper-cifar on 4x4 maps) would build 200 MB matrices.
 MAX_DENSE_MATRIX = 1 << 17
-_enabled = True
+_matrix_forms: contextvars.ContextVar[bool] = contextvars.ContextVar("instanas_matrix_forms",
+                                                                     default=True)
 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Every convolution through ``nn.Conv2d`` inside the block (benchmarks compare this)."""
-    global _enabled
-    previous, _enabled = _enabled, False
+    token = _matrix_forms.set(False)
     try:
         yield
     finally:
-        _enabled = previous
+        _matrix_forms.reset(token)
 
 
 def matrix_form(conv: nn.Conv2d, height: int, width: int) -> str | None:
@@ -83,7 +84,8 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, matrix_forms: bool = True) -> torch
         return conv(x)
     if is_strided_pointwise(conv):
         return _strided_pointwise(conv, x, matrix_forms)
-    form = matrix_form(conv, x.shape[2], x.shape[3]) if matrix_forms and _enabled else None
+    use = matrix_forms and _matrix_forms.get()
+    form = matrix_form(conv, x.shape[2], x.shape[3]) if use else None
     if form is None:
         return conv(x)
     if form == "pointwise":

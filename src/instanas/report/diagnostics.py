@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Iterable
 
-# Stage name in metrics.jsonl -> (training-accuracy field, the option that extends it).
-# Pretraining is left out: its drop-path schedule makes later epochs harder by design, so its
-# training accuracy does not show convergence.
-_TRAINED = {"baseline": ("train_accuracy", "baseline.epochs"),
-            "search": ("metagraph_train_accuracy", "search.epochs"),
-            "finetune": ("train_accuracy", "finetune.epochs"),
-            "random-policy": ("train_accuracy", "finetune.epochs"),
-            "static-child": ("train_accuracy", "finetune.epochs")}
+from ..stages import registry
+
+# Stage name in metrics.jsonl -> (training-accuracy field, the option that extends it). The
+# registry leaves pretraining out: its drop-path schedule makes later epochs harder by design,
+# so its training accuracy does not show convergence.
+_TRAINED = {stage.name: (stage.accuracy_field, f"{stage.budget}.epochs")
+            for stage in registry.STAGES if stage.accuracy_field}
 # Training accuracy that rose by more than this over the last epochs counts as still rising.
 RISING_POINTS = 0.5
 

@@ -1,84 +1,14 @@
-"""Standalone baselines: the MobileNetV2 path at several widths and the minimum network.
-
-Each is trained from scratch for as many epochs as the meta-graph gets in all three stages
-together (``baseline.epochs``), with the same optimiser and schedule, so that the comparison
-with InstaNAS spends the same training budget on each model.
-"""
+"""The MobileNetV2 path (module 0 in every cell) at the preset's width, trained standalone for as
+many epochs as the meta-graph gets in all three stages together: ``mbv2-path``."""
 
 from __future__ import annotations
 
-import logging
-
-from ..models.metagraph import ChildNetwork, build_mbv2_baseline, build_min_network, scaled_space
-from ..training import RunContext, accuracy, cosine, sgd, supervised_epoch
-from ..utils import write_json
-from .common import save_stage, stage_path
-from .resume import EpochCheckpoints
-
-log = logging.getLogger("instanas")
+from ..models.metagraph import ChildNetwork, build_mbv2_baseline
+from ..training import RunContext
+from .common import stage_path
+from .standalone import train_standalone
 
 
-def width_name(width: float) -> str:
-    """Model name of the MobileNetV2 path at ``width`` times the preset's width."""
-    return "mbv2-path" if width == 1.0 else f"mbv2-{width:g}x"
-
-
-def reference_networks(ctx: RunContext) -> dict[str, ChildNetwork]:
-    """The extra baselines this run's config asks for, untrained, by model name."""
-    networks = {width_name(w): build_mbv2_baseline(scaled_space(ctx.space, w))
-                for w in ctx.config.mbv2_widths()}
-    if ctx.config.baseline.min_net:
-        networks["min-net"] = build_min_network(ctx.space)
-    return networks
-
-
-def reference_path(ctx: RunContext, name: str):
-    return ctx.run_dir / "baseline" / f"{name}.safetensors"
-
-
-def train_standalone(ctx: RunContext, net: ChildNetwork, name: str, output) -> ChildNetwork:
-    """Train ``net`` alone under ``baseline.*`` and save it to ``output`` (resumable per epoch)."""
-    cfg = ctx.config.baseline
-    epochs = ctx.config.baseline_epochs()
-    net = ctx.prepare(net)
-    optimizer = sgd(net.parameters(), cfg.lr, cfg.weight_decay)
-    stage = "baseline" if name == "mbv2-path" else f"baseline/{name}"
-    checkpoints = EpochCheckpoints(ctx, stage, {"network": net}, {"sgd": optimizer})
-    start, _ = checkpoints.restore()
-    for epoch in range(start, epochs):
-        net.train()
-        stats = supervised_epoch(ctx, lambda images, progress: net(images), optimizer,
-                                 base_lr=cfg.lr, lr_factor=cosine, epoch=epoch, epochs=epochs,
-                                 batch_size=cfg.batch_size, stage=stage)
-        net.eval()
-        ctx.log_metrics({"stage": stage, "epoch": epoch + 1, "train_loss": stats.loss,
-                         "train_accuracy": stats.accuracy,
-                         "val_accuracy": accuracy(ctx, net, ctx.data.val),
-                         "seconds": stats.seconds})
-        checkpoints.save(epoch + 1)
-    save_stage(ctx, output, {"network": net},
-               {"stage": stage, "epochs": epochs, "model": name, "child": str(net.child),
-                "width": net.space.width})
-    checkpoints.finish()
-    return net
-
-
-def train_baseline(ctx: RunContext) -> ChildNetwork:
-    """The MobileNetV2 path (module 0 in every cell) at the preset's width: ``mbv2-path``."""
+def run(ctx: RunContext) -> ChildNetwork:
     return train_standalone(ctx, build_mbv2_baseline(ctx.space), "mbv2-path",
                             stage_path(ctx, "baseline"))
-
-
-def train_references(ctx: RunContext) -> dict[str, str]:
-    """Every extra baseline not trained yet; the list of their files marks the stage as done."""
-    done = {}
-    for name, net in reference_networks(ctx).items():
-        path = reference_path(ctx, name)
-        if path.exists():
-            log.info("baseline %s already trained, skipping", name)
-        else:
-            log.info("training baseline %s (%s)", name, net.child)
-            train_standalone(ctx, net, name, path)
-        done[name] = str(path.relative_to(ctx.run_dir))
-    write_json(stage_path(ctx, "baselines"), done)
-    return done

@@ -1,6 +1,5 @@
-"""What the stages share: where each keeps its output in the run directory, how it is read
-back, and the loop that fine-tunes the meta-graph under a fixed policy function (fine-tuning,
-the variants and the random-policy model)."""
+"""What the stages share: new models of the run's shape, where each stage keeps its output in
+the run directory and how it is read back, and the run's latency table."""
 
 from __future__ import annotations
 
@@ -17,38 +16,45 @@ from ..checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from ..latency.table import LatencyTable
+from ..latency.table import (
+    LatencyTable,
+    default_cache_path,
+    load_or_profile,
+    profile_table,
+    table_key,
+)
+from ..models import build_models
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
-from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
-from ..training import RunContext, cosine, run_identity, sgd, supervised_epoch
-from .resume import EpochCheckpoints
-
-STAGE_FILES = {
-    "pretrain": "pretrain/metagraph.safetensors",
-    "search": "search/selected.safetensors",
-    "finetune": "finetune/model.safetensors",
-    "baseline": "baseline/mbv2.safetensors",
-    "random-policy": "random-policy/model.safetensors",
-    "static-child": "static-child/model.safetensors",
-    "variants": "variants/variants.json",
-    "baselines": "baseline/references.json",
-}
-PREVIOUS = {"search": ("pretrain",), "finetune": ("search",), "random-policy": ("search",),
-            "static-child": ("search",),
-            "variants": ("search",), "evaluate": ("finetune", "baseline")}
+from ..training import RunContext, run_identity
+from ..utils import atomic_copy
+from . import registry
 
 
 def new_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:
     """An untrained meta-graph and controller of this run's space and controller shape."""
-    metagraph = MetaGraph(ctx.space)
-    controller = Controller(ctx.space.input_channels, ctx.space.num_cells, ctx.space.num_modules,
-                            ctx.config.controller_spec())
+    return build_models(ctx.space, ctx.config.controller_spec())
+
+
+def searched_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:
+    """The meta-graph and controller the search selected: where the later stages start."""
+    metagraph, controller = new_models(ctx)
+    load_stage(ctx, "search", {"metagraph": metagraph, "controller": controller})
     return metagraph, controller
 
 
+def load_candidate(ctx: RunContext, path: Path, weights: Path | None = None
+                   ) -> tuple[MetaGraph, Controller]:
+    """Controller of checkpoint ``path``, meta-graph of ``weights`` (default: the same file)."""
+    metagraph, controller = new_models(ctx)
+    load_checkpoint(path, {"controller": controller}, expect=run_identity(ctx))
+    load_checkpoint(weights or path, {"metagraph": metagraph}, expect=run_identity(ctx))
+    return ctx.prepare(metagraph), ctx.prepare(controller).eval()
+
+
 def stage_path(ctx: RunContext, stage: str) -> Path:
-    return ctx.run_dir / STAGE_FILES[stage]
+    """The file that marks ``stage`` as done in this run."""
+    return ctx.run_dir / registry.get(stage).output
 
 
 def save_stage(ctx: RunContext, path: Path, modules: dict[str, nn.Module], meta: dict) -> None:
@@ -58,8 +64,9 @@ def save_stage(ctx: RunContext, path: Path, modules: dict[str, nn.Module], meta:
 def load_stage(ctx: RunContext, stage: str, modules: dict[str, nn.Module]) -> dict:
     path = stage_path(ctx, stage)
     if not path.exists():
-        raise CheckpointError(f"{ctx.run_dir} has no {stage} output ({STAGE_FILES[stage]}): run "
-                              f"`instanas {stage} --output {ctx.run_dir}` first")
+        raise CheckpointError(f"{ctx.run_dir} has no {stage} output "
+                              f"({registry.get(stage).output}): run `instanas {stage} --output "
+                              f"{ctx.run_dir}` first")
     return load_checkpoint(path, modules, expect=run_identity(ctx))
 
 
@@ -73,9 +80,10 @@ def verify_output(ctx: RunContext, stage: str) -> None:
 
 def require_previous(run_dir: Path, stage: str) -> None:
     """Fail before anything is written when the stages ``stage`` builds on have not run."""
-    for before in PREVIOUS.get(stage, ()):
-        if not (run_dir / STAGE_FILES[before]).exists():
-            raise CheckpointError(f"{run_dir} has no {before} output ({STAGE_FILES[before]}): "
+    for before in registry.get(stage).needs:
+        output = registry.get(before).output
+        if not (run_dir / output).exists():
+            raise CheckpointError(f"{run_dir} has no {before} output ({output}): "
                                   f"run `instanas {before} --output {run_dir}` before "
                                   f"`instanas {stage}`")
 
@@ -93,46 +101,24 @@ def search_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "search").glob("epoch_*.safetensors"), key=checkpoint_order)
 
 
-def finetune_under_controller(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                              table: LatencyTable, *, stage: str, output: Path) -> MetaGraph:
-    """Fine-tune under the frozen controller; saves meta-graph and controller to ``output``."""
-    controller = ctx.prepare(controller)
-    controller.eval()
-    for p in controller.parameters():
-        p.requires_grad_(False)
-    return train_under_policy(ctx, metagraph, greedy_of(controller), table, stage=stage,
-                              output=output, extra_modules={"controller": controller})
+def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
+    """The run's table: reused from the run directory or the per-device cache when it fits.
 
-
-def train_under_policy(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn,
-                       table: LatencyTable, *, stage: str, output: Path,
-                       extra_modules: dict[str, torch.nn.Module] | None = None,
-                       meta: dict | None = None, uses_controller: bool = True,
-                       generators: dict[str, torch.Generator] | None = None) -> MetaGraph:
-    """``finetune.*`` epochs on the policies ``policy_fn`` picks per batch (no gradient)."""
-    cfg = ctx.config.finetune
-    metagraph = ctx.prepare(metagraph)
-    optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
-    forward = policy_forward(metagraph, policy_fn)
-
-    # ``generators``: random streams the policy draws from, restored on resume.
-    checkpoints = EpochCheckpoints(ctx, stage, {"metagraph": metagraph}, {"sgd": optimizer},
-                                   generators)
-    start, _ = checkpoints.restore()
-    for epoch in range(start, cfg.epochs):
-        metagraph.train()
-        stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr, lr_factor=cosine,
-                                 epoch=epoch, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                 stage=stage)
-        # Exact statistics for the final weights (the running average lags the last steps).
-        calibrate(ctx, metagraph, policy_fn, purpose=f"{stage}/recalibrate", epoch=epoch)
-        val, _ = evaluate_policies(ctx, metagraph, policy_fn, table, ctx.data.val,
-                                   include_controller=uses_controller)
-        ctx.log_metrics({"stage": stage, "epoch": epoch + 1, "train_loss": stats.loss,
-                         "train_accuracy": stats.accuracy, "val_accuracy": val.accuracy,
-                         "val_total_ms": val.total_ms, "seconds": stats.seconds})
-        checkpoints.save(epoch + 1)
-    save_stage(ctx, output, {"metagraph": metagraph, **(extra_modules or {})},
-               {"stage": stage, **(meta or {})})
-    checkpoints.finish()
-    return metagraph
+    ``fresh`` measures anew even when a matching table exists (and replaces it).
+    """
+    cfg = ctx.config.latency
+    metagraph, controller = new_models(ctx)
+    cpu = torch.device("cpu")
+    path = Path(cfg.table) if cfg.table else default_cache_path(
+        table_key(metagraph, controller, cpu, cfg.threads))
+    local = ctx.run_dir / "latency_table.json"
+    if local.exists() and not cfg.table:
+        path = local
+    options = {"threads": cfg.threads, "warmup": cfg.warmup, "repeats": cfg.repeats,
+               "seed": ctx.config.seed, "calibration_children": cfg.calibration_children}
+    if fresh:
+        profile_table(metagraph, controller, cpu, **options).save(path)
+    table = load_or_profile(path, metagraph, controller, cpu, **options)
+    if path.resolve() != local.resolve():
+        atomic_copy(path, local)
+    return table

@@ -1,7 +1,7 @@
 """Stage 3: fine-tune the meta-graph on each image's greedy policy, controller frozen.
 
-The loop itself (``stages.common.train_under_policy``) also trains the variants and the
-random-policy baseline: only the policy function differs.
+The loop itself (:mod:`.policy_tuning`) also trains the variants, the random-policy model and
+the best static child: only the policy function differs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from ..latency.table import LatencyTable
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
 from ..training import RunContext
-from .common import finetune_under_controller, stage_path
+from .common import latency_table, searched_models, stage_path
+from .policy_tuning import finetune_under_controller
 
 
 def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
@@ -21,3 +22,8 @@ def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
     """Fine-tune under the frozen controller; saves meta-graph and controller to ``output``."""
     return finetune_under_controller(ctx, metagraph, controller, table, stage=stage,
                                      output=output or stage_path(ctx, "finetune"))
+
+
+def run(ctx: RunContext) -> MetaGraph:
+    metagraph, controller = searched_models(ctx)
+    return finetune(ctx, metagraph, controller, latency_table(ctx))

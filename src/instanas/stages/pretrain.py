@@ -6,8 +6,8 @@ import torch
 
 from ..models.metagraph import MetaGraph
 from ..training import RunContext, accuracy, sgd, step_decay, supervised_epoch
-from .common import save_stage, stage_path
-from .resume import EpochCheckpoints
+from .common import new_models, save_stage, stage_path
+from .loop import EpochLoop
 
 
 def drop_path_keep(progress: float, final_keep: float) -> float:
@@ -33,21 +33,25 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
         policy = torch.rand((images.shape[0], *shape), generator=drop_gen) < keep
         return metagraph(images, policy)
 
-    checkpoints = EpochCheckpoints(ctx, "pretrain", {"metagraph": metagraph}, {"sgd": optimizer},
-                                   {"drop-path": drop_gen})
-    start, _ = checkpoints.restore()
-    for epoch in range(start, cfg.epochs):
+    def train_epoch(epoch: int) -> dict:
         metagraph.train()
         stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr,
                                  lr_factor=step_decay(cfg.milestones), epoch=epoch,
-                                 epochs=cfg.epochs, batch_size=cfg.batch_size, stage="pretrain")
+                                 epochs=cfg.epochs, batch_size=cfg.batch_size, stage="pretrain",
+                                 lr_option="pretrain.lr")
         metagraph.eval()
-        val = accuracy(ctx, metagraph, ctx.data.val)
-        ctx.log_metrics({"stage": "pretrain", "epoch": epoch + 1, "train_loss": stats.loss,
-                         "train_accuracy": stats.accuracy, "val_accuracy_all_modules": val,
-                         "keep_prob_end": drop_path_keep((epoch + 1) / cfg.epochs, cfg.final_keep),
-                         "seconds": stats.seconds})
-        checkpoints.save(epoch + 1)
-    save_stage(ctx, stage_path(ctx, "pretrain"), {"metagraph": metagraph}, {"stage": "pretrain"})
-    checkpoints.finish()
+        return {"train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                "val_accuracy_all_modules": accuracy(ctx, metagraph, ctx.data.val),
+                "keep_prob_end": drop_path_keep((epoch + 1) / cfg.epochs, cfg.final_keep),
+                "seconds": stats.seconds}
+
+    loop = EpochLoop("pretrain", cfg.epochs, {"metagraph": metagraph}, {"sgd": optimizer},
+                     {"drop-path": drop_gen})
+    loop.run(ctx, train_epoch, lambda: save_stage(ctx, stage_path(ctx, "pretrain"),
+                                                  {"metagraph": metagraph}, {"stage": "pretrain"}))
     return metagraph
+
+
+def run(ctx: RunContext) -> MetaGraph:
+    metagraph, _ = new_models(ctx)
+    return pretrain(ctx, metagraph)

@@ -18,7 +18,8 @@ from ..models.metagraph import MetaGraph
 from ..search.policy import RandomPolicy, evaluate_policies, greedy_of
 from ..search.space import SearchSpace, apply_empty_cell_rule
 from ..training import RunContext
-from .common import stage_path, train_under_policy
+from .common import latency_table, searched_models, stage_path
+from .policy_tuning import train_under_policy
 
 log = logging.getLogger("instanas")
 _MATCH_SAMPLES = 8192
@@ -62,3 +63,8 @@ def train_random_policy(ctx: RunContext, metagraph: MetaGraph, controller: torch
                        output=stage_path(ctx, "random-policy"), meta=info,
                        uses_controller=False, generators={"policies": policy.generator})
     return info
+
+
+def run(ctx: RunContext) -> dict:
+    metagraph, controller = searched_models(ctx)
+    return train_random_policy(ctx, metagraph, controller, latency_table(ctx))

@@ -38,8 +38,8 @@ from ..training import (
     supervised_epoch,
 )
 from ..utils import atomic_copy, progress_bar, write_json
-from .common import save_stage, stage_path
-from .resume import EpochCheckpoints
+from .common import latency_table, load_stage, new_models, save_stage, stage_path
+from .loop import EpochLoop
 
 
 def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
@@ -53,18 +53,18 @@ def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controll
     policies at the start of the epoch. ``snapshot(part)`` is called after the steps where
     ``search.snapshots_per_epoch`` asks for a checkpoint inside the epoch.
     """
-    cfg, ccfg = ctx.config.search, ctx.config.controller
-    module_ms = table.module_ms().to(ctx.device)
-    reward_of = RewardFunction(ccfg, table.bounds(ctx.space.forced_mask()), dual)
+    cfg = ctx.config.search
+    reward_of = RewardFunction(ctx.config.controller, table.bounds(ctx.space.forced_mask()), dual)
     steps = ctx.steps_per_epoch(cfg.batch_size)
     if cfg.controller_norm == "running":
         controller.eval()
-        calibrate(ctx, metagraph, sampled_of(controller, ccfg.alpha,
+        calibrate(ctx, metagraph, sampled_of(controller, ctx.config.controller.alpha,
                                              ctx.generator("search/controller-norm", epoch)),
                   purpose="search/controller-norm", epoch=epoch)
     metagraph.eval()
     controller.train()
-    sample_gen = ctx.generator("search/controller-sample", epoch)
+    step_once = ControllerStep(ctx, metagraph, controller, optimizer, table.module_ms(),
+                               reward_of, ctx.generator("search/controller-sample", epoch))
     sums = torch.zeros(5, device=ctx.device)
     seen, start = 0, time.perf_counter()
     batches = ctx.batches(ctx.data.train, cfg.batch_size, train=True,
@@ -72,35 +72,51 @@ def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controll
     snapshot_at = snapshot_steps(steps, cfg.snapshots_per_epoch)
     for step, batch in enumerate(progress_bar(batches, f"search {epoch + 1}/{cfg.epochs} "
                                               "controller", total=steps, unit="batch")):
-        probs = controller(batch.images)
-        bounded = bound_probabilities(probs, ccfg.alpha)
-        size = len(batch.labels)
-        with torch.no_grad():
-            sampled = sample_policy(bounded, sample_gen)
-            correct, log_prob, latency = score_children(
-                metagraph, batch.images, batch.labels, torch.cat([sampled, greedy_policy(probs)]),
-                module_ms, cfg.controller_norm)
-            reward = reward_of(correct, log_prob, latency,
-                               (epoch * steps + step) / (cfg.epochs * steps))
-            advantage = reward[:size] - reward[size:]
-        loss = (-(policy_log_prob(bounded, sampled) * advantage).sum()
-                - ccfg.beta * policy_entropy(bounded, ccfg.entropy).sum()) / size
-        if ccfg.usage_floor > 0:
-            loss = loss + ccfg.pos_w * usage_penalty(probs, ccfg.usage_floor)
-        check_finite(loss, "controller")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        reward_of.update(latency[size:])
-        sums += torch.stack([reward[:size].sum(), latency[:size].sum(), latency[size:].sum(),
-                             correct[size:].float().sum(), correct[:size].float().sum()])
-        seen += size
+        sums += step_once(batch.images, batch.labels, (epoch * steps + step) / (cfg.epochs * steps))
+        seen += len(batch.labels)
         if snapshot is not None and step in snapshot_at:
             snapshot(snapshot_at[step])
     mean = (sums / seen).tolist()
     return {"reward": mean[0], "sampled_cells_ms": mean[1], "greedy_cells_ms": mean[2],
             "greedy_train_accuracy": mean[3], "sampled_train_accuracy": mean[4],
             **reward_of.describe(), "controller_seconds": time.perf_counter() - start}
+
+
+class ControllerStep:
+    """One controller update on a batch; returns the batch's sums of (sampled reward, sampled
+    and greedy cell latency, greedy and sampled correct predictions)."""
+
+    def __init__(self, ctx: RunContext, metagraph: MetaGraph, controller: Controller,
+                 optimizer: torch.optim.Optimizer, module_ms: torch.Tensor,
+                 reward_of: RewardFunction, generator: torch.Generator) -> None:
+        self.ctx, self.metagraph, self.controller = ctx, metagraph, controller
+        self.optimizer, self.reward_of, self.generator = optimizer, reward_of, generator
+        self.module_ms = module_ms.to(ctx.device)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 progress: float) -> torch.Tensor:
+        ccfg = self.ctx.config.controller
+        probs = self.controller(images)
+        bounded = bound_probabilities(probs, ccfg.alpha)
+        size = len(labels)
+        with torch.no_grad():
+            sampled = sample_policy(bounded, self.generator)
+            correct, log_prob, latency = score_children(
+                self.metagraph, images, labels, torch.cat([sampled, greedy_policy(probs)]),
+                self.module_ms, self.ctx.config.search.controller_norm)
+            reward = self.reward_of(correct, log_prob, latency, progress)
+            advantage = reward[:size] - reward[size:]
+        loss = (-(policy_log_prob(bounded, sampled) * advantage).sum()
+                - ccfg.beta * policy_entropy(bounded, ccfg.entropy).sum()) / size
+        if ccfg.usage_floor > 0:
+            loss = loss + ccfg.pos_w * usage_penalty(probs, ccfg.usage_floor)
+        check_finite(loss, "controller", "controller.lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.reward_of.update(latency[size:])
+        return torch.stack([reward[:size].sum(), latency[:size].sum(), latency[size:].sum(),
+                            correct[size:].float().sum(), correct[:size].float().sum()])
 
 
 def usage_penalty(probs: torch.Tensor, floor: float) -> torch.Tensor:
@@ -197,7 +213,8 @@ def metagraph_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controlle
     metagraph.train()
     stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.metagraph_lr,
                              lr_factor=lambda p: 1.0, epoch=epoch, epochs=cfg.epochs,
-                             batch_size=cfg.batch_size, stage="search")
+                             batch_size=cfg.batch_size, stage="search",
+                             lr_option="search.metagraph_lr")
     return {"metagraph_loss": stats.loss, "metagraph_train_accuracy": stats.accuracy,
             "metagraph_seconds": stats.seconds}
 
@@ -261,46 +278,66 @@ def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
     metagraph, controller = ctx.prepare(metagraph), ctx.prepare(controller)
     ctrl_opt = torch.optim.Adam(controller.parameters(), lr=ctx.config.controller.lr)
     graph_opt = sgd(metagraph.parameters(), cfg.metagraph_lr, cfg.weight_decay)
-    folder = ctx.run_dir / "search"
-    checkpoints = EpochCheckpoints(ctx, "search",
-                                   {"metagraph": metagraph, "controller": controller},
-                                   {"controller": ctrl_opt, "metagraph": graph_opt})
-    start, saved = checkpoints.restore()
-    if start == 0:
-        refuse_weak_metagraph(ctx, metagraph)
-    history = saved.get("history", [])
-    dual = DualWeight(saved.get("latency_weight", 0.0))
-    for epoch in range(start, cfg.epochs):
-        record = {"stage": "search", "epoch": epoch + 1}
+    # The history of every epoch and the budget reward's latency weight go on across a resume.
+    loop = EpochLoop("search", cfg.epochs, {"metagraph": metagraph, "controller": controller},
+                     {"controller": ctrl_opt, "metagraph": graph_opt},
+                     state={"history": [], "latency_weight": 0.0})
+    dual = DualWeight()
 
-        def snapshot(part: int, epoch: int = epoch) -> None:
-            save_stage(ctx, folder / f"epoch_{epoch + 1:03d}_part{part}.safetensors",
-                       {"metagraph": metagraph, "controller": controller},
-                       {"stage": "search", "epoch": epoch + 1, "part": part})
-
-        record.update(controller_epoch(ctx, metagraph, controller, ctrl_opt, table, epoch,
-                                       dual, snapshot))
+    def train_epoch(epoch: int) -> dict:
+        dual.value = loop.state["latency_weight"]
+        record = controller_epoch(ctx, metagraph, controller, ctrl_opt, table, epoch, dual,
+                                  snapshotter(ctx, metagraph, controller, epoch))
         record.update(metagraph_epoch(ctx, metagraph, controller, graph_opt, epoch))
-        controller.eval()
-        calibrate(ctx, metagraph, greedy_of(controller), purpose="search/recalibrate-val",
-                  epoch=epoch)
-        val, _ = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.val)
-        record.update({"val_accuracy": val.accuracy, "val_cells_ms": val.cells_ms,
-                       "val_total_ms": val.total_ms, "val_distinct_children": val.distinct_children,
-                       "val_effective_children": val.effective_children,
-                       "val_top_child_share": val.top_child_share,
-                       "val_mean_active_modules": val.mean_active_modules,
-                       "checkpoint": f"search/epoch_{epoch + 1:03d}.safetensors"})
-        save_stage(ctx, ctx.run_dir / record["checkpoint"],
+        record.update(validate_epoch(ctx, metagraph, controller, table, epoch))
+        loop.state["history"].append({"stage": "search", "epoch": epoch + 1, **record})
+        loop.state["latency_weight"] = dual.value
+        return record
+
+    loop.run(ctx, train_epoch, lambda: write_selection(ctx, loop.state["history"], table),
+             on_fresh_start=lambda: refuse_weak_metagraph(ctx, metagraph))
+    return metagraph, controller
+
+
+def snapshotter(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
+                epoch: int) -> Callable[[int], None]:
+    """Saves the checkpoints ``search.snapshots_per_epoch`` asks for inside ``epoch``."""
+    def snapshot(part: int) -> None:
+        save_stage(ctx, ctx.run_dir / "search" / f"epoch_{epoch + 1:03d}_part{part}.safetensors",
                    {"metagraph": metagraph, "controller": controller},
-                   {"stage": "search", "epoch": epoch + 1})
-        ctx.log_metrics(record)
-        history.append(record)
-        checkpoints.save(epoch + 1, {"history": history, "latency_weight": dual.value})
+                   {"stage": "search", "epoch": epoch + 1, "part": part})
+    return snapshot
+
+
+def validate_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
+                   table: LatencyTable, epoch: int) -> dict:
+    """Greedy children on the validation split (BatchNorm recalibrated for them); saves the
+    epoch's checkpoint, a candidate for the selection and for the variants."""
+    controller.eval()
+    calibrate(ctx, metagraph, greedy_of(controller), purpose="search/recalibrate-val",
+              epoch=epoch)
+    val, _ = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.val)
+    checkpoint = f"search/epoch_{epoch + 1:03d}.safetensors"
+    save_stage(ctx, ctx.run_dir / checkpoint, {"metagraph": metagraph, "controller": controller},
+               {"stage": "search", "epoch": epoch + 1})
+    return {"val_accuracy": val.accuracy, "val_cells_ms": val.cells_ms,
+            "val_total_ms": val.total_ms, "val_distinct_children": val.distinct_children,
+            "val_effective_children": val.effective_children,
+            "val_top_child_share": val.top_child_share,
+            "val_mean_active_modules": val.mean_active_modules, "checkpoint": checkpoint}
+
+
+def write_selection(ctx: RunContext, history: list[dict], table: LatencyTable) -> None:
+    """search/selected.json, and the selected checkpoint as the stage's output."""
+    cfg = ctx.config.search
     chosen = select_epoch(history, cfg.select_tolerance, final_budget(ctx, table))
-    write_json(folder / "selected.json", {"chosen": chosen, "tolerance": cfg.select_tolerance,
-                                          "history": history})
+    write_json(ctx.run_dir / "search" / "selected.json",
+               {"chosen": chosen, "tolerance": cfg.select_tolerance, "history": history})
     # Last: the selected checkpoint is what marks the stage as done.
     atomic_copy(ctx.run_dir / chosen["checkpoint"], stage_path(ctx, "search"))
-    checkpoints.finish()
-    return metagraph, controller
+
+
+def run(ctx: RunContext) -> tuple[MetaGraph, Controller]:
+    metagraph, controller = new_models(ctx)
+    load_stage(ctx, "pretrain", {"metagraph": metagraph})
+    return search(ctx, metagraph, controller, latency_table(ctx))

@@ -17,14 +17,15 @@ import logging
 import torch
 
 from ..deploy.inference import InstaNASPredictor
-from ..evaluate import measure_per_image
+from ..evaluation import measure_per_image
 from ..latency.table import LatencyTable
 from ..models.controller import Controller
-from ..models.metagraph import ChildNetwork, MetaGraph
+from ..models.metagraph import MetaGraph
 from ..search.policy import evaluate_policies, greedy_of
 from ..search.space import ChildArchitecture, child_counts
 from ..training import RunContext
-from .common import load_stage, stage_path, train_under_policy
+from .common import latency_table, searched_models, stage_path
+from .policy_tuning import train_under_policy
 
 log = logging.getLogger("instanas")
 _TIMED_IMAGES = 300
@@ -92,9 +93,6 @@ def train_static_child(ctx: RunContext, metagraph: MetaGraph, controller: Contro
     return info
 
 
-def static_child_network(ctx: RunContext) -> ChildNetwork:
-    """The fine-tuned static child as a standalone network, read from the run."""
-    metagraph = MetaGraph(ctx.space)
-    meta = load_stage(ctx, "static-child", {"metagraph": metagraph})
-    child = ChildArchitecture(tuple(tuple(m) for m in meta["child"]), ctx.space.num_modules)
-    return metagraph.materialize(child)
+def run(ctx: RunContext) -> dict:
+    metagraph, controller = searched_models(ctx)
+    return train_static_child(ctx, metagraph, controller, latency_table(ctx))

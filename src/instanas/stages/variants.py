@@ -25,15 +25,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint
 from ..latency.table import LatencyTable, measure_children, predicted_ms
-from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
 from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
 from ..search.space import ChildArchitecture
-from ..training import RunContext, cosine, run_identity, sgd, supervised_epoch
+from ..training import RunContext, cosine, sgd, supervised_epoch
 from ..utils import atomic_copy, write_json
-from .common import finetune_under_controller, new_models, search_checkpoints, stage_path
+from .common import latency_table, load_candidate, new_models, search_checkpoints, stage_path
+from .policy_tuning import finetune_under_controller
 from .resume import stop_if_requested
 
 log = logging.getLogger("instanas")
@@ -62,15 +61,6 @@ def pick_spread(points: list[tuple[float, float]], front: list[int], count: int)
         picked.append(max(rest, key=lambda i: min(abs(points[i][0] - points[j][0])
                                                    for j in picked)))
     return sorted(picked, key=lambda i: (-points[i][0], -points[i][1]))
-
-
-def load_candidate(ctx: RunContext, path: Path, weights: Path | None = None
-                   ) -> tuple[MetaGraph, Controller]:
-    """Controller of checkpoint ``path``, meta-graph of ``weights`` (default: the same file)."""
-    metagraph, controller = new_models(ctx)
-    load_checkpoint(path, {"controller": controller}, expect=run_identity(ctx))
-    load_checkpoint(weights or path, {"metagraph": metagraph}, expect=run_identity(ctx))
-    return ctx.prepare(metagraph), ctx.prepare(controller).eval()
 
 
 def candidate_weights(ctx: RunContext, path: Path) -> Path:
@@ -146,7 +136,8 @@ def quick_finetune(ctx: RunContext, metagraph: MetaGraph, policy: PolicyFn, epoc
     metagraph.train()
     for epoch in range(epochs):
         supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr, lr_factor=cosine, epoch=epoch,
-                         epochs=max(cfg.epochs, epochs), batch_size=cfg.batch_size, stage=stage)
+                         epochs=max(cfg.epochs, epochs), batch_size=cfg.batch_size, stage=stage,
+                         lr_option="finetune.lr")
 
 
 def score_candidates(ctx: RunContext, table: LatencyTable) -> list[dict]:
@@ -212,3 +203,7 @@ def build_variants(ctx: RunContext, table: LatencyTable) -> dict:
                for letter, c in sorted(chosen.items())}
     write_json(stage_path(ctx, "variants"), summary)
     return summary
+
+
+def run(ctx: RunContext) -> dict:
+    return build_variants(ctx, latency_table(ctx))

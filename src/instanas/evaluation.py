@@ -146,7 +146,7 @@ class RandomChildRunner:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         cells = self.children[self.next % len(self.children)]
         self.next += 1
-        return self.graph.head(self.graph.run_cells(self.graph.stem(image), cells))
+        return self.graph.forward_resolved(image, cells)
 
 
 @torch.no_grad()

@@ -1,0 +1,126 @@
+"""Evaluation: every model the run has trained, on the test split, timed side by side;
+writes results.json, results.md and the per-image data (test_policies.npy,
+test_per_image.npz)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import load_checkpoint
+from ..evaluation import (
+    Evaluated,
+    evaluate,
+    evaluate_instanas,
+    evaluate_random_policy,
+    evaluate_static,
+    expected_latency,
+    oracle,
+)
+from ..latency.flops import count_flops
+from ..latency.table import LatencyTable
+from ..models.metagraph import ChildNetwork, MetaGraph, build_mbv2_baseline
+from ..report.document import write_results_markdown
+from ..search.space import ChildArchitecture
+from ..training import RunContext, run_identity
+from ..utils import atomic_write_bytes, write_json
+from .common import latency_table, load_candidate, load_stage, new_models, stage_path
+from .standalone import reference_networks, reference_path
+
+
+def run(ctx: RunContext) -> dict:
+    """Evaluate every model the run has trained; write results.json, .md and the per-image data."""
+    table = latency_table(ctx)
+    metagraph, controller = new_models(ctx)
+    load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})
+    flops = count_flops(metagraph, controller)
+    models = {"instanas": evaluate_instanas(ctx, metagraph, controller, table, flops,
+                                            "instanas")}
+    for letter, path in trained_variants(ctx).items():
+        graph, ctrl = load_candidate(ctx, path)
+        models[f"instanas-{letter}"] = evaluate_instanas(ctx, graph, ctrl, table, flops,
+                                                         "variant")
+    models.update(baseline_models(ctx, table))
+    if stage_path(ctx, "random-policy").exists():
+        graph, _ = new_models(ctx)
+        meta = load_stage(ctx, "random-policy", {"metagraph": graph})
+        models["random-policy"] = evaluate_random_policy(ctx, graph, float(meta["rate"]), table,
+                                                         flops)
+    if stage_path(ctx, "static-child").exists():
+        models["static-child"] = evaluate_static(ctx, static_child_network(ctx), table,
+                                                 "static-child")
+    samples = ctx.config.baseline.oracle_children
+    oracle_entry = oracle(ctx, metagraph, controller, table, samples) if samples else None
+    results, per_image = evaluate(ctx, models, table, oracle_entry,
+                                  expected_latency(ctx, controller, table))
+    results = run_summary(ctx, results)
+    write_outputs(ctx, results, per_image.arrays)
+    return results
+
+
+def baseline_models(ctx: RunContext, table: LatencyTable) -> dict[str, Evaluated]:
+    """The MobileNetV2 path and the other standalone baselines, evaluated."""
+    baseline = build_mbv2_baseline(ctx.space)
+    load_stage(ctx, "baseline", {"network": baseline})
+    models = {"mbv2-path": evaluate_static(ctx, baseline, table, "mbv2", width=1.0)}
+    for name, net in trained_references(ctx).items():
+        kind = "min-net" if name == "min-net" else "mbv2"
+        width = None if kind == "min-net" else net.space.width / ctx.space.width
+        models[name] = evaluate_static(ctx, net, table, kind, width)
+    return models
+
+
+def run_summary(ctx: RunContext, results: dict) -> dict:
+    """The evaluation's results with what the run was: preset, data, seed and budgets."""
+    results = {"preset": ctx.config.preset, "dataset": ctx.config.data.dataset,
+               "seed": ctx.config.seed, "classes": list(ctx.data.classes), **results,
+               "epochs": {"pretrain": ctx.config.pretrain.epochs,
+                          "search": ctx.config.search.epochs,
+                          "finetune": ctx.config.finetune.epochs,
+                          "baseline": ctx.config.baseline_epochs()}}
+    candidates = ctx.run_dir / "variants" / "candidates.json"
+    if candidates.exists():
+        results["variants"] = json.loads(candidates.read_text())
+    return results
+
+
+def write_outputs(ctx: RunContext, results: dict, arrays: dict[str, np.ndarray]) -> None:
+    policies = arrays["policies"]
+    buffer = io.BytesIO()
+    np.save(buffer, policies.reshape(len(policies), -1), allow_pickle=False)
+    atomic_write_bytes(ctx.run_dir / "test_policies.npy", buffer.getvalue())
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(ctx.run_dir / "test_per_image.npz", buffer.getvalue())
+    write_json(ctx.run_dir / "results.json", results)
+    write_results_markdown(results, ctx.run_dir / "results.md")
+
+
+def trained_variants(ctx: RunContext) -> dict[str, Path]:
+    """Variant letter -> fine-tuned checkpoint, for the variants the run has finished."""
+    if not stage_path(ctx, "variants").exists():
+        return {}
+    summary = json.loads(stage_path(ctx, "variants").read_text())
+    return {letter: ctx.run_dir / v["model"] for letter, v in summary.items()}
+
+
+def trained_references(ctx: RunContext) -> dict[str, ChildNetwork]:
+    """The extra standalone baselines the run has trained, loaded."""
+    networks = {}
+    for name, net in reference_networks(ctx).items():
+        path = reference_path(ctx, name)
+        if path.exists():
+            load_checkpoint(path, {"network": net}, expect=run_identity(ctx))
+            networks[name] = net
+    return networks
+
+
+def static_child_network(ctx: RunContext) -> ChildNetwork:
+    """The fine-tuned static child as a standalone network, read from the run."""
+    metagraph = MetaGraph(ctx.space)
+    meta = load_stage(ctx, "static-child", {"metagraph": metagraph})
+    child = ChildArchitecture(tuple(tuple(m) for m in meta["child"]), ctx.space.num_modules)
+    return metagraph.materialize(child)

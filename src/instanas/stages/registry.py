@@ -1,0 +1,89 @@
+"""Every stage of a run, in the order `instanas run` takes them: one declaration each.
+
+A stage's behaviour lives in its own module, ``instanas.stages.<name with _ for ->``, as a
+function ``run(ctx)``; this table holds the facts that the pipeline, the command line, resume
+and the run summary read. Adding a stage means one new module and one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Callable
+
+from ..config import Config, ConfigError
+
+
+def _always(config: Config) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its command, what marks it done, what it needs, and how it is budgeted."""
+
+    name: str
+    help: str
+    output: str  # file in the run directory whose existence marks the stage as done
+    needs: tuple[str, ...] = ()  # stages whose outputs it reads
+    enabled: Callable[[Config], bool] = _always  # False: `instanas run` skips it
+    resumable: bool = True  # trains epoch by epoch; `--resume` continues it
+    budget: str | None = None  # config section whose epochs/steps/batch size it trains with
+    accuracy_field: str | None = None  # metrics.jsonl field that shows it still learning
+    refresh: bool = False  # `run --resume` redoes it whenever an earlier stage ran
+
+    @property
+    def module(self) -> str:
+        return f"{__package__}.{self.name.replace('-', '_')}"
+
+    def run(self, ctx) -> object:
+        return import_module(self.module).run(ctx)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("baseline", "train the MobileNetV2-path baseline standalone",
+          "baseline/mbv2.safetensors", budget="baseline", accuracy_field="train_accuracy"),
+    Stage("pretrain", "stage 1: one-shot pretraining of the meta-graph",
+          "pretrain/metagraph.safetensors", budget="pretrain"),
+    Stage("search", "stage 2: alternate controller and meta-graph epochs (needs pretrain)",
+          "search/selected.safetensors", needs=("pretrain",), budget="search",
+          accuracy_field="metagraph_train_accuracy"),
+    Stage("finetune", "stage 3: fine-tune under the frozen controller (needs search)",
+          "finetune/model.safetensors", needs=("search",), budget="finetune",
+          accuracy_field="train_accuracy"),
+    Stage("random-policy", "fine-tune the searched meta-graph on random policies of the "
+          "controller's mean latency (needs search)", "random-policy/model.safetensors",
+          needs=("search",), enabled=lambda c: c.baseline.random_policy, budget="finetune",
+          accuracy_field="train_accuracy"),
+    Stage("static-child", "fine-tune the searched meta-graph on the one child of the "
+          "controller's closest to and not below the main model's measured latency (needs "
+          "search)", "static-child/model.safetensors", needs=("search",),
+          enabled=lambda c: c.baseline.static_child, budget="finetune",
+          accuracy_field="train_accuracy"),
+    Stage("variants", "pick variants A..E on the validation Pareto front of the search "
+          "checkpoints and fine-tune each (needs search)", "variants/variants.json",
+          needs=("search",), enabled=lambda c: c.variants.count > 0),
+    Stage("baselines", "train the other baselines standalone: MobileNetV2 path at "
+          "baseline.widths, minimum network", "baseline/references.json",
+          enabled=lambda c: bool(c.mbv2_widths()) or c.baseline.min_net),
+    Stage("evaluate", "test accuracy and measured batch-1 latency of every trained model "
+          "(needs finetune and baseline)", "results.json", needs=("finetune", "baseline"),
+          resumable=False, refresh=True),
+)
+_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_BY_NAME)
+
+
+def get(name: str) -> Stage:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ConfigError(f"unknown stage {name!r}: use one of {', '.join(_BY_NAME)}") from None
+
+
+def training_stages() -> tuple[Stage, ...]:
+    """The stages that train and checkpoint epoch by epoch (every one but evaluation)."""
+    return tuple(stage for stage in STAGES if stage.resumable)
