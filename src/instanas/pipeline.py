@@ -14,7 +14,7 @@ import torch
 
 from .budgets import describe, resolve_budgets
 from .config import Config, ConfigError, load_config_file, to_yaml
-from .data import default_augmentation, load_dataset
+from .data import DataBundle, default_augmentation, load_dataset
 from .deploy.inference import InstaNASPredictor
 from .latency.table import LatencyTable, random_children
 from .latency.validation import (
@@ -82,20 +82,8 @@ def open_run(config: Config, run_dir: Path, *, resume: bool = False,
         raise ConfigError(f"latency.table {table} is a folder: give a JSON file, e.g. "
                           f"--latency.table {Path(table) / 'latency_table.json'}")
     set_seed(config.seed)
-    # The thread count fixes the order of floating-point sums: saved, a resumed or repeated run
-    # adds in the same order (docs/reproducibility.md).
-    config.threads = config.threads or torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device is cuda but no CUDA GPU is visible: use --device cpu")
-    d = config.data
-    data = load_dataset(d.dataset, d.root, val_fraction=d.val_fraction, seed=config.seed,
-                        image_size=d.image_size, limit_train=d.limit_train,
-                        limit_test=d.limit_test)
-    for key, value in default_augmentation(data).items():  # config.yaml shows what runs
-        if getattr(d, key) is None:
-            setattr(d, key, value)
+    device = _set_up_device(config)
+    data = _load_data(config)
     resolve_budgets(config, len(data.train), pinned)
     space = config.search_space(data.channels, data.image_size, data.num_classes)
     if space.final_size < 2:
@@ -110,6 +98,30 @@ def open_run(config: Config, run_dir: Path, *, resume: bool = False,
     log.info("run directory %s; %d train / %d val / %d test images; space %s",
              run_dir, len(data.train), len(data.val), len(data.test), space.fingerprint())
     return ctx
+
+
+def _set_up_device(config: Config) -> torch.device:
+    # The thread count fixes the order of floating-point sums: saved, a resumed or repeated run
+    # adds in the same order (docs/reproducibility.md).
+    config.threads = config.threads or torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is cuda but no CUDA GPU is visible: use --device cpu")
+    return device
+
+
+def _load_data(config: Config) -> DataBundle:
+    """The run's data; unset augmentation options take the data set's defaults, so config.yaml
+    shows what runs."""
+    d = config.data
+    data = load_dataset(d.dataset, d.root, val_fraction=d.val_fraction, seed=config.seed,
+                        image_size=d.image_size, limit_train=d.limit_train,
+                        limit_test=d.limit_test)
+    for key, value in default_augmentation(data).items():
+        if getattr(d, key) is None:
+            setattr(d, key, value)
+    return data
 
 
 def verify_inputs(ctx: RunContext, command: str | None) -> None:

@@ -4,7 +4,7 @@ Both see the same normalised test images. Routing (the child each image is sent 
 any fallback) must be identical for every image and predictions identical for at least
 ``PREDICTION_AGREEMENT`` of them; the largest logit difference is reported. Batch-1 latency of
 the exported runtime and the eager deployed path is measured side by side in one process,
-image by image in shuffled order (``evaluate.measure_per_image``), so drift hits both alike.
+image by image in shuffled order (``latency.side_by_side``), so drift hits both alike.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..latency.side_by_side import measure_per_image
 from ..search.space import ChildArchitecture
 from .inference import InstaNASModel
 from .runtime import ExportedModel
@@ -50,7 +51,6 @@ def exported_pass(model: ExportedModel, inputs: torch.Tensor
 def batch_one_latency(eager: InstaNASModel, exported: ExportedModel, inputs: torch.Tensor,
                       threads: int) -> dict:
     """Per-image batch-1 latency (ms) of both paths, interleaved in one loop."""
-    from ..evaluation import measure_per_image
 
     paths = {"eager": eager.predictor.logits_one,
              "exported": lambda x: exported.logits_one(x.numpy())}

@@ -190,6 +190,15 @@ def _in_child(shape: ConvShape, raw: bool, threads: int) -> str | None:
     return f"exit code {os.WEXITSTATUS(status)}" if os.WEXITSTATUS(status) else None
 
 
+_SWITCHES = {
+    "--sweep": "a grid of kernels, strides, groups and tiny maps instead of presets",
+    "--raw-pattern": "only the plain nn.Conv2d pattern known to abort on AVX2-only CPUs",
+    "--raw": "plain nn.Conv2d layers instead of the package's (what the package would run "
+             "without its safe forms)",
+    "--isolate": "run each shape in a forked process and list every one that dies",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m instanas.nn.kernel_check",
@@ -198,15 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="preset to check (repeatable; default: every shipped preset)")
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="a run's config YAML to check (repeatable)")
-    parser.add_argument("--sweep", action="store_true",
-                        help="a grid of kernels, strides, groups and tiny maps instead of presets")
-    parser.add_argument("--raw-pattern", action="store_true",
-                        help="only the plain nn.Conv2d pattern known to abort on AVX2-only CPUs")
-    parser.add_argument("--raw", action="store_true",
-                        help="plain nn.Conv2d layers instead of the package's (what the package "
-                             "would run without its safe forms)")
-    parser.add_argument("--isolate", action="store_true",
-                        help="run each shape in a forked process and list every one that dies")
+    for flag, text in _SWITCHES.items():
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1 if args.isolate else args.threads)

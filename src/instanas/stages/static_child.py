@@ -17,7 +17,7 @@ import logging
 import torch
 
 from ..deploy.inference import InstaNASPredictor
-from ..evaluation import measure_per_image
+from ..latency.side_by_side import measure_per_image
 from ..latency.table import LatencyTable
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
