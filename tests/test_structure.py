@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, and no training stage importing another stage.
+"""The package's structure: no import cycles, no stage importing another stage, every stage in
+the registry and one module, and short functions.
 
 The graph is read from the source with ``ast`` (nothing is imported), counting every ``import``
 and ``from ... import`` wherever it sits: at module level, inside functions (lazy imports) and
@@ -129,3 +130,15 @@ def test_every_registered_stage_is_one_module_with_a_run_function():
         tree = ast.parse(modules()[name].read_text())
         assert not any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body), \
             f"{name} defines run() but is not in stages/registry.py"
+
+
+def test_no_function_in_the_package_is_longer_than_40_lines():
+    """Short functions: a longer one is a sign that it does two things."""
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 40:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, "; ".join(long)
