@@ -8,6 +8,7 @@ import torch
 
 from instanas.config import load_preset
 from instanas.models.controller import policy_entropy
+from instanas.search.policy import mix_random_children
 from instanas.search.reward import (
     LOG_PROB_FLOOR,
     DualWeight,
@@ -17,7 +18,6 @@ from instanas.search.reward import (
     prediction_score,
 )
 from instanas.search.space import routing_summary
-from instanas.stages.search import mix_random_children
 from instanas.stages.static_child import closest_not_below, used_children
 
 BOUNDS = LatencyBounds(all_modules=100.0, mbv2=20.0, minimum=4.0)
@@ -122,7 +122,7 @@ def test_full_preset_extends_the_main_job():
 
 
 def test_usage_penalty_only_for_modules_that_cannot_route():
-    from instanas.stages.search import usage_penalty
+    from instanas.search.reward import usage_penalty
 
     mixed = torch.linspace(0.05, 0.95, 20).view(20, 1, 1).expand(20, 2, 3)
     assert usage_penalty(mixed, 0.1).item() == 0.0

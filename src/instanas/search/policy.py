@@ -117,3 +117,17 @@ def shuffled_routing_accuracy(ctx: RunContext, metagraph: MetaGraph, policies: t
     each image to its own child is worth."""
     order = torch.randperm(len(policies), generator=torch.Generator().manual_seed(seed))
     return accuracy_under(ctx, metagraph, policies[order], data)
+
+
+def mix_random_children(policy: torch.Tensor, share: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """The first ``share`` of the rows get random children, each row its own rate in [0, 1]:
+    small and large children alike keep being trained, not only the controller's favourites."""
+    rows = round(share * len(policy))
+    if rows == 0:
+        return policy
+    rates = torch.rand((rows, 1, 1), generator=generator)
+    draw = torch.rand((rows, *policy.shape[1:]), generator=generator) < rates
+    policy = policy.clone()
+    policy[:rows] = draw.to(policy.device)
+    return policy

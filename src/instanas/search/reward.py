@@ -109,3 +109,47 @@ class DualWeight:
         overshoot = min(max(mean_latency / target - 1.0, -1.0), 1.0)
         self.value = max(0.0, self.value + step * overshoot)
         return self.value
+
+
+class RewardFunction:
+    """Per-image reward of ``controller.reward`` at search progress p in [0, 1]."""
+
+    def __init__(self, ccfg, bounds: LatencyBounds, dual: DualWeight) -> None:
+        self.ccfg, self.bounds, self.dual = ccfg, bounds, dual
+        self.window = window_bounds(bounds, 0.0, ccfg.window)
+        self.target = budget_target(bounds, 0.0, ccfg.budget, ccfg.budget_warmup)
+
+    def __call__(self, correct: torch.Tensor, log_prob: torch.Tensor, latency: torch.Tensor,
+                 progress: float) -> torch.Tensor:
+        c = self.ccfg
+        if c.reward == "budget":
+            self.target = budget_target(self.bounds, progress, c.budget, c.budget_warmup)
+            score = prediction_score(correct, log_prob, c.signal, c.pos_w, c.neg_w)
+            return budget_reward(score, latency, self.dual.value, self.bounds.mbv2, c.pos_w)
+        # The window advances per step so short searches still sweep the whole schedule.
+        self.window = window_bounds(self.bounds, progress, c.window)
+        return instance_reward(correct, latency, *self.window, c.pos_w, c.neg_w)
+
+    def update(self, greedy_latency: torch.Tensor) -> None:
+        """After a step: move the latency weight towards the budget (budget reward only)."""
+        if self.ccfg.reward == "budget":
+            self.dual.update(float(greedy_latency.mean()), self.target, self.ccfg.dual_lr)
+
+    def describe(self) -> dict:
+        if self.ccfg.reward == "budget":
+            return {"latency_weight": self.dual.value, "budget_cells_ms": self.target}
+        return {"window_lower_ms": self.window[0], "window_upper_ms": self.window[1]}
+
+
+def usage_penalty(probs: torch.Tensor, floor: float) -> torch.Tensor:
+    """Keeps every module's greedy choice from being the same for the whole batch.
+
+    The greedy policy runs a module where its logit is >= 0. Per module, the logit below
+    which ``floor`` of the batch lies should be negative and the one above which ``floor``
+    lies positive; the penalty is how far they are on the wrong side, summed over modules.
+    A module every image runs (or none does) makes the same choice for all: it cannot route.
+    """
+    logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
+    low, high = torch.quantile(logits.flatten(1), torch.tensor([floor, 1.0 - floor],
+                                                               device=logits.device), dim=0)
+    return (torch.relu(low) + torch.relu(-high)).sum()

@@ -18,16 +18,14 @@ from ..models.controller import (
 )
 from ..models.metagraph import MetaGraph
 from ..report.diagnostics import near_chance
-from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of
-from ..search.reward import (
-    DualWeight,
-    LatencyBounds,
-    budget_reward,
-    budget_target,
-    instance_reward,
-    prediction_score,
-    window_bounds,
+from ..search.policy import (
+    PolicyFn,
+    calibrate,
+    evaluate_policies,
+    greedy_of,
+    mix_random_children,
 )
+from ..search.reward import DualWeight, RewardFunction, budget_target, usage_penalty
 from ..training import (
     RunContext,
     TrainingError,
@@ -119,20 +117,6 @@ class ControllerStep:
                             correct[size:].float().sum(), correct[:size].float().sum()])
 
 
-def usage_penalty(probs: torch.Tensor, floor: float) -> torch.Tensor:
-    """Keeps every module's greedy choice from being the same for the whole batch.
-
-    The greedy policy runs a module where its logit is >= 0. Per module, the logit below
-    which ``floor`` of the batch lies should be negative and the one above which ``floor``
-    lies positive; the penalty is how far they are on the wrong side, summed over modules.
-    A module every image runs (or none does) makes the same choice for all: it cannot route.
-    """
-    logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
-    low, high = torch.quantile(logits.flatten(1), torch.tensor([floor, 1.0 - floor],
-                                                               device=logits.device), dim=0)
-    return (torch.relu(low) + torch.relu(-high)).sum()
-
-
 def sampled_of(controller: Controller, alpha: float, generator: torch.Generator) -> PolicyFn:
     """The controller's sampled (bounded) policies, as a policy function."""
     return lambda images: sample_policy(bound_probabilities(controller(images), alpha), generator)
@@ -155,36 +139,6 @@ def score_children(metagraph: MetaGraph, images: torch.Tensor, labels: torch.Ten
     log_prob = torch.log_softmax(logits.float(), 1).gather(1, targets[:, None]).squeeze(1)
     return (logits.argmax(1) == targets, log_prob,
             (both.float() * module_ms).flatten(1).sum(1))
-
-
-class RewardFunction:
-    """Per-image reward of ``controller.reward`` at search progress p in [0, 1]."""
-
-    def __init__(self, ccfg, bounds: LatencyBounds, dual: DualWeight) -> None:
-        self.ccfg, self.bounds, self.dual = ccfg, bounds, dual
-        self.window = window_bounds(bounds, 0.0, ccfg.window)
-        self.target = budget_target(bounds, 0.0, ccfg.budget, ccfg.budget_warmup)
-
-    def __call__(self, correct: torch.Tensor, log_prob: torch.Tensor, latency: torch.Tensor,
-                 progress: float) -> torch.Tensor:
-        c = self.ccfg
-        if c.reward == "budget":
-            self.target = budget_target(self.bounds, progress, c.budget, c.budget_warmup)
-            score = prediction_score(correct, log_prob, c.signal, c.pos_w, c.neg_w)
-            return budget_reward(score, latency, self.dual.value, self.bounds.mbv2, c.pos_w)
-        # The window advances per step so short searches still sweep the whole schedule.
-        self.window = window_bounds(self.bounds, progress, c.window)
-        return instance_reward(correct, latency, *self.window, c.pos_w, c.neg_w)
-
-    def update(self, greedy_latency: torch.Tensor) -> None:
-        """After a step: move the latency weight towards the budget (budget reward only)."""
-        if self.ccfg.reward == "budget":
-            self.dual.update(float(greedy_latency.mean()), self.target, self.ccfg.dual_lr)
-
-    def describe(self) -> dict:
-        if self.ccfg.reward == "budget":
-            return {"latency_weight": self.dual.value, "budget_cells_ms": self.target}
-        return {"window_lower_ms": self.window[0], "window_upper_ms": self.window[1]}
 
 
 def snapshot_steps(steps: int, parts: int) -> dict[int, int]:
@@ -217,20 +171,6 @@ def metagraph_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controlle
                              lr_option="search.metagraph_lr")
     return {"metagraph_loss": stats.loss, "metagraph_train_accuracy": stats.accuracy,
             "metagraph_seconds": stats.seconds}
-
-
-def mix_random_children(policy: torch.Tensor, share: float,
-                        generator: torch.Generator) -> torch.Tensor:
-    """The first ``share`` of the rows get random children, each row its own rate in [0, 1]:
-    small and large children alike keep being trained, not only the controller's favourites."""
-    rows = round(share * len(policy))
-    if rows == 0:
-        return policy
-    rates = torch.rand((rows, 1, 1), generator=generator)
-    draw = torch.rand((rows, *policy.shape[1:]), generator=generator) < rates
-    policy = policy.clone()
-    policy[:rows] = draw.to(policy.device)
-    return policy
 
 
 def select_epoch(history: list[dict], tolerance: float,
