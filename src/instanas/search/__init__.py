@@ -1,0 +1,2 @@
+"""The search space as data, policies (which modules each image runs) and the search's
+rewards."""
