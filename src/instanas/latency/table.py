@@ -6,8 +6,8 @@ units, so background load on a noisy machine spreads evenly over the table inste
 whichever module happened to be timed at a bad moment.
 
 Whole children are timed end to end here too (``measure_children``): the table's chain factor
-is calibrated on them, the variants' latency is measured with them, and ``latency_check``
-compares them with the table's predictions.
+is calibrated on them, the variants' latency is measured with them, and
+:mod:`instanas.latency.validation` compares them with the table's predictions.
 """
 
 from __future__ import annotations
@@ -125,10 +125,11 @@ class LatencyTable:
     """Per-unit batch-1 timings; predictions are ``chain_factor`` times their additive sum.
 
     Units timed one by one, each on its own hot input, run faster than the same units chained
-    into a network (measured on the 2-core dev machine: whole children took about 12 % longer
-    than their table sum, proportionally over the whole range). ``chain_factor`` is the median
-    ratio measured/sum over random calibration children timed end to end right after the
-    units; ``instanas profile --validate`` checks it on other children.
+    into a network: whole children take longer than their table sum, by a share that depends on
+    the machine and is about the same over the whole range. ``chain_factor`` is the median ratio
+    measured/sum over random calibration children timed end to end right after the units;
+    ``instanas profile --validate`` checks it on other children (docs/benchmarks.md, "Latency
+    table check").
     """
 
     key: dict

@@ -8,8 +8,8 @@ them back, each with a single full-batch buffer in either direction.
 
 Every tensor keeps the batch's memory layout (channels-last included), forwards and backwards:
 ``index_select`` and ``index_add`` return NCHW even for channels-last input, and oneDNN then
-converts layouts around every convolution and picks slower kernels (measured: a depthwise
-backward took 3x longer with an NCHW gradient).
+converts layouts around every convolution and picks slower kernels (a depthwise backward with an
+NCHW gradient among them). bench/train_step.py times the sparse training step these serve.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def memory_layout(x: torch.Tensor) -> torch.memory_format:
 def _flat(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
     """A [rows, features] view of ``x``, which must be contiguous in ``layout``.
 
-    Row gathers and index-adds on this 2-D view run 3-7x faster than on the 4-D tensor
-    (measured on channels-last batches of 2x2 to 14x14 maps).
+    Row gathers and index-adds on this 2-D view are much cheaper than on the 4-D tensor
+    (channels-last batches of 2x2 to 14x14 maps); bench/train_step.py times the sparse step.
     """
     if layout == torch.channels_last:
         return x.permute(0, 2, 3, 1).view(x.shape[0], -1)

@@ -2,7 +2,7 @@
 
 Every plot is drawn on a bare `matplotlib.figure.Figure` with the Agg canvas, so making a
 report never changes the pyplot backend or state of a caller. Matplotlib is imported only
-when a plot is drawn: the pipeline imports this module (through report.py) without it.
+when a plot is drawn: the pipeline imports this module (through report/document.py) without it.
 """
 
 from __future__ import annotations
