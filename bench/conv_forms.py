@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from instanas import smallconv
+from instanas.nn import smallconv
 
 
 def _time(conv: nn.Conv2d, side: int, forward, batches: list[int]) -> float:

@@ -31,10 +31,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from instanas import smallconv
 from instanas.config import load_preset
 from instanas.latency.table import processor_name
 from instanas.models.metagraph import MetaGraph
+from instanas.nn import smallconv
 from instanas.nn.smallconv import disabled
 from instanas.training import sgd
 

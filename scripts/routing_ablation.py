@@ -22,18 +22,19 @@ import time
 from pathlib import Path
 
 from instanas.config import apply_overrides, load_config_file
-from instanas.pipeline import latency_table, open_run, run_stage
+from instanas.pipeline import open_run, run_stage
 from instanas.search.policy import evaluate_policies, greedy_of, shuffled_routing_accuracy
-from instanas.stages.common import STAGE_FILES, load_stage, new_models
+from instanas.stages import registry
+from instanas.stages.common import latency_table, load_stage, new_models
 from instanas.stages.search import final_budget, select_epoch
 from instanas.utils import append_jsonl
 
 
 def prepare(base: Path, target: Path) -> None:
-    if (target / STAGE_FILES["search"]).exists():
+    if (target / registry.get("search").output).exists():
         raise SystemExit(f"{target} already has a search: choose a new name")
-    (target / STAGE_FILES["pretrain"]).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(base / STAGE_FILES["pretrain"], target / STAGE_FILES["pretrain"])
+    (target / registry.get("pretrain").output).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(base / registry.get("pretrain").output, target / registry.get("pretrain").output)
     if (base / "latency_table.json").exists():
         shutil.copy(base / "latency_table.json", target / "latency_table.json")
 
@@ -81,7 +82,7 @@ def rescore(out: Path, name: str) -> dict:
     selected = json.loads((target / "search" / "selected.json").read_text())
     history, before = selected["history"], selected["chosen"]["checkpoint"]
     chosen = select_epoch(history, ctx.config.search.select_tolerance, final_budget(ctx, table))
-    shutil.copy(target / chosen["checkpoint"], target / STAGE_FILES["search"])
+    shutil.copy(target / chosen["checkpoint"], target / registry.get("search").output)
     lines = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
     for record in lines:
         if record["name"] == name:

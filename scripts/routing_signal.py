@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from instanas.config import load_config_file
-from instanas.pipeline import latency_table, open_run
+from instanas.pipeline import open_run
 from instanas.search.policy import calibrate
-from instanas.stages.common import load_stage, new_models, stage_path
+from instanas.stages.common import latency_table, load_stage, new_models, stage_path
 
 
 def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
