@@ -132,3 +132,38 @@ def test_usage_penalty_only_for_modules_that_cannot_route():
     probs = always.clone().requires_grad_(True)
     usage_penalty(probs, 0.1).backward()
     assert (probs.grad > 0).any()  # descending lowers some images' probabilities
+
+
+def test_best_children_takes_each_images_highest_reward():
+    from instanas.stages.search import best_children
+
+    policies = torch.arange(6 * 4).view(6, 2, 2)  # 3 candidate sets for 2 images
+    reward = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 0.4])  # image 0: set 1; image 1: set 0
+    best = best_children(policies, reward, 2)
+    assert torch.equal(best[0], policies[2]) and torch.equal(best[1], policies[1])
+
+
+def test_imitation_objective_trains_the_controller(tmp_path, monkeypatch):
+    from tiny_runs import make_folder_dataset, tiny_config
+
+    from instanas.config import load_config_file
+    from instanas.pipeline import open_run
+    from instanas.search.reward import DualWeight
+    from instanas.stages.common import latency_table, new_models
+    from instanas.stages.search import controller_epoch
+
+    monkeypatch.setenv("INSTANAS_CACHE", str(tmp_path / "cache"))
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(tiny_config(
+        make_folder_dataset(tmp_path / "data"),
+        controller="{input_size: 8, widths: [4, 8], objective: imitate, candidates: 3, "
+                   "reward: budget, signal: log_prob}"))
+    ctx = open_run(load_config_file(config_path), tmp_path / "run")
+    metagraph, controller = new_models(ctx)
+    before = [p.detach().clone() for p in controller.parameters()]
+    optimizer = torch.optim.Adam(controller.parameters(), lr=1e-2)
+    record = controller_epoch(ctx, metagraph, controller, optimizer, latency_table(ctx), 0,
+                              DualWeight())
+    assert any(not torch.equal(a, b) for a, b in zip(before, controller.parameters()))
+    assert 0.0 <= record["sampled_train_accuracy"] <= 1.0
+    assert record["greedy_cells_ms"] > 0 and record["latency_weight"] >= 0.0

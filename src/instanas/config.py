@@ -114,6 +114,12 @@ class ControllerConfig:
     entropy: str = _f("paper", "entropy bonus: paper (sum of -p log p) | bernoulli (the full "
                                "entropy of each module's choice, largest at p = 0.5)",
                       choices=("paper", "bernoulli"))
+    objective: str = _f("reinforce", "how the controller learns: reinforce (policy gradient on "
+                                     "the reward against the greedy child's) | imitate (each "
+                                     "image's best of controller.candidates sampled children "
+                                     "under the same reward is its target; binary "
+                                     "cross-entropy)", choices=("reinforce", "imitate"))
+    candidates: int = _f(4, "imitate: children sampled and scored per image", gt=0)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..latency.table import LatencyTable
 from ..models.controller import (
@@ -93,6 +94,8 @@ class ControllerStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  progress: float) -> torch.Tensor:
+        if self.ctx.config.controller.objective == "imitate":
+            return self.imitate(images, labels, progress)
         ccfg = self.ctx.config.controller
         probs = self.controller(images)
         bounded = bound_probabilities(probs, ccfg.alpha)
@@ -106,6 +109,35 @@ class ControllerStep:
             advantage = reward[:size] - reward[size:]
         loss = (-(policy_log_prob(bounded, sampled) * advantage).sum()
                 - ccfg.beta * policy_entropy(bounded, ccfg.entropy).sum()) / size
+        return self.update(loss, probs, correct, latency, reward, size)
+
+    def imitate(self, images: torch.Tensor, labels: torch.Tensor,
+                progress: float) -> torch.Tensor:
+        """Each image's best of ``controller.candidates`` sampled children (and the greedy one)
+        under the reward becomes its target policy; the loss is the binary cross-entropy of
+        the controller's probabilities against it."""
+        ccfg = self.ctx.config.controller
+        logits = self.controller.policy_logits(images)
+        probs = torch.sigmoid(logits)
+        size = len(labels)
+        with torch.no_grad():
+            bounded = bound_probabilities(probs, ccfg.alpha)
+            policies = torch.cat([*(sample_policy(bounded, self.generator)
+                                    for _ in range(ccfg.candidates)), greedy_policy(probs)])
+            correct, log_prob, latency = score_children(
+                self.metagraph, images, labels, policies, self.module_ms,
+                self.ctx.config.search.controller_norm)
+            reward = self.reward_of(correct, log_prob, latency, progress)
+            target = best_children(policies, reward, size).float()
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / size
+        # The statistics below describe the first sample and the greedy child.
+        first = torch.cat([torch.arange(size), torch.arange(len(policies) - size, len(policies))])
+        return self.update(loss, probs, correct[first], latency[first], reward[first], size)
+
+    def update(self, loss: torch.Tensor, probs: torch.Tensor, correct: torch.Tensor,
+               latency: torch.Tensor, reward: torch.Tensor, size: int) -> torch.Tensor:
+        """Optimiser step and the budget's dual step; the batch's sums for the epoch record."""
+        ccfg = self.ctx.config.controller
         if ccfg.usage_floor > 0:
             loss = loss + ccfg.pos_w * usage_penalty(probs, ccfg.usage_floor)
         check_finite(loss, "controller", "controller.lr")
@@ -117,6 +149,13 @@ class ControllerStep:
                             correct[size:].float().sum(), correct[:size].float().sum()])
 
 
+def best_children(policies: torch.Tensor, reward: torch.Tensor, size: int) -> torch.Tensor:
+    """Per image, the candidate policy with the highest reward; ``policies`` [K*size, ...] and
+    ``reward`` [K*size] stack K candidate sets for the same ``size`` images."""
+    best = reward.view(-1, size).argmax(0)
+    return policies.view(-1, size, *policies.shape[1:])[best, torch.arange(size)]
+
+
 def sampled_of(controller: Controller, alpha: float, generator: torch.Generator) -> PolicyFn:
     """The controller's sampled (bounded) policies, as a policy function."""
     return lambda images: sample_policy(bound_probabilities(controller(images), alpha), generator)
@@ -125,20 +164,22 @@ def sampled_of(controller: Controller, alpha: float, generator: torch.Generator)
 def score_children(metagraph: MetaGraph, images: torch.Tensor, labels: torch.Tensor,
                    policies: torch.Tensor, module_ms: torch.Tensor, norm: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Correctness, log-likelihood of the label and table cell latency of ``policies`` =
-    [sampled; greedy] for ``images``."""
-    both = metagraph.resolve(policies)
+    """Correctness, log-likelihood of the label and table cell latency of ``policies``: one or
+    more sets of children for ``images``, stacked ([sampled; greedy], or K samples and greedy)."""
+    resolved = metagraph.resolve(policies)
     size = len(labels)
-    if norm == "running":  # rows are independent: one forward for both halves
-        logits = metagraph(torch.cat([images, images]), both)
+    sets = len(policies) // size
+    if norm == "running":  # rows are independent: one forward for every set
+        logits = metagraph(torch.cat([images] * sets), resolved)
     else:
         with batch_statistics(metagraph):
-            # Two forwards, so each set of children is normalised with its own statistics.
-            logits = torch.cat([metagraph(images, both[:size]), metagraph(images, both[size:])])
-    targets = torch.cat([labels, labels])
+            # One forward per set, so each set of children is normalised with its own statistics.
+            logits = torch.cat([metagraph(images, resolved[i * size:(i + 1) * size])
+                                for i in range(sets)])
+    targets = torch.cat([labels] * sets)
     log_prob = torch.log_softmax(logits.float(), 1).gather(1, targets[:, None]).squeeze(1)
     return (logits.argmax(1) == targets, log_prob,
-            (both.float() * module_ms).flatten(1).sum(1))
+            (resolved.float() * module_ms).flatten(1).sum(1))
 
 
 def snapshot_steps(steps: int, parts: int) -> dict[int, int]:
