@@ -208,7 +208,9 @@ def evaluate(ctx: RunContext, models: dict[str, Evaluated], table: LatencyTable,
                "latency_table": {"stem_ms": table.unit_ms("stem"),
                                  "head_ms": table.unit_ms("head"),
                                  "controller_ms": table.unit_ms("controller"),
-                                 "chain_factor": table.chain_factor},
+                                 "chain_factor": table.chain_factor,
+                                 "profiled_on": {k: table.key.get(k)
+                                                 for k in ("device", "threads", "torch")}},
                "test_images": len(ctx.data.test), "timed_images": len(timed),
                "reproducibility": reproducibility(ctx)}
     return results, per_image_arrays(ctx, models, table, samples, expected_ms)

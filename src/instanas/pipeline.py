@@ -29,6 +29,7 @@ from .report.diagnostics import undertrained
 from .report.document import write_report, write_results_markdown
 from .stages import registry
 from .stages.common import (
+    given_table,
     latency_table,
     load_stage,
     new_models,
@@ -81,6 +82,10 @@ def open_run(config: Config, run_dir: Path, *, resume: bool = False,
     if table and Path(table).is_dir():
         raise ConfigError(f"latency.table {table} is a folder: give a JSON file, e.g. "
                           f"--latency.table {Path(table) / 'latency_table.json'}")
+    if table and not Path(table).exists():
+        raise ConfigError(f"latency.table {table} does not exist: write one with `instanas "
+                          "profile --output DIR` on the target device and pass "
+                          "DIR/latency_table.json")
     set_seed(config.seed)
     device = _set_up_device(config)
     data = _load_data(config)
@@ -128,6 +133,8 @@ def verify_inputs(ctx: RunContext, command: str | None) -> None:
     """Fail early on a corrupt or foreign checkpoint that ``command`` would read later."""
     if command is None:
         return
+    if ctx.config.latency.table:
+        given_table(ctx, Path(ctx.config.latency.table))
     training = [stage.name for stage in registry.training_stages()]
     if command == "run":
         stages = training

@@ -3,6 +3,7 @@ the run directory and how it is read back, and the run's latency table."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ..checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from ..config import ConfigError
 from ..latency.table import (
     LatencyTable,
     default_cache_path,
@@ -29,6 +31,8 @@ from ..models.metagraph import MetaGraph
 from ..training import RunContext, run_identity
 from ..utils import atomic_copy
 from . import registry
+
+log = logging.getLogger("instanas")
 
 
 def new_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:
@@ -102,17 +106,23 @@ def search_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
-    """The run's table: reused from the run directory or the per-device cache when it fits.
+    """The run's table: the one given with ``latency.table`` as it is, else reused from the run
+    directory or the per-device cache when it fits this setup.
 
-    ``fresh`` measures anew even when a matching table exists (and replaces it).
+    ``fresh`` measures anew even when a matching table exists (and replaces it); a given table
+    is never measured again nor overwritten.
     """
     cfg = ctx.config.latency
+    local = ctx.run_dir / "latency_table.json"
+    if cfg.table:
+        table = given_table(ctx, Path(cfg.table))
+        if Path(cfg.table).resolve() != local.resolve():
+            atomic_copy(Path(cfg.table), local)
+        return table
     metagraph, controller = new_models(ctx)
     cpu = torch.device("cpu")
-    path = Path(cfg.table) if cfg.table else default_cache_path(
-        table_key(metagraph, controller, cpu, cfg.threads))
-    local = ctx.run_dir / "latency_table.json"
-    if local.exists() and not cfg.table:
+    path = default_cache_path(table_key(metagraph, controller, cpu, cfg.threads))
+    if local.exists():
         path = local
     options = {"threads": cfg.threads, "warmup": cfg.warmup, "repeats": cfg.repeats,
                "seed": ctx.config.seed, "calibration_children": cfg.calibration_children}
@@ -121,4 +131,30 @@ def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
     table = load_or_profile(path, metagraph, controller, cpu, **options)
     if path.resolve() != local.resolve():
         atomic_copy(path, local)
+    return table
+
+
+# What a given table must share with the run. The device, torch version and thread count may
+# differ: that is the point of profiling on the deployment device (docs/deploy.md).
+_MODEL_KEYS = ("input_shape", "space", "controller", "dtype", "format")
+
+
+def given_table(ctx: RunContext, path: Path) -> LatencyTable:
+    """The table passed with ``--latency.table``, checked against this run's model shape."""
+    try:
+        table = LatencyTable.load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"latency.table {path} cannot be read ({exc}): pass a table written "
+                          "by `instanas profile`") from exc
+    with torch.random.fork_rng(devices=[]):  # building models must not move the seeded stream
+        metagraph, controller = new_models(ctx)
+    key = table_key(metagraph, controller, torch.device("cpu"), ctx.config.latency.threads)
+    differ = [k for k in _MODEL_KEYS if table.key.get(k) != key[k]]
+    if differ:
+        raise ConfigError(f"latency.table {path} was profiled for another model "
+                          f"({', '.join(differ)} differ): profile on the target with `instanas "
+                          "profile --output DIR` and this run's config, then pass "
+                          "DIR/latency_table.json")
+    log.info("latency table %s, profiled on %s (%s threads, torch %s)", path,
+             table.key.get("device"), table.key.get("threads"), table.key.get("torch"))
     return table
