@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from instanas.nn import smallconv
+from instanas.nn.backend import enlarge_primitive_cache
 
 
 def _time(conv: nn.Conv2d, side: int, forward, batches: list[int]) -> float:
@@ -29,6 +30,7 @@ def _time(conv: nn.Conv2d, side: int, forward, batches: list[int]) -> float:
 
 
 def main() -> None:
+    enlarge_primitive_cache()  # what training runs with
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -35,6 +35,7 @@ from instanas.config import load_preset
 from instanas.latency.table import processor_name
 from instanas.models.metagraph import MetaGraph
 from instanas.nn import smallconv
+from instanas.nn.backend import enlarge_primitive_cache
 from instanas.nn.smallconv import disabled
 from instanas.training import sgd
 
@@ -87,6 +88,7 @@ def step_time(graph: MetaGraph, optimizer, x, y, policy, execution: str) -> floa
 
 
 def main() -> None:
+    enlarge_primitive_cache()  # what training runs with
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="fashion-cpu")
     parser.add_argument("--steps", type=int, default=16)

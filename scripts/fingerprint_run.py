@@ -101,12 +101,14 @@ def main() -> int:
     parser.add_argument("--compare", type=Path, default=None)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    # Read first: --compare may name the fingerprint.json this run is about to replace.
+    old = json.loads(args.compare.read_text()) if args.compare else None
     current = fingerprint(run_tiny(args.work))
     (args.work / "fingerprint.json").write_text(json.dumps(current, indent=1))
     print(f"{len(current['weights'])} checkpoints, {len(current['metrics'])} metric records")
-    if args.compare is None:
+    if old is None:
         return 0
-    found = differences(json.loads(args.compare.read_text()), current)
+    found = differences(old, current)
     for line in found:
         print("DIFFERENT", line[:300])
     print("identical" if not found else f"{len(found)} differences")

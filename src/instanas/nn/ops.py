@@ -46,7 +46,8 @@ class FusedConvAct(nn.Module):
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # oneDNN, not the matrix forms: at batch 1 they are slower (bench/inference.py).
+        # oneDNN, not the matrix forms: those pay off on the many new batch sizes of sparse
+        # training (bench/conv_forms.py); deployed inference reuses one shape per child.
         x = conv2d(self.conv, x, matrix_forms=False)
         return torch.relu(x) if self.relu else x
 
