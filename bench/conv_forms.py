@@ -44,9 +44,11 @@ def main() -> None:
             conv = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
             matrix = [_time(conv, side, smallconv.conv2d, b) for b in (warm, new)]
             onednn = [_time(conv, side, lambda c, x: c(x), b) for b in (warm, new)]
-            entries = side ** 4 * channels ** 2
-            print(f"{channels:8d} {side:4d} {entries:8d} | {matrix[0]:6.2f} / {matrix[1]:6.2f} | "
-                  f"{onednn[0]:6.2f} / {onednn[1]:6.2f} | new {onednn[1] / matrix[1]:.2f}x")
+            entries = side**4 * channels**2
+            print(
+                f"{channels:8d} {side:4d} {entries:8d} | {matrix[0]:6.2f} / {matrix[1]:6.2f} | "
+                f"{onednn[0]:6.2f} / {onednn[1]:6.2f} | new {onednn[1] / matrix[1]:.2f}x"
+            )
 
 
 if __name__ == "__main__":

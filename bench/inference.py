@@ -35,8 +35,13 @@ def test_images(model: instanas.InstaNASModel, run_dir: Path, count: int) -> tor
     import yaml
 
     d = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
-    data = load_dataset(d["dataset"], d.get("root"), val_fraction=d["val_fraction"],
-                        image_size=d.get("image_size"), limit_test=count)
+    data = load_dataset(
+        d["dataset"],
+        d.get("root"),
+        val_fraction=d["val_fraction"],
+        image_size=d.get("image_size"),
+        limit_test=count,
+    )
     return model.normalise(data.test.images[:count]).contiguous()
 
 
@@ -46,13 +51,14 @@ def timed(fn, *args) -> float:
     return (time.perf_counter_ns() - start) / 1e6
 
 
-def batch_throughput(predictor, images: torch.Tensor, policy_source, batch: int,
-                     rounds: int) -> dict[str, float]:
+def batch_throughput(
+    predictor, images: torch.Tensor, policy_source, batch: int, rounds: int
+) -> dict[str, float]:
     """Images per second per path; ``policy_source(x)`` gives the policies each path runs."""
     graph, controller = predictor.metagraph, predictor.controller
     times = {p: 0.0 for p in BATCH_PATHS}
     order = random.Random(0)
-    chunks = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
+    chunks = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
 
     def run(path: str, x: torch.Tensor) -> None:
         graph(x, policy_source(x, controller(x)), execution=path)
@@ -89,11 +95,13 @@ def random_like(policy: torch.Tensor, generator: torch.Generator):
 
     def source(x: torch.Tensor, _probs: torch.Tensor) -> torch.Tensor:
         return torch.rand((x.shape[0], *policy.shape[1:]), generator=generator) < rate
+
     return source
 
 
-def controller_variants(predictor, specs: list[str], image: torch.Tensor, threads: int,
-                        rounds: int = 500) -> dict[str, float]:
+def controller_variants(
+    predictor, specs: list[str], image: torch.Tensor, threads: int, rounds: int = 500
+) -> dict[str, float]:
     """Batch-1 ms of untrained controllers of other shapes ("PX:W1,W2,..."), policy decoding
     included, interleaved with the run's own controller; timing does not depend on weights."""
     from instanas.deploy.inference import InstaNASPredictor
@@ -104,8 +112,10 @@ def controller_variants(predictor, specs: list[str], image: torch.Tensor, thread
     for spec in specs:
         size, widths = spec.split(":")
         shape = ControllerSpec(int(size), tuple(int(w) for w in widths.split(",") if w))
-        other = InstaNASPredictor(predictor.metagraph, Controller(
-            space.input_channels, space.num_cells, space.num_modules, shape).eval())
+        other = InstaNASPredictor(
+            predictor.metagraph,
+            Controller(space.input_channels, space.num_cells, space.num_modules, shape).eval(),
+        )
         fns[spec] = other.child_cells
     samples: dict[str, list[float]] = {k: [] for k in fns}
     with cpu_threads(threads), torch.inference_mode():
@@ -122,13 +132,17 @@ def main() -> None:
     parser.add_argument("--run", required=True, type=Path, help="a finished `instanas run` dir")
     parser.add_argument("--images", type=int, default=1024, help="test images to use")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the batch-64 images")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="threads for batch 64")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="threads for batch 64"
+    )
     parser.add_argument("--json", type=Path, help="also write the numbers here")
-    parser.add_argument("--controllers", nargs="*",
-                        default=["14:8,16,32", "7:8,16", "7:8", "14:", "7:"],
-                        metavar="PX:WIDTHS",
-                        help="other controller shapes to time at batch 1 (\"7:\" is linear)")
+    parser.add_argument(
+        "--controllers",
+        nargs="*",
+        default=["14:8,16,32", "7:8,16", "7:8", "14:", "7:"],
+        metavar="PX:WIDTHS",
+        help='other controller shapes to time at batch 1 ("7:" is linear)',
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -136,44 +150,60 @@ def main() -> None:
     predictor = model.predictor
     images = test_images(model, args.run, args.images)
     with torch.inference_mode():
-        policies = torch.cat([predictor.policies(images[i:i + 256])
-                              for i in range(0, len(images), 256)])
+        policies = torch.cat(
+            [predictor.policies(images[i : i + 256]) for i in range(0, len(images), 256)]
+        )
     children = torch.unique(policies.flatten(1), dim=0).shape[0]
     b1_threads = int(model.results.get("device", {}).get("threads", 1)) if model.results else 1
 
-    searched = batch_throughput(predictor, images, lambda x, p: predictor.policies(x), 64,
-                                args.rounds)
+    searched = batch_throughput(
+        predictor, images, lambda x, p: predictor.policies(x), 64, args.rounds
+    )
     draw = random_like(policies, torch.Generator().manual_seed(0))
     randomised = batch_throughput(
-        predictor, images, lambda x, p: predictor.metagraph.resolve(draw(x, p)), 64, args.rounds)
-    single = batch_one(predictor, images[:max(60, args.images // 4)], b1_threads)
+        predictor, images, lambda x, p: predictor.metagraph.resolve(draw(x, p)), 64, args.rounds
+    )
+    single = batch_one(predictor, images[: max(60, args.images // 4)], b1_threads)
     child_ms = single["deployed"] - single["controller"]
     variants = controller_variants(predictor, args.controllers, images[:1], b1_threads)
     numbers = {
-        "machine": processor_name(), "torch": torch.__version__,
-        "threads_batch64": args.threads, "threads_batch1": b1_threads,
-        "images": len(images), "distinct_children": children,
+        "machine": processor_name(),
+        "torch": torch.__version__,
+        "threads_batch64": args.threads,
+        "threads_batch1": b1_threads,
+        "images": len(images),
+        "distinct_children": children,
         "mean_active_modules": float(policies.sum(dim=(1, 2)).float().mean()),
         "batch64_images_per_s": {"searched": searched, "random_same_density": randomised},
-        "batch1_ms": single, "controller_share": single["controller"] / child_ms,
+        "batch1_ms": single,
+        "controller_share": single["controller"] / child_ms,
         "controller_variants_ms": variants,
     }
     print(f"machine: {numbers['machine']}, torch {numbers['torch']}, run {args.run}")
-    print(f"{len(images)} test images, {children} distinct children, "
-          f"{numbers['mean_active_modules']:.1f} active modules per image")
+    print(
+        f"{len(images)} test images, {children} distinct children, "
+        f"{numbers['mean_active_modules']:.1f} active modules per image"
+    )
     print(f"batch 64 ({args.threads} threads), images/s and speed-up over dense-masked:")
     for name, result in numbers["batch64_images_per_s"].items():
-        cells = "  ".join(f"{p} {result[p]:7.0f} ({result[p] / result['dense']:.2f}x)"
-                          for p in BATCH_PATHS)
+        cells = "  ".join(
+            f"{p} {result[p]:7.0f} ({result[p] / result['dense']:.2f}x)" for p in BATCH_PATHS
+        )
         print(f"  {name:20s} {cells}")
     print(f"batch 1 ({b1_threads} thread(s)), mean ms per image and speed-up over dense-masked:")
-    print("  " + "  ".join(f"{p} {single[p]:.3f} ({single['dense'] / single[p]:.2f}x)"
-                           for p in ("dense", "sparse", "deployed")))
-    print(f"  controller {single['controller']:.3f} ms = {100 * numbers['controller_share']:.1f}% "
-          f"of the mean child time {child_ms:.3f} ms")
+    print(
+        "  "
+        + "  ".join(
+            f"{p} {single[p]:.3f} ({single['dense'] / single[p]:.2f}x)"
+            for p in ("dense", "sparse", "deployed")
+        )
+    )
+    print(
+        f"  controller {single['controller']:.3f} ms = {100 * numbers['controller_share']:.1f}% "
+        f"of the mean child time {child_ms:.3f} ms"
+    )
     print("  controller shapes (untrained, same decoding), ms and share of that child time:")
-    print("  " + "  ".join(f"{k} {v:.3f} ({100 * v / child_ms:.1f}%)"
-                           for k, v in variants.items()))
+    print("  " + "  ".join(f"{k} {v:.3f} ({100 * v / child_ms:.1f}%)" for k, v in variants.items()))
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
 

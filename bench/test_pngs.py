@@ -37,8 +37,10 @@ def score(folder: Path, predictions: Path, run_dir: Path | None) -> None:
     good = [r for r in rows if r["class_index"]]
     truth = [int(Path(r["path"]).stem.split("_")[1]) for r in good]
     hits = sum(int(r["class_index"]) == t for r, t in zip(good, truth))
-    print(f"{len(rows)} rows, {len(rows) - len(good)} unreadable, accuracy "
-          f"{100 * hits / max(len(good), 1):.2f}% on {len(good)} images")
+    print(
+        f"{len(rows)} rows, {len(rows) - len(good)} unreadable, accuracy "
+        f"{100 * hits / max(len(good), 1):.2f}% on {len(good)} images"
+    )
     if run_dir is None:
         return
     import instanas
@@ -49,8 +51,7 @@ def score(folder: Path, predictions: Path, run_dir: Path | None) -> None:
     with torch.inference_mode():
         eager = model.predict(data.test.images[index]).tolist()
     same = sum(int(r["class_index"]) == e for r, e in zip(good, eager))
-    print(f"predictions equal to the eager model on the in-memory test images: {same}/"
-          f"{len(good)}")
+    print(f"predictions equal to the eager model on the in-memory test images: {same}/{len(good)}")
 
 
 def main() -> None:

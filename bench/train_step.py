@@ -47,7 +47,8 @@ def gather_form(conv, x, depthwise):
     reproducible, construction); otherwise as ``smallconv._tap_matrix_conv``."""
     n, channels, height, width = x.shape
     placement, out_h, out_w = smallconv._tap_placement(
-        height, width, conv.kernel_size, conv.stride, conv.padding, x.device, x.dtype)
+        height, width, conv.kernel_size, conv.stride, conv.padding, x.device, x.dtype
+    )
     taps = conv.weight.flatten(2)
     index = placement.argmax(0)  # the tap of each (output, input) pixel pair, or the zero tap
     index[placement.sum(0) == 0] = taps.shape[-1]
@@ -103,32 +104,42 @@ def main() -> None:
     x = torch.randn(args.batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,))
     shape = (args.batch, space.num_cells, space.num_modules)
-    print(f"machine: {processor_name()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, preset {args.preset}, batch {args.batch}")
-    print(f"{'density':>8} {'sparse ms':>10} {'dense ms':>9} {'dense/sparse':>13} "
-          f"{'sparse-onednn ms':>17} {'onednn/sparse':>14} {'gather/sparse':>14} "
-          f"{'floor ms':>9} {'dense/floor':>12}")
+    print(
+        f"machine: {processor_name()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, preset {args.preset}, batch {args.batch}"
+    )
+    print(
+        f"{'density':>8} {'sparse ms':>10} {'dense ms':>9} {'dense/sparse':>13} "
+        f"{'sparse-onednn ms':>17} {'onednn/sparse':>14} {'gather/sparse':>14} "
+        f"{'floor ms':>9} {'dense/floor':>12}"
+    )
     for density in (1.0, 0.5, 0.25):
         rows = max(1, round(density * args.batch))
         every = torch.ones(shape, dtype=torch.bool)
         times: dict[str, list[float]] = {name: [] for name in PATHS}
         for i in range(args.steps + args.warmup):
             policy = torch.rand(shape) < density
-            inputs = {"sparse": (x, y, policy), "dense": (x, y, policy),
-                      "sparse-onednn": (x, y, policy), "sparse-gather": (x, y, policy),
-                      "floor": (x[:rows], y[:rows], every[:rows])}
-            for name in PATHS[i % len(PATHS):] + PATHS[:i % len(PATHS)]:
+            inputs = {
+                "sparse": (x, y, policy),
+                "dense": (x, y, policy),
+                "sparse-onednn": (x, y, policy),
+                "sparse-gather": (x, y, policy),
+                "floor": (x[:rows], y[:rows], every[:rows]),
+            }
+            for name in PATHS[i % len(PATHS) :] + PATHS[: i % len(PATHS)]:
                 execution = "dense" if name == "dense" else "sparse"
                 with _switch(name):
                     t = step_time(graph, optimizer, *inputs[name], execution)
                 if i >= args.warmup:  # the first steps build kernels
                     times[name].append(t)
         ms = {name: statistics.median(times[name]) * 1e3 for name in PATHS}
-        print(f"{density:>8.2f} {ms['sparse']:>10.1f} {ms['dense']:>9.1f} "
-              f"{ms['dense'] / ms['sparse']:>12.2f}x {ms['sparse-onednn']:>17.1f} "
-              f"{ms['sparse-onednn'] / ms['sparse']:>13.2f}x "
-              f"{ms['sparse-gather'] / ms['sparse']:>13.2f}x {ms['floor']:>9.1f} "
-              f"{ms['dense'] / ms['floor']:>11.2f}x")
+        print(
+            f"{density:>8.2f} {ms['sparse']:>10.1f} {ms['dense']:>9.1f} "
+            f"{ms['dense'] / ms['sparse']:>12.2f}x {ms['sparse-onednn']:>17.1f} "
+            f"{ms['sparse-onednn'] / ms['sparse']:>13.2f}x "
+            f"{ms['sparse-gather'] / ms['sparse']:>13.2f}x {ms['floor']:>9.1f} "
+            f"{ms['dense'] / ms['floor']:>11.2f}x"
+        )
 
 
 if __name__ == "__main__":

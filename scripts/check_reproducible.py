@@ -23,10 +23,23 @@ OUTPUTS = {"pretrain": "pretrain/metagraph.safetensors", "baseline": "baseline/m
 
 
 def run_stage(run_dir: Path, args: argparse.Namespace) -> None:
-    command = [sys.executable, "-m", "instanas", args.stage, "--preset", args.preset,
-               "--output", str(run_dir), "--threads", str(args.threads), "--quiet",
-               "--data.limit_train", str(args.limit_train), f"--{args.stage}.epochs",
-               str(args.epochs)]
+    command = [
+        sys.executable,
+        "-m",
+        "instanas",
+        args.stage,
+        "--preset",
+        args.preset,
+        "--output",
+        str(run_dir),
+        "--threads",
+        str(args.threads),
+        "--quiet",
+        "--data.limit_train",
+        str(args.limit_train),
+        f"--{args.stage}.epochs",
+        str(args.epochs),
+    ]
     env = {**os.environ, "INSTANAS_NO_PROGRESS": "1"}
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -35,17 +48,23 @@ def run_stage(run_dir: Path, args: argparse.Namespace) -> None:
 
 def metrics(run_dir: Path, stage: str) -> list[dict]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "time" and not k.endswith("seconds")}
-            for r in records if r.get("stage") == stage]
+    return [
+        {k: v for k, v in r.items() if k != "time" and not k.endswith("seconds")}
+        for r in records
+        if r.get("stage") == stage
+    ]
 
 
 def compare(first: Path, second: Path, stage: str) -> bool:
-    digests = [hashlib.sha256((run / OUTPUTS[stage]).read_bytes()).hexdigest()
-               for run in (first, second)]
+    digests = [
+        hashlib.sha256((run / OUTPUTS[stage]).read_bytes()).hexdigest() for run in (first, second)
+    ]
     same_weights = digests[0] == digests[1]
     same_metrics = metrics(first, stage) == metrics(second, stage)
-    print(f"{OUTPUTS[stage]}: {'identical' if same_weights else 'DIFFERENT'} "
-          f"(sha256 {digests[0][:16]} / {digests[1][:16]})")
+    print(
+        f"{OUTPUTS[stage]}: {'identical' if same_weights else 'DIFFERENT'} "
+        f"(sha256 {digests[0][:16]} / {digests[1][:16]})"
+    )
     print(f"metrics.jsonl ({stage}): {'identical' if same_metrics else 'DIFFERENT'}")
     return same_weights and same_metrics
 
@@ -65,9 +84,11 @@ def main() -> int:
         for run in runs:
             run_stage(run, args)
         same = compare(*runs, args.stage)
-    print(f"{args.stage}, preset {args.preset}, {args.threads} threads, "
-          f"{args.limit_train} images, {args.epochs} epochs: "
-          f"{'reproducible' if same else 'NOT reproducible'}")
+    print(
+        f"{args.stage}, preset {args.preset}, {args.threads} threads, "
+        f"{args.limit_train} images, {args.epochs} epochs: "
+        f"{'reproducible' if same else 'NOT reproducible'}"
+    )
     return 0 if same else 1
 
 

@@ -37,8 +37,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="new folder for the tree")
     parser.add_argument("--train", type=int, required=True, help="training images to keep")
     parser.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE")
-    parser.add_argument("--root", default=None, help="Fashion-MNIST IDX folder (default: the "
-                                                    "Debian package's)")
+    parser.add_argument(
+        "--root", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()):
@@ -46,10 +47,12 @@ def main() -> int:
         return 2
     bundle = load_dataset("fashion-mnist", args.root, seed=args.seed)
     # All 60,000 training images: the loader's validation split goes back in.
-    train_images = np.concatenate([bundle.train.images[:, 0].cpu().numpy(),
-                                   bundle.val.images[:, 0].cpu().numpy()])
-    train_labels = np.concatenate([bundle.train.labels.cpu().numpy(),
-                                   bundle.val.labels.cpu().numpy()])
+    train_images = np.concatenate(
+        [bundle.train.images[:, 0].cpu().numpy(), bundle.val.images[:, 0].cpu().numpy()]
+    )
+    train_labels = np.concatenate(
+        [bundle.train.labels.cpu().numpy(), bundle.val.labels.cpu().numpy()]
+    )
     if not 0 < args.train <= len(train_labels):
         print(f"--train is {args.train}: give 1 to {len(train_labels)}", file=sys.stderr)
         return 2
@@ -61,8 +64,12 @@ def main() -> int:
         keep.append(rng.choice(members, size=share, replace=False))
     keep = np.sort(np.concatenate(keep))
     write_split(args.out / "train", train_images[keep], train_labels[keep], args.size)
-    write_split(args.out / "test", bundle.test.images[:, 0].cpu().numpy(),
-                bundle.test.labels.cpu().numpy(), args.size)
+    write_split(
+        args.out / "test",
+        bundle.test.images[:, 0].cpu().numpy(),
+        bundle.test.labels.cpu().numpy(),
+        args.size,
+    )
     print(f"{args.out}: {len(keep)} training and {len(bundle.test.labels)} test images")
     return 0
 

@@ -48,11 +48,28 @@ def run_tiny(work: Path) -> Path:
     config.write_text(tiny_config(data, epochs=2))
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "INSTANAS_NO_PROGRESS": "1",
-           "INSTANAS_CACHE": str(work / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--config", str(config),
-                           "--output", str(run), "--quiet"], env=env, capture_output=True,
-                          text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "INSTANAS_NO_PROGRESS": "1",
+        "INSTANAS_CACHE": str(work / "cache"),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "instanas",
+            "run",
+            "--config",
+            str(config),
+            "--output",
+            str(run),
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"fingerprint_run: the tiny run failed: {proc.stderr.strip()[-800:]}")
     return run
@@ -62,19 +79,26 @@ def checkpoint_digest(path: Path) -> str:
     """SHA-256 of the tensors and of the metadata without measured times."""
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
-    meta = {k: _untimed(json.loads(v)) if v[:1] in "[{" else v
-            for k, v in header.pop("__metadata__", {}).items() if not _timed(k)}
+    header = json.loads(raw[8 : 8 + size])
+    meta = {
+        k: _untimed(json.loads(v)) if v[:1] in "[{" else v
+        for k, v in header.pop("__metadata__", {}).items()
+        if not _timed(k)
+    }
     digest = hashlib.sha256(json.dumps([header, meta], sort_keys=True).encode())
-    digest.update(raw[8 + size:])
+    digest.update(raw[8 + size :])
     return digest.hexdigest()
 
 
 def fingerprint(run: Path) -> dict:
-    weights = {str(p.relative_to(run)): checkpoint_digest(p)
-               for p in sorted(run.rglob("*.safetensors"))}
-    records = [_untimed(json.loads(line))
-               for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    weights = {
+        str(p.relative_to(run)): checkpoint_digest(p) for p in sorted(run.rglob("*.safetensors"))
+    }
+    records = [
+        _untimed(json.loads(line))
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     results = json.loads((run / "results.json").read_text())
     accuracy = {name: model.get("accuracy") for name, model in results["models"].items()}
     return {"weights": weights, "metrics": records, "accuracy": accuracy}
@@ -88,8 +112,9 @@ def differences(old: dict, new: dict) -> list[str]:
     old_m, new_m = old["metrics"], new["metrics"]
     if len(old_m) != len(new_m):
         found.append(f"metrics: {len(old_m)} records before, {len(new_m)} now")
-    found += [f"metrics record {i}: {a} != {b}" for i, (a, b) in enumerate(zip(old_m, new_m))
-              if a != b]
+    found += [
+        f"metrics record {i}: {a} != {b}" for i, (a, b) in enumerate(zip(old_m, new_m)) if a != b
+    ]
     if old["accuracy"] != new["accuracy"]:
         found.append(f"accuracy {old['accuracy']} != {new['accuracy']}")
     return found

@@ -44,31 +44,42 @@ def score(ctx, stage: str) -> dict:
     metagraph, controller = new_models(ctx)
     load_stage(ctx, stage, {"metagraph": metagraph, "controller": controller})
     metagraph, controller = ctx.prepare(metagraph).eval(), ctx.prepare(controller).eval()
-    test, policies = evaluate_policies(ctx, metagraph, greedy_of(controller), table,
-                                       ctx.data.test)
+    test, policies = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.test)
     shuffled = shuffled_routing_accuracy(ctx, metagraph, policies, ctx.data.test, ctx.config.seed)
-    return {"stage": stage, "test_accuracy": test.accuracy, "table_total_ms": test.total_ms,
-            "cells_ms": test.cells_ms, "distinct_children": test.distinct_children,
-            "effective_children": test.effective_children,
-            "top_child_share": test.top_child_share, "shuffled_accuracy": shuffled,
-            "routing_gain_points": 100 * (test.accuracy - shuffled)}
+    return {
+        "stage": stage,
+        "test_accuracy": test.accuracy,
+        "table_total_ms": test.total_ms,
+        "cells_ms": test.cells_ms,
+        "distinct_children": test.distinct_children,
+        "effective_children": test.effective_children,
+        "top_child_share": test.top_child_share,
+        "shuffled_accuracy": shuffled,
+        "routing_gain_points": 100 * (test.accuracy - shuffled),
+    }
 
 
 def markdown_table(path: Path, overrides_column: bool = True) -> str:
     """The settings of an ablation.jsonl as one markdown table (the last stage scored)."""
-    rows = ["| setting | overrides | stage | distinct children | effective children | "
-            "top child share | routing gain (points) | test accuracy | table latency ms |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| setting | overrides | stage | distinct children | effective children | "
+        "top child share | routing gain (points) | test accuracy | table latency ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for line in path.read_text().splitlines():
         record = json.loads(line)
         stage = "finetune" if "finetune" in record else "search"
         s = record[stage]
-        overrides = (" ".join(f"{k}={v}" for k, v in record["overrides"].items())
-                     or "(none: the base config)")
-        rows.append(f"| {record['name']} | `{overrides}` | {stage} | {s['distinct_children']} | "
-                    f"{s['effective_children']:.2f} | {s['top_child_share']:.2f} | "
-                    f"{s['routing_gain_points']:+.2f} | {100 * s['test_accuracy']:.2f}% | "
-                    f"{s['table_total_ms']:.3f} |")
+        overrides = (
+            " ".join(f"{k}={v}" for k, v in record["overrides"].items())
+            or "(none: the base config)"
+        )
+        rows.append(
+            f"| {record['name']} | `{overrides}` | {stage} | {s['distinct_children']} | "
+            f"{s['effective_children']:.2f} | {s['top_child_share']:.2f} | "
+            f"{s['routing_gain_points']:+.2f} | {100 * s['test_accuracy']:.2f}% | "
+            f"{s['table_total_ms']:.3f} |"
+        )
     if not overrides_column:
         rows = ["|".join(c for i, c in enumerate(r.split("|")) if i != 2) for r in rows]
     return "\n".join(rows)
@@ -101,9 +112,11 @@ def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--rescore":
         print(rescore(Path(sys.argv[2]), sys.argv[3])["epoch"])
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="python scripts/routing_ablation.py --table "
-                                            "OUT/ablation.jsonl prints the results as a table")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="python scripts/routing_ablation.py --table "
+        "OUT/ablation.jsonl prints the results as a table",
+    )
     parser.add_argument("base", type=Path, help="run directory with a finished pretrain stage")
     parser.add_argument("out", type=Path, help="folder of the ablation runs")
     parser.add_argument("name", help="name of this setting (its run folder under OUT)")
@@ -121,13 +134,18 @@ def main() -> int:
         run_stage(ctx, stage, timings)
         record[stage] = score(ctx, stage)
     history = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
-    record["search_epochs"] = [{k: v for k, v in h.items() if k != "time"}
-                               for h in history if h.get("stage") == "search"]
+    record["search_epochs"] = [
+        {k: v for k, v in h.items() if k != "time"} for h in history if h.get("stage") == "search"
+    ]
     record["seconds"] = timings
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     append_jsonl(args.out / "ablation.jsonl", record)
-    print(json.dumps({k: record[k] for k in ("name", *[s for s in ("search", "finetune")
-                                                     if s in record])}, indent=1))
+    print(
+        json.dumps(
+            {k: record[k] for k in ("name", *[s for s in ("search", "finetune") if s in record])},
+            indent=1,
+        )
+    )
     return 0
 
 

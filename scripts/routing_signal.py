@@ -42,7 +42,7 @@ def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
         return float("nan")
     ranks = torch.cat([pos, neg]).argsort().argsort().double() + 1
     # Average ranks of ties are approximated by the sort order; scores here are continuous.
-    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 @torch.no_grad()
@@ -50,8 +50,9 @@ def cheapest_child_pass(ctx, metagraph, data) -> tuple[torch.Tensor, torch.Tenso
     """Correctness and top softmax probability of the forced-defaults-only child."""
     correct, confidence = [], []
     for batch in ctx.batches(data, 500, train=False):
-        empty = torch.zeros(len(batch.labels), ctx.space.num_cells, ctx.space.num_modules,
-                            dtype=torch.bool)
+        empty = torch.zeros(
+            len(batch.labels), ctx.space.num_cells, ctx.space.num_modules, dtype=torch.bool
+        )
         probs = F.softmax(metagraph(batch.images, empty), 1)
         correct.append((probs.argmax(1) == batch.labels).cpu())
         confidence.append(probs.max(1).values.cpu())
@@ -98,9 +99,13 @@ def main() -> int:
     load_stage(ctx, stage, {"metagraph": metagraph, "controller": controller})
     metagraph, controller = ctx.prepare(metagraph), ctx.prepare(controller).eval()
     cheapest = copy.deepcopy(metagraph)
-    calibrate(ctx, cheapest, lambda x: torch.zeros(len(x), ctx.space.num_cells,
-                                                   ctx.space.num_modules, dtype=torch.bool),
-              purpose="routing-signal/calibrate", epoch=0)
+    calibrate(
+        ctx,
+        cheapest,
+        lambda x: torch.zeros(len(x), ctx.space.num_cells, ctx.space.num_modules, dtype=torch.bool),
+        purpose="routing-signal/calibrate",
+        epoch=0,
+    )
     module_ms = latency_table(ctx).module_ms().to(ctx.device)
     views = {}
     for split in ("val", "test"):
@@ -112,13 +117,21 @@ def main() -> int:
     hard = ~correct
     val_hard = ~views["val"][0]
     logistic = logistic_scores(views["val"][3], val_hard, thumbs)
-    print(json.dumps({
-        "run": str(args.run_dir), "weights": stage,
-        "cheapest_child_test_accuracy": float(correct.float().mean()),
-        "auc_hard_images": {
-            "controller_expected_ms": roc_auc(expected, hard),
-            "thumbnail_logistic": roc_auc(logistic, hard),
-            "cheapest_child_confidence": roc_auc(1 - confidence, hard)}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "run": str(args.run_dir),
+                "weights": stage,
+                "cheapest_child_test_accuracy": float(correct.float().mean()),
+                "auc_hard_images": {
+                    "controller_expected_ms": roc_auc(expected, hard),
+                    "thumbnail_logistic": roc_auc(logistic, hard),
+                    "cheapest_child_confidence": roc_auc(1 - confidence, hard),
+                },
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

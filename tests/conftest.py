@@ -16,11 +16,24 @@ def _seed():
 @pytest.fixture
 def tiny_space() -> SearchSpace:
     """17 cells x 5 modules like the paper, but narrow and small so tests run in milliseconds."""
-    return SearchSpace(input_channels=1, input_size=12, num_classes=4, width=0.25,
-                       stem_channels=16, stem_stride=1,
-                       stages=(Stage(16, 1, 1), Stage(24, 2, 2), Stage(32, 3, 2), Stage(64, 4, 1),
-                               Stage(96, 3, 1), Stage(160, 3, 1), Stage(320, 1, 1)),
-                       head_channels=32)
+    return SearchSpace(
+        input_channels=1,
+        input_size=12,
+        num_classes=4,
+        width=0.25,
+        stem_channels=16,
+        stem_stride=1,
+        stages=(
+            Stage(16, 1, 1),
+            Stage(24, 2, 2),
+            Stage(32, 3, 2),
+            Stage(64, 4, 1),
+            Stage(96, 3, 1),
+            Stage(160, 3, 1),
+            Stage(320, 1, 1),
+        ),
+        head_channels=32,
+    )
 
 
 @pytest.fixture

@@ -18,8 +18,9 @@ try:
     import jsonschema
 except ImportError:  # only the results.json contract tests need it
     jsonschema = None
-needs_jsonschema = pytest.mark.skipif(jsonschema is None, reason="jsonschema is not installed "
-                                      "(pip install 'instanas[test]')")
+needs_jsonschema = pytest.mark.skipif(
+    jsonschema is None, reason="jsonschema is not installed (pip install 'instanas[test]')"
+)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -82,8 +83,9 @@ def test_load_chooses_a_variant(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / "variants").mkdir(exist_ok=True)
-    (run / "variants" / "variants.json").write_text(json.dumps(
-        {"A": {"model": "finetune/model.safetensors"}}))
+    (run / "variants" / "variants.json").write_text(
+        json.dumps({"A": {"model": "finetune/model.safetensors"}})
+    )
     for name in ("A", "instanas-A"):
         variant = instanas.load(run, model=name)
         assert variant.name == "A"
@@ -92,13 +94,26 @@ def test_load_chooses_a_variant(tiny_run, tmp_path):
 
 
 def test_building_blocks_at_the_top_level():
-    for name in ("SearchSpace", "ChildArchitecture", "MetaGraph", "Controller", "export", "load",
-                 "InstaNASModel"):
+    for name in (
+        "SearchSpace",
+        "ChildArchitecture",
+        "MetaGraph",
+        "Controller",
+        "export",
+        "load",
+        "InstaNASModel",
+    ):
         obj = getattr(instanas, name)
         assert obj.__doc__ and name in instanas.__all__, name
-    space = instanas.SearchSpace(input_channels=1, input_size=8, num_classes=3, width=0.25,
-                                 stem_channels=8, stages=[[8, 1, 1], [16, 1, 2]],
-                                 head_channels=16)
+    space = instanas.SearchSpace(
+        input_channels=1,
+        input_size=8,
+        num_classes=3,
+        width=0.25,
+        stem_channels=8,
+        stages=[[8, 1, 1], [16, 1, 2]],
+        head_channels=16,
+    )
     graph = instanas.MetaGraph(space).eval()
     child = instanas.ChildArchitecture.from_string("0-4")
     assert graph.forward_child(torch.zeros(1, 1, 8, 8), child).shape == (1, 3)
@@ -117,8 +132,11 @@ def test_results_of_a_run_validate_against_the_shipped_schema(tiny_run):
     assert results["created_at"] >= results["evaluation_started_at"]
     if (REPO / ".git").exists():  # the tests run from a checkout: the commit is recorded
         assert len(results["code"]["commit"]) == 40
-    for broken in (_without(results, "schema_version"), _with(results, "schema_version", 2),
-                   _with(results, "created_at", "yesterday")):
+    for broken in (
+        _without(results, "schema_version"),
+        _with(results, "schema_version", 2),
+        _with(results, "created_at", "yesterday"),
+    ):
         with pytest.raises(jsonschema.ValidationError):
             validate_results(broken)
     wrong = copy.deepcopy(results)

@@ -66,7 +66,9 @@ def unknown_option(run, tmp, mp):
 def unknown_key_in_config_file(run, tmp, mp):
     path = _config_file(tmp, "pretrain: {epocs: 3}\n")
     return ["pretrain", "--config", path, "--output", str(tmp / "new")], (
-        "pretrain.epocs", "did you mean 'pretrain.epochs'")
+        "pretrain.epocs",
+        "did you mean 'pretrain.epochs'",
+    )
 
 
 @case
@@ -84,8 +86,7 @@ def config_file_yaml_syntax(run, tmp, mp):
 @case
 def section_given_a_value(run, tmp, mp):
     path = _config_file(tmp, "pretrain: 3\n")
-    return ["pretrain", "--config", path, "--output", str(tmp / "new")], (
-        "pretrain is a section",)
+    return ["pretrain", "--config", path, "--output", str(tmp / "new")], ("pretrain is a section",)
 
 
 @case
@@ -100,8 +101,7 @@ def fraction_for_a_whole_number(run, tmp, mp):
 
 @case
 def value_out_of_range(run, tmp, mp):
-    return _resume_with(run, "--controller.alpha", "0.3"), ("controller.alpha",
-                                                            "greater than 0.5")
+    return _resume_with(run, "--controller.alpha", "0.3"), ("controller.alpha", "greater than 0.5")
 
 
 @case
@@ -121,8 +121,10 @@ def word_for_a_boolean(run, tmp, mp):
 
 @case
 def malformed_stage_table(run, tmp, mp):
-    return _resume_with(run, "--space.stages", "[[16, 1]]"), ("space.stages",
-                                                              "[channels, cells, stride]")
+    return _resume_with(run, "--space.stages", "[[16, 1]]"), (
+        "space.stages",
+        "[channels, cells, stride]",
+    )
 
 
 @case
@@ -179,8 +181,7 @@ def class_folder_without_images(run, tmp, mp):
 def unreadable_image(run, tmp, mp):
     make_folder_dataset(tmp / "data", classes=2, per_class=4)
     (tmp / "data" / "class0" / "000.png").write_bytes(b"\x89PNG not really")
-    return _folder_run(run, tmp / "data"), ("cannot read image", "000.png",
-                                            "replace or delete")
+    return _folder_run(run, tmp / "data"), ("cannot read image", "000.png", "replace or delete")
 
 
 @case
@@ -192,13 +193,18 @@ def truncated_fashion_mnist_file(run, tmp, mp):
     for name in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
         (root / name).write_bytes(struct.pack(">II", 0x801, 10) + bytes(10))
     return _resume_with(run, "--data.dataset", "fashion-mnist", "--data.root", str(root)), (
-        "truncated", "reinstall")
+        "truncated",
+        "reinstall",
+    )
 
 
 @case
 def latency_table_path_is_a_folder(run, tmp, mp):
     return ["profile", "--output", str(run), "--latency.table", str(tmp)], (
-        "latency.table", "is a folder", "give a JSON file")
+        "latency.table",
+        "is a folder",
+        "give a JSON file",
+    )
 
 
 # --- run directories ---------------------------------------------------------------------------
@@ -209,7 +215,9 @@ def run_directory_under_a_file(run, tmp, mp):
     (tmp / "a-file").write_text("not a folder\n")
     path = _config_file(tmp, (run / "config.yaml").read_text())
     return ["pretrain", "--config", path, "--output", str(tmp / "a-file" / "run")], (
-        "cannot write the run directory", "choose another --output")
+        "cannot write the run directory",
+        "choose another --output",
+    )
 
 
 @case
@@ -255,8 +263,10 @@ def stage_before_its_prerequisite(run, tmp, mp):
 @case
 def unfinished_stage_without_resume(run, tmp, mp):
     (run / "search" / "resume").mkdir(parents=True)
-    shutil.copy(run / "pretrain" / "metagraph.safetensors",
-                run / "search" / "resume" / "epoch_0001.safetensors")
+    shutil.copy(
+        run / "pretrain" / "metagraph.safetensors",
+        run / "search" / "resume" / "epoch_0001.safetensors",
+    )
     return ["search", "--output", str(run)], ("unfinished search", "--resume")
 
 
@@ -321,24 +331,31 @@ def _rewrite_meta(run: Path, change: Callable[[dict], None]) -> None:
 @case
 def checkpoint_of_another_search_space(run, tmp, mp):
     _rewrite_meta(run, lambda meta: meta["space"].update(width=0.5, head_channels=32))
-    return ["search", "--output", str(run)], ("does not match this run",
-                                              "space.width: checkpoint 0.5, this run 0.25",
-                                              "space.head_channels")
+    return ["search", "--output", str(run)], (
+        "does not match this run",
+        "space.width: checkpoint 0.5, this run 0.25",
+        "space.head_channels",
+    )
 
 
 @case
 def checkpoint_of_another_preset(run, tmp, mp):
     _rewrite_meta(run, lambda meta: meta.update(preset="paper-cifar"))
-    return ["search", "--output", str(run)], ('preset: checkpoint "paper-cifar", this run '
-                                              '"custom"',)
+    return ["search", "--output", str(run)], (
+        'preset: checkpoint "paper-cifar", this run "custom"',
+    )
 
 
 @case
 def not_enough_disk_space(run, tmp, mp):
-    mp.setattr("instanas.pipeline.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(
-        10 * 2**30, 10 * 2**30 - 2**10, 2**10))
-    return ["search", "--output", str(run)], ("MiB free but search writes about",
-                                              "free space or choose another --output")
+    mp.setattr(
+        "instanas.pipeline.shutil.disk_usage",
+        lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30 - 2**10, 2**10),
+    )
+    return ["search", "--output", str(run)], (
+        "MiB free but search writes about",
+        "free space or choose another --output",
+    )
 
 
 @case
@@ -396,8 +413,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_epoch(pretrained, tmp_path, monk
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", diverging)
     run = tmp_path / "run"
-    code = main(["pretrain", "--config", str(config), "--output", str(run), "--quiet",
-                 "--pretrain.epochs", "3"])
+    code = main(
+        [
+            "pretrain",
+            "--config",
+            str(config),
+            "--output",
+            str(run),
+            "--quiet",
+            "--pretrain.epochs",
+            "3",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("instanas: error: pretrain: the loss became nan")
@@ -407,8 +434,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_epoch(pretrained, tmp_path, monk
     assert meta["epoch"] == 1
 
 
-def test_disk_full_during_training_keeps_the_last_saved_epoch(pretrained, tmp_path, monkeypatch,
-                                                             capsys):
+def test_disk_full_during_training_keeps_the_last_saved_epoch(
+    pretrained, tmp_path, monkeypatch, capsys
+):
     import instanas.stages.resume as resume
 
     config = tmp_path / "tiny.yaml"
@@ -423,8 +451,16 @@ def test_disk_full_during_training_keeps_the_last_saved_epoch(pretrained, tmp_pa
 
     monkeypatch.setattr(resume, "save_tensors", fills_up)
     run = tmp_path / "run"
-    argv = ["pretrain", "--config", str(config), "--output", str(run), "--quiet",
-            "--pretrain.epochs", "3"]
+    argv = [
+        "pretrain",
+        "--config",
+        str(config),
+        "--output",
+        str(run),
+        "--quiet",
+        "--pretrain.epochs",
+        "3",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("instanas: error: the disk is full") and "--resume" in err
@@ -435,8 +471,7 @@ def test_disk_full_during_training_keeps_the_last_saved_epoch(pretrained, tmp_pa
     assert (run / "pretrain" / "metagraph.safetensors").exists()
 
 
-def test_latency_table_of_another_torch_is_profiled_again(pretrained, tmp_path, cache_dir,
-                                                          caplog):
+def test_latency_table_of_another_torch_is_profiled_again(pretrained, tmp_path, cache_dir, caplog):
     run = tmp_path / "run"
     shutil.copytree(pretrained, run)
     assert main(["profile", "--output", str(run), "--quiet"]) == 0
@@ -449,16 +484,19 @@ def test_latency_table_of_another_torch_is_profiled_again(pretrained, tmp_path, 
     assert again["key"]["torch"] == torch.__version__
 
 
-@pytest.mark.parametrize("images, words", [
-    (torch.zeros(2, 3, 12, 12), "expected [N, 1, 12, 12]"),
-    (torch.zeros(2, 1, 16, 16), "expected [N, 1, 12, 12]"),
-    (torch.zeros(2, 1, 1, 12, 12), "expected [N, 1, 12, 12]"),
-    (torch.zeros(2, 1, 12, 12, dtype=torch.int64), "pass uint8"),
-    (torch.zeros(2, 1, 12, 12, dtype=torch.bool), "pass uint8"),
-    (torch.full((1, 1, 12, 12), float("nan")), "NaN"),
-    (torch.full((1, 1, 12, 12), float("inf")), "NaN or infinite"),
-    (torch.full((1, 1, 12, 12), 255.0), "divide 0..255 values by 255"),
-])
+@pytest.mark.parametrize(
+    "images, words",
+    [
+        (torch.zeros(2, 3, 12, 12), "expected [N, 1, 12, 12]"),
+        (torch.zeros(2, 1, 16, 16), "expected [N, 1, 12, 12]"),
+        (torch.zeros(2, 1, 1, 12, 12), "expected [N, 1, 12, 12]"),
+        (torch.zeros(2, 1, 12, 12, dtype=torch.int64), "pass uint8"),
+        (torch.zeros(2, 1, 12, 12, dtype=torch.bool), "pass uint8"),
+        (torch.full((1, 1, 12, 12), float("nan")), "NaN"),
+        (torch.full((1, 1, 12, 12), float("inf")), "NaN or infinite"),
+        (torch.full((1, 1, 12, 12), 255.0), "divide 0..255 values by 255"),
+    ],
+)
 def test_inference_rejects_bad_images(tiny_space, images, words):
     from instanas.deploy.inference import InstaNASModel, InstaNASPredictor
     from instanas.models.controller import Controller, ControllerSpec

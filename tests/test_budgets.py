@@ -17,8 +17,10 @@ def test_full_data_keeps_the_preset_epochs():
 
 def test_a_smaller_data_set_keeps_the_preset_step_count():
     config = load_preset("fashion-cpu")
-    full = {s: getattr(config, s).epochs * steps_per_epoch(54000, getattr(config, s).batch_size)
-            for s in ("pretrain", "search", "finetune")}
+    full = {
+        s: getattr(config, s).epochs * steps_per_epoch(54000, getattr(config, s).batch_size)
+        for s in ("pretrain", "search", "finetune")
+    }
     full_baseline = config.baseline_epochs() * steps_per_epoch(54000, 256)
     resolve_budgets(config, 7200)
     for stage, steps in full.items():
@@ -34,16 +36,19 @@ def test_a_smaller_data_set_keeps_the_preset_step_count():
 
 def test_steps_and_epochs_coincide():
     by_epochs = apply_overrides(load_preset("fashion-cpu"), {"finetune.epochs": "3"})
-    by_steps = apply_overrides(load_preset("fashion-cpu"),
-                               {"finetune.steps": str(3 * steps_per_epoch(7200, 256))})
+    by_steps = apply_overrides(
+        load_preset("fashion-cpu"), {"finetune.steps": str(3 * steps_per_epoch(7200, 256))}
+    )
     resolve_budgets(by_epochs, 7200, pinned={"finetune"})
     resolve_budgets(by_steps, 7200, pinned={"finetune"})
     assert by_epochs.finetune.epochs == by_steps.finetune.epochs == 3
 
 
 def test_explicit_epochs_are_pinned():
-    assert pinned_stages(["pretrain.epochs", "search.steps", "finetune.lr", "data.root"]) == \
-        {"pretrain", "search"}
+    assert pinned_stages(["pretrain.epochs", "search.steps", "finetune.lr", "data.root"]) == {
+        "pretrain",
+        "search",
+    }
     config = apply_overrides(load_preset("fashion-cpu"), {"pretrain.epochs": "1"})
     resolve_budgets(config, 600, pinned={"pretrain"})
     assert config.pretrain.epochs == 1 and config.pretrain.steps == steps_per_epoch(600, 256)
@@ -66,7 +71,8 @@ def test_epochs_on_the_command_line_win_over_recorded_steps():
 def test_the_log_line_says_epochs_and_steps():
     config = load_preset("fashion-cpu")
     line = describe(config, "baseline", 54000)
-    assert line == (f"baseline: 14 epochs = {14 * 210:,} steps of 256 images "
-                    "(54,000 training images)")
+    assert line == (
+        f"baseline: 14 epochs = {14 * 210:,} steps of 256 images (54,000 training images)"
+    )
     assert describe(config, "static-child", 54000).startswith("static-child: 9 epochs")
     assert describe(config, "evaluate", 54000) is None

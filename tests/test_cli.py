@@ -14,14 +14,41 @@ from tiny_runs import snapshot
 
 from instanas.cli import main
 
-TINY = ["--preset", "fashion-cpu-full", "--data.limit_train", "600", "--data.limit_test", "200",
-        "--pretrain.epochs", "1",
-        "--search.epochs", "1", "--finetune.epochs", "1", "--baseline.epochs", "1",
-        "--pretrain.batch_size", "100", "--search.batch_size", "100",
-        "--finetune.batch_size", "100", "--baseline.batch_size", "100",
-        "--latency.repeats", "30", "--latency.warmup", "2", "--latency.eval_images", "20",
-        "--latency.calibration_children", "3", "--search.min_pretrain_accuracy", "0",
-        "--quiet"]
+TINY = [
+    "--preset",
+    "fashion-cpu-full",
+    "--data.limit_train",
+    "600",
+    "--data.limit_test",
+    "200",
+    "--pretrain.epochs",
+    "1",
+    "--search.epochs",
+    "1",
+    "--finetune.epochs",
+    "1",
+    "--baseline.epochs",
+    "1",
+    "--pretrain.batch_size",
+    "100",
+    "--search.batch_size",
+    "100",
+    "--finetune.batch_size",
+    "100",
+    "--baseline.batch_size",
+    "100",
+    "--latency.repeats",
+    "30",
+    "--latency.warmup",
+    "2",
+    "--latency.eval_images",
+    "20",
+    "--latency.calibration_children",
+    "3",
+    "--search.min_pretrain_accuracy",
+    "0",
+    "--quiet",
+]
 
 
 def _snapshot(folder: Path) -> dict:
@@ -67,8 +94,9 @@ def test_non_positive_epochs(capsys, tmp_path, stage):
 
 
 def test_missing_dataset(capsys, tmp_path):
-    err = _fail(capsys, ["run", "--data.root", str(tmp_path / "nowhere"),
-                         "--output", str(tmp_path / "r")])
+    err = _fail(
+        capsys, ["run", "--data.root", str(tmp_path / "nowhere"), "--output", str(tmp_path / "r")]
+    )
     assert "apt-get install dataset-fashion-mnist" in err
     assert not (tmp_path / "r").exists()
 
@@ -84,8 +112,20 @@ def test_cifar_missing_batch(capsys, tmp_path):
             pickle.dump({"data": rows, "labels": [0, 1, 2, 3]}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
-    err = _fail(capsys, ["run", "--preset", "paper-cifar", "--device", "cpu",
-                         "--data.root", str(folder), "--output", str(tmp_path / "r")])
+    err = _fail(
+        capsys,
+        [
+            "run",
+            "--preset",
+            "paper-cifar",
+            "--device",
+            "cpu",
+            "--data.root",
+            str(folder),
+            "--output",
+            str(tmp_path / "r"),
+        ],
+    )
     assert "data_batch_3" in err
 
 
@@ -99,10 +139,19 @@ def test_errors_leave_existing_run_untouched(capsys, existing_run):
 
 
 def test_help_explains_options():
-    out = subprocess.run([sys.executable, "-m", "instanas", "run", "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    for key in ("--pretrain.epochs", "--search.batch_size", "--latency.threads", "--resume",
-                "--controller.alpha"):
+    out = subprocess.run(
+        [sys.executable, "-m", "instanas", "run", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for key in (
+        "--pretrain.epochs",
+        "--search.batch_size",
+        "--latency.threads",
+        "--resume",
+        "--controller.alpha",
+    ):
         assert key in out
 
 
@@ -112,20 +161,38 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     run = tmp_path / "run"
     env = {**os.environ, "INSTANAS_CACHE": str(cache_dir)}
-    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--output", str(run), *TINY],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "instanas", "run", "--output", str(run), *TINY],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((run / "results.json").read_text())
     models = results["models"]
-    assert {"instanas", "mbv2-path", "mbv2-0.5x", "mbv2-0.75x", "mbv2-1.4x", "min-net",
-            "random-policy", "static-child", "oracle", "instanas-A"} <= set(models)
+    assert {
+        "instanas",
+        "mbv2-path",
+        "mbv2-0.5x",
+        "mbv2-0.75x",
+        "mbv2-1.4x",
+        "min-net",
+        "random-policy",
+        "static-child",
+        "oracle",
+        "instanas-A",
+    } <= set(models)
     assert results["device"]["torch"] and results["device"]["threads"] == 1
     assert results["reproducibility"]["training_threads"] == torch.get_num_threads()
     assert results["reproducibility"]["bitwise"] is True
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["threads"] >= 1  # every run records what it ran with
-    assert {k: resolved["data"][k] for k in ("flip", "crop_padding", "cutout")} == \
-        {"flip": True, "crop_padding": 2, "cutout": 0}
+    assert {k: resolved["data"][k] for k in ("flip", "crop_padding", "cutout")} == {
+        "flip": True,
+        "crop_padding": 2,
+        "cutout": 0,
+    }
     for name, model in models.items():
         assert 0.0 <= model["test_accuracy"] <= 1.0
         assert {"mean", "std", "p50", "p90"} <= set(model["latency_ms"])
@@ -146,7 +213,8 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     assert 0.0 <= main["shuffled_routing_accuracy"] <= 1.0
     comparison = results["comparison"]
     assert comparison["routing_gain_points"] == pytest.approx(
-        100 * (main["test_accuracy"] - main["shuffled_routing_accuracy"]))
+        100 * (main["test_accuracy"] - main["shuffled_routing_accuracy"])
+    )
     assert comparison["static_child_latency_ratio"] > 0
     assert models["static-child"]["distinct_children"] == 1
     # The oracle picks, per image, the cheapest correct of children that include the greedy one.
@@ -154,22 +222,43 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     candidates = results["variants"]["candidates"]
     assert len(candidates) == 3  # one search epoch, three checkpoints (fashion-cpu-full)
     letters = sorted(c["variant"] for c in candidates if c["variant"])
-    assert letters and letters == list("ABCDE"[:len(letters)])
+    assert letters and letters == list("ABCDE"[: len(letters)])
     assert all(c["pareto"] for c in candidates if c["variant"])
-    for name in ["config.yaml", "latency_table.json", "metrics.jsonl", "results.md",
-                 "pretrain/metagraph.safetensors", "search/epoch_001.safetensors",
-                 "search/epoch_001_part1.safetensors", "search/selected.json",
-                 "finetune/model.safetensors", "baseline/mbv2.safetensors",
-                 "baseline/mbv2-0.5x.safetensors", "baseline/min-net.safetensors",
-                 "random-policy/model.safetensors", "static-child/model.safetensors",
-                 "variants/A/model.safetensors",
-                 "test_per_image.npz", "report.md", "report.html",
-                 "plots/error_vs_latency.png", "plots/gallery.png"]:
+    for name in [
+        "config.yaml",
+        "latency_table.json",
+        "metrics.jsonl",
+        "results.md",
+        "pretrain/metagraph.safetensors",
+        "search/epoch_001.safetensors",
+        "search/epoch_001_part1.safetensors",
+        "search/selected.json",
+        "finetune/model.safetensors",
+        "baseline/mbv2.safetensors",
+        "baseline/mbv2-0.5x.safetensors",
+        "baseline/min-net.safetensors",
+        "random-policy/model.safetensors",
+        "static-child/model.safetensors",
+        "variants/A/model.safetensors",
+        "test_per_image.npz",
+        "report.md",
+        "report.html",
+        "plots/error_vs_latency.png",
+        "plots/gallery.png",
+    ]:
         assert (run / name).exists(), name
     lines = (run / "metrics.jsonl").read_text().splitlines()
     stages = {json.loads(line)["stage"] for line in lines}
-    assert {"baseline", "pretrain", "search", "finetune", "random-policy", "static-child",
-            "baseline/min-net", "baseline/mbv2-0.5x"} <= stages
+    assert {
+        "baseline",
+        "pretrain",
+        "search",
+        "finetune",
+        "random-policy",
+        "static-child",
+        "baseline/min-net",
+        "baseline/mbv2-0.5x",
+    } <= stages
     # Each variant was fine-tuned, unless it is the main model's own start (then reused).
     selected = json.loads((run / "search" / "selected.json").read_text())["chosen"]
     for letter, variant in json.loads((run / "variants" / "variants.json").read_text()).items():
@@ -195,7 +284,7 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     from instanas.checkpoint import CheckpointError
 
     text = (run / "results.json").read_text()
-    (run / "results.json").write_text(text[:len(text) // 2])
+    (run / "results.json").write_text(text[: len(text) // 2])
     with pytest.raises(CheckpointError, match="results.json is not valid JSON"):
         instanas.load(run)
     (run / "results.json").write_text(text)
@@ -203,8 +292,13 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     # Resuming a finished run does nothing and rewrites nothing (the log gains its lines).
     before = snapshot(run)
     before.pop("log.txt")
-    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--resume", str(run),
-                           "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "instanas", "run", "--resume", str(run), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "nothing to do" in proc.stdout
     after = snapshot(run)
@@ -212,9 +306,24 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     assert after == before
 
     # The table is checked against whole children, the controller's among them.
-    proc = subprocess.run([sys.executable, "-m", "instanas", "profile", "--output", str(run),
-                           "--validate", "--children", "4", "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "instanas",
+            "profile",
+            "--output",
+            str(run),
+            "--validate",
+            "--children",
+            "4",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Spearman" in proc.stdout
     check = json.loads((run / "latency_validation.json").read_text())

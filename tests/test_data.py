@@ -532,8 +532,9 @@ def test_augmenter_for_defaults() -> None:
 
 
 def test_augmentation_options_override_the_data_set_defaults() -> None:
-    folder = augmenter_for(tiny_bundle("folder", 64), train=True, flip=False, crop_padding=0,
-                           cutout=4)
+    folder = augmenter_for(
+        tiny_bundle("folder", 64), train=True, flip=False, crop_padding=0, cutout=4
+    )
     assert (folder.crop_padding, folder.flip, folder.cutout) == (0, False, 4)
     unflipped = augmenter_for(tiny_bundle("folder", 64), train=True, flip=False, crop_padding=0)
     images = torch.from_numpy(id_images(16, 64, 3))

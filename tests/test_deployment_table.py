@@ -17,14 +17,21 @@ from instanas.latency.table import LatencyTable
 
 def _instanas(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "INSTANAS_CACHE": str(tmp / "cache"), "INSTANAS_NO_PROGRESS": "1"}
-    return subprocess.run([sys.executable, "-m", "instanas", *args, "--quiet"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "instanas", *args, "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _scaled(table: dict, factor: float) -> dict:
     """The table with every timing multiplied: a slower device."""
+
     def scale(stats: dict) -> dict:
         return {k: v * factor if k.endswith("_ms") else v for k, v in stats.items()}
+
     table["modules"] = [[scale(m) for m in cell] for cell in table["modules"]]
     table["fixed"] = {name: scale(stats) for name, stats in table["fixed"].items()}
     return table
@@ -32,11 +39,14 @@ def _scaled(table: dict, factor: float) -> dict:
 
 def test_a_table_profiled_on_the_target_drives_search_and_evaluation(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(tiny_config(make_folder_dataset(tmp_path / "data"), epochs=1,
-                                  **MAIN_MODEL_ONLY))
+    config.write_text(
+        tiny_config(make_folder_dataset(tmp_path / "data"), epochs=1, **MAIN_MODEL_ONLY)
+    )
     target = tmp_path / "on-target"
-    assert _instanas(tmp_path, "profile", "--config", str(config), "--output",
-                     str(target)).returncode == 0
+    assert (
+        _instanas(tmp_path, "profile", "--config", str(config), "--output", str(target)).returncode
+        == 0
+    )
     table = _scaled(json.loads((target / "latency_table.json").read_text()), 10.0)
     table["key"].update(device="target-cpu", threads=1, torch="0.0-target")
     given = tmp_path / "target_table.json"
@@ -44,15 +54,26 @@ def test_a_table_profiled_on_the_target_drives_search_and_evaluation(tmp_path):
     before = given.read_bytes()
 
     run = tmp_path / "run"
-    proc = _instanas(tmp_path, "run", "--config", str(config), "--output", str(run),
-                     "--latency.table", str(given))
+    proc = _instanas(
+        tmp_path,
+        "run",
+        "--config",
+        str(config),
+        "--output",
+        str(run),
+        "--latency.table",
+        str(given),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "profiling again" not in proc.stderr
     assert given.read_bytes() == before  # the user's table is never overwritten
     assert json.loads((run / "latency_table.json").read_text())["key"]["device"] == "target-cpu"
     results = json.loads((run / "results.json").read_text())
-    assert results["latency_table"]["profiled_on"] == {"device": "target-cpu", "threads": 1,
-                                                       "torch": "0.0-target"}
+    assert results["latency_table"]["profiled_on"] == {
+        "device": "target-cpu",
+        "threads": 1,
+        "torch": "0.0-target",
+    }
     slow = LatencyTable.load(given)
     assert results["latency_table"]["stem_ms"] == pytest.approx(slow.unit_ms("stem"))
     # Evaluation predicts with the target's (10x) costs: at least its fixed part.
@@ -65,22 +86,41 @@ def test_a_table_profiled_on_the_target_drives_search_and_evaluation(tmp_path):
 
 def test_a_table_of_another_model_is_refused_in_one_line(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(tiny_config(make_folder_dataset(tmp_path / "data"), epochs=1,
-                                  **MAIN_MODEL_ONLY))
+    config.write_text(
+        tiny_config(make_folder_dataset(tmp_path / "data"), epochs=1, **MAIN_MODEL_ONLY)
+    )
     target = tmp_path / "on-target"
-    assert _instanas(tmp_path, "profile", "--config", str(config), "--output",
-                     str(target)).returncode == 0
+    assert (
+        _instanas(tmp_path, "profile", "--config", str(config), "--output", str(target)).returncode
+        == 0
+    )
     table = json.loads((target / "latency_table.json").read_text())
     table["key"]["space"] = "another-space"
     given = tmp_path / "other.json"
     given.write_text(json.dumps(table))
     run = tmp_path / "run"
-    proc = _instanas(tmp_path, "pretrain", "--config", str(config), "--output", str(run),
-                     "--latency.table", str(given))
+    proc = _instanas(
+        tmp_path,
+        "pretrain",
+        "--config",
+        str(config),
+        "--output",
+        str(run),
+        "--latency.table",
+        str(given),
+    )
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert "another model (space differ)" in line and "instanas profile" in line
     assert not run.exists()  # nothing written
-    missing = _instanas(tmp_path, "pretrain", "--config", str(config), "--output", str(run),
-                        "--latency.table", str(tmp_path / "nope.json"))
+    missing = _instanas(
+        tmp_path,
+        "pretrain",
+        "--config",
+        str(config),
+        "--output",
+        str(run),
+        "--latency.table",
+        str(tmp_path / "nope.json"),
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -18,12 +18,15 @@ def test_still_rising_fires_on_a_climbing_tail_only():
 
 
 def test_undertrained_names_the_stage_and_its_option():
-    records = ([{"stage": "baseline", "epoch": e, "train_accuracy": 0.6 + 0.05 * e}
-                for e in range(1, 6)]
-               + [{"stage": "finetune", "epoch": e, "train_accuracy": 0.9} for e in range(1, 6)]
-               + [{"stage": "pretrain", "epoch": e, "train_accuracy": 0.3 * e} for e in (1, 2, 3)]
-               + [{"stage": "search", "epoch": e, "metagraph_train_accuracy": 0.5 + 0.1 * e}
-                  for e in (1, 2, 3)])
+    records = (
+        [{"stage": "baseline", "epoch": e, "train_accuracy": 0.6 + 0.05 * e} for e in range(1, 6)]
+        + [{"stage": "finetune", "epoch": e, "train_accuracy": 0.9} for e in range(1, 6)]
+        + [{"stage": "pretrain", "epoch": e, "train_accuracy": 0.3 * e} for e in (1, 2, 3)]
+        + [
+            {"stage": "search", "epoch": e, "metagraph_train_accuracy": 0.5 + 0.1 * e}
+            for e in (1, 2, 3)
+        ]
+    )
     flags = {f["stage"]: f for f in undertrained(records)}
     assert set(flags) == {"baseline", "search"}  # finetune is flat; pretrain is never judged
     assert flags["baseline"]["option"] == "baseline.epochs"

@@ -23,10 +23,13 @@ from tiny_runs import snapshot, tiny_main_model_run
 from instanas.cli import main
 from instanas.deploy.runtime import ExportedModel, ExportError, fallback_child, resolve_policies
 
-HAVE_ONNX = all(__import__("importlib").util.find_spec(m) for m in
-                ("onnx", "onnxscript", "onnxruntime"))
-needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx, onnxscript or onnxruntime is not "
-                                "installed (pip install 'instanas[export]')")
+HAVE_ONNX = all(
+    __import__("importlib").util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")
+)
+needs_onnx = pytest.mark.skipif(
+    not HAVE_ONNX,
+    reason="onnx, onnxscript or onnxruntime is not installed (pip install 'instanas[export]')",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +52,20 @@ def _images(folder: Path) -> dict[str, Path]:
 
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"wide": folder / "wide.png", "gray": folder / "sub" / "gray.jpg",
-             "palette": folder / "palette.png", "rgba": folder / "rgba.png",
-             "broken": folder / "broken.png", "missing": folder.parent / "missing.png"}
+    files = {
+        "wide": folder / "wide.png",
+        "gray": folder / "sub" / "gray.jpg",
+        "palette": folder / "palette.png",
+        "rgba": folder / "rgba.png",
+        "broken": folder / "broken.png",
+        "missing": folder.parent / "missing.png",
+    }
     files["gray"].parent.mkdir(exist_ok=True)
     Image.fromarray((rng.random((30, 50, 3)) * 255).astype(np.uint8)).save(files["wide"])
     Image.fromarray((rng.random((20, 20)) * 255).astype(np.uint8), "L").save(files["gray"])
     Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).convert("P").save(
-        files["palette"])
+        files["palette"]
+    )
     Image.fromarray((rng.random((9, 7, 4)) * 255).astype(np.uint8), "RGBA").save(files["rgba"])
     files["broken"].write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
     return files
@@ -87,17 +96,32 @@ def test_onnx_export_validates_against_eager(onnx_export, tiny_run):
         assert len(child["cells"]) == routing["cells"]
     assert routing["empty_cell_rule"]["default_module"] == 4
     assert routing["classes"] == ["class0", "class1"] and routing["source"]["model"] == "instanas"
-    assert set(manifest["files"]) == {p.relative_to(onnx_export).as_posix() for p in
-                                      onnx_export.rglob("*") if p.is_file()
-                                      and p.name != "manifest.json"}
+    assert set(manifest["files"]) == {
+        p.relative_to(onnx_export).as_posix()
+        for p in onnx_export.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
     assert manifest["versions"]["onnxruntime"] and manifest["versions"]["torch"]
     assert not list(onnx_export.parent.glob(".*tmp*"))  # the temporary folder is gone
 
 
 def test_torchscript_export_validates_and_needs_trust_to_load(tiny_run, tmp_path, capsys):
     out = tmp_path / "ts"
-    assert main(["export", str(tiny_run), "-o", str(out), "--format", "torchscript",
-                 "--validate", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tiny_run),
+                "-o",
+                str(out),
+                "--format",
+                "torchscript",
+                "--validate",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"] and report["routing_differs"] == 0
     assert {p.suffix for p in (out / "children").iterdir()} == {".pt"}
@@ -106,17 +130,19 @@ def test_torchscript_export_validates_and_needs_trust_to_load(tiny_run, tmp_path
     assert main(["predict", str(out), str(files["wide"]), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--trust-torchscript" in err
-    assert main(["predict", str(out), str(files["wide"]), "--trust-torchscript",
-                 "--quiet"]) == 0
+    assert main(["predict", str(out), str(files["wide"]), "--trust-torchscript", "--quiet"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 1 and rows[0]["class"] in ("class0", "class1")
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--children", "0"], "at least 1 child"),
-    (["--model", "Z"], "has no model 'Z'"),
-    (["--format", "torchscript", "--threads", "0"], "--threads is 0"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--children", "0"], "at least 1 child"),
+        (["--model", "Z"], "has no model 'Z'"),
+        (["--format", "torchscript", "--threads", "0"], "--threads is 0"),
+    ],
+)
 def test_export_bad_requests_fail_in_one_line(tiny_run, tmp_path, capsys, argv, words):
     out = tmp_path / "out"
     assert main(["export", str(tiny_run), "-o", str(out), *argv, "--quiet"]) == 2
@@ -153,12 +179,18 @@ def test_fallback_rule():
 
 def test_runtime_routes_a_missing_child_to_its_fallback(tmp_path):
     """Fake sessions: the controller's logits pick a child that was not exported."""
-    routing = {"format": "fake", "classes": ["a", "b"], "cells": 2, "modules": 5,
-               "input": {"channels": 1, "size": 4}, "controller": {"file": "controller"},
-               "normalization": {"mean": [0.5], "std": [0.25]},
-               "empty_cell_rule": {"forced_cells": [True, False], "default_module": 4},
-               "children": [{"child": "4-_", "file": "small"}, {"child": "04-1", "file": "big"}],
-               "policy_to_file": {"4-_": "small", "04-1": "big"}}
+    routing = {
+        "format": "fake",
+        "classes": ["a", "b"],
+        "cells": 2,
+        "modules": 5,
+        "input": {"channels": 1, "size": 4},
+        "controller": {"file": "controller"},
+        "normalization": {"mean": [0.5], "std": [0.25]},
+        "empty_cell_rule": {"forced_cells": [True, False], "default_module": 4},
+        "children": [{"child": "4-_", "file": "small"}, {"child": "04-1", "file": "big"}],
+        "policy_to_file": {"4-_": "small", "04-1": "big"},
+    }
     (tmp_path / "routing.json").write_text(json.dumps(routing))
     logits = np.full((3, 2, 5), -1.0, dtype=np.float32)  # image 0: nothing -> "4-_"
     logits[1, 0, 0] = logits[1, 1, 1] = 1.0  # image 1: "0-1", not exported -> superset "04-1"
@@ -169,8 +201,9 @@ def test_runtime_routes_a_missing_child_to_its_fallback(tmp_path):
         def run(x):
             calls.append((path.name, len(x)))
             if path.name == "controller":
-                return logits[:len(x)]
+                return logits[: len(x)]
             return np.tile([[1.0, 0.0]] if path.name == "small" else [[0.0, 1.0]], (len(x), 1))
+
         return run
 
     model = ExportedModel(tmp_path, session_factory=factory, verify=False)
@@ -184,8 +217,9 @@ def test_runtime_routes_a_missing_child_to_its_fallback(tmp_path):
 @needs_onnx
 def test_export_of_the_top_child_only_uses_fallbacks(tiny_run, tmp_path):
     out = tmp_path / "top1"
-    assert main(["export", str(tiny_run), "-o", str(out), "--children", "1", "--validate",
-                 "--quiet"]) in (0, 1)  # fewer children may cost agreement: reported, not hidden
+    assert main(
+        ["export", str(tiny_run), "-o", str(out), "--children", "1", "--validate", "--quiet"]
+    ) in (0, 1)  # fewer children may cost agreement: reported, not hidden
     routing = json.loads((out / "routing.json").read_text())
     report = json.loads((out / "validation.json").read_text())
     assert len(routing["children"]) == 1 and report["routing_differs"] == 0
@@ -213,15 +247,16 @@ sys.path.insert(0, {str(onnx_export)!r})
 import instanas.deploy.runtime, instanas_runtime
 for rt in (instanas.deploy.runtime, instanas_runtime):
     model = rt.load({str(onnx_export)!r})
-    images = model.read_images([{str(files['wide'])!r}, {str(files['rgba'])!r}])
+    images = model.read_images([{str(files["wide"])!r}, {str(files["rgba"])!r}])
     probs, children = model.predict_proba(images)
     assert probs.shape == (2, 2) and abs(probs.sum() - 2) < 1e-5, probs
     one = model.logits_one(images[:1])
     assert abs(one - model.logits(images)[0][:1]).max() < 1e-4
 print("torch" in sys.modules and sys.modules["torch"] is not None)
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
 
@@ -232,15 +267,27 @@ def test_predict_mixed_good_and_broken_files(onnx_export, tiny_run, tmp_path, ca
     outputs = {}
     for name, target in (("export", onnx_export), ("run", tiny_run)):
         csv_path = tmp_path / f"{name}.csv"
-        code = main(["predict", str(target), str(tmp_path / "images"), str(files["missing"]),
-                     "-o", str(csv_path), "--batch-size", "2", "--quiet"])
+        code = main(
+            [
+                "predict",
+                str(target),
+                str(tmp_path / "images"),
+                str(files["missing"]),
+                "-o",
+                str(csv_path),
+                "--batch-size",
+                "2",
+                "--quiet",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 1  # some files were unreadable; every other file was classified
         assert err.count("cannot read image") == 2 and str(files["broken"]) in err
         rows = list(csv.DictReader(csv_path.open()))
         outputs[name] = rows
         assert [r["path"] for r in rows] == sorted(
-            str(p) for k, p in files.items() if k != "missing") + [str(files["missing"])]
+            str(p) for k, p in files.items() if k != "missing"
+        ) + [str(files["missing"])]
         good = [r for r in rows if r["class"]]
         assert len(good) == 4
         assert all(0.5 <= float(r["probability"]) <= 1 and r["child"] for r in good)
@@ -251,12 +298,14 @@ def test_predict_mixed_good_and_broken_files(onnx_export, tiny_run, tmp_path, ca
     # The same images, the same answers with torch and with onnxruntime (where the export has
     # the child; a fallback child may answer differently, and its row says so).
     pairs = list(zip(outputs["export"], outputs["run"]))
-    assert all((e["class"], e["child"]) == (r["class"], r["child"])
-               for e, r in pairs if not e["note"])
+    assert all(
+        (e["class"], e["child"]) == (r["class"], r["child"]) for e, r in pairs if not e["note"]
+    )
     # An existing CSV is not overwritten unless asked.
     before = (tmp_path / "run.csv").read_bytes()
-    assert main(["predict", str(tiny_run), str(files["wide"]), "-o",
-                 str(tmp_path / "run.csv")]) == 2
+    assert (
+        main(["predict", str(tiny_run), str(files["wide"]), "-o", str(tmp_path / "run.csv")]) == 2
+    )
     assert "--force" in capsys.readouterr().err
     assert (tmp_path / "run.csv").read_bytes() == before
 

@@ -8,8 +8,7 @@ from instanas.models.metagraph import MetaGraph
 
 def _predictor(space, bias: float | None = None) -> InstaNASPredictor:
     graph = MetaGraph(space).eval()
-    controller = Controller(1, space.num_cells, space.num_modules,
-                            ControllerSpec(6, (4, 8))).eval()
+    controller = Controller(1, space.num_cells, space.num_modules, ControllerSpec(6, (4, 8))).eval()
     with torch.no_grad():
         if bias is None:
             controller.logits.weight.normal_(std=2.0)  # varied per-image policies
@@ -30,10 +29,10 @@ def test_batch_one_path_equals_batched_paths(tiny_space, bias):
         assert torch.equal(policies, again)
         assert torch.allclose(logits, dense, atol=1e-4)
     for i in range(len(images)):
-        cells = predictor.child_cells(images[i:i + 1])
+        cells = predictor.child_cells(images[i : i + 1])
         expected = [tuple(m for m, on in enumerate(row) if on) for row in policies[i].tolist()]
         assert cells == expected
-        assert torch.allclose(predictor.logits_one(images[i:i + 1]), dense[i:i + 1], atol=1e-4)
+        assert torch.allclose(predictor.logits_one(images[i : i + 1]), dense[i : i + 1], atol=1e-4)
     if bias == -20.0:  # nothing selected: stage-first cells run the basic block, others are empty
         forced = tiny_space.forced_mask().tolist()
         assert cells == [(4,) if f else () for f in forced]

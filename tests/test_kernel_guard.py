@@ -16,14 +16,19 @@ from instanas.nn.kernel_check import AVX2_ENV
 
 def _guard(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **AVX2_ENV}
-    return subprocess.run([sys.executable, "-m", "instanas.nn.kernel_check", *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "instanas.nn.kernel_check", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _failure(proc: subprocess.CompletedProcess) -> str:
     checking = [line for line in proc.stdout.splitlines() if line.startswith("checking")]
     last = checking[-1] if checking else "(before the first shape)"
-    return (f"exit {proc.returncode} while {last}; stderr: {proc.stderr[-1500:]}")
+    return f"exit {proc.returncode} while {last}; stderr: {proc.stderr[-1500:]}"
 
 
 @pytest.mark.parametrize("preset", preset_names())
@@ -48,5 +53,7 @@ def test_the_guard_names_a_shape_that_aborts():
     if proc.returncode == 0:
         pytest.skip("this CPU runs the raw strided 1x1 pattern clean on its AVX2 paths")
     assert proc.returncode == 1, _failure(proc)
-    assert "died: raw-pattern: conv 4->8 k1 s2 g1 on 8x8 (raw nn.Conv2d): killed by signal" \
+    assert (
+        "died: raw-pattern: conv 4->8 k1 s2 g1 on 8x8 (raw nn.Conv2d): killed by signal"
         in proc.stdout
+    )

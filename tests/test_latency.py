@@ -16,16 +16,18 @@ from instanas.models.metagraph import MetaGraph
 
 
 def _models(space):
-    return MetaGraph(space), Controller(1, space.num_cells, space.num_modules,
-                                        ControllerSpec(12, (4, 8, 8)))
+    return MetaGraph(space), Controller(
+        1, space.num_cells, space.num_modules, ControllerSpec(12, (4, 8, 8))
+    )
 
 
 def test_profile_save_load_and_reuse(tiny_space, tmp_path, caplog):
     graph, ctrl = _models(tiny_space)
     cpu = torch.device("cpu")
     path = tmp_path / "table.json"
-    table = load_or_profile(path, graph, ctrl, cpu, threads=1, warmup=1, repeats=30,
-                            calibration_children=2)
+    table = load_or_profile(
+        path, graph, ctrl, cpu, threads=1, warmup=1, repeats=30, calibration_children=2
+    )
     assert path.exists()
     assert len(table.modules) == 17 and len(table.modules[0]) == 5
     assert all(s.repeats == 30 and s.median_ms > 0 for row in table.modules for s in row)
@@ -33,12 +35,14 @@ def test_profile_save_load_and_reuse(tiny_space, tmp_path, caplog):
     key = json.loads(path.read_text())["key"]
     assert {"device", "torch", "threads", "dtype", "input_shape"} <= set(key)
     # Same setup: reused as is (no new profiling).
-    again = load_or_profile(path, graph, ctrl, cpu, threads=1, warmup=1, repeats=30,
-                            calibration_children=2)
+    again = load_or_profile(
+        path, graph, ctrl, cpu, threads=1, warmup=1, repeats=30, calibration_children=2
+    )
     assert again.to_dict() == table.to_dict()
     # Another thread count is another key: profiled again, with a warning.
-    other = load_or_profile(path, graph, ctrl, cpu, threads=2, warmup=1, repeats=30,
-                            calibration_children=2)
+    other = load_or_profile(
+        path, graph, ctrl, cpu, threads=2, warmup=1, repeats=30, calibration_children=2
+    )
     assert other.key["threads"] == 2
     assert "another setup" in caplog.text
 
@@ -49,8 +53,16 @@ def test_corrupt_table_is_reprofiled(tiny_space, tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
         LatencyTable.load(path)
-    table = load_or_profile(path, graph, ctrl, torch.device("cpu"), threads=1, warmup=0,
-                            repeats=30, calibration_children=0)
+    table = load_or_profile(
+        path,
+        graph,
+        ctrl,
+        torch.device("cpu"),
+        threads=1,
+        warmup=0,
+        repeats=30,
+        calibration_children=0,
+    )
     assert LatencyTable.load(path).key == table.key
 
 
@@ -58,8 +70,11 @@ def test_table_arithmetic(tiny_space):
     graph, ctrl = _models(tiny_space)
     stat = lambda v: TimingStats(v, v, 0.0, v, v, 30)  # noqa: E731
     modules = [[stat(1.0 + m) for m in range(5)] for _ in range(17)]
-    table = LatencyTable(table_key(graph, ctrl, torch.device("cpu"), 1), modules,
-                         {"stem": stat(0.5), "head": stat(0.25), "controller": stat(0.1)})
+    table = LatencyTable(
+        table_key(graph, ctrl, torch.device("cpu"), 1),
+        modules,
+        {"stem": stat(0.5), "head": stat(0.25), "controller": stat(0.1)},
+    )
     forced = tiny_space.forced_mask()
     bounds = table.bounds(forced)
     assert bounds.all_modules == pytest.approx(17 * 15)
@@ -101,13 +116,15 @@ def test_chain_factor_scales_predictions(tiny_space):
 
 def test_profiled_table_is_calibrated(tiny_space):
     graph, ctrl = _models(tiny_space)
-    table = profile_table(graph, ctrl, torch.device("cpu"), threads=1, warmup=1, repeats=30,
-                          calibration_children=4)
+    table = profile_table(
+        graph, ctrl, torch.device("cpu"), threads=1, warmup=1, repeats=30, calibration_children=4
+    )
     assert 0.3 < table.chain_factor < 3.0 and table.chain_factor != 1.0
 
 
 def test_spearman():
     from instanas.latency.validation import spearman
+
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties
@@ -116,13 +133,16 @@ def test_spearman():
 
 def test_validation_compares_table_with_measured_children(tiny_space, tmp_path):
     from instanas.latency.validation import plot_validation, random_children, validate_table
+
     graph, ctrl = _models(tiny_space)
-    table = profile_table(graph, ctrl, torch.device("cpu"), threads=1, warmup=1, repeats=30,
-                          calibration_children=0)
+    table = profile_table(
+        graph, ctrl, torch.device("cpu"), threads=1, warmup=1, repeats=30, calibration_children=0
+    )
     children = random_children(graph, 6, seed=0)
     assert len({str(c) for c in children}) == 6
-    result = validate_table(table, graph, ctrl, [(c, "random", 0) for c in children],
-                            threads=1, warmup=1, repeats=30)
+    result = validate_table(
+        table, graph, ctrl, [(c, "random", 0) for c in children], threads=1, warmup=1, repeats=30
+    )
     assert len(result.children) == 6
     assert all(c.measured_ms > 0 and c.predicted_ms > 0 for c in result.children)
     assert -1.0 <= result.spearman <= 1.0

@@ -23,8 +23,9 @@ def test_cell_output_is_sum_of_selected_modules(tiny_space):
     policy[1, 4] = True
     with torch.no_grad():
         out = cell.forward_sparse(x, policy, policy.sum(0).tolist())
-        assert torch.allclose(out[0], (cell.candidates[1](x[:1]) + cell.candidates[3](x[:1]))[0],
-                              atol=1e-5)
+        assert torch.allclose(
+            out[0], (cell.candidates[1](x[:1]) + cell.candidates[3](x[:1]))[0], atol=1e-5
+        )
         assert torch.allclose(out[1], cell.candidates[4](x[1:2])[0], atol=1e-5)
         assert torch.equal(out[2], x[2])  # empty shape-preserving cell is the identity
 
@@ -49,8 +50,12 @@ def test_sparse_equals_dense_outputs_and_gradients(tiny_space):
             graph.zero_grad()
             out = graph(x, policy, execution=execution)
             out.square().sum().backward()
-            grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                          for p in graph.parameters()])
+            grads.append(
+                [
+                    p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                    for p in graph.parameters()
+                ]
+            )
             if execution == "sparse":
                 sparse_out = out.detach()
             else:
@@ -120,8 +125,9 @@ def _outputs_and_grads(graph, x, policy, execution="sparse"):
     graph.zero_grad()
     out = graph(x, policy, execution=execution)
     out.square().sum().backward()
-    return out.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                          for p in graph.parameters()]
+    return out.detach(), [
+        p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in graph.parameters()
+    ]
 
 
 def test_channels_last_sparse_equals_dense(tiny_space):
@@ -136,7 +142,6 @@ def test_channels_last_sparse_equals_dense(tiny_space):
         assert _close(a, b)
 
 
-
 def test_grouped_execution_equals_dense(tiny_space):
     torch.manual_seed(2)
     graph = MetaGraph(tiny_space).eval()
@@ -148,8 +153,9 @@ def test_grouped_execution_equals_dense(tiny_space):
         assert torch.allclose(graph(x, policy, execution="grouped"), dense, atol=1e-5)
         assert torch.allclose(graph.deploy()(x, policy, execution="grouped"), dense, atol=1e-4)
         one = policy[:1].expand(12, -1, -1)
-        assert torch.allclose(graph(x, one, execution="grouped"),
-                              graph(x, one, execution="dense"), atol=1e-5)
+        assert torch.allclose(
+            graph(x, one, execution="grouped"), graph(x, one, execution="dense"), atol=1e-5
+        )
 
 
 def test_grouped_execution_runs_each_child_once(tiny_space):

@@ -14,14 +14,25 @@ import instanas
 
 PACKAGE = Path(instanas.__file__).parent
 # Modules whose loaders can run code stored in the data they read.
-UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve",
-                  "marshal", "jsonpickle"}
+UNSAFE_MODULES = {
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "shelve",
+    "marshal",
+    "jsonpickle",
+}
 # The one allowed site. CIFAR-10/100 are published only as Python pickles, so data/cifar.py reads
 # them with _ArrayUnpickler, whose find_class admits numpy's array-rebuilding globals and nothing
 # else (test_cifar_unpickler_refuses_other_globals below checks that). It names pickle.Unpickler
 # (as the base class) and pickle.UnpicklingError, and nothing else from pickle.
-ALLOWED_PICKLE_NAMES = {("data/cifar.py", "pickle.Unpickler"),
-                        ("data/cifar.py", "pickle.UnpicklingError")}
+ALLOWED_PICKLE_NAMES = {
+    ("data/cifar.py", "pickle.Unpickler"),
+    ("data/cifar.py", "pickle.UnpicklingError"),
+}
 ALLOWED_PICKLE_IMPORTS = {"data/cifar.py"}
 # TorchScript files are programs: deploy.export.torchscript_session loads them only for an export
 # this process has just written (export --validate) or when the user passes --trust-torchscript
@@ -71,8 +82,10 @@ def _problems(path: Path) -> list[str]:
 
 
 def _unsafe_call(where: str, name: str, call: ast.Call) -> list[str]:
-    if name in ("torch.load", "torch.serialization.load") and \
-            _keyword(call, "weights_only") is not True:
+    if (
+        name in ("torch.load", "torch.serialization.load")
+        and _keyword(call, "weights_only") is not True
+    ):
         return [f"{where} calls {name} without weights_only=True"]
     if name in ("torch.jit.load", "torch.package.PackageImporter"):
         return [f"{where} calls {name}, which runs code stored in the file"]
@@ -95,10 +108,12 @@ def test_no_code_path_unpickles_a_file():
 def test_the_scan_catches_unsafe_loads(tmp_path, monkeypatch):
     """The scanner itself: each of these must be reported."""
     bad = tmp_path / "bad.py"
-    bad.write_text("import pickle\nimport torch\nimport numpy as np\nimport yaml\n"
-                   "torch.load('x')\ntorch.load('x', weights_only=False)\n"
-                   "np.load('x', allow_pickle=True)\nyaml.load('x')\npickle.loads(b'')\n"
-                   "from pickle import Unpickler\n")
+    bad.write_text(
+        "import pickle\nimport torch\nimport numpy as np\nimport yaml\n"
+        "torch.load('x')\ntorch.load('x', weights_only=False)\n"
+        "np.load('x', allow_pickle=True)\nyaml.load('x')\npickle.loads(b'')\n"
+        "from pickle import Unpickler\n"
+    )
     monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path)
     assert len(_problems(bad)) == 7
 

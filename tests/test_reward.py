@@ -61,5 +61,6 @@ def test_controller_output_shape():
     p = ctrl(torch.randn(3, 1, 28, 28))
     assert p.shape == (3, 17, 5) and ((p > 0) & (p < 1)).all()
     ctrl.eval()
-    assert torch.allclose(ctrl.deploy()(torch.ones(1, 1, 28, 28)), ctrl(torch.ones(1, 1, 28, 28)),
-                          atol=1e-5)
+    assert torch.allclose(
+        ctrl.deploy()(torch.ones(1, 1, 28, 28)), ctrl(torch.ones(1, 1, 28, 28)), atol=1e-5
+    )

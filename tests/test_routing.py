@@ -24,14 +24,16 @@ BOUNDS = LatencyBounds(all_modules=100.0, mbv2=20.0, minimum=4.0)
 
 
 def test_budget_reward_charges_latency_in_proportion():
-    score = prediction_score(torch.tensor([True, True, False]), torch.zeros(3), "correct",
-                             pos_w=30.0, neg_w=-3.0)
+    score = prediction_score(
+        torch.tensor([True, True, False]), torch.zeros(3), "correct", pos_w=30.0, neg_w=-3.0
+    )
     assert score.tolist() == [30.0, 30.0, -3.0]
     reward = budget_reward(score, torch.tensor([10.0, 20.0, 10.0]), weight=0.5, reference=20.0)
     assert reward.tolist() == pytest.approx([22.5, 15.0, -10.5])
     # Without a latency weight only the prediction counts.
-    assert budget_reward(score, torch.tensor([1.0, 99.0, 5.0]), 0.0, 20.0).tolist() == \
-        score.tolist()
+    assert (
+        budget_reward(score, torch.tensor([1.0, 99.0, 5.0]), 0.0, 20.0).tolist() == score.tolist()
+    )
 
 
 def test_log_prob_signal_is_graded_and_floored():
@@ -82,8 +84,11 @@ def _policies(children: list[list[int]]) -> torch.Tensor:
 
 def test_routing_summary():
     one = routing_summary(_policies([[0]] * 10))
-    assert one == {"distinct_children": 1, "effective_children": pytest.approx(1.0),
-                   "top_child_share": 1.0}
+    assert one == {
+        "distinct_children": 1,
+        "effective_children": pytest.approx(1.0),
+        "top_child_share": 1.0,
+    }
     even = routing_summary(_policies([[0], [1], [2], [0, 1]] * 5))
     assert even["distinct_children"] == 4
     assert even["effective_children"] == pytest.approx(4.0)
@@ -154,16 +159,20 @@ def test_imitation_objective_trains_the_controller(tmp_path, monkeypatch):
 
     monkeypatch.setenv("INSTANAS_CACHE", str(tmp_path / "cache"))
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(tiny_config(
-        make_folder_dataset(tmp_path / "data"),
-        controller="{input_size: 8, widths: [4, 8], objective: imitate, candidates: 3, "
-                   "reward: budget, signal: log_prob}"))
+    config_path.write_text(
+        tiny_config(
+            make_folder_dataset(tmp_path / "data"),
+            controller="{input_size: 8, widths: [4, 8], objective: imitate, candidates: 3, "
+            "reward: budget, signal: log_prob}",
+        )
+    )
     ctx = open_run(load_config_file(config_path), tmp_path / "run")
     metagraph, controller = new_models(ctx)
     before = [p.detach().clone() for p in controller.parameters()]
     optimizer = torch.optim.Adam(controller.parameters(), lr=1e-2)
-    record = controller_epoch(ctx, metagraph, controller, optimizer, latency_table(ctx), 0,
-                              DualWeight())
+    record = controller_epoch(
+        ctx, metagraph, controller, optimizer, latency_table(ctx), 0, DualWeight()
+    )
     assert any(not torch.equal(a, b) for a, b in zip(before, controller.parameters()))
     assert 0.0 <= record["sampled_train_accuracy"] <= 1.0
     assert record["greedy_cells_ms"] > 0 and record["latency_weight"] >= 0.0

@@ -27,5 +27,6 @@ def package_imports(path: Path) -> list[tuple[str, str]]:
 def test_script_imports_resolve(path):
     for module, name in package_imports(path):
         imported = importlib.import_module(module)
-        assert hasattr(imported, name) or importlib.util.find_spec(f"{module}.{name}"), \
+        assert hasattr(imported, name) or importlib.util.find_spec(f"{module}.{name}"), (
             f"{path.name}: {module} has no {name}"
+        )

@@ -9,9 +9,16 @@ from instanas.models.metagraph import MetaGraph
 from instanas.nn.smallconv import conv2d, matrix_form
 
 CASES = [  # in, out, kernel, stride, groups, map side
-    (40, 240, 1, 1, 1, 2), (16, 8, 1, 1, 1, 4),
-    (8, 8, 3, 1, 1, 2), (8, 16, 3, 2, 1, 4), (6, 5, 3, 1, 1, 3), (4, 4, 5, 1, 1, 2),
-    (12, 12, 3, 1, 12, 2), (12, 12, 5, 1, 12, 2), (12, 12, 3, 2, 12, 2), (6, 6, 5, 1, 6, 1),
+    (40, 240, 1, 1, 1, 2),
+    (16, 8, 1, 1, 1, 4),
+    (8, 8, 3, 1, 1, 2),
+    (8, 16, 3, 2, 1, 4),
+    (6, 5, 3, 1, 1, 3),
+    (4, 4, 5, 1, 1, 2),
+    (12, 12, 3, 1, 12, 2),
+    (12, 12, 5, 1, 12, 2),
+    (12, 12, 3, 2, 12, 2),
+    (6, 6, 5, 1, 6, 1),
 ]
 
 
@@ -66,18 +73,29 @@ def test_fashion_preset_cells_on_2x2_maps_never_call_onednn(monkeypatch):
         return original(self, x)
 
     monkeypatch.setattr(nn.Conv2d, "forward", counting)
-    graph(torch.randn(8, 1, 28, 28), torch.ones(8, space.num_cells, space.num_modules,
-                                                 dtype=torch.bool)).sum().backward()
+    graph(
+        torch.randn(8, 1, 28, 28),
+        torch.ones(8, space.num_cells, space.num_modules, dtype=torch.bool),
+    ).sum().backward()
     assert sides and min(sides) >= 4  # every convolution on 2x2 maps took a matrix form
 
 
-@pytest.mark.parametrize("cin,cout,stride,groups,side", [
-    (4, 8, 2, 1, 8), (3, 6, 2, 1, 7), (8, 16, 2, 1, 2), (5, 7, 3, 1, 9), (4, 8, 2, 2, 6),
-    (16, 32, 2, 1, 28)])
+@pytest.mark.parametrize(
+    "cin,cout,stride,groups,side",
+    [
+        (4, 8, 2, 1, 8),
+        (3, 6, 2, 1, 7),
+        (8, 16, 2, 1, 2),
+        (5, 7, 3, 1, 9),
+        (4, 8, 2, 2, 6),
+        (16, 32, 2, 1, 28),
+    ],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("matrix_forms", [False, True])
-def test_strided_pointwise_equals_conv2d(cin, cout, stride, groups, side, channels_last,
-                                         matrix_forms):
+def test_strided_pointwise_equals_conv2d(
+    cin, cout, stride, groups, side, channels_last, matrix_forms
+):
     """Strided 1x1 convolutions never reach oneDNN's strided kernel (it corrupts the heap on
     AVX2-only CPUs) and compute the same outputs and gradients as F.conv2d."""
     torch.manual_seed(0)

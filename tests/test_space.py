@@ -14,8 +14,25 @@ def test_paper_cifar_space_matches_spec():
     space = SearchSpace()  # defaults: the paper's 32 px CIFAR space with s2 = 1
     cells = space.cells()
     assert len(cells) == 17 and space.num_modules == 5
-    assert [c.out_channels for c in cells] == [16, 24, 24, 32, 32, 32, 64, 64, 64, 64,
-                                               96, 96, 96, 160, 160, 160, 320]
+    assert [c.out_channels for c in cells] == [
+        16,
+        24,
+        24,
+        32,
+        32,
+        32,
+        64,
+        64,
+        64,
+        64,
+        96,
+        96,
+        96,
+        160,
+        160,
+        160,
+        320,
+    ]
     assert space.final_size == 4
     # Stage-first cells change shape and get the forced default; the others may be identity.
     forced = [i for i, c in enumerate(cells) if c.forced_default]
@@ -23,9 +40,19 @@ def test_paper_cifar_space_matches_spec():
 
 
 def test_imagenet_space_final_map_is_7():
-    space = SearchSpace(input_size=224, stem_stride=2,
-                        stages=((16, 1, 1), (24, 2, 2), (32, 3, 2), (64, 4, 2), (96, 3, 1),
-                                (160, 3, 2), (320, 1, 1)))
+    space = SearchSpace(
+        input_size=224,
+        stem_stride=2,
+        stages=(
+            (16, 1, 1),
+            (24, 2, 2),
+            (32, 3, 2),
+            (64, 4, 2),
+            (96, 3, 1),
+            (160, 3, 2),
+            (320, 1, 1),
+        ),
+    )
     assert space.final_size == 7
 
 

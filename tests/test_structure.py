@@ -54,8 +54,10 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             if module is None:
                 continue
             # `from . import space` imports the submodule; `from . import __version__` the package.
-            targets = [f"{module}.{alias.name}" if f"{module}.{alias.name}" in known else module
-                       for alias in node.names]
+            targets = [
+                f"{module}.{alias.name}" if f"{module}.{alias.name}" in known else module
+                for alias in node.names
+            ]
         else:
             continue
         found.update(t for t in targets if t in known and t != name)
@@ -78,7 +80,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -113,11 +115,14 @@ def test_no_import_cycles():
 def test_no_stage_imports_another_stage():
     stages = STAGE_MODULES
     graph = import_graph()
-    offending = sorted(f"{name} imports {other}" for name in stages
-                       for other in graph[name] if other in stages)
-    assert not offending, ("stages share code through the helper modules under stages/ "
-                           "(common, loop, resume, policy_tuning, standalone) or modules "
-                           "outside stages/, not through each other: " + "; ".join(offending))
+    offending = sorted(
+        f"{name} imports {other}" for name in stages for other in graph[name] if other in stages
+    )
+    assert not offending, (
+        "stages share code through the helper modules under stages/ "
+        "(common, loop, resume, policy_tuning, standalone) or modules "
+        "outside stages/, not through each other: " + "; ".join(offending)
+    )
 
 
 def test_every_registered_stage_is_one_module_with_a_run_function():
@@ -129,8 +134,9 @@ def test_every_registered_stage_is_one_module_with_a_run_function():
     # A helper module must not look like a stage the registry forgot.
     for name in stage_files - STAGE_MODULES:
         tree = ast.parse(modules()[name].read_text())
-        assert not any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body), \
+        assert not any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body), (
             f"{name} defines run() but is not in stages/registry.py"
+        )
 
 
 def test_no_function_in_the_package_is_longer_than_40_lines():

@@ -42,18 +42,22 @@ def test_batch_statistics_leaves_running_stats_alone(tiny_space):
 
 
 def test_select_epoch_prefers_fast_within_tolerance():
-    history = [{"epoch": 1, "val_accuracy": 0.90, "val_total_ms": 3.0},
-               {"epoch": 2, "val_accuracy": 0.895, "val_total_ms": 2.0},
-               {"epoch": 3, "val_accuracy": 0.85, "val_total_ms": 1.0}]
+    history = [
+        {"epoch": 1, "val_accuracy": 0.90, "val_total_ms": 3.0},
+        {"epoch": 2, "val_accuracy": 0.895, "val_total_ms": 2.0},
+        {"epoch": 3, "val_accuracy": 0.85, "val_total_ms": 1.0},
+    ]
     assert select_epoch(history, 0.01)["epoch"] == 2
     assert select_epoch(history, 0.0)["epoch"] == 1
     assert select_epoch(history, 0.1)["epoch"] == 3
 
 
 def test_select_epoch_under_a_budget_keeps_to_it():
-    history = [{"epoch": 1, "val_accuracy": 0.90, "val_total_ms": 3.0, "val_cells_ms": 2.5},
-               {"epoch": 2, "val_accuracy": 0.86, "val_total_ms": 1.2, "val_cells_ms": 0.9},
-               {"epoch": 3, "val_accuracy": 0.88, "val_total_ms": 1.3, "val_cells_ms": 1.02}]
+    history = [
+        {"epoch": 1, "val_accuracy": 0.90, "val_total_ms": 3.0, "val_cells_ms": 2.5},
+        {"epoch": 2, "val_accuracy": 0.86, "val_total_ms": 1.2, "val_cells_ms": 0.9},
+        {"epoch": 3, "val_accuracy": 0.88, "val_total_ms": 1.3, "val_cells_ms": 1.02},
+    ]
     assert select_epoch(history, 0.01, budget_cells_ms=1.0)["epoch"] == 3
     assert select_epoch(history, 0.01, budget_cells_ms=0.5)["epoch"] == 2  # none within: fastest
 

@@ -30,7 +30,7 @@ def tiny_config(data_root: Path, epochs: int = 3, **overrides: str) -> str:
     sections = {
         "data": f"{{dataset: folder, root: '{data_root}', image_size: 8, val_fraction: 0.25}}",
         "space": "{width: 0.25, stem_channels: 8, stages: [[8, 1, 1], [8, 2, 2], [16, 1, 2]], "
-                 "head_channels: 16}",
+        "head_channels: 16}",
         "controller": "{input_size: 8, widths: [4, 8]}",
         "pretrain": f"{{epochs: {epochs}, batch_size: 16}}",
         "search": f"{{epochs: {epochs}, batch_size: 16, recalibrate_batches: 2}}",
@@ -47,14 +47,19 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with the SHA-256 of its bytes."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # Only the stages the main model needs: a few seconds on 2 cores.
-MAIN_MODEL_ONLY = {"variants": "{count: 0}",
-                   "baseline": "{epochs: 1, batch_size: 16, widths: [1.0], min_net: false, "
-                               "random_policy: false, oracle_children: 0}"}
+MAIN_MODEL_ONLY = {
+    "variants": "{count: 0}",
+    "baseline": "{epochs: 1, batch_size: 16, widths: [1.0], min_net: false, "
+    "random_policy: false, oracle_children: 0}",
+}
 
 
 def tiny_main_model_run(root: Path) -> Path:
@@ -62,8 +67,22 @@ def tiny_main_model_run(root: Path) -> Path:
     config = root / "config.yaml"
     config.write_text(tiny_config(make_folder_dataset(root / "data"), **MAIN_MODEL_ONLY))
     env = {**os.environ, "INSTANAS_CACHE": str(root / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "instanas", "run", "--config", str(config),
-                           "--output", str(root / "run"), "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "instanas",
+            "run",
+            "--config",
+            str(config),
+            "--output",
+            str(root / "run"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root / "run"

@@ -45,8 +45,12 @@ def resolve_budgets(config: Config, train_images: int, pinned: Collection[str] =
 
 def _scales(config: Config, stage: str, train_images: int, pinned: Collection[str]) -> bool:
     cfg = getattr(config, stage)
-    return (config.budget_images is not None and train_images < config.budget_images
-            and stage not in pinned and cfg.epochs is not None)
+    return (
+        config.budget_images is not None
+        and train_images < config.budget_images
+        and stage not in pinned
+        and cfg.epochs is not None
+    )
 
 
 def describe(config: Config, stage: str, train_images: int) -> str | None:
@@ -57,8 +61,10 @@ def describe(config: Config, stage: str, train_images: int) -> str | None:
     cfg = getattr(config, section)
     epochs = config.baseline_epochs() if section == "baseline" else cfg.epochs
     steps = epochs * steps_per_epoch(train_images, cfg.batch_size)
-    return (f"{stage}: {epochs} epochs = {steps:,} steps of {cfg.batch_size} images "
-            f"({train_images:,} training images)")
+    return (
+        f"{stage}: {epochs} epochs = {steps:,} steps of {cfg.batch_size} images "
+        f"({train_images:,} training images)"
+    )
 
 
 def prefer_given_epochs(config: Config, overrides: Collection[str]) -> None:
@@ -70,5 +76,8 @@ def prefer_given_epochs(config: Config, overrides: Collection[str]) -> None:
 
 def pinned_stages(overrides: Collection[str]) -> set[str]:
     """The stages whose ``epochs`` or ``steps`` appear among the override keys."""
-    return {key.split(".")[0] for key in overrides
-            if key.split(".")[0] in BUDGETED and key.split(".")[-1] in ("epochs", "steps")}
+    return {
+        key.split(".")[0]
+        for key in overrides
+        if key.split(".")[0] in BUDGETED and key.split(".")[-1] in ("epochs", "steps")
+    }

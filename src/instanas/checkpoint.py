@@ -41,54 +41,73 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: run the stage that writes it "
-                              "first")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist: run the stage that writes it first"
+        )
     try:
         data = path.read_bytes()
         if data[:2] in _PICKLE_MAGIC:
-            raise CheckpointError(f"checkpoint {path} is a pickle (torch.save), not safetensors; "
-                                  "pickles can run code, so instanas never loads them: rerun the "
-                                  "stage that wrote it")
+            raise CheckpointError(
+                f"checkpoint {path} is a pickle (torch.save), not safetensors; "
+                "pickles can run code, so instanas never loads them: rerun the "
+                "stage that wrote it"
+            )
         tensors = load_safetensors(data)
         header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(data[8 : 8 + header_len])
         meta = json.loads(header.get("__metadata__", {}).get("instanas", "{}"))
         if not isinstance(meta, dict):
             raise ValueError("its metadata is not a JSON object")
     except (SafetensorError, ValueError, OSError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc}): delete it and "
-                              "rerun the stage that wrote it") from exc
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({exc}): delete it and "
+            "rerun the stage that wrote it"
+        ) from exc
     return tensors, meta
 
 
-def load_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module],
-                    expect: dict | None = None) -> dict:
+def load_checkpoint(
+    path: str | os.PathLike, modules: dict[str, nn.Module], expect: dict | None = None
+) -> dict:
     """Load weights into ``modules``; ``expect`` keys (space, classes...) must match."""
     return load_tensors(path, *read_checkpoint(path), modules, expect)
 
 
-def load_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict,
-                 modules: dict[str, nn.Module], expect: dict | None = None) -> dict:
+def load_tensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    modules: dict[str, nn.Module],
+    expect: dict | None = None,
+) -> dict:
     """Copy already-read checkpoint tensors into ``modules`` (see :func:`load_checkpoint`)."""
     check_identity(path, meta, expect or {})
-    load_module_states(path, tensors, modules,
-                       fix="use the run directory and preset it was made with")
+    load_module_states(
+        path, tensors, modules, fix="use the run directory and preset it was made with"
+    )
     return meta
 
 
-def load_module_states(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                       modules: dict[str, nn.Module], *, fix: str, key_prefix: str = "") -> None:
+def load_module_states(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    modules: dict[str, nn.Module],
+    *,
+    fix: str,
+    key_prefix: str = "",
+) -> None:
     """Load each module from the tensors named ``{key_prefix}{name}.*``; one-line error with
     ``fix`` when they do not fit."""
     for name, module in modules.items():
         prefix = f"{key_prefix}{name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             module.load_state_dict(state)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"checkpoint {path} does not fit the {name} ({first}): "
-                                  f"{fix}") from exc
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the {name} ({first}): {fix}"
+            ) from exc
 
 
 def check_identity(path: str | os.PathLike, meta: dict, expect: dict) -> None:
@@ -100,10 +119,13 @@ def check_identity(path: str | os.PathLike, meta: dict, expect: dict) -> None:
         _differences(key, meta.get(key), value, diffs)
     if diffs:
         shown = "; ".join(diffs[:_SHOWN_DIFFERENCES])
-        more = f"; {len(diffs) - _SHOWN_DIFFERENCES} more" if len(diffs) > _SHOWN_DIFFERENCES \
-            else ""
-        raise CheckpointError(f"checkpoint {path} does not match this run ({shown}{more}): use "
-                              "the run directory, preset and data it was made with")
+        more = (
+            f"; {len(diffs) - _SHOWN_DIFFERENCES} more" if len(diffs) > _SHOWN_DIFFERENCES else ""
+        )
+        raise CheckpointError(
+            f"checkpoint {path} does not match this run ({shown}{more}): use "
+            "the run directory, preset and data it was made with"
+        )
 
 
 _SHOWN_DIFFERENCES = 4

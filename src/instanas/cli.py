@@ -35,21 +35,31 @@ from .utils import hidden_progress
 log = logging.getLogger("instanas")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ExportError)
 # Failures of the machine rather than the program: reported in one line, not a traceback.
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                       errno.EROFS: "the file system is read-only",
-                       errno.EACCES: "permission denied"}
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+}
 
-RUN_HELP = ("the whole pipeline: latency table, MobileNetV2-path baseline, pretrain, search, "
-            "fine-tune, random-policy model, best static child, variants A..E, other "
-            "baselines, evaluate")
+RUN_HELP = (
+    "the whole pipeline: latency table, MobileNetV2-path baseline, pretrain, search, "
+    "fine-tune, random-policy model, best static child, variants A..E, other "
+    "baselines, evaluate"
+)
 PROFILE_HELP = "measure the latency lookup table on this machine"
 # These read a finished run and take none of the run or config options.
-REPORT_HELP = ("plots, report.md and a self-contained report.html from a finished run "
-               "(needs evaluate)")
-EXPORT_HELP = ("the BatchNorm-folded controller and every child it uses as ONNX or TorchScript, "
-               "with routing.json and manifest.json (needs finetune)")
-PREDICT_HELP = ("classify PNG/JPEG files and folders with a run directory or an export folder; "
-                "CSV of path, class, probability and child")
+REPORT_HELP = (
+    "plots, report.md and a self-contained report.html from a finished run (needs evaluate)"
+)
+EXPORT_HELP = (
+    "the BatchNorm-folded controller and every child it uses as ONNX or TorchScript, "
+    "with routing.json and manifest.json (needs finetune)"
+)
+PREDICT_HELP = (
+    "classify PNG/JPEG files and folders with a run directory or an export folder; "
+    "CSV of path, class, probability and child"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,14 +85,22 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="instanas", description="InstaNAS: instance-aware neural architecture search.")
+        prog="instanas", description="InstaNAS: instance-aware neural architecture search."
+    )
     parser.add_argument("--version", action="version", version=f"instanas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands = {"run": RUN_HELP, **{s.name: s.help for s in registry.STAGES},
-                "profile": PROFILE_HELP}
+    commands = {
+        "run": RUN_HELP,
+        **{s.name: s.help for s in registry.STAGES},
+        "profile": PROFILE_HELP,
+    }
     for name, text in commands.items():
-        p = sub.add_parser(name, help=text, description=text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         _add_run_options(p, name)
         _add_config_options(p)
     sub.add_parser("presets", help="list the shipped presets")
@@ -96,76 +114,140 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP)
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run with finetune done")
-    p.add_argument("--model", default="instanas",
-                   help="instanas (the main model, the default) or a variant letter A..E")
-    p.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), default="onnx",
-                   help="file format (default: %(default)s; TorchScript is deprecated in "
-                        "PyTorch)")
+    p.add_argument(
+        "--model",
+        default="instanas",
+        help="instanas (the main model, the default) or a variant letter A..E",
+    )
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("onnx", "torchscript"),
+        default="onnx",
+        help="file format (default: %(default)s; TorchScript is deprecated in PyTorch)",
+    )
     p.add_argument("--output", "-o", required=True, help="export folder (must not exist)")
-    p.add_argument("--children", type=int, default=None, metavar="K",
-                   help="export only the K children most used on the validation split "
-                        "(default: all); other policies run a fallback child (routing.json)")
-    p.add_argument("--split", choices=("val", "train+val"), default="val",
-                   help="where the controller's children are counted (default: %(default)s; "
-                        "train+val exports more of the children new images may pick)")
-    p.add_argument("--validate", action="store_true",
-                   help="compare with the eager model on the test split (routing, "
-                        "predictions, logits) and time both at batch 1: validation.json")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for timing (default: the run's latency.threads)")
-    p.add_argument("--timed-images", type=int, default=1000,
-                   help="test images timed at batch 1 by --validate (default: %(default)s; "
-                        "0: all)")
+    p.add_argument(
+        "--children",
+        type=int,
+        default=None,
+        metavar="K",
+        help="export only the K children most used on the validation split "
+        "(default: all); other policies run a fallback child (routing.json)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("val", "train+val"),
+        default="val",
+        help="where the controller's children are counted (default: %(default)s; "
+        "train+val exports more of the children new images may pick)",
+    )
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="compare with the eager model on the test split (routing, "
+        "predictions, logits) and time both at batch 1: validation.json",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for timing (default: the run's latency.threads)",
+    )
+    p.add_argument(
+        "--timed-images",
+        type=int,
+        default=1000,
+        help="test images timed at batch 1 by --validate (default: %(default)s; 0: all)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP)
-    p.add_argument("target", metavar="RUN_DIR|EXPORT_DIR",
-                   help="a run directory (torch) or an export folder (onnxruntime)")
-    p.add_argument("paths", metavar="PATH", nargs="+",
-                   help="image files, or folders searched recursively for images")
-    p.add_argument("--output", "-o", default=None,
-                   help="CSV file to write (default: standard output)")
+    p.add_argument(
+        "target",
+        metavar="RUN_DIR|EXPORT_DIR",
+        help="a run directory (torch) or an export folder (onnxruntime)",
+    )
+    p.add_argument(
+        "paths",
+        metavar="PATH",
+        nargs="+",
+        help="image files, or folders searched recursively for images",
+    )
+    p.add_argument(
+        "--output", "-o", default=None, help="CSV file to write (default: standard output)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
-    p.add_argument("--model", default=None,
-                   help="with a run directory: instanas or a variant letter A..E")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="images per batch (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: the runtime's own choice)")
-    p.add_argument("--trust-torchscript", action="store_true",
-                   help="allow a TorchScript export (loading TorchScript runs code stored in "
-                        "its files: only for exports you made)")
+    p.add_argument(
+        "--model", default=None, help="with a run directory: instanas or a variant letter A..E"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per batch (default: %(default)s)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: the runtime's own choice)"
+    )
+    p.add_argument(
+        "--trust-torchscript",
+        action="store_true",
+        help="allow a TorchScript export (loading TorchScript runs code stored in "
+        "its files: only for exports you made)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_run_options(p: argparse.ArgumentParser, command: str) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--preset", default=None,
-                   help=f"starting configuration: {', '.join(preset_names())} "
-                        "(default fashion-cpu for a new run)")
+    g.add_argument(
+        "--preset",
+        default=None,
+        help=f"starting configuration: {', '.join(preset_names())} "
+        "(default fashion-cpu for a new run)",
+    )
     g.add_argument("--config", default=None, help="YAML config file instead of a preset")
-    g.add_argument("--output", "-o", default=None,
-                   help="run directory (default runs/PRESET-TIMESTAMP for a new run)")
+    g.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="run directory (default runs/PRESET-TIMESTAMP for a new run)",
+    )
     if command == "run":
-        g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                       help="continue an interrupted run: finished stages are skipped, the "
-                            "unfinished one goes on from its last completed epoch")
+        g.add_argument(
+            "--resume",
+            default=None,
+            metavar="RUN_DIR",
+            help="continue an interrupted run: finished stages are skipped, the "
+            "unfinished one goes on from its last completed epoch",
+        )
     if command in registry.names() and registry.get(command).resumable:
-        g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                       help="continue this stage of RUN_DIR from its last completed epoch")
+        g.add_argument(
+            "--resume",
+            default=None,
+            metavar="RUN_DIR",
+            help="continue this stage of RUN_DIR from its last completed epoch",
+        )
     if command == "profile":
-        g.add_argument("--table-out", default=None,
-                       help="also write the table to this JSON file")
-        g.add_argument("--fresh", action="store_true",
-                       help="measure again even if a table for this setup is cached")
-        g.add_argument("--validate", action="store_true",
-                       help="time whole children end to end and compare with the table: "
-                            "writes latency_validation.json and .png to the run directory")
-        g.add_argument("--children", type=int, default=50,
-                       help="random children for --validate (the controller's children on "
-                            "the validation split are added when the run has a trained one)")
+        g.add_argument("--table-out", default=None, help="also write the table to this JSON file")
+        g.add_argument(
+            "--fresh",
+            action="store_true",
+            help="measure again even if a table for this setup is cached",
+        )
+        g.add_argument(
+            "--validate",
+            action="store_true",
+            help="time whole children end to end and compare with the table: "
+            "writes latency_validation.json and .png to the run directory",
+        )
+        g.add_argument(
+            "--children",
+            type=int,
+            default=50,
+            help="random children for --validate (the controller's children on "
+            "the validation split are added when the run has a trained one)",
+        )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -179,8 +261,12 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             sections[section] = p.add_argument_group(f"config: {section}")
         default = default_value(key)
         sections[section].add_argument(
-            f"--{key}", dest=f"cfg:{key}", default=None, metavar="V",
-            help=f"{help_text(key)} (built-in default {default!r}; presets may differ)")
+            f"--{key}",
+            dest=f"cfg:{key}",
+            default=None,
+            metavar="V",
+            help=f"{help_text(key)} (built-in default {default!r}; presets may differ)",
+        )
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -193,8 +279,10 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None):
 
     stored = existing_config(run_dir) if run_dir is not None else None
     if stored is not None and (args.preset or args.config):
-        raise ConfigError(f"{run_dir} already has a config.yaml: drop --preset/--config to "
-                          "continue it, or choose a new --output")
+        raise ConfigError(
+            f"{run_dir} already has a config.yaml: drop --preset/--config to "
+            "continue it, or choose a new --output"
+        )
     if stored is not None:
         config = stored
     elif args.config:
@@ -237,19 +325,29 @@ def _command(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        return _fail(f"{_ENVIRONMENT_ERRNOS[exc.errno]} ({exc}); files already written are "
-                     "whole (every write is atomic): free space or fix permissions, then "
-                     "continue with --resume RUN_DIR")
+        return _fail(
+            f"{_ENVIRONMENT_ERRNOS[exc.errno]} ({exc}); files already written are "
+            "whole (every write is atomic): free space or fix permissions, then "
+            "continue with --resume RUN_DIR"
+        )
     except KeyboardInterrupt:
         if args.command == "report":
-            print(f"instanas: interrupted; files already written are whole: run "
-                  f"`instanas report {args.run_dir}` again", file=sys.stderr)
+            print(
+                f"instanas: interrupted; files already written are whole: run "
+                f"`instanas report {args.run_dir}` again",
+                file=sys.stderr,
+            )
         elif args.command in ("export", "predict"):
-            print(f"instanas: interrupted; nothing was written: run `instanas {args.command}` "
-                  "again", file=sys.stderr)
+            print(
+                f"instanas: interrupted; nothing was written: run `instanas {args.command}` again",
+                file=sys.stderr,
+            )
         else:
-            print("instanas: interrupted; finished stages and the last completed epoch are "
-                  "kept: continue with --resume RUN_DIR", file=sys.stderr)
+            print(
+                "instanas: interrupted; finished stages and the last completed epoch are "
+                "kept: continue with --resume RUN_DIR",
+                file=sys.stderr,
+            )
         return 130
 
 
@@ -270,15 +368,27 @@ def _export(args: argparse.Namespace) -> int:
             raise ExportError(f"{name} is {value}: pass a positive number")
     run_dir = Path(args.run_dir)
     if not (run_dir / registry.get("finetune").output).exists():
-        raise ExportError(f"{run_dir} has no fine-tuned model (finetune/model.safetensors): "
-                          f"pass a finished run, or run `instanas finetune --output {run_dir}`")
-    result = export(run_dir, args.output, model=args.model, fmt=args.fmt,
-                    children=args.children, validate=args.validate, threads=args.threads,
-                    timed_images=args.timed_images, split=args.split)
+        raise ExportError(
+            f"{run_dir} has no fine-tuned model (finetune/model.safetensors): "
+            f"pass a finished run, or run `instanas finetune --output {run_dir}`"
+        )
+    result = export(
+        run_dir,
+        args.output,
+        model=args.model,
+        fmt=args.fmt,
+        children=args.children,
+        validate=args.validate,
+        threads=args.threads,
+        timed_images=args.timed_images,
+        split=args.split,
+    )
     children = result.routing["children"]
     share = result.routing["fallback"]["counted_share_exported"]
-    print(f"exported {len(children)} children covering {100 * share:.2f}% of the "
-          f"{args.split} images to {result.folder}")
+    print(
+        f"exported {len(children)} children covering {100 * share:.2f}% of the "
+        f"{args.split} images to {result.folder}"
+    )
     if result.validation is None:
         return 0
     print(summary_line(result.validation))
@@ -295,22 +405,25 @@ def _predict(args: argparse.Namespace) -> int:
     )
 
     if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
-        raise ExportError("--batch-size and --threads must be positive: pass e.g. "
-                          "--batch-size 64")
+        raise ExportError("--batch-size and --threads must be positive: pass e.g. --batch-size 64")
     output = Path(args.output) if args.output else None
     check_output(output, args.force)
     files = collect_files(args.paths)
     if not files:
-        raise ExportError(f"no image files in {' '.join(args.paths)}: pass PNG/JPEG files or "
-                          "folders holding them")
-    classifier = open_classifier(Path(args.target), args.model, args.threads,
-                                 args.trust_torchscript)
+        raise ExportError(
+            f"no image files in {' '.join(args.paths)}: pass PNG/JPEG files or folders holding them"
+        )
+    classifier = open_classifier(
+        Path(args.target), args.model, args.threads, args.trust_torchscript
+    )
     predictions = list(predict_files(classifier, files, args.batch_size))
     write_predictions(predictions, output)
     failed = sum(p.failed for p in predictions)
     where = f" to {output}" if output else ""
-    print(f"instanas: {len(predictions) - failed} images classified{where}, {failed} "
-          "unreadable", file=sys.stderr)
+    print(
+        f"instanas: {len(predictions) - failed} images classified{where}, {failed} unreadable",
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 
@@ -324,8 +437,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .pipeline import open_run, save_timings
 
     config, run_dir, resume = _run_directory(args)
-    ctx = open_run(config, run_dir, resume=resume, command=args.command,
-                   pinned=pinned_stages(_overrides(args)))
+    ctx = open_run(
+        config, run_dir, resume=resume, command=args.command, pinned=pinned_stages(_overrides(args))
+    )
     if args.command == "run":
         return _run_all(ctx)
     if args.command == "profile":
@@ -357,8 +471,10 @@ def _run_directory(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     if run_dir is None:
         run_dir = default_run_dir(config)
     if args.command == "run" and not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists: choose a new --output or "
-                          f"continue it with --resume {run_dir}")
+        raise ConfigError(
+            f"run directory {run_dir} already exists: choose a new --output or "
+            f"continue it with --resume {run_dir}"
+        )
     if args.command in registry.names():
         if registry.get(args.command).resumable:
             check_stage_unfinished(run_dir, args.command, bool(resume))
@@ -373,8 +489,10 @@ def _run_all(ctx) -> int:
     timings = run_all(ctx, resume=ctx.resume)
     if not timings and (ctx.run_dir / "results.md").exists():
         # Resumed a finished run: nothing ran, so nothing is rewritten.
-        print(f"every stage of {ctx.run_dir} is finished; nothing to do "
-              f"(`instanas report {ctx.run_dir}` redraws the plots and report)")
+        print(
+            f"every stage of {ctx.run_dir} is finished; nothing to do "
+            f"(`instanas report {ctx.run_dir}` redraws the plots and report)"
+        )
         _print_summary(ctx.run_dir)
         return 0
     timings["total"] = time.perf_counter() - start
@@ -391,19 +509,30 @@ def _profile(ctx, args: argparse.Namespace) -> int:
     table = latency_table(ctx, fresh=args.fresh)
     if args.table_out:
         table.save(args.table_out)
-    print(json.dumps({"key": table.key, "fixed_ms": {k: v.median_ms for k, v in
-                                                      table.fixed.items()},
-                      "cells_ms_mbv2": table.bounds(ctx.space.forced_mask()).mbv2}, indent=1))
+    print(
+        json.dumps(
+            {
+                "key": table.key,
+                "fixed_ms": {k: v.median_ms for k, v in table.fixed.items()},
+                "cells_ms_mbv2": table.bounds(ctx.space.forced_mask()).mbv2,
+            },
+            indent=1,
+        )
+    )
     if not args.validate:
         return 0
     if args.children < 2:
-        raise ConfigError(f"--children is {args.children}: validating the table needs at least "
-                          "2 random children (50 recommended)")
+        raise ConfigError(
+            f"--children is {args.children}: validating the table needs at least "
+            "2 random children (50 recommended)"
+        )
     check = validate_latency_table(ctx, table, args.children)
-    print(f"latency table vs {len(check.children)} children measured end to end: Spearman "
-          f"{check.spearman:.3f}, relative error median {100 * check.median_relative_error:.1f}%"
-          f", p90 {100 * check.p90_relative_error:.1f}% "
-          f"({ctx.run_dir / 'latency_validation.png'})")
+    print(
+        f"latency table vs {len(check.children)} children measured end to end: Spearman "
+        f"{check.spearman:.3f}, relative error median {100 * check.median_relative_error:.1f}%"
+        f", p90 {100 * check.p90_relative_error:.1f}% "
+        f"({ctx.run_dir / 'latency_validation.png'})"
+    )
     return 0
 
 
@@ -412,11 +541,15 @@ def check_stage_unfinished(run_dir: Path, stage: str, resume: bool) -> None:
     from .stages.resume import saved_epochs
 
     if (run_dir / registry.get(stage).output).exists():
-        raise ConfigError(f"{run_dir} already has {stage} output: choose a new --output "
-                          "or delete that stage's folder to redo it")
+        raise ConfigError(
+            f"{run_dir} already has {stage} output: choose a new --output "
+            "or delete that stage's folder to redo it"
+        )
     if not resume and saved_epochs(run_dir, stage):
-        raise ConfigError(f"{run_dir} has an unfinished {stage}: continue it with `instanas "
-                          f"{stage} --resume {run_dir}`")
+        raise ConfigError(
+            f"{run_dir} has an unfinished {stage}: continue it with `instanas "
+            f"{stage} --resume {run_dir}`"
+        )
 
 
 def _print_summary(run_dir: Path) -> None:

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 T = TypeVar("T")
-_show_progress: contextvars.ContextVar[bool] = contextvars.ContextVar("instanas_progress",
-                                                                      default=True)
+_show_progress: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "instanas_progress", default=True
+)
 # Read once (it can only be read by setting it): the permissions new files get by default.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -84,16 +85,26 @@ def hidden_progress(hidden: bool = True) -> Iterator[None]:
         _show_progress.reset(token)
 
 
-def progress_bar(iterable: Iterable[T], desc: str, total: int | None = None,
-                 unit: str = "it") -> Iterator[T]:
+def progress_bar(
+    iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it"
+) -> Iterator[T]:
     """tqdm with ETA; quieter refresh when the output is not a terminal (CI logs)."""
     from tqdm.auto import tqdm
 
     quiet = os.environ.get("INSTANAS_NO_PROGRESS") == "1" or not _show_progress.get()
     interactive = sys.stderr.isatty()
-    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=quiet,
-                     mininterval=0.5 if interactive else 15.0, leave=interactive,
-                     dynamic_ncols=True))
+    return iter(
+        tqdm(
+            iterable,
+            desc=desc,
+            total=total,
+            unit=unit,
+            disable=quiet,
+            mininterval=0.5 if interactive else 15.0,
+            leave=interactive,
+            dynamic_ncols=True,
+        )
+    )
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:

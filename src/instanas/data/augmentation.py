@@ -141,13 +141,20 @@ def default_augmentation(bundle: DataBundle) -> dict[str, int | bool]:
     return {"flip": True, "crop_padding": bundle.image_size // 8, "cutout": 0}
 
 
-def augmenter_for(bundle: DataBundle, *, train: bool, flip: bool | None = None,
-                  crop_padding: int | None = None, cutout: int | None = None) -> BatchAugmenter:
+def augmenter_for(
+    bundle: DataBundle,
+    *,
+    train: bool,
+    flip: bool | None = None,
+    crop_padding: int | None = None,
+    cutout: int | None = None,
+) -> BatchAugmenter:
     """Training augmentation of the bundle (None: the data set's default, see
     ``default_augmentation``); train=False only normalises."""
     if not train:
         return BatchAugmenter(bundle.mean, bundle.std)
     given = {"flip": flip, "crop_padding": crop_padding, "cutout": cutout}
-    settings = {k: v if given[k] is None else given[k]
-                for k, v in default_augmentation(bundle).items()}
+    settings = {
+        k: v if given[k] is None else given[k] for k, v in default_augmentation(bundle).items()
+    }
     return BatchAugmenter(bundle.mean, bundle.std, **settings)

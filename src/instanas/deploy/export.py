@@ -50,10 +50,12 @@ FORMATS = ("onnx", "torchscript")
 SPLITS = ("val", "train+val")
 RUNTIME_FILE = "instanas_runtime.py"
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
-FALLBACK_RULE = ("a policy whose child was not exported runs the exported child with the fewest "
-                 "modules among those that run every module it selects (a superset); when none "
-                 "is a superset, the exported child differing in the fewest (cell, module) "
-                 "entries; ties go to the child more frequent on the validation split")
+FALLBACK_RULE = (
+    "a policy whose child was not exported runs the exported child with the fewest "
+    "modules among those that run every module it selects (a superset); when none "
+    "is a superset, the exported child differing in the fewest (cell, module) "
+    "entries; ties go to the child more frequent on the validation split"
+)
 # Batch-1 timing of each exported file: enough repeats for a stable median on a noisy machine.
 _REPEATS, _WARMUP = 50, 5
 _CHUNK = 500
@@ -77,10 +79,18 @@ class ControllerLogits(nn.Module):
         return self.controller.policy_logits(x)
 
 
-def export(run_dir: str | Path, output: str | Path, *, model: str = "instanas",
-           fmt: str = "onnx", children: int | None = None, validate: bool = False,
-           threads: int | None = None, timed_images: int = 1000,
-           split: str = "val") -> ExportResult:
+def export(
+    run_dir: str | Path,
+    output: str | Path,
+    *,
+    model: str = "instanas",
+    fmt: str = "onnx",
+    children: int | None = None,
+    validate: bool = False,
+    threads: int | None = None,
+    timed_images: int = 1000,
+    split: str = "val",
+) -> ExportResult:
     """Export ``model`` ("instanas" or a variant letter) of ``run_dir`` to the folder ``output``.
 
     ``children``: export only the K children most used on the validation split (default all).
@@ -102,8 +112,11 @@ def export(run_dir: str | Path, output: str | Path, *, model: str = "instanas",
     shutil.rmtree(temp, ignore_errors=True)
     try:
         routing = write_files(eager, chosen, counts, fmt, temp, threads, run_dir)
-        routing["source"] = {"run": str(run_dir.resolve()), "model": eager.name,
-                             "children_counted_on": split}
+        routing["source"] = {
+            "run": str(run_dir.resolve()),
+            "model": eager.name,
+            "children_counted_on": split,
+        }
         write_json(temp / ROUTING_FILE, routing)
         # The runtime travels with the export: a machine without instanas imports it from here.
         shutil.copyfile(runtime.__file__, temp / RUNTIME_FILE)
@@ -114,8 +127,9 @@ def export(run_dir: str | Path, output: str | Path, *, model: str = "instanas",
         temp.rename(output)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    log.info("exported %s of %s: %d children (%s) to %s", eager.name, run_dir, len(chosen), fmt,
-             output)
+    log.info(
+        "exported %s of %s: %d children (%s) to %s", eager.name, run_dir, len(chosen), fmt, output
+    )
     return ExportResult(output, routing, report)
 
 
@@ -126,8 +140,10 @@ def check_request(output: Path, fmt: str, children: int | None, split: str = "va
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: use --format onnx or --format torchscript")
     if children is not None and children < 1:
-        raise ExportError(f"--children is {children}: export at least 1 child (or leave it out "
-                          "to export every child the controller uses)")
+        raise ExportError(
+            f"--children is {children}: export at least 1 child (or leave it out "
+            "to export every child the controller uses)"
+        )
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ExportError(f"{output} already exists: choose a new --output or delete it first")
     if fmt == "onnx":
@@ -135,8 +151,10 @@ def check_request(output: Path, fmt: str, children: int | None, split: str = "va
             try:
                 __import__(package)
             except ImportError:
-                raise ExportError(f"ONNX export needs {package}, which is not installed: pip "
-                                  "install 'instanas[export]'") from None
+                raise ExportError(
+                    f"ONNX export needs {package}, which is not installed: pip "
+                    "install 'instanas[export]'"
+                ) from None
 
 
 def run_data(run_dir: Path) -> tuple[object, DataBundle]:
@@ -147,9 +165,15 @@ def run_data(run_dir: Path) -> tuple[object, DataBundle]:
 
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     d = config.data
-    data = load_dataset(d.dataset, d.root, val_fraction=d.val_fraction, seed=config.seed,
-                        image_size=d.image_size, limit_train=d.limit_train,
-                        limit_test=d.limit_test)
+    data = load_dataset(
+        d.dataset,
+        d.root,
+        val_fraction=d.val_fraction,
+        seed=config.seed,
+        image_size=d.image_size,
+        limit_train=d.limit_train,
+        limit_test=d.limit_test,
+    )
     return config, data
 
 
@@ -161,34 +185,54 @@ def chosen_children(model: InstaNASModel, data: DataBundle, split: str) -> Count
     with torch.inference_mode():
         for images in sets:
             for start in range(0, len(images), _CHUNK):
-                x = model.normalise(images[start:start + _CHUNK])
-                counts.update(str(ChildArchitecture.from_policy(p))
-                              for p in model.predictor.policies(x))
+                x = model.normalise(images[start : start + _CHUNK])
+                counts.update(
+                    str(ChildArchitecture.from_policy(p)) for p in model.predictor.policies(x)
+                )
     return counts
 
 
-def write_files(model: InstaNASModel, chosen: list[str], counts: Counter[str], fmt: str,
-                folder: Path, threads: int, run_dir: Path) -> dict:
+def write_files(
+    model: InstaNASModel,
+    chosen: list[str],
+    counts: Counter[str],
+    fmt: str,
+    folder: Path,
+    threads: int,
+    run_dir: Path,
+) -> dict:
     """Controller and child networks into ``folder``; returns the routing description."""
     space = model.space
     example = torch.zeros(2, space.input_channels, space.input_size, space.input_size)
     (folder / "children").mkdir(parents=True)
     controller_file = f"controller{SUFFIX[fmt]}"
-    save_network(ControllerLogits(model.predictor.controller), example,
-                 folder / controller_file, fmt)
+    save_network(
+        ControllerLogits(model.predictor.controller), example, folder / controller_file, fmt
+    )
     files = {}
     for rank, child in enumerate(chosen):
         network = model.predictor.metagraph.materialize(ChildArchitecture.from_string(child))
         files[child] = f"children/{rank:03d}{SUFFIX[fmt]}"
         save_network(network.eval(), example, folder / files[child], fmt)
-    measured = time_files(folder, [controller_file, *files.values()], fmt, threads,
-                          example[:1].numpy())
+    measured = time_files(
+        folder, [controller_file, *files.values()], fmt, threads, example[:1].numpy()
+    )
     table = run_table(run_dir)
     total = sum(counts.values())
-    entries = [child_entry(child, files[child], counts[child], total, measured[files[child]],
-                           table) for child in chosen]
-    return routing_document(model, fmt, controller_file, measured[controller_file], table,
-                            entries, sum(counts[c] for c in chosen) / max(total, 1), threads)
+    entries = [
+        child_entry(child, files[child], counts[child], total, measured[files[child]], table)
+        for child in chosen
+    ]
+    return routing_document(
+        model,
+        fmt,
+        controller_file,
+        measured[controller_file],
+        table,
+        entries,
+        sum(counts[c] for c in chosen) / max(total, 1),
+        threads,
+    )
 
 
 def save_network(network: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> None:
@@ -208,9 +252,15 @@ def save_network(network: nn.Module, example: torch.Tensor, path: Path, fmt: str
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            network, (example,), dynamo=True, external_data=False, verbose=False,
-            input_names=["images"], output_names=["output"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+            network,
+            (example,),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+            input_names=["images"],
+            output_names=["output"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+        )
     program.save(str(path))
 
 
@@ -219,9 +269,11 @@ def open_session(fmt: str, trusted: bool = False):
     if fmt == "onnx":
         return None  # ExportedModel's default: onnxruntime
     if not trusted:
-        raise ExportError("this is a TorchScript export; loading TorchScript runs code stored in "
-                          "the files: pass --trust-torchscript if you made it, or export with "
-                          "--format onnx")
+        raise ExportError(
+            "this is a TorchScript export; loading TorchScript runs code stored in "
+            "the files: pass --trust-torchscript if you made it, or export with "
+            "--format onnx"
+        )
     return torchscript_session
 
 
@@ -237,11 +289,13 @@ def torchscript_session(path: Path, threads: int | None = None) -> Session:
                 return module(torch.from_numpy(x)).numpy()
             with cpu_threads(threads):
                 return module(torch.from_numpy(x)).numpy()
+
     return run
 
 
-def time_files(folder: Path, names: list[str], fmt: str, threads: int,
-               image: np.ndarray) -> dict[str, dict]:
+def time_files(
+    folder: Path, names: list[str], fmt: str, threads: int, image: np.ndarray
+) -> dict[str, dict]:
     """Batch-1 latency of each file with its own runtime, the files interleaved per round."""
     from .runtime import onnx_session
 
@@ -256,8 +310,9 @@ def time_files(folder: Path, names: list[str], fmt: str, threads: int,
                 if round_ >= _WARMUP:
                     samples[name].append((time.perf_counter_ns() - start) / 1e6)
     stats = {n: TimingStats.from_samples(s) for n, s in samples.items()}
-    return {n: {"median": s.median_ms, "p90": s.p90_ms, "repeats": s.repeats}
-            for n, s in stats.items()}
+    return {
+        n: {"median": s.median_ms, "p90": s.p90_ms, "repeats": s.repeats} for n, s in stats.items()
+    }
 
 
 def run_table(run_dir: Path) -> LatencyTable | None:
@@ -265,13 +320,20 @@ def run_table(run_dir: Path) -> LatencyTable | None:
     return LatencyTable.load(path) if path.exists() else None
 
 
-def child_entry(child: str, file: str, images: int, total: int, measured: dict,
-                table: LatencyTable | None) -> dict:
+def child_entry(
+    child: str, file: str, images: int, total: int, measured: dict, table: LatencyTable | None
+) -> dict:
     """One exported child: its module table, how often it was chosen, table and measured ms."""
     arch = ChildArchitecture.from_string(child)
-    entry = {"child": child, "file": file, "cells": [list(c) for c in arch.cells],
-             "active_modules": arch.active_modules(), "counted_images": images,
-             "counted_share": images / max(total, 1), "measured_latency_ms": measured}
+    entry = {
+        "child": child,
+        "file": file,
+        "cells": [list(c) for c in arch.cells],
+        "active_modules": arch.active_modules(),
+        "counted_images": images,
+        "counted_share": images / max(total, 1),
+        "measured_latency_ms": measured,
+    }
     if table is not None:
         # Stem, cells and head; the controller is listed once, with its own cost.
         cells = table.cells_ms(arch.to_policy().unsqueeze(0))[0]
@@ -279,35 +341,61 @@ def child_entry(child: str, file: str, images: int, total: int, measured: dict,
     return entry
 
 
-def routing_document(model: InstaNASModel, fmt: str, controller_file: str, controller_ms: dict,
-                     table: LatencyTable | None, children: list[dict], covered: float,
-                     threads: int) -> dict:
+def routing_document(
+    model: InstaNASModel,
+    fmt: str,
+    controller_file: str,
+    controller_ms: dict,
+    table: LatencyTable | None,
+    children: list[dict],
+    covered: float,
+    threads: int,
+) -> dict:
     """Everything a runtime needs to route an image to an exported child (routing.json)."""
     space, spec = model.space, model.predictor.controller.spec
-    controller = {"file": controller_file, "output": "policy logits [N, cells, modules]",
-                  "input_size": spec.input_size, "measured_latency_ms": controller_ms}
+    controller = {
+        "file": controller_file,
+        "output": "policy logits [N, cells, modules]",
+        "input_size": spec.input_size,
+        "measured_latency_ms": controller_ms,
+    }
     if table is not None:
         controller["table_latency_ms"] = table.unit_ms("controller")
     mean, std = model.mean.flatten().tolist(), model.std.flatten().tolist()
     return {
-        "format_version": EXPORT_FORMAT_VERSION, "format": fmt,
-        "input": {"channels": space.input_channels, "size": space.input_size, "layout": "NCHW",
-                  "dtype": "float32", "colour_mode": image_mode(space.input_channels),
-                  "preprocess": "decode; palette images via RGBA; convert to colour_mode; "
-                                "centre square crop and bilinear resize to size x size "
-                                "(skipped at that size); normalise"},
+        "format_version": EXPORT_FORMAT_VERSION,
+        "format": fmt,
+        "input": {
+            "channels": space.input_channels,
+            "size": space.input_size,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "colour_mode": image_mode(space.input_channels),
+            "preprocess": "decode; palette images via RGBA; convert to colour_mode; "
+            "centre square crop and bilinear resize to size x size "
+            "(skipped at that size); normalise",
+        },
         "normalization": {"mean": mean, "std": std, "formula": "(pixel / 255 - mean) / std"},
-        "classes": model.classes, "cells": space.num_cells, "modules": space.num_modules,
+        "classes": model.classes,
+        "cells": space.num_cells,
+        "modules": space.num_modules,
         "controller": controller,
         "decision_rule": "a module is selected when its controller logit is >= 0 (p >= 0.5)",
         "empty_cell_rule": {
-            "forced_cells": space.forced_mask().tolist(), "default_module": FORCED_DEFAULT_MODULE,
+            "forced_cells": space.forced_mask().tolist(),
+            "default_module": FORCED_DEFAULT_MODULE,
             "text": "a forced (shape-changing) cell with nothing selected runs default_module; "
-                    "an empty shape-preserving cell is the identity"},
-        "children": children, "policy_to_file": {c["child"]: c["file"] for c in children},
+            "an empty shape-preserving cell is the identity",
+        },
+        "children": children,
+        "policy_to_file": {c["child"]: c["file"] for c in children},
         "fallback": {"rule": FALLBACK_RULE, "counted_share_exported": covered},
-        "latency": {"threads": threads, "batch": 1, "repeats": _REPEATS,
-                    "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit"},
+        "latency": {
+            "threads": threads,
+            "batch": 1,
+            "repeats": _REPEATS,
+            "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit",
+        },
     }
 
 
@@ -315,27 +403,38 @@ def manifest(folder: Path, fmt: str, run_dir: Path) -> dict:
     """Versions, provenance and the SHA-256 of every file of the export."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     results = run_dir / "results.json"
-    return {"instanas_export": EXPORT_FORMAT_VERSION, "format": fmt, "created_at": utc_now(),
-            "versions": versions(), "code": code_commit(),
-            "source": {"run": str(run_dir.resolve()),
-                       "results_sha256": sha256_file(results) if results.exists() else None},
-            "files": {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p),
-                                                          "bytes": p.stat().st_size}
-                      for p in files}}
+    return {
+        "instanas_export": EXPORT_FORMAT_VERSION,
+        "format": fmt,
+        "created_at": utc_now(),
+        "versions": versions(),
+        "code": code_commit(),
+        "source": {
+            "run": str(run_dir.resolve()),
+            "results_sha256": sha256_file(results) if results.exists() else None,
+        },
+        "files": {
+            p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in files
+        },
+    }
 
 
-def open_export(folder: Path, threads: int | None = None, trusted: bool = False,
-                verify: bool = True) -> ExportedModel:
+def open_export(
+    folder: Path, threads: int | None = None, trusted: bool = False, verify: bool = True
+) -> ExportedModel:
     """An export folder of either format, loaded for inference (checksums checked)."""
     from .runtime import read_json
 
     fmt = read_json(folder / ROUTING_FILE, "model").get("format", "onnx")
-    return ExportedModel(folder, threads=threads, session_factory=open_session(fmt, trusted),
-                         verify=verify)
+    return ExportedModel(
+        folder, threads=threads, session_factory=open_session(fmt, trusted), verify=verify
+    )
 
 
-def validate_export(eager: InstaNASModel, folder: Path, data: DataBundle, threads: int,
-                    timed_images: int) -> dict:
+def validate_export(
+    eager: InstaNASModel, folder: Path, data: DataBundle, threads: int, timed_images: int
+) -> dict:
     """The export against the eager model on the test split (see ``validation_report``)."""
     from .validation import validation_report
 

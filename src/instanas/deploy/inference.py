@@ -64,8 +64,9 @@ class InstaNASPredictor(nn.Module):
         return self.metagraph.resolve(self.controller.policy_logits(images) >= 0)
 
     @torch.inference_mode()
-    def logits(self, images: torch.Tensor, execution: str = "sparse"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(
+        self, images: torch.Tensor, execution: str = "sparse"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched path with per-image policies; returns (logits, policies).
 
         ``execution``: ``"sparse"`` (each selected module runs once on the rows that chose it),
@@ -77,13 +78,13 @@ class InstaNASPredictor(nn.Module):
         return self.metagraph(images, policy, execution=execution), policy
 
 
-
 # Float images a little outside [0, 1] (resampling overshoot) are fine; 0..255 floats are not.
 _RANGE_SLACK = 0.05
 # The main model's name; variants are called by their letter ("A".."E").
 MAIN_MODEL = "instanas"
-ImageInput = Union[torch.Tensor, str, Path, "PIL.Image.Image",
-                   Sequence[Union[str, Path, "PIL.Image.Image"]]]
+ImageInput = Union[
+    torch.Tensor, str, Path, "PIL.Image.Image", Sequence[Union[str, Path, "PIL.Image.Image"]]
+]
 
 
 class InstaNASModel(nn.Module):
@@ -97,9 +98,15 @@ class InstaNASModel(nn.Module):
     (test accuracy, measured latency, device).
     """
 
-    def __init__(self, predictor: InstaNASPredictor, classes: list[str], mean: tuple[float, ...],
-                 std: tuple[float, ...], results: dict | None = None,
-                 name: str = MAIN_MODEL) -> None:
+    def __init__(
+        self,
+        predictor: InstaNASPredictor,
+        classes: list[str],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        results: dict | None = None,
+        name: str = MAIN_MODEL,
+    ) -> None:
         super().__init__()
         self.predictor = predictor
         self.classes = list(classes)
@@ -133,11 +140,16 @@ class InstaNASModel(nn.Module):
         """
         if isinstance(images, torch.Tensor):
             return self.normalise(images)
-        items = [images] if isinstance(images, (str, Path)) or hasattr(images, "mode") \
-            else list(images)
+        items = (
+            [images] if isinstance(images, (str, Path)) or hasattr(images, "mode") else list(images)
+        )
         channels, size = self.space.input_channels, self.space.input_size
-        arrays = [read_image(i, channels, size) if isinstance(i, (str, Path))
-                  else preprocess_image(i, channels, size) for i in items]
+        arrays = [
+            read_image(i, channels, size)
+            if isinstance(i, (str, Path))
+            else preprocess_image(i, channels, size)
+            for i in items
+        ]
         if not arrays:
             raise ValueError("no images given: pass a tensor, a PIL image, a path or a list")
         return self.normalise(torch.from_numpy(np.stack(arrays)))
@@ -149,19 +161,22 @@ class InstaNASModel(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError("images contain NaN or infinite values: clean the input")
         if images.is_floating_point() and (x.min() < -_RANGE_SLACK or x.max() > 1 + _RANGE_SLACK):
-            raise ValueError(f"float images range over [{float(x.min()):.3g}, "
-                             f"{float(x.max()):.3g}], expected [0, 1]: divide 0..255 values by "
-                             "255 or pass uint8")
+            raise ValueError(
+                f"float images range over [{float(x.min()):.3g}, "
+                f"{float(x.max()):.3g}], expected [0, 1]: divide 0..255 values by "
+                "255 or pass uint8"
+            )
         return ((x.to(self.mean.device) - self.mean) / self.std).contiguous()
 
-    def _chunks(self, images: ImageInput, batch_size: int) -> Iterator[tuple[torch.Tensor,
-                                                                             torch.Tensor]]:
+    def _chunks(
+        self, images: ImageInput, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(logits, resolved policies) per chunk of ``batch_size`` preprocessed images."""
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}: pass a positive number, e.g. 256")
         x = self.preprocess(images)
         for start in range(0, len(x), batch_size):
-            yield self.predictor.logits(x[start:start + batch_size])
+            yield self.predictor.logits(x[start : start + batch_size])
 
     def predict(self, images: ImageInput, batch_size: int = 256) -> torch.Tensor:
         """Class indices [N]."""
@@ -173,8 +188,11 @@ class InstaNASModel(nn.Module):
 
     def route(self, images: ImageInput, batch_size: int = 256) -> list[str]:
         """The child each image runs, as a string (``"0-13-_-4"``, the empty-cell rule applied)."""
-        return [str(ChildArchitecture.from_policy(p)) for _, policy in
-                self._chunks(images, batch_size) for p in policy.cpu()]
+        return [
+            str(ChildArchitecture.from_policy(p))
+            for _, policy in self._chunks(images, batch_size)
+            for p in policy.cpu()
+        ]
 
     def policies(self, images: ImageInput, batch_size: int = 256) -> torch.Tensor:
         """Resolved per-image policies [N, cells, modules] the controller picks."""
@@ -186,9 +204,11 @@ def _check_images(images: torch.Tensor, space: SearchSpace) -> torch.Tensor:
         images = images.unsqueeze(0)
     channels, size = space.input_channels, space.input_size
     if images.dim() != 4 or tuple(images.shape[1:]) != (channels, size, size):
-        raise ValueError(f"images have shape {tuple(images.shape)}, expected [N, {channels}, "
-                         f"{size}, {size}]: resize them first, or pass PIL images or paths "
-                         "(preprocess resizes those)")
+        raise ValueError(
+            f"images have shape {tuple(images.shape)}, expected [N, {channels}, "
+            f"{size}, {size}]: resize them first, or pass PIL images or paths "
+            "(preprocess resizes those)"
+        )
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise ValueError(f"images are {images.dtype}: pass uint8 (0..255) or float (0..1)")
     return images
@@ -218,8 +238,10 @@ def read_results(run_dir: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}): run `instanas evaluate "
-                              f"--output {run_dir}` again to rewrite it") from exc
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}): run `instanas evaluate "
+            f"--output {run_dir}` again to rewrite it"
+        ) from exc
 
 
 def load(run_dir: str | Path, model: str = MAIN_MODEL) -> InstaNASModel:
@@ -233,8 +255,10 @@ def load(run_dir: str | Path, model: str = MAIN_MODEL) -> InstaNASModel:
     enlarge_primitive_cache()
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
-        raise CheckpointError(f"{run_dir} is not an instanas run directory (no config.yaml): "
-                              "pass the --output folder of `instanas run`")
+        raise CheckpointError(
+            f"{run_dir} is not an instanas run directory (no config.yaml): "
+            "pass the --output folder of `instanas run`"
+        )
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     name, path = model_checkpoint(run_dir, model)
     tensors, meta = read_checkpoint(path)  # read once: metadata first, weights below
@@ -243,5 +267,11 @@ def load(run_dir: str | Path, model: str = MAIN_MODEL) -> InstaNASModel:
     load_tensors(path, tensors, meta, {"metagraph": metagraph, "controller": controller})
     results = read_results(run_dir)
     norm = meta["normalization"]
-    return InstaNASModel(InstaNASPredictor(metagraph.eval(), controller.eval()), meta["classes"],
-                         tuple(norm["mean"]), tuple(norm["std"]), results, name)
+    return InstaNASModel(
+        InstaNASPredictor(metagraph.eval(), controller.eval()),
+        meta["classes"],
+        tuple(norm["mean"]),
+        tuple(norm["std"]),
+        results,
+        name,
+    )

@@ -70,7 +70,8 @@ class EagerClassifier:
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
         with torch.inference_mode():
             logits, policy = self.model.predictor.logits(
-                self.model.normalise(torch.from_numpy(images)))
+                self.model.normalise(torch.from_numpy(images))
+            )
         children = [str(ChildArchitecture.from_policy(p)) for p in policy.cpu()]
         return logits.softmax(1).cpu().numpy(), children, children
 
@@ -92,21 +93,26 @@ class ExportClassifier:
         return shifted / shifted.sum(axis=1, keepdims=True), wanted, ran
 
 
-def open_classifier(target: Path, model: str | None, threads: int | None,
-                    trusted: bool) -> Classifier:
+def open_classifier(
+    target: Path, model: str | None, threads: int | None, trusted: bool
+) -> Classifier:
     """An export folder (has routing.json) or a run directory (has config.yaml)."""
     if (target / ROUTING_FILE).exists() or (target / MANIFEST_FILE).exists():
         if model is not None:
-            raise ExportError(f"{target} is an export folder, which holds one model: drop "
-                              "--model, or pass the run directory to choose a model")
+            raise ExportError(
+                f"{target} is an export folder, which holds one model: drop "
+                "--model, or pass the run directory to choose a model"
+            )
         return ExportClassifier(target, threads, trusted)
     if (target / "config.yaml").exists():
         if threads is not None:
             torch.set_num_threads(threads)
         return EagerClassifier(target, model or "instanas")
-    raise ExportError(f"{target} is neither a run directory (config.yaml) nor an export folder "
-                      f"({ROUTING_FILE}): pass the --output folder of `instanas run` or "
-                      "`instanas export`")
+    raise ExportError(
+        f"{target} is neither a run directory (config.yaml) nor an export folder "
+        f"({ROUTING_FILE}): pass the --output folder of `instanas run` or "
+        "`instanas export`"
+    )
 
 
 def collect_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -118,18 +124,23 @@ def collect_files(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file()
-                            and p.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in p.parts))
+            files += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.parts)
+            )
         else:
             files.append(path)
     return files
 
 
-def predict_files(classifier: Classifier, files: Sequence[Path], batch_size: int
-                  ) -> Iterator[Prediction]:
+def predict_files(
+    classifier: Classifier, files: Sequence[Path], batch_size: int
+) -> Iterator[Prediction]:
     """One Prediction per file, in order; unreadable files get their reason in the note."""
-    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     for chunk in progress_bar(chunks, desc="predict", unit="batch"):
         images, readable, failed = [], [], {}
         for path in chunk:
@@ -147,15 +158,24 @@ def predict_files(classifier: Classifier, files: Sequence[Path], batch_size: int
                 yield next(results)
 
 
-def _classify(classifier: Classifier, paths: list[Path], images: list[np.ndarray]
-              ) -> list[Prediction]:
+def _classify(
+    classifier: Classifier, paths: list[Path], images: list[np.ndarray]
+) -> list[Prediction]:
     if not paths:
         return []
     probs, wanted, ran = classifier.classify(np.stack(images))
     best = probs.argmax(axis=1)
-    return [Prediction(str(p), classifier.classes[i], int(i), float(probs[row, i]), r,
-                       "" if w == r else f"fallback: the controller chose {w}, not exported")
-            for row, (p, i, w, r) in enumerate(zip(paths, best, wanted, ran))]
+    return [
+        Prediction(
+            str(p),
+            classifier.classes[i],
+            int(i),
+            float(probs[row, i]),
+            r,
+            "" if w == r else f"fallback: the controller chose {w}, not exported",
+        )
+        for row, (p, i, w, r) in enumerate(zip(paths, best, wanted, ran))
+    ]
 
 
 def to_csv(predictions: Sequence[Prediction]) -> str:
@@ -179,8 +199,10 @@ def check_output(output: Path | None, force: bool) -> None:
     if output is None:
         return
     if output.is_dir():
-        raise ExportError(f"-o {output} is a folder: give a file name, e.g. "
-                          f"{output / 'predictions.csv'}")
+        raise ExportError(
+            f"-o {output} is a folder: give a file name, e.g. {output / 'predictions.csv'}"
+        )
     if output.exists() and not force:
-        raise ExportError(f"{output} already exists: choose another -o or pass --force to "
-                          "overwrite it")
+        raise ExportError(
+            f"{output} already exists: choose another -o or pass --force to overwrite it"
+        )

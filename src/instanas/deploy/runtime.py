@@ -80,15 +80,16 @@ def read_image(path: str | Path, channels: int, size: int) -> np.ndarray:
         with Image.open(path) as image:
             return preprocess_image(image, channels, size)
     except (*_IMAGE_ERRORS, Image.DecompressionBombError) as exc:
-        raise ExportError(f"cannot read image {path} ({exc}): replace or delete the file") \
-            from None
+        raise ExportError(f"cannot read image {path} ({exc}): replace or delete the file") from None
 
 
 def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 [N, C, H, W] -> float32 ``(x / 255 - mean) / std``, the network's input."""
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ExportError(f"images are {images.dtype} {images.shape}: pass uint8 [N, C, H, W] "
-                          "(read_image makes them)")
+        raise ExportError(
+            f"images are {images.dtype} {images.shape}: pass uint8 [N, C, H, W] "
+            "(read_image makes them)"
+        )
     scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32).reshape(1, -1, 1, 1)
     shift = np.array([m / s for m, s in zip(mean, std)], dtype=np.float32).reshape(1, -1, 1, 1)
     return images.astype(np.float32) * scale - shift
@@ -97,8 +98,7 @@ def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 # --------------------------------------------------------------------------- routing
 
 
-def resolve_policies(logits: np.ndarray, forced: Sequence[bool], default_module: int
-                     ) -> np.ndarray:
+def resolve_policies(logits: np.ndarray, forced: Sequence[bool], default_module: int) -> np.ndarray:
     """Greedy policy (logit >= 0, i.e. p >= 0.5) with the empty-cell rule: bool [N, cells, M].
 
     A shape-changing cell (``forced``) with nothing selected runs ``default_module``; an empty
@@ -144,8 +144,10 @@ def onnx_session(path: Path, threads: int | None = None) -> Session:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ExportError("onnxruntime is not installed: pip install 'instanas[export]' "
-                          "(or pip install onnxruntime)") from None
+        raise ExportError(
+            "onnxruntime is not installed: pip install 'instanas[export]' "
+            "(or pip install onnxruntime)"
+        ) from None
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -168,8 +170,9 @@ def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ExportError(f"{path.parent} has no {path.name}: pass a folder written by "
-                          "`instanas export`") from None
+        raise ExportError(
+            f"{path.parent} has no {path.name}: pass a folder written by `instanas export`"
+        ) from None
     except ValueError as exc:
         raise ExportError(f"{path} is not valid JSON ({exc}): export the {what} again") from None
 
@@ -181,8 +184,10 @@ def verify_manifest(folder: Path, manifest: dict) -> None:
         if not path.is_file():
             raise ExportError(f"{path} is missing: copy the whole export folder or export again")
         if sha256_file(path) != entry["sha256"]:
-            raise ExportError(f"{path} changed since the export (SHA-256 differs from "
-                              f"{MANIFEST_FILE}): export again")
+            raise ExportError(
+                f"{path} changed since the export (SHA-256 differs from "
+                f"{MANIFEST_FILE}): export again"
+            )
 
 
 # --------------------------------------------------------------------------- the model
@@ -195,16 +200,23 @@ class ExportedModel:
     uint8 [N, C, H, W] at the model's input size, which is normalised here.
     """
 
-    def __init__(self, folder: str | Path, threads: int | None = None,
-                 session_factory: SessionFactory | None = None, verify: bool = True) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        threads: int | None = None,
+        session_factory: SessionFactory | None = None,
+        verify: bool = True,
+    ) -> None:
         self.folder = Path(folder)
         self.routing = read_json(self.folder / ROUTING_FILE, "model")
         if verify:
             verify_manifest(self.folder, read_json(self.folder / MANIFEST_FILE, "model"))
         fmt = self.routing.get("format")
         if session_factory is None and fmt != "onnx":
-            raise ExportError(f"{self.folder} is a {fmt} export, which needs torch: use "
-                              "`instanas predict` or export with --format onnx")
+            raise ExportError(
+                f"{self.folder} is a {fmt} export, which needs torch: use "
+                "`instanas predict` or export with --format onnx"
+            )
         self.threads = threads
         self._factory = session_factory or onnx_session
         self._sessions: dict[str, Session] = {}
@@ -234,9 +246,11 @@ class ExportedModel:
     def prepare(self, images: np.ndarray) -> np.ndarray:
         expected = (self.input_channels, self.input_size, self.input_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ExportError(f"images have shape {tuple(images.shape)}, expected [N, "
-                              f"{expected[0]}, {expected[1]}, {expected[2]}]: read files with "
-                              "read_image, which resizes them")
+            raise ExportError(
+                f"images have shape {tuple(images.shape)}, expected [N, "
+                f"{expected[0]}, {expected[1]}, {expected[2]}]: read files with "
+                "read_image, which resizes them"
+            )
         if images.dtype == np.uint8:
             norm = self.routing["normalization"]
             return normalise(images, norm["mean"], norm["std"])
@@ -248,8 +262,7 @@ class ExportedModel:
         logits = self.session(self.routing["controller"]["file"])(x)
         policies = resolve_policies(logits, self.forced, self.default_module)
         wanted = [child_string(p) for p in policies]
-        return wanted, [c if c in self.files else fallback_child(c, self.children)
-                        for c in wanted]
+        return wanted, [c if c in self.files else fallback_child(c, self.children) for c in wanted]
 
     def logits(self, images: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
         """Batched: (logits [N, classes], picked children, children run), one pass per child."""
@@ -283,8 +296,11 @@ class ExportedModel:
     def read_images(self, paths: Iterable[str | Path]) -> np.ndarray:
         """Image files -> uint8 [N, C, H, W] at the model's input size."""
         arrays = [read_image(p, self.input_channels, self.input_size) for p in paths]
-        return np.stack(arrays) if arrays else np.zeros(
-            (0, self.input_channels, self.input_size, self.input_size), np.uint8)
+        return (
+            np.stack(arrays)
+            if arrays
+            else np.zeros((0, self.input_channels, self.input_size, self.input_size), np.uint8)
+        )
 
 
 def load(folder: str | Path, threads: int | None = None) -> ExportedModel:

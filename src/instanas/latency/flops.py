@@ -21,8 +21,9 @@ class FlopsTable:
     modules: torch.Tensor  # [cells, modules]
     fixed: dict[str, float]
 
-    def per_image(self, resolved_policy: torch.Tensor, include_controller: bool = True
-                  ) -> torch.Tensor:
+    def per_image(
+        self, resolved_policy: torch.Tensor, include_controller: bool = True
+    ) -> torch.Tensor:
         names = ["stem", "head"] + (["controller"] if include_controller else [])
         cells = (resolved_policy.float().cpu() * self.modules).flatten(-2).sum(-1)
         return cells + sum(self.fixed[n] for n in names)
@@ -39,8 +40,12 @@ def count_flops(metagraph: MetaGraph, controller: Controller) -> FlopsTable:
             fn()
         counts[name] = float(mode.get_total_flops())
     space = metagraph.space
-    modules = torch.tensor([[counts[f"cell{c}/m{m}"] for m in range(space.num_modules)]
-                            for c in range(space.num_cells)])
+    modules = torch.tensor(
+        [
+            [counts[f"cell{c}/m{m}"] for m in range(space.num_modules)]
+            for c in range(space.num_cells)
+        ]
+    )
     return FlopsTable(modules, {n: counts[n] for n in ("stem", "head", "controller")})
 
 

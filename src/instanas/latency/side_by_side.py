@@ -15,13 +15,23 @@ from .table import TimingStats, cpu_threads
 
 def latency_summary(samples_ms: list[float]) -> dict:
     stats = TimingStats.from_samples(samples_ms)
-    return {"mean": stats.mean_ms, "std": stats.std_ms, "p50": stats.median_ms,
-            "p90": stats.p90_ms, "images": stats.repeats}
+    return {
+        "mean": stats.mean_ms,
+        "std": stats.std_ms,
+        "p50": stats.median_ms,
+        "p90": stats.p90_ms,
+        "images": stats.repeats,
+    }
 
 
-def measure_per_image(models: dict[str, Callable[[torch.Tensor], object]], images: torch.Tensor,
-                      threads: int, warmup: int, seed: int = 0,
-                      samples_out: dict[str, list[float]] | None = None) -> dict[str, dict]:
+def measure_per_image(
+    models: dict[str, Callable[[torch.Tensor], object]],
+    images: torch.Tensor,
+    threads: int,
+    warmup: int,
+    seed: int = 0,
+    samples_out: dict[str, list[float]] | None = None,
+) -> dict[str, dict]:
     """Wall-clock per image at batch 1, the models interleaved image by image (same conditions).
 
     ``samples_out`` receives every model's per-image times (ms) in image order.
@@ -32,9 +42,9 @@ def measure_per_image(models: dict[str, Callable[[torch.Tensor], object]], image
     with cpu_threads(threads), torch.inference_mode():
         for i in range(min(warmup, len(images))):
             for name in names:
-                models[name](images[i:i + 1])
+                models[name](images[i : i + 1])
         for i in progress_bar(range(len(images)), desc="batch-1 latency", unit="image"):
-            x = images[i:i + 1]
+            x = images[i : i + 1]
             order.shuffle(names)
             for name in names:
                 start = time.perf_counter_ns()

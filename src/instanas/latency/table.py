@@ -99,8 +99,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_units(units: dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
-               repeats: int, seed: int = 0, desc: str = "profiling") -> dict[str, TimingStats]:
+def time_units(
+    units: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+    desc: str = "profiling",
+) -> dict[str, TimingStats]:
     """Median-based timing of zero-argument callables, interleaved in shuffled rounds."""
     names = list(units)
     with torch.inference_mode():
@@ -140,8 +147,9 @@ class LatencyTable:
 
     def module_ms(self) -> torch.Tensor:
         """Predicted cost of each (cell, module) inside a network (ms)."""
-        return torch.tensor([[s.median_ms for s in row] for row in self.modules]) \
-            * self.chain_factor
+        return (
+            torch.tensor([[s.median_ms for s in row] for row in self.modules]) * self.chain_factor
+        )
 
     def fixed_ms(self, include_controller: bool = True) -> float:
         """Predicted stem + head (+ controller) cost (ms)."""
@@ -160,22 +168,29 @@ class LatencyTable:
     def bounds(self, forced: torch.Tensor) -> LatencyBounds:
         table = self.module_ms()
         minimum = float(table[forced, FORCED_DEFAULT_MODULE].sum())
-        return LatencyBounds(all_modules=float(table.sum()),
-                             mbv2=float(table[:, MBV2_MODULE].sum()), minimum=minimum)
+        return LatencyBounds(
+            all_modules=float(table.sum()), mbv2=float(table[:, MBV2_MODULE].sum()), minimum=minimum
+        )
 
     def to_dict(self) -> dict:
-        return {"format": TABLE_FORMAT, "key": self.key, "created": self.created,
-                "chain_factor": self.chain_factor,
-                "modules": [[asdict(s) for s in row] for row in self.modules],
-                "fixed": {k: asdict(v) for k, v in self.fixed.items()}}
+        return {
+            "format": TABLE_FORMAT,
+            "key": self.key,
+            "created": self.created,
+            "chain_factor": self.chain_factor,
+            "modules": [[asdict(s) for s in row] for row in self.modules],
+            "fixed": {k: asdict(v) for k, v in self.fixed.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "LatencyTable":
-        return cls(key=data["key"],
-                   modules=[[TimingStats(**s) for s in row] for row in data["modules"]],
-                   fixed={k: TimingStats(**v) for k, v in data["fixed"].items()},
-                   created=data.get("created", ""),
-                   chain_factor=float(data.get("chain_factor", 1.0)))
+        return cls(
+            key=data["key"],
+            modules=[[TimingStats(**s) for s in row] for row in data["modules"]],
+            fixed={k: TimingStats(**v) for k, v in data["fixed"].items()},
+            created=data.get("created", ""),
+            chain_factor=float(data.get("chain_factor", 1.0)),
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
@@ -186,12 +201,19 @@ class LatencyTable:
             data = json.loads(Path(path).read_text())
             return cls.from_dict(data)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"latency table {path} is unreadable ({exc}): delete it or run "
-                             "`instanas profile` again") from exc
+            raise ValueError(
+                f"latency table {path} is unreadable ({exc}): delete it or run "
+                "`instanas profile` again"
+            ) from exc
 
 
-def table_key(metagraph: MetaGraph, controller: Controller, device: torch.device,
-              threads: int, dtype: torch.dtype = torch.float32) -> dict:
+def table_key(
+    metagraph: MetaGraph,
+    controller: Controller,
+    device: torch.device,
+    threads: int,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     space = metagraph.space
     key = {
         "device": device_name(device),
@@ -207,9 +229,17 @@ def table_key(metagraph: MetaGraph, controller: Controller, device: torch.device
     return json.loads(json.dumps(key))  # the form it has after a JSON round trip
 
 
-def profile_table(metagraph: MetaGraph, controller: Controller, device: torch.device, *,
-                  threads: int, warmup: int = 10, repeats: int = 50, seed: int = 0,
-                  calibration_children: int = 30) -> LatencyTable:
+def profile_table(
+    metagraph: MetaGraph,
+    controller: Controller,
+    device: torch.device,
+    *,
+    threads: int,
+    warmup: int = 10,
+    repeats: int = 50,
+    seed: int = 0,
+    calibration_children: int = 30,
+) -> LatencyTable:
     """Time every (cell, module), the stem, the head and the controller at batch 1, then
     calibrate the table's ``chain_factor`` on whole random children (0 children: no factor)."""
     if repeats < 30:
@@ -218,21 +248,32 @@ def profile_table(metagraph: MetaGraph, controller: Controller, device: torch.de
         graph = metagraph.deploy().to(device)
         ctrl = controller.deploy().to(device)
         units = timing_units(graph, ctrl, device)
-        stats = time_units(units, device, warmup=warmup, repeats=repeats, seed=seed,
-                           desc="latency table")
-    modules = [[stats[f"cell{c}/m{m}"] for m in range(metagraph.space.num_modules)]
-               for c in range(metagraph.space.num_cells)]
+        stats = time_units(
+            units, device, warmup=warmup, repeats=repeats, seed=seed, desc="latency table"
+        )
+    modules = [
+        [stats[f"cell{c}/m{m}"] for m in range(metagraph.space.num_modules)]
+        for c in range(metagraph.space.num_cells)
+    ]
     fixed = {name: stats[name] for name in ("stem", "head", "controller")}
     table = LatencyTable(table_key(metagraph, controller, device, threads), modules, fixed)
     if calibration_children and device.type == "cpu":
         table.chain_factor = calibrate_chain_factor(
-            table, metagraph, controller, calibration_children, threads=threads,
-            warmup=warmup, repeats=repeats, seed=seed)
+            table,
+            metagraph,
+            controller,
+            calibration_children,
+            threads=threads,
+            warmup=warmup,
+            repeats=repeats,
+            seed=seed,
+        )
     return table
 
 
-def timing_units(graph: MetaGraph, ctrl: Controller,
-                 device: torch.device) -> dict[str, Callable[[], object]]:
+def timing_units(
+    graph: MetaGraph, ctrl: Controller, device: torch.device
+) -> dict[str, Callable[[], object]]:
     """The units a table holds (stem, controller, every cell's modules, head) of a deployed
     meta-graph, each a batch-1 forward on a random input of its real shape."""
     space = graph.space
@@ -248,16 +289,26 @@ def timing_units(graph: MetaGraph, ctrl: Controller,
     for c, cell in enumerate(graph.cells):
         spec = cell.spec
         for m, module in enumerate(cell.candidates):
-            units[f"cell{c}/m{m}"] = bind(module, (1, spec.in_channels, spec.input_size,
-                                                   spec.input_size))
+            units[f"cell{c}/m{m}"] = bind(
+                module, (1, spec.in_channels, spec.input_size, spec.input_size)
+            )
     last = graph.cells[-1].spec
     units["head"] = bind(graph.head, (1, last.out_channels, last.output_size, last.output_size))
     return units
 
 
-def load_or_profile(path: str | os.PathLike, metagraph: MetaGraph, controller: Controller,
-                    device: torch.device, *, threads: int, warmup: int, repeats: int,
-                    seed: int = 0, calibration_children: int = 30) -> LatencyTable:
+def load_or_profile(
+    path: str | os.PathLike,
+    metagraph: MetaGraph,
+    controller: Controller,
+    device: torch.device,
+    *,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+    calibration_children: int = 30,
+) -> LatencyTable:
     """Reuse the table at ``path`` when its key matches this setup; otherwise profile anew."""
     key = table_key(metagraph, controller, device, threads)
     path = Path(path)
@@ -271,10 +322,21 @@ def load_or_profile(path: str | os.PathLike, metagraph: MetaGraph, controller: C
                 log.info("reusing latency table %s", path)
                 return table
             changed = sorted(k for k in key if table.key.get(k) != key[k])
-            log.warning("latency table %s was made for another setup (%s differ); profiling again",
-                        path, ", ".join(changed))
-    table = profile_table(metagraph, controller, device, threads=threads, warmup=warmup,
-                          repeats=repeats, seed=seed, calibration_children=calibration_children)
+            log.warning(
+                "latency table %s was made for another setup (%s differ); profiling again",
+                path,
+                ", ".join(changed),
+            )
+    table = profile_table(
+        metagraph,
+        controller,
+        device,
+        threads=threads,
+        warmup=warmup,
+        repeats=repeats,
+        seed=seed,
+        calibration_children=calibration_children,
+    )
     table.save(path)
     return table
 
@@ -307,18 +369,28 @@ def random_children(metagraph: MetaGraph, count: int, seed: int) -> list[ChildAr
     return list(children.values())
 
 
-def measure_children(metagraph: MetaGraph, controller: Controller,
-                     children: list[ChildArchitecture], *, threads: int, warmup: int,
-                     repeats: int, seed: int = 0) -> dict[str, TimingStats]:
+def measure_children(
+    metagraph: MetaGraph,
+    controller: Controller,
+    children: list[ChildArchitecture],
+    *,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+) -> dict[str, TimingStats]:
     """Batch-1 CPU time of controller + materialised, BN-folded child, interleaved rounds."""
     space = metagraph.space
     ctrl = controller.deploy().cpu()
     image = torch.randn(1, space.input_channels, space.input_size, space.input_size)
-    units = {str(child): _end_to_end(ctrl, metagraph.cpu().materialize(child).deploy(), image)
-             for child in children}
+    units = {
+        str(child): _end_to_end(ctrl, metagraph.cpu().materialize(child).deploy(), image)
+        for child in children
+    }
     with cpu_threads(threads):
-        return time_units(units, torch.device("cpu"), warmup=warmup, repeats=repeats,
-                          seed=seed, desc="children")
+        return time_units(
+            units, torch.device("cpu"), warmup=warmup, repeats=repeats, seed=seed, desc="children"
+        )
 
 
 def predicted_ms(table: LatencyTable, metagraph: MetaGraph, child: ChildArchitecture) -> float:
@@ -326,9 +398,17 @@ def predicted_ms(table: LatencyTable, metagraph: MetaGraph, child: ChildArchitec
     return float(table.cells_ms(metagraph.resolve(child.to_policy()))) + table.fixed_ms()
 
 
-def calibrate_chain_factor(table: LatencyTable, metagraph: MetaGraph, controller: Controller,
-                           count: int, *, threads: int, warmup: int, repeats: int,
-                           seed: int = 0) -> float:
+def calibrate_chain_factor(
+    table: LatencyTable,
+    metagraph: MetaGraph,
+    controller: Controller,
+    count: int,
+    *,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+) -> float:
     """Median of measured / additive-sum over ``count`` random children (see LatencyTable).
 
     The children come from a different random stream than the validation children, so
@@ -336,8 +416,9 @@ def calibrate_chain_factor(table: LatencyTable, metagraph: MetaGraph, controller
     """
     children = random_children(metagraph, count, seed=CALIBRATION_SEED_OFFSET + seed)
     raw = LatencyTable(table.key, table.modules, table.fixed, chain_factor=1.0)
-    stats = measure_children(metagraph, controller, children, threads=threads, warmup=warmup,
-                             repeats=repeats, seed=seed)
+    stats = measure_children(
+        metagraph, controller, children, threads=threads, warmup=warmup, repeats=repeats, seed=seed
+    )
     ratios = [stats[str(c)].median_ms / predicted_ms(raw, metagraph, c) for c in children]
     return quantile(ratios, 0.5)
 
@@ -346,6 +427,7 @@ def _end_to_end(controller: torch.nn.Module, network: torch.nn.Module, image: to
     def run() -> torch.Tensor:
         controller(image)  # the deployed path always pays for the controller first
         return network(image)
+
     return run
 
 

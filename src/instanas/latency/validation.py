@@ -56,41 +56,72 @@ class TableValidation:
     p90_relative_error: float
 
     def to_dict(self) -> dict:
-        return {"spearman": self.spearman, "median_relative_error": self.median_relative_error,
-                "p90_relative_error": self.p90_relative_error, "device": self.device,
-                "chain_factor": self.chain_factor,
-                "children": [asdict(c) for c in self.children]}
+        return {
+            "spearman": self.spearman,
+            "median_relative_error": self.median_relative_error,
+            "p90_relative_error": self.p90_relative_error,
+            "device": self.device,
+            "chain_factor": self.chain_factor,
+            "children": [asdict(c) for c in self.children],
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
 
-def controller_children(predictor: InstaNASPredictor, images: torch.Tensor
-                        ) -> dict[str, tuple[ChildArchitecture, int]]:
+def controller_children(
+    predictor: InstaNASPredictor, images: torch.Tensor
+) -> dict[str, tuple[ChildArchitecture, int]]:
     """Every distinct child the controller picks for ``images``, with how many images pick it."""
     found: dict[str, tuple[ChildArchitecture, int]] = {}
     for start in range(0, len(images), 500):
-        for row in predictor.policies(images[start:start + 500]):
+        for row in predictor.policies(images[start : start + 500]):
             child = ChildArchitecture.from_policy(row)
             key = str(child)
             found[key] = (child, found.get(key, (child, 0))[1] + 1)
     return found
 
 
-def validate_table(table: LatencyTable, metagraph: MetaGraph, controller: Controller,
-                   children: list[tuple[ChildArchitecture, str, int]], *, threads: int,
-                   warmup: int, repeats: int, seed: int = 0) -> TableValidation:
+def validate_table(
+    table: LatencyTable,
+    metagraph: MetaGraph,
+    controller: Controller,
+    children: list[tuple[ChildArchitecture, str, int]],
+    *,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+) -> TableValidation:
     """Time ``children`` (child, source, images) end to end and compare with the table."""
-    stats = measure_children(metagraph, controller, [c for c, _, _ in children],
-                             threads=threads, warmup=warmup, repeats=repeats, seed=seed)
-    timings = [ChildTiming(str(child), source, images, predicted_ms(table, metagraph, child),
-                           stats[str(child)].median_ms) for child, source, images in children]
+    stats = measure_children(
+        metagraph,
+        controller,
+        [c for c, _, _ in children],
+        threads=threads,
+        warmup=warmup,
+        repeats=repeats,
+        seed=seed,
+    )
+    timings = [
+        ChildTiming(
+            str(child),
+            source,
+            images,
+            predicted_ms(table, metagraph, child),
+            stats[str(child)].median_ms,
+        )
+        for child, source, images in children
+    ]
     errors = [t.relative_error for t in timings]
     return TableValidation(
-        children=timings, device=device_info(torch.device("cpu"), threads),
+        children=timings,
+        device=device_info(torch.device("cpu"), threads),
         chain_factor=table.chain_factor,
         spearman=spearman([t.predicted_ms for t in timings], [t.measured_ms for t in timings]),
-        median_relative_error=quantile(errors, 0.5), p90_relative_error=quantile(errors, 0.9))
+        median_relative_error=quantile(errors, 0.5),
+        p90_relative_error=quantile(errors, 0.9),
+    )
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -126,14 +157,27 @@ def plot_validation(result: TableValidation, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
-    for source, marker, colour in (("random", "o", "tab:blue"), ("controller", "^", "tab:red"),
-                                   ("mbv2-path", "s", "tab:green")):
+    for source, marker, colour in (
+        ("random", "o", "tab:blue"),
+        ("controller", "^", "tab:red"),
+        ("mbv2-path", "s", "tab:green"),
+    ):
         points = [c for c in result.children if c.source == source]
         if points:
-            label = "MobileNetV2 path" if source == "mbv2-path" else \
-                f"{source} children ({len(points)})"
-            ax.scatter([c.measured_ms for c in points], [c.predicted_ms for c in points],
-                       marker=marker, s=22, alpha=0.75, color=colour, label=label)
+            label = (
+                "MobileNetV2 path"
+                if source == "mbv2-path"
+                else f"{source} children ({len(points)})"
+            )
+            ax.scatter(
+                [c.measured_ms for c in points],
+                [c.predicted_ms for c in points],
+                marker=marker,
+                s=22,
+                alpha=0.75,
+                color=colour,
+                label=label,
+            )
     values = [v for c in result.children for v in (c.measured_ms, c.predicted_ms)]
     low, high = min(values) * 0.9, max(values) * 1.1
     ax.plot([low, high], [low, high], color="grey", linewidth=1, label="predicted = measured")
@@ -142,11 +186,13 @@ def plot_validation(result: TableValidation, path: str | Path) -> None:
     ax.set_xlabel("measured latency, batch 1 (ms)")
     ax.set_ylabel("latency table prediction (ms)")
     d = result.device
-    ax.set_title(f"Latency table vs measured: Spearman {result.spearman:.3f}, median error "
-                 f"{100 * result.median_relative_error:.1f}%, p90 "
-                 f"{100 * result.p90_relative_error:.1f}%\n{d['name']}, {d['threads']} "
-                 f"thread(s), torch {d['torch']}, chain factor {result.chain_factor:.3f}",
-                 fontsize=8)
+    ax.set_title(
+        f"Latency table vs measured: Spearman {result.spearman:.3f}, median error "
+        f"{100 * result.median_relative_error:.1f}%, p90 "
+        f"{100 * result.p90_relative_error:.1f}%\n{d['name']}, {d['threads']} "
+        f"thread(s), torch {d['torch']}, chain factor {result.chain_factor:.3f}",
+        fontsize=8,
+    )
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")

@@ -30,8 +30,11 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvBNAct(in_channels, out_channels, 3, stride)
         self.conv2 = ConvBNAct(out_channels, out_channels, 3, relu=False)
-        self.shortcut = (ConvBNAct(in_channels, out_channels, 1, stride, relu=False)
-                         if stride != 1 or in_channels != out_channels else None)
+        self.shortcut = (
+            ConvBNAct(in_channels, out_channels, 1, stride, relu=False)
+            if stride != 1 or in_channels != out_channels
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.shortcut is None else self.shortcut(x)
@@ -47,8 +50,13 @@ class Controller(nn.Module):
     latency.
     """
 
-    def __init__(self, in_channels: int, num_cells: int, num_modules: int,
-                 spec: ControllerSpec = ControllerSpec()) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_cells: int,
+        num_modules: int,
+        spec: ControllerSpec = ControllerSpec(),
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.num_cells, self.num_modules = num_cells, num_modules
@@ -60,7 +68,7 @@ class Controller(nn.Module):
                 channels = width
             self.blocks = nn.Sequential(*blocks)
         else:
-            channels = in_channels * spec.input_size ** 2
+            channels = in_channels * spec.input_size**2
         self.logits = nn.Linear(channels, num_cells * num_modules)
         # Start from p = 0.5 everywhere, but with the weights small so early policies are
         # close to uniform exploration rather than an arbitrary fixed architecture.
@@ -77,8 +85,9 @@ class Controller(nn.Module):
             if x.shape[-1] > self.spec.input_size:
                 x = F.adaptive_avg_pool2d(x, self.spec.input_size)
             else:
-                x = F.interpolate(x, size=self.spec.input_size, mode="bilinear",
-                                  align_corners=False)
+                x = F.interpolate(
+                    x, size=self.spec.input_size, mode="bilinear", align_corners=False
+                )
         if self.spec.widths:
             features = self.blocks(self.stem(x)).mean(dim=(2, 3))
         else:

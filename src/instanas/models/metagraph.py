@@ -56,10 +56,12 @@ class Cell(nn.Module):
         self.spec = spec
         self.candidates = nn.ModuleList(
             build_candidate(c, spec.in_channels, spec.out_channels, spec.stride)
-            for c in space.candidates)
+            for c in space.candidates
+        )
 
-    def forward_sparse(self, x: torch.Tensor, policy: torch.Tensor,
-                       counts: list[int]) -> torch.Tensor:
+    def forward_sparse(
+        self, x: torch.Tensor, policy: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
         """``policy`` bool [B, modules] already resolved by the empty-cell rule."""
         batch = x.shape[0]
         out: torch.Tensor | None = None
@@ -84,8 +86,9 @@ class Cell(nn.Module):
 
     def forward_dense(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         mask = policy.to(x.dtype)
-        out = sum(module(x) * mask[:, m].view(-1, 1, 1, 1)
-                  for m, module in enumerate(self.candidates))
+        out = sum(
+            module(x) * mask[:, m].view(-1, 1, 1, 1) for m, module in enumerate(self.candidates)
+        )
         if not self.spec.forced_default:
             empty = (mask.sum(dim=1) == 0).to(x.dtype)
             out = out + x * empty.view(-1, 1, 1, 1)
@@ -111,23 +114,24 @@ class MetaGraph(nn.Module):
         self.space = space
         self.stem = ConvBNAct(space.input_channels, space.stem_out_channels, 3, space.stem_stride)
         self.cells = nn.ModuleList(Cell(spec, space) for spec in space.cells())
-        self.head = Head(space.cells()[-1].out_channels, space.head_out_channels,
-                         space.num_classes)
+        self.head = Head(space.cells()[-1].out_channels, space.head_out_channels, space.num_classes)
         self.register_buffer("forced", space.forced_mask(), persistent=False)
 
     def resolve(self, policy: torch.Tensor) -> torch.Tensor:
         """Apply the empty-cell rule to a [B, cells, modules] policy."""
         return apply_empty_cell_rule(policy, self.forced)
 
-    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None,
-                execution: str = "sparse") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, policy: torch.Tensor | None = None, execution: str = "sparse"
+    ) -> torch.Tensor:
         """Logits for images ``x`` [B, C, H, W] under per-image ``policy`` [B, cells, modules].
 
         ``policy=None`` selects every module of every cell.
         """
         if policy is None:
-            return self.forward_resolved(x, tuple(tuple(range(len(cell.candidates)))
-                                                  for cell in self.cells))
+            return self.forward_resolved(
+                x, tuple(tuple(range(len(cell.candidates))) for cell in self.cells)
+            )
         x = self.stem(x)
         policy = self.resolve(policy.to(x.device))
         if execution == "dense":
@@ -140,8 +144,7 @@ class MetaGraph(nn.Module):
         elif execution == "grouped":
             x = self.forward_groups(x, policy)
         else:
-            raise ValueError(f"unknown execution {execution!r}: use 'sparse', 'grouped' or "
-                             "'dense'")
+            raise ValueError(f"unknown execution {execution!r}: use 'sparse', 'grouped' or 'dense'")
         return self.head(x)
 
     def forward_groups(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
@@ -150,18 +153,21 @@ class MetaGraph(nn.Module):
         if len(children) == 1:
             return self.run_cells(x, ChildArchitecture.from_policy(policy[0]).cells)
         row_sets = [(group_of == g).nonzero().squeeze(1) for g in range(len(children))]
-        outputs = [self.run_cells(rows_in, ChildArchitecture.from_policy(child).cells)
-                   for rows_in, child in zip(gather_row_sets(x, row_sets),
-                                             children.view(-1, *policy.shape[1:]))]
+        outputs = [
+            self.run_cells(rows_in, ChildArchitecture.from_policy(child).cells)
+            for rows_in, child in zip(
+                gather_row_sets(x, row_sets), children.view(-1, *policy.shape[1:])
+            )
+        ]
         return sum_row_sets(None, x.shape[0], row_sets, outputs)
 
     def run_cells(self, x: torch.Tensor, cells: tuple[tuple[int, ...], ...]) -> torch.Tensor:
         """The cell stack with the same resolved module set per cell for the whole batch."""
-        return run_stack(x, ([cell.candidates[m] for m in modules]
-                             for cell, modules in zip(self.cells, cells)))
+        return run_stack(
+            x, ([cell.candidates[m] for m in modules] for cell, modules in zip(self.cells, cells))
+        )
 
-    def forward_resolved(self, x: torch.Tensor,
-                         cells: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    def forward_resolved(self, x: torch.Tensor, cells: tuple[tuple[int, ...], ...]) -> torch.Tensor:
         """Logits when every image of the batch runs the resolved module sets ``cells``."""
         return self.head(self.run_cells(self.stem(x), cells))
 
@@ -193,7 +199,8 @@ class ChildNetwork(nn.Module):
         self.stem = copy.deepcopy(metagraph.stem)
         self.cells = nn.ModuleList(
             nn.ModuleList(copy.deepcopy(cell.candidates[m]) for m in modules)
-            for cell, modules in zip(metagraph.cells, self.cell_modules))
+            for cell, modules in zip(metagraph.cells, self.cell_modules)
+        )
         self.head = copy.deepcopy(metagraph.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,10 @@ class ConvShape:
     width: int
 
     def label(self) -> str:
-        return (f"conv {self.in_channels}->{self.out_channels} k{self.kernel} s{self.stride} "
-                f"g{self.groups} on {self.height}x{self.width}")
+        return (
+            f"conv {self.in_channels}->{self.out_channels} k{self.kernel} s{self.stride} "
+            f"g{self.groups} on {self.height}x{self.width}"
+        )
 
     def batches(self) -> tuple[int, ...]:
         large = self.height * self.width > LARGE_MAP_PIXELS
@@ -73,6 +75,7 @@ def input_geometries(config: Config) -> list[tuple[int, int]]:
     if data.dataset in ("cifar10", "cifar100"):
         return [(3, data.image_size or 32)]
     from ..data import DEFAULT_FOLDER_IMAGE_SIZE
+
     side = data.image_size or DEFAULT_FOLDER_IMAGE_SIZE
     return [(1, side), (3, side)]  # folder trees may be grayscale or colour
 
@@ -85,8 +88,9 @@ def conv_shapes(config: Config) -> list[ConvShape]:
         spaces = [space] + [scaled_space(space, w) for w in config.mbv2_widths()]
         for each in spaces:
             shapes |= _shapes_of(MetaGraph(each), _all_modules(each), channels, side)
-        controller = Controller(channels, space.num_cells, space.num_modules,
-                                config.controller_spec())
+        controller = Controller(
+            channels, space.num_cells, space.num_modules, config.controller_spec()
+        )
         shapes |= _shapes_of(controller, None, channels, side)
     return sorted(shapes)
 
@@ -95,18 +99,29 @@ def _all_modules(space: SearchSpace) -> torch.Tensor:
     return torch.ones(1, space.num_cells, space.num_modules, dtype=torch.bool)
 
 
-def _shapes_of(model: nn.Module, policy: torch.Tensor | None, channels: int,
-               side: int) -> set[ConvShape]:
+def _shapes_of(
+    model: nn.Module, policy: torch.Tensor | None, channels: int, side: int
+) -> set[ConvShape]:
     """Shapes seen by the model's ConvBNAct layers in one batch-1 forward pass."""
     found: set[ConvShape] = set()
 
     def record(layer: nn.Module, args: tuple) -> None:
         conv, (_, _, height, width) = layer.conv, args[0].shape
-        found.add(ConvShape(conv.in_channels, conv.out_channels, conv.kernel_size[0],
-                            conv.stride[0], conv.groups, height, width))
+        found.add(
+            ConvShape(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size[0],
+                conv.stride[0],
+                conv.groups,
+                height,
+                width,
+            )
+        )
 
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
-             if isinstance(m, ConvBNAct)]
+    hooks = [
+        m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, ConvBNAct)
+    ]
     with torch.no_grad():
         x = torch.zeros(1, channels, side, side)
         model.eval()(x) if policy is None else model.eval()(x, policy)
@@ -121,12 +136,23 @@ def sweep_shapes() -> list[ConvShape]:
     strided 1x1 family in detail (1 to 16 input channels, maps up to 16x16)."""
     shapes = set()
     for kernel, stride, channels, side in itertools.product(
-            (1, 3, 5), (1, 2), (4, 8, 16), (1, 2, 3, 4, 7, 8)):
+        (1, 3, 5), (1, 2), (4, 8, 16), (1, 2, 3, 4, 7, 8)
+    ):
         for groups in (1, 2, channels):
-            shapes.add(ConvShape(channels, channels * 2 if groups == 1 else channels,
-                                 kernel, stride, groups, side, side))
+            shapes.add(
+                ConvShape(
+                    channels,
+                    channels * 2 if groups == 1 else channels,
+                    kernel,
+                    stride,
+                    groups,
+                    side,
+                    side,
+                )
+            )
     for channels, stride, side in itertools.product(
-            (1, 2, 3, 4, 6, 8, 12, 16), (2, 3), (2, 3, 4, 5, 6, 8, 9, 12, 16)):
+        (1, 2, 3, 4, 6, 8, 12, 16), (2, 3), (2, 3, 4, 5, 6, 8, 9, 12, 16)
+    ):
         for out in {channels, channels * 2, 8}:
             shapes.add(ConvShape(channels, out, 1, stride, 1, side, side))
     return sorted(shapes)
@@ -135,14 +161,20 @@ def sweep_shapes() -> list[ConvShape]:
 def run_shape(shape: ConvShape, raw: bool = False) -> None:
     """Training (channels-last, forward and backward) and deployment passes of one shape, through
     the package's layers or, with ``raw``, through a plain ``nn.Conv2d``."""
-    layer: nn.Module = ConvBNAct(shape.in_channels, shape.out_channels, shape.kernel,
-                                 shape.stride, groups=shape.groups)
+    layer: nn.Module = ConvBNAct(
+        shape.in_channels, shape.out_channels, shape.kernel, shape.stride, groups=shape.groups
+    )
     deployed = layer.fused()
     if raw:
         layer = deployed = layer.conv
     layer = layer.to(memory_format=torch.channels_last)
-    out_h, out_w = output_size(shape.height, shape.width, (shape.kernel,) * 2,
-                               (shape.stride,) * 2, (shape.kernel // 2,) * 2)
+    out_h, out_w = output_size(
+        shape.height,
+        shape.width,
+        (shape.kernel,) * 2,
+        (shape.stride,) * 2,
+        (shape.kernel // 2,) * 2,
+    )
     for batch in shape.batches():
         x = torch.randn(batch, shape.in_channels, shape.height, shape.width)
         x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
@@ -155,8 +187,9 @@ def run_shape(shape: ConvShape, raw: bool = False) -> None:
 RAW_PATTERN = ConvShape(4, 8, 1, 2, 1, 8, 8)  # aborts on AVX2-only CPUs with torch 2.12-2.13
 
 
-def check_shapes(name: str, shapes: list[ConvShape], raw: bool = False, isolate: bool = False,
-                 threads: int = 1) -> list[str]:
+def check_shapes(
+    name: str, shapes: list[ConvShape], raw: bool = False, isolate: bool = False, threads: int = 1
+) -> list[str]:
     """Run every shape; with ``isolate`` each in a forked process, returning those that died."""
     died = []
     for shape in shapes:
@@ -194,7 +227,7 @@ _SWITCHES = {
     "--sweep": "a grid of kernels, strides, groups and tiny maps instead of presets",
     "--raw-pattern": "only the plain nn.Conv2d pattern known to abort on AVX2-only CPUs",
     "--raw": "plain nn.Conv2d layers instead of the package's (what the package would run "
-             "without its safe forms)",
+    "without its safe forms)",
     "--isolate": "run each shape in a forked process and list every one that dies",
 }
 
@@ -202,11 +235,21 @@ _SWITCHES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m instanas.nn.kernel_check",
-        description="Run every convolution shape of the shipped presets forward and backward.")
-    parser.add_argument("--preset", action="append", choices=preset_names(),
-                        help="preset to check (repeatable; default: every shipped preset)")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="a run's config YAML to check (repeatable)")
+        description="Run every convolution shape of the shipped presets forward and backward.",
+    )
+    parser.add_argument(
+        "--preset",
+        action="append",
+        choices=preset_names(),
+        help="preset to check (repeatable; default: every shipped preset)",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a run's config YAML to check (repeatable)",
+    )
     for flag, text in _SWITCHES.items():
         parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

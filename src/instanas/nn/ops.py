@@ -14,11 +14,19 @@ from .smallconv import conv2d
 class ConvBNAct(nn.Module):
     """Convolution (no bias), BatchNorm, optional ReLU: the unit every module is built from."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1,
-                 groups: int = 1, relu: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int = 1,
+        groups: int = 1,
+        relu: bool = True,
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2,
-                              groups=groups, bias=False)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False
+        )
         self.bn = nn.BatchNorm2d(out_channels)
         self.relu = relu
 
@@ -30,8 +38,15 @@ class ConvBNAct(nn.Module):
         """An eval-only equivalent with the BatchNorm folded into the convolution."""
         conv, bn = self.conv, self.bn
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                           conv.padding, groups=conv.groups, bias=True)
+        folded = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            groups=conv.groups,
+            bias=True,
+        )
         with torch.no_grad():
             folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
             folded.bias.copy_(bn.bias - bn.running_mean * scale)
@@ -55,8 +70,9 @@ class FusedConvAct(nn.Module):
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand, kxk depthwise, 1x1 linear projection, identity shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, kernel: int,
-                 expansion: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, kernel: int, expansion: int
+    ) -> None:
         super().__init__()
         hidden = in_channels * expansion
         self.expand = ConvBNAct(in_channels, hidden, 1)
@@ -81,14 +97,16 @@ class BasicBlock(nn.Module):
         return self.conv2(self.conv1(x))
 
 
-def build_candidate(spec: CandidateModule, in_channels: int, out_channels: int,
-                    stride: int) -> nn.Module:
+def build_candidate(
+    spec: CandidateModule, in_channels: int, out_channels: int, stride: int
+) -> nn.Module:
     if spec.kind == "inverted_residual":
         return InvertedResidual(in_channels, out_channels, stride, spec.kernel, spec.expansion)
     if spec.kind == "basic_block":
         return BasicBlock(in_channels, out_channels, stride, spec.kernel)
-    raise ValueError(f"unknown candidate module kind {spec.kind!r}: "
-                     "use 'inverted_residual' or 'basic_block'")
+    raise ValueError(
+        f"unknown candidate module kind {spec.kind!r}: use 'inverted_residual' or 'basic_block'"
+    )
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:

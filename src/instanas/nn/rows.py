@@ -21,8 +21,11 @@ import torch
 
 def memory_layout(x: torch.Tensor) -> torch.memory_format:
     """``channels_last`` for a 4-D channels-last tensor, ``contiguous_format`` otherwise."""
-    if x.dim() == 4 and not x.is_contiguous() \
-            and x.is_contiguous(memory_format=torch.channels_last):
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -55,8 +58,9 @@ def _zeros(shape: torch.Size, like: torch.Tensor, layout: torch.memory_format) -
     return like.new_zeros(shape).contiguous(memory_format=layout)
 
 
-def _add_rows(target: torch.Tensor, row_sets: Sequence[torch.Tensor],
-              values: Sequence[torch.Tensor]) -> torch.Tensor:
+def _add_rows(
+    target: torch.Tensor, row_sets: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """Adds each value at its rows of ``target`` (contiguous in its layout), in place."""
     layout = memory_layout(target)
     flat = _flat(target, layout)
@@ -99,21 +103,25 @@ class _SumRowSets(torch.autograd.Function):
         return tuple(grads)
 
 
-def gather_row_sets(x: torch.Tensor,
-                    row_sets: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def gather_row_sets(x: torch.Tensor, row_sets: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """``x[rows]`` for each row set, in ``x``'s layout; one gradient buffer for all of them."""
     return _GatherRowSets.apply(x, *row_sets)
 
 
-def sum_row_sets(base: torch.Tensor | None, batch: int, row_sets: Sequence[torch.Tensor],
-                 values: Sequence[torch.Tensor]) -> torch.Tensor:
+def sum_row_sets(
+    base: torch.Tensor | None,
+    batch: int,
+    row_sets: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+) -> torch.Tensor:
     """``base`` (zeros when None) plus each ``values[i]`` added at rows ``row_sets[i]``.
 
     ``base`` is not modified; the sum is a new tensor of ``batch`` rows in ``base``'s layout
     (the first value's layout when there is no base).
     """
     if base is None:
-        base = _zeros(torch.Size((batch, *values[0].shape[1:])), values[0],
-                      memory_layout(values[0]))
+        base = _zeros(
+            torch.Size((batch, *values[0].shape[1:])), values[0], memory_layout(values[0])
+        )
     pairs = [t for rows, value in zip(row_sets, values) for t in (rows, value)]
     return _SumRowSets.apply(base, *pairs)

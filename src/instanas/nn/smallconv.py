@@ -32,14 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_POINTWISE_PIXELS = 16  # 1x1 convolutions as one matmul on maps of up to 4x4
-MAX_DENSE_PIXELS = 16      # k x k convolutions (groups 1) as one matmul on maps of up to 4x4
-MAX_DEPTHWISE_PIXELS = 4   # depthwise k x k as a per-channel product on maps of up to 2x2
+MAX_DENSE_PIXELS = 16  # k x k convolutions (groups 1) as one matmul on maps of up to 4x4
+MAX_DEPTHWISE_PIXELS = 4  # depthwise k x k as a per-channel product on maps of up to 2x2
 # The dense form's tap matrix has H*W*Cin x Ho*Wo*Cout entries; with about 1e5 or more its
 # construction and product cost more than oneDNN, even with a new kernel per batch size
 # (bench/conv_forms.py). Wide presets (paper-cifar on 4x4 maps) would build 200 MB matrices.
 MAX_DENSE_MATRIX = 1 << 17
-_matrix_forms: contextvars.ContextVar[bool] = contextvars.ContextVar("instanas_matrix_forms",
-                                                                     default=True)
+_matrix_forms: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "instanas_matrix_forms", default=True
+)
 
 
 @contextlib.contextmanager
@@ -70,11 +71,18 @@ def matrix_form(conv: nn.Conv2d, height: int, width: int) -> str | None:
     return None
 
 
-def output_size(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
-                padding: tuple[int, int]) -> tuple[int, int]:
+def output_size(
+    height: int,
+    width: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> tuple[int, int]:
     """Output side lengths of a convolution on a ``height x width`` map."""
-    return ((height + 2 * padding[0] - kernel[0]) // stride[0] + 1,
-            (width + 2 * padding[1] - kernel[1]) // stride[1] + 1)
+    return (
+        (height + 2 * padding[0] - kernel[0]) // stride[0] + 1,
+        (width + 2 * padding[1] - kernel[1]) // stride[1] + 1,
+    )
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, matrix_forms: bool = True) -> torch.Tensor:
@@ -95,15 +103,19 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, matrix_forms: bool = True) -> torch
 
 def is_strided_pointwise(conv: nn.Conv2d) -> bool:
     """A 1x1 convolution with a stride above 1 and no padding (a residual shortcut)."""
-    return (conv.kernel_size == (1, 1) and conv.stride != (1, 1) and conv.padding == (0, 0)
-            and conv.padding_mode == "zeros")
+    return (
+        conv.kernel_size == (1, 1)
+        and conv.stride != (1, 1)
+        and conv.padding == (0, 0)
+        and conv.padding_mode == "zeros"
+    )
 
 
 def _strided_pointwise(conv: nn.Conv2d, x: torch.Tensor, matrix_forms: bool) -> torch.Tensor:
     """Subsample, then a stride-1 1x1 convolution: the same function, but never oneDNN's
     strided 1x1 kernel, whose backward corrupts the heap on AVX2-only CPUs
     (docs/troubleshooting.md, "Native crashes")."""
-    x = x[:, :, ::conv.stride[0], ::conv.stride[1]]
+    x = x[:, :, :: conv.stride[0], :: conv.stride[1]]
     if matrix_forms and conv.groups == 1:
         return _pointwise(conv, x)
     return F.conv2d(x, conv.weight, conv.bias, 1, 0, 1, conv.groups)
@@ -118,8 +130,9 @@ def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def _tap_matrix_conv(conv: nn.Conv2d, x: torch.Tensor, depthwise: bool) -> torch.Tensor:
     n, channels, height, width = x.shape
-    placement, out_h, out_w = _tap_placement(height, width, conv.kernel_size, conv.stride,
-                                             conv.padding, x.device, x.dtype)
+    placement, out_h, out_w = _tap_placement(
+        height, width, conv.kernel_size, conv.stride, conv.padding, x.device, x.dtype
+    )
     # Taps times a constant one-hot placement: each (output, input) pixel pair gets its tap's
     # weight, or zero where no tap connects them. A product, not an indexed gather, because
     # the gather's backward (an accumulating scatter) sums in an order that changes from run
@@ -140,9 +153,15 @@ def _tap_matrix_conv(conv: nn.Conv2d, x: torch.Tensor, depthwise: bool) -> torch
 
 
 @functools.lru_cache(maxsize=256)
-def _tap_placement(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
-                   padding: tuple[int, int], device: torch.device,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, int, int]:
+def _tap_placement(
+    height: int,
+    width: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, int, int]:
     """One-hot [kh*kw, Ho*Wo*H*W]: which kernel tap connects each output to each input pixel."""
     kh, kw = kernel
     out_h, out_w = output_size(height, width, kernel, stride, padding)

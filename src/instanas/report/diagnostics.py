@@ -10,14 +10,16 @@ from ..stages import registry
 # Stage name in metrics.jsonl -> (training-accuracy field, the option that extends it). The
 # registry leaves pretraining out: its drop-path schedule makes later epochs harder by design,
 # so its training accuracy does not show convergence.
-_TRAINED = {stage.name: (stage.accuracy_field, f"{stage.budget}.epochs")
-            for stage in registry.STAGES if stage.accuracy_field}
+_TRAINED = {
+    stage.name: (stage.accuracy_field, f"{stage.budget}.epochs")
+    for stage in registry.STAGES
+    if stage.accuracy_field
+}
 # Training accuracy that rose by more than this over the last epochs counts as still rising.
 RISING_POINTS = 0.5
 
 
-def still_rising(accuracies: list[float], threshold_points: float = RISING_POINTS
-                 ) -> float | None:
+def still_rising(accuracies: list[float], threshold_points: float = RISING_POINTS) -> float | None:
     """Points gained over the last fifth of the epochs (at least the last two), when more than
     ``threshold_points``; None otherwise or with fewer than three epochs."""
     if len(accuracies) < 3:
@@ -43,19 +45,30 @@ def undertrained(records: Iterable[dict]) -> list[dict]:
     for stage, values in series.items():
         gain = still_rising(values)
         if gain is not None:
-            flags.append({"stage": stage, "epochs": len(values),
-                          "last_epochs_gain_points": round(gain, 2),
-                          "option": _TRAINED[stage][1]})
+            flags.append(
+                {
+                    "stage": stage,
+                    "epochs": len(values),
+                    "last_epochs_gain_points": round(gain, 2),
+                    "option": _TRAINED[stage][1],
+                }
+            )
     return flags
 
 
 def undertrained_sentence(flags: list[dict]) -> str | None:
     if not flags:
         return None
-    parts = [f"{f['stage']} (+{f['last_epochs_gain_points']:.1f} points in its last epochs; "
-             f"raise --{f['option']})" for f in flags]
-    return ("Possibly undertrained — training accuracy was still rising when the budget ended: "
-            + "; ".join(parts) + ".")
+    parts = [
+        f"{f['stage']} (+{f['last_epochs_gain_points']:.1f} points in its last epochs; "
+        f"raise --{f['option']})"
+        for f in flags
+    ]
+    return (
+        "Possibly undertrained — training accuracy was still rising when the budget ended: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def near_chance(accuracy: float, num_classes: int, floor: float | None = None) -> bool:

@@ -27,27 +27,40 @@ from .plots import (
 
 Model = Mapping[str, Any]
 # Known per-model fields with their own column; any other number gets a column of its own.
-_MODEL_FIELDS = {"kind", "width", "test_accuracy", "latency_ms", "latency_source",
-                 "table_latency_ms", "flops", "distinct_children", "mean_active_modules"}
+_MODEL_FIELDS = {
+    "kind",
+    "width",
+    "test_accuracy",
+    "latency_ms",
+    "latency_source",
+    "table_latency_ms",
+    "flops",
+    "distinct_children",
+    "mean_active_modules",
+}
 # (title, results key, unit) of the plain key/value sections, shown when present.
-_KEY_VALUE_SECTIONS = (("Comparison", "comparison", ""),
-                       ("Latency table fixed costs", "latency_table", ""),
-                       ("Epochs", "epochs", ""), ("Wall time", "wall_time_s", " s"))
+_KEY_VALUE_SECTIONS = (
+    ("Comparison", "comparison", ""),
+    ("Latency table fixed costs", "latency_table", ""),
+    ("Epochs", "epochs", ""),
+    ("Wall time", "wall_time_s", " s"),
+)
 _PLOT_CAPTIONS = {
     "error_vs_latency.png": "Test error vs mean batch-1 latency of every model (lower left "
-                            "is better; hollow markers are table predictions, not timings).",
+    "is better; hollow markers are table predictions, not timings).",
     "latency_histogram.png": "Per-image latency of InstaNAS, measured and table-predicted, "
-                             "against the baselines' means.",
+    "against the baselines' means.",
     "policy_projection.png": "2-D projection of the per-image policies, coloured by the "
-                             "predicted latency of each image's child.",
+    "predicted latency of each image's child.",
     "gallery.png": "The cheapest and the most expensive test images of each class: ordered by "
-                   "the table latency of their child, ties by the controller's expected "
-                   "latency.",
+    "the table latency of their child, ties by the controller's expected "
+    "latency.",
     "module_use.png": "Share of each class's test images whose child runs each module.",
 }
 
 
 # --- numbers ---------------------------------------------------------------------------------
+
 
 def format_number(value: int | float) -> str:
     """Exact: the appendix must let a reader recover every number of results.json."""
@@ -83,6 +96,7 @@ def _latency(model: Model, field: str) -> Any:
 
 # --- summary sentences -----------------------------------------------------------------------
 
+
 def _instanas_vs_mbv2(results: Mapping) -> str | None:
     models, comparison = results["models"], results.get("comparison") or {}
     main, path = models.get("instanas"), models.get("mbv2-path")
@@ -98,16 +112,23 @@ def _instanas_vs_mbv2(results: Mapping) -> str | None:
     if saving is None or delta is None:
         return None
     direction = "lower" if saving >= 0 else "higher"
-    return (f"InstaNAS mean measured batch-1 latency is {100 * abs(saving):.1f}% {direction} "
-            f"than the MobileNetV2 path ({_fixed(main_ms)} vs {_fixed(path_ms)} ms), at "
-            f"{delta:+.2f} points of test accuracy ({_percent(main.get('test_accuracy'))}% vs "
-            f"{_percent(path.get('test_accuracy'))}%).")
+    return (
+        f"InstaNAS mean measured batch-1 latency is {100 * abs(saving):.1f}% {direction} "
+        f"than the MobileNetV2 path ({_fixed(main_ms)} vs {_fixed(path_ms)} ms), at "
+        f"{delta:+.2f} points of test accuracy ({_percent(main.get('test_accuracy'))}% vs "
+        f"{_percent(path.get('test_accuracy'))}%)."
+    )
 
 
 def _measured(results: Mapping, kinds: tuple[str, ...]) -> list[tuple[str, Model]]:
-    return [(name, model) for name, model in sorted_models(results["models"])
-            if model_kind(name, model) in kinds and not is_bound(model)
-            and mean_latency(model) is not None and "test_accuracy" in model]
+    return [
+        (name, model)
+        for name, model in sorted_models(results["models"])
+        if model_kind(name, model) in kinds
+        and not is_bound(model)
+        and mean_latency(model) is not None
+        and "test_accuracy" in model
+    ]
 
 
 def _dominance(results: Mapping) -> str | None:
@@ -117,13 +138,18 @@ def _dominance(results: Mapping) -> str | None:
         return None
     wins = []
     for name, model in ours:
-        beaten = [w for w, m in widths if mean_latency(model) < mean_latency(m)
-                  and model["test_accuracy"] > m["test_accuracy"]]
+        beaten = [
+            w
+            for w, m in widths
+            if mean_latency(model) < mean_latency(m) and model["test_accuracy"] > m["test_accuracy"]
+        ]
         if beaten:
             wins.append(f"{name} beats {', '.join(beaten)}")
     if not wins:
-        return ("No InstaNAS model beats any MobileNetV2 width on both measured latency and "
-                "test accuracy.")
+        return (
+            "No InstaNAS model beats any MobileNetV2 width on both measured latency and "
+            "test accuracy."
+        )
     return f"On both axes (lower measured latency and higher test accuracy): {'; '.join(wins)}."
 
 
@@ -133,9 +159,11 @@ def _controller_vs_random(results: Mapping) -> str | None:
     if not main or not rand or "test_accuracy" not in main or "test_accuracy" not in rand:
         return None
     delta = 100.0 * (main["test_accuracy"] - rand["test_accuracy"])
-    return (f"The controller's policies reach {_percent(main['test_accuracy'])}% test accuracy "
-            f"against {_percent(rand['test_accuracy'])}% for random policies ({delta:+.2f} "
-            f"points), at {_fixed(mean_latency(main))} vs {_fixed(mean_latency(rand))} ms.")
+    return (
+        f"The controller's policies reach {_percent(main['test_accuracy'])}% test accuracy "
+        f"against {_percent(rand['test_accuracy'])}% for random policies ({delta:+.2f} "
+        f"points), at {_fixed(mean_latency(main))} vs {_fixed(mean_latency(rand))} ms."
+    )
 
 
 def _routing(results: Mapping) -> str | None:
@@ -143,11 +171,13 @@ def _routing(results: Mapping) -> str | None:
     if "shuffled_routing_accuracy" not in main:
         return None
     gain = 100.0 * (main["test_accuracy"] - main["shuffled_routing_accuracy"])
-    return (f"Routing: the main model uses {main['distinct_children']} distinct children "
-            f"(effective number {main['effective_children']:.1f}; the most used serves "
-            f"{100 * main['top_child_share']:.1f}% of the test images); with its policies "
-            f"shuffled across images it reaches {_percent(main['shuffled_routing_accuracy'])}% "
-            f"({gain:+.2f} points for routing each image to its own child).")
+    return (
+        f"Routing: the main model uses {main['distinct_children']} distinct children "
+        f"(effective number {main['effective_children']:.1f}; the most used serves "
+        f"{100 * main['top_child_share']:.1f}% of the test images); with its policies "
+        f"shuffled across images it reaches {_percent(main['shuffled_routing_accuracy'])}% "
+        f"({gain:+.2f} points for routing each image to its own child)."
+    )
 
 
 def _static_child(results: Mapping) -> str | None:
@@ -155,56 +185,85 @@ def _static_child(results: Mapping) -> str | None:
     if not main or not static:
         return None
     delta = 100.0 * (main["test_accuracy"] - static["test_accuracy"])
-    return (f"The best static child (the controller's child closest to and not below the main "
-            f"model's latency, fine-tuned alone) reaches {_percent(static['test_accuracy'])}% "
-            f"at {_fixed(mean_latency(static))} ms: the main model is {delta:+.2f} points at "
-            f"{_fixed(mean_latency(main))} ms.")
+    return (
+        f"The best static child (the controller's child closest to and not below the main "
+        f"model's latency, fine-tuned alone) reaches {_percent(static['test_accuracy'])}% "
+        f"at {_fixed(mean_latency(static))} ms: the main model is {delta:+.2f} points at "
+        f"{_fixed(mean_latency(main))} ms."
+    )
 
 
 def _oracle(results: Mapping) -> str | None:
     oracle = results["models"].get("oracle")
     if not oracle or "test_accuracy" not in oracle:
         return None
-    return (f"The oracle reaches {_percent(oracle['test_accuracy'])}% test accuracy at "
-            f"{_fixed(mean_latency(oracle))} ms of table-predicted latency: a bound, not a "
-            "timing.")
+    return (
+        f"The oracle reaches {_percent(oracle['test_accuracy'])}% test accuracy at "
+        f"{_fixed(mean_latency(oracle))} ms of table-predicted latency: a bound, not a "
+        "timing."
+    )
 
 
 def _device_sentence(results: Mapping) -> str | None:
     device = results.get("device")
     if not isinstance(device, dict):
         return None
-    images = next((_latency(m, "images") for m in results["models"].values()
-                   if _latency(m, "images") is not None), None)
+    images = next(
+        (
+            _latency(m, "images")
+            for m in results["models"].values()
+            if _latency(m, "images") is not None
+        ),
+        None,
+    )
     over = f" over {images} test images" if images is not None else ""
-    return (f"Latency is batch-1 wall clock per image{over} on {device.get('name', '?')} "
-            f"({device.get('type', '?')}, {device.get('threads', '?')} thread(s)), torch "
-            f"{device.get('torch', '?')}.")
+    return (
+        f"Latency is batch-1 wall clock per image{over} on {device.get('name', '?')} "
+        f"({device.get('type', '?')}, {device.get('threads', '?')} thread(s)), torch "
+        f"{device.get('torch', '?')}."
+    )
 
 
 def summary_sentences(results: Mapping) -> list[str]:
-    sentences = (_instanas_vs_mbv2(results), _dominance(results),
-                 _controller_vs_random(results), _routing(results), _static_child(results),
-                 _oracle(results), _device_sentence(results),
-                 undertrained_sentence(results.get("undertrained") or []))
+    sentences = (
+        _instanas_vs_mbv2(results),
+        _dominance(results),
+        _controller_vs_random(results),
+        _routing(results),
+        _static_child(results),
+        _oracle(results),
+        _device_sentence(results),
+        undertrained_sentence(results.get("undertrained") or []),
+    )
     return [s for s in sentences if s]
 
 
 # --- results.md ------------------------------------------------------------------------------
 
+
 def results_markdown(results: dict) -> str:
-    lines = [f"# InstaNAS results: {results.get('preset', '')} on {results.get('dataset', '')}",
-             "", "| model | kind | test accuracy | latency ms (mean ± std, p50, p90) | "
-             "table latency ms | MFLOPs | distinct children | mean active modules |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# InstaNAS results: {results.get('preset', '')} on {results.get('dataset', '')}",
+        "",
+        "| model | kind | test accuracy | latency ms (mean ± std, p50, p90) | "
+        "table latency ms | MFLOPs | distinct children | mean active modules |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in sorted_models(results["models"]):
-        measured = "table, bound" if is_bound(m) else (
-            f"{_fixed(_latency(m, 'mean'))} ± {_fixed(_latency(m, 'std'))} "
-            f"(p50 {_fixed(_latency(m, 'p50'))}, p90 {_fixed(_latency(m, 'p90'))})")
-        lines.append(f"| {name} | {model_kind(name, m)} | {_percent(m.get('test_accuracy'))}% | "
-                     f"{measured} | {_fixed(m.get('table_latency_ms'))} | "
-                     f"{_fixed(m.get('flops'), 2, 1e-6)} | {m.get('distinct_children', '–')} | "
-                     f"{_fixed(m.get('mean_active_modules'), 1)} |")
+        measured = (
+            "table, bound"
+            if is_bound(m)
+            else (
+                f"{_fixed(_latency(m, 'mean'))} ± {_fixed(_latency(m, 'std'))} "
+                f"(p50 {_fixed(_latency(m, 'p50'))}, p90 {_fixed(_latency(m, 'p90'))})"
+            )
+        )
+        lines.append(
+            f"| {name} | {model_kind(name, m)} | {_percent(m.get('test_accuracy'))}% | "
+            f"{measured} | {_fixed(m.get('table_latency_ms'))} | "
+            f"{_fixed(m.get('flops'), 2, 1e-6)} | {m.get('distinct_children', '–')} | "
+            f"{_fixed(m.get('mean_active_modules'), 1)} |"
+        )
     lines += [""] + summary_sentences(results)
     if "wall_time_s" in results:
         parts = ", ".join(f"{k} {v:.0f} s" for k, v in results["wall_time_s"].items())
@@ -217,6 +276,7 @@ def write_results_markdown(results: dict, path: str | Path) -> None:
 
 
 # --- report blocks ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Heading:
@@ -252,35 +312,83 @@ Block = Heading | Paragraph | Table | Code | Image
 
 def _models_table(results: Mapping) -> Table:
     models = sorted_models(results["models"])
-    extra = sorted({key for _, m in models for key, v in m.items() if key not in _MODEL_FIELDS
-                    and isinstance(v, (int, float)) and not isinstance(v, bool)})
-    header = ("model", "kind", "width", "test accuracy %", "test error %", "latency mean ms",
-              "std ms", "p50 ms", "p90 ms", "timed images", "latency source",
-              "table latency ms", "MFLOPs", "distinct children", "mean active modules",
-              *extra)
+    extra = sorted(
+        {
+            key
+            for _, m in models
+            for key, v in m.items()
+            if key not in _MODEL_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    )
+    header = (
+        "model",
+        "kind",
+        "width",
+        "test accuracy %",
+        "test error %",
+        "latency mean ms",
+        "std ms",
+        "p50 ms",
+        "p90 ms",
+        "timed images",
+        "latency source",
+        "table latency ms",
+        "MFLOPs",
+        "distinct children",
+        "mean active modules",
+        *extra,
+    )
     rows = []
     for name, m in models:
         width = model_width(name, m)
         accuracy = m.get("test_accuracy")
         error = 1.0 - accuracy if isinstance(accuracy, (int, float)) else None
-        rows.append((name, model_kind(name, m), "–" if width is None else f"{width:g}",
-                     _percent(accuracy), _percent(error),
-                     *(_fixed(_latency(m, f), 4) for f in ("mean", "std", "p50", "p90")),
-                     str(_latency(m, "images") or "–"), str(m.get("latency_source", "measured")),
-                     _fixed(m.get("table_latency_ms"), 4), _fixed(m.get("flops"), 3, 1e-6),
-                     str(m.get("distinct_children", "–")),
-                     _fixed(m.get("mean_active_modules"), 2),
-                     *(str(m[key]) if isinstance(m.get(key), int) and not isinstance(m[key], bool)
-                       else _fixed(m.get(key), 4) for key in extra)))
+        rows.append(
+            (
+                name,
+                model_kind(name, m),
+                "–" if width is None else f"{width:g}",
+                _percent(accuracy),
+                _percent(error),
+                *(_fixed(_latency(m, f), 4) for f in ("mean", "std", "p50", "p90")),
+                str(_latency(m, "images") or "–"),
+                str(m.get("latency_source", "measured")),
+                _fixed(m.get("table_latency_ms"), 4),
+                _fixed(m.get("flops"), 3, 1e-6),
+                str(m.get("distinct_children", "–")),
+                _fixed(m.get("mean_active_modules"), 2),
+                *(
+                    str(m[key])
+                    if isinstance(m.get(key), int) and not isinstance(m[key], bool)
+                    else _fixed(m.get(key), 4)
+                    for key in extra
+                ),
+            )
+        )
     return Table(header, rows)
 
 
 def _candidates_table(candidates: Sequence[Mapping]) -> Table:
-    rows = [(str(c.get("name", "")), str(c.get("variant") or "–"),
-             _percent(c.get("val_accuracy")), _fixed(c.get("val_latency_ms"), 4),
-             "yes" if c.get("pareto") else "no") for c in candidates]
-    return Table(("candidate", "variant", "validation accuracy %", "validation latency ms",
-                  "on the Pareto front"), rows)
+    rows = [
+        (
+            str(c.get("name", "")),
+            str(c.get("variant") or "–"),
+            _percent(c.get("val_accuracy")),
+            _fixed(c.get("val_latency_ms"), 4),
+            "yes" if c.get("pareto") else "no",
+        )
+        for c in candidates
+    ]
+    return Table(
+        (
+            "candidate",
+            "variant",
+            "validation accuracy %",
+            "validation latency ms",
+            "on the Pareto front",
+        ),
+        rows,
+    )
 
 
 def _key_values(section: Any, unit: str = "") -> Table:
@@ -301,9 +409,13 @@ def _versions(results: Mapping) -> Table:
     from .. import __version__
 
     table = _key_values(results.get("device"))
-    table.rows.extend([("numpy (this report)", numpy.__version__),
-                       ("matplotlib (this report)", matplotlib.__version__),
-                       ("instanas (this report)", __version__)])
+    table.rows.extend(
+        [
+            ("numpy (this report)", numpy.__version__),
+            ("matplotlib (this report)", matplotlib.__version__),
+            ("instanas (this report)", __version__),
+        ]
+    )
     return table
 
 
@@ -311,18 +423,23 @@ def report_blocks(run_dir: Path, results: Mapping, plots: Sequence[Path]) -> lis
     title = f"InstaNAS report: {results.get('preset', '?')} on {results.get('dataset', '?')}"
     blocks: list[Block] = [
         Heading(title, 1),
-        Paragraph(f"Run directory {run_dir}; seed {results.get('seed', '?')}; "
-                  f"{results.get('test_images', '?')} test images."),
-        Heading("Summary"), *(Paragraph(s) for s in summary_sentences(results)),
-        Heading("Models"), _models_table(results),
-        Paragraph("Latency is batch-1 wall clock per image in ms; a model whose latency "
-                  "source is 'table' was not timed: its latency is the table's prediction, a "
-                  "bound. MFLOPs are per image."),
+        Paragraph(
+            f"Run directory {run_dir}; seed {results.get('seed', '?')}; "
+            f"{results.get('test_images', '?')} test images."
+        ),
+        Heading("Summary"),
+        *(Paragraph(s) for s in summary_sentences(results)),
+        Heading("Models"),
+        _models_table(results),
+        Paragraph(
+            "Latency is batch-1 wall clock per image in ms; a model whose latency "
+            "source is 'table' was not timed: its latency is the table's prediction, a "
+            "bound. MFLOPs are per image."
+        ),
     ]
     if plots:
         blocks.append(Heading("Plots"))
-        blocks += [Image(p, f"plots/{p.name}", _PLOT_CAPTIONS.get(p.name, p.stem))
-                   for p in plots]
+        blocks += [Image(p, f"plots/{p.name}", _PLOT_CAPTIONS.get(p.name, p.stem)) for p in plots]
     candidates = (results.get("variants") or {}).get("candidates")
     if candidates:
         blocks += [Heading("Variant candidates"), _candidates_table(candidates)]
@@ -331,15 +448,22 @@ def report_blocks(run_dir: Path, results: Mapping, plots: Sequence[Path]) -> lis
             blocks += [Heading(heading), _key_values(results[key], unit)]
     blocks += [Heading("Device and versions"), _versions(results)]
     config = run_dir / "config.yaml"
-    blocks += [Heading("Configuration (config.yaml)"),
-               Code(config.read_text()) if config.is_file() else Paragraph("no config.yaml")]
-    blocks += [Heading("Every number in results.json"),
-               Table(("key", "value"), [(path, format_number(value)) for path, value
-                                        in flatten_numbers(results)])]
+    blocks += [
+        Heading("Configuration (config.yaml)"),
+        Code(config.read_text()) if config.is_file() else Paragraph("no config.yaml"),
+    ]
+    blocks += [
+        Heading("Every number in results.json"),
+        Table(
+            ("key", "value"),
+            [(path, format_number(value)) for path, value in flatten_numbers(results)],
+        ),
+    ]
     return blocks
 
 
 # --- rendering -------------------------------------------------------------------------------
+
 
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
@@ -353,8 +477,10 @@ def render_markdown(blocks: Sequence[Block]) -> str:
         elif isinstance(block, Paragraph):
             parts.append(block.text)
         elif isinstance(block, Table):
-            lines = ["| " + " | ".join(map(_md_cell, block.header)) + " |",
-                     "|" + "---|" * len(block.header)]
+            lines = [
+                "| " + " | ".join(map(_md_cell, block.header)) + " |",
+                "|" + "---|" * len(block.header),
+            ]
             lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]
             parts.append("\n".join(lines))
         elif isinstance(block, Code):
@@ -367,11 +493,13 @@ def render_markdown(blocks: Sequence[Block]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-_CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
-        "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:.9em}"
-        "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f0f0f0}"
-        "pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%}"
-        "figure{margin:1.5em 0}figcaption{color:#555;font-size:.9em}")
+_CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
+    "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:.9em}"
+    "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f0f0f0}"
+    "pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%}"
+    "figure{margin:1.5em 0}figcaption{color:#555;font-size:.9em}"
+)
 
 
 def _html_block(block: Block) -> str:
@@ -382,22 +510,27 @@ def _html_block(block: Block) -> str:
         return f"<p>{esc(block.text)}</p>"
     if isinstance(block, Table):
         head = "".join(f"<th>{esc(h)}</th>" for h in block.header)
-        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
-                       for row in block.rows)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows
+        )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     if isinstance(block, Code):
         return f"<pre><code>{esc(block.text)}</code></pre>"
     data = base64.b64encode(block.path.read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block.path.stem)}">'
-            f"<figcaption>{esc(block.caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block.path.stem)}">'
+        f"<figcaption>{esc(block.caption)}</figcaption></figure>"
+    )
 
 
 def render_html(blocks: Sequence[Block]) -> str:
     title = next((b.text for b in blocks if isinstance(b, Heading)), "InstaNAS report")
     body = "\n".join(_html_block(b) for b in blocks)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
-            f"<body>\n{body}\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:

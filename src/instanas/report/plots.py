@@ -26,8 +26,16 @@ if TYPE_CHECKING:
 
 DPI = 120
 MAX_PROJECTED = 5000  # more points only overplot, and UMAP time grows with them
-KIND_ORDER = ("instanas", "variant", "mbv2", "min-net", "random-policy", "static-child", "oracle",
-              "other")
+KIND_ORDER = (
+    "instanas",
+    "variant",
+    "mbv2",
+    "min-net",
+    "random-policy",
+    "static-child",
+    "oracle",
+    "other",
+)
 PER_IMAGE_FILE = "test_per_image.npz"
 PerImage = Mapping[str, np.ndarray]
 Model = Mapping[str, Any]
@@ -35,25 +43,33 @@ Model = Mapping[str, Any]
 
 # --- reading a run ---------------------------------------------------------------------------
 
+
 def load_results(run_dir: Path) -> dict:
     """results.json of RUN_DIR; every problem is a one-line ConfigError naming the fix."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist: give the folder of a "
-                          "finished run (the --output of `instanas run`)")
+        raise ConfigError(
+            f"run directory {run_dir} does not exist: give the folder of a "
+            "finished run (the --output of `instanas run`)"
+        )
     path = run_dir / "results.json"
     if not path.is_file():
-        raise ConfigError(f"{run_dir} has no results.json: run `instanas evaluate --output "
-                          f"{run_dir}` first")
+        raise ConfigError(
+            f"{run_dir} has no results.json: run `instanas evaluate --output {run_dir}` first"
+        )
     try:
         results = json.loads(path.read_text())
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        raise ConfigError(f"{path} is not valid JSON ({exc}): rerun `instanas evaluate "
-                          f"--output {run_dir}` to rewrite it") from None
+        raise ConfigError(
+            f"{path} is not valid JSON ({exc}): rerun `instanas evaluate "
+            f"--output {run_dir}` to rewrite it"
+        ) from None
     models = results.get("models") if isinstance(results, dict) else None
     if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
-        raise ConfigError(f"{path} has no \"models\" object of per-model objects: rerun "
-                          f"`instanas evaluate --output {run_dir}` to rewrite it")
+        raise ConfigError(
+            f'{path} has no "models" object of per-model objects: rerun '
+            f"`instanas evaluate --output {run_dir}` to rewrite it"
+        )
     return results
 
 
@@ -66,9 +82,11 @@ def load_per_image(run_dir: Path) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"{path} is unreadable ({exc}): rerun `instanas evaluate --output "
-                          f"{run_dir}` to rewrite it, or delete it to report without "
-                          "per-image plots") from None
+        raise ConfigError(
+            f"{path} is unreadable ({exc}): rerun `instanas evaluate --output "
+            f"{run_dir}` to rewrite it, or delete it to report without "
+            "per-image plots"
+        ) from None
 
 
 def model_kind(name: str, model: Model) -> str:
@@ -97,11 +115,13 @@ def model_width(name: str, model: Model) -> float | None:
 
 def sorted_models(models: Mapping[str, Model]) -> list[tuple[str, Model]]:
     """Main model first, then variants, MobileNetV2 by width, and the reference points."""
+
     def key(item: tuple[str, Model]) -> tuple[int, float, str]:
         name, model = item
         kind = model_kind(name, model)
         rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
         return rank, model_width(name, model) or 0.0, name
+
     return sorted(models.items(), key=key)
 
 
@@ -136,6 +156,7 @@ def class_names(results: Mapping, per_image: PerImage) -> list[str]:
 
 # --- drawing ---------------------------------------------------------------------------------
 
+
 def _new_figure(width: float, height: float) -> Figure:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -157,18 +178,22 @@ def _device_line(results: Mapping) -> str:
     device = results.get("device") or {}
     if not device:
         return ""
-    return (f"{device.get('name', '?')} ({device.get('type', '?')}, "
-            f"{device.get('threads', '?')} thread(s)), batch 1")
+    return (
+        f"{device.get('name', '?')} ({device.get('type', '?')}, "
+        f"{device.get('threads', '?')} thread(s)), batch 1"
+    )
 
 
 # Marker, colour and legend label per kind; the main model is drawn separately, on top.
-_STYLE = {"variant": ("o", "tab:orange", "InstaNAS variants"),
-          "mbv2": ("s", "tab:blue", "MobileNetV2 widths"),
-          "min-net": ("v", "tab:green", "min-net (fewest modules)"),
-          "random-policy": ("X", "tab:purple", "random policy"),
-          "static-child": ("^", "tab:red", "best static child"),
-          "oracle": ("D", "tab:gray", "oracle"),
-          "other": ("P", "tab:brown", "other")}
+_STYLE = {
+    "variant": ("o", "tab:orange", "InstaNAS variants"),
+    "mbv2": ("s", "tab:blue", "MobileNetV2 widths"),
+    "min-net": ("v", "tab:green", "min-net (fewest modules)"),
+    "random-policy": ("X", "tab:purple", "random policy"),
+    "static-child": ("^", "tab:red", "best static child"),
+    "oracle": ("D", "tab:gray", "oracle"),
+    "other": ("P", "tab:brown", "other"),
+}
 
 
 def plot_error_vs_latency(results: Mapping, per_image: PerImage) -> Figure:
@@ -182,16 +207,30 @@ def plot_error_vs_latency(results: Mapping, per_image: PerImage) -> Figure:
         if kind != "instanas":
             _draw_series(ax, kind, members)
     for name, model in groups.get("instanas", []):
-        ax.errorbar(mean_latency(model), _error(model), xerr=_std(model), fmt="*",
-                    markersize=16, color="tab:red", capsize=3, zorder=5,
-                    label=f"{name} (main model)")
+        ax.errorbar(
+            mean_latency(model),
+            _error(model),
+            xerr=_std(model),
+            fmt="*",
+            markersize=16,
+            color="tab:red",
+            capsize=3,
+            zorder=5,
+            label=f"{name} (main model)",
+        )
     if not groups:
-        ax.text(0.5, 0.5, "no model has both a latency and an accuracy",
-                transform=ax.transAxes, ha="center")
+        ax.text(
+            0.5,
+            0.5,
+            "no model has both a latency and an accuracy",
+            transform=ax.transAxes,
+            ha="center",
+        )
     ax.set_xlabel("mean latency per image, batch 1 (ms); bars: ± 1 std over images")
     ax.set_ylabel("test error (%)")
-    ax.set_title(f"Test error vs latency: lower left is better\n{_device_line(results)}",
-                 fontsize=10)
+    ax.set_title(
+        f"Test error vs latency: lower left is better\n{_device_line(results)}", fontsize=10
+    )
     ax.grid(alpha=0.3)
     if groups:
         ax.legend(fontsize=8)
@@ -204,14 +243,27 @@ def _draw_series(ax: Axes, kind: str, members: list[tuple[str, Model]]) -> None:
     if kind == "variant":
         members = sorted(members, key=lambda item: mean_latency(item[1]) or 0.0)
     bound = any(is_bound(m) for _, m in members)
-    ax.errorbar([mean_latency(m) for _, m in members], [_error(m) for _, m in members],
-                xerr=[_std(m) for _, m in members], fmt=f"{marker}-" if len(members) > 1 else
-                marker, color=colour, markersize=8, capsize=3, linewidth=1,
-                markerfacecolor="none" if bound else colour,
-                label=f"{label} (table latency, bound)" if bound else label)
+    ax.errorbar(
+        [mean_latency(m) for _, m in members],
+        [_error(m) for _, m in members],
+        xerr=[_std(m) for _, m in members],
+        fmt=f"{marker}-" if len(members) > 1 else marker,
+        color=colour,
+        markersize=8,
+        capsize=3,
+        linewidth=1,
+        markerfacecolor="none" if bound else colour,
+        label=f"{label} (table latency, bound)" if bound else label,
+    )
     for name, model in members:
-        ax.annotate(_point_label(kind, name, model), (mean_latency(model), _error(model)),
-                    textcoords="offset points", xytext=(6, 5), fontsize=8, color=colour)
+        ax.annotate(
+            _point_label(kind, name, model),
+            (mean_latency(model), _error(model)),
+            textcoords="offset points",
+            xytext=(6, 5),
+            fontsize=8,
+            color=colour,
+        )
 
 
 def _point_label(kind: str, name: str, model: Model) -> str:
@@ -251,28 +303,38 @@ def _reference_lines(results: Mapping, field: str) -> list[tuple[str, float]]:
     return lines
 
 
-def _draw_histogram(ax: Axes, series: list[tuple[str, np.ndarray]],
-                    lines: list[tuple[str, float]]) -> None:
+def _draw_histogram(
+    ax: Axes, series: list[tuple[str, np.ndarray]], lines: list[tuple[str, float]]
+) -> None:
     values = [v[np.isfinite(v)] for _, v in series]
     # Bins span the reference lines too, so a baseline far from the data is still in view; a
     # few timing outliers (an interrupt, a page fault) would squeeze the rest into one bin, so
     # the range stops at the 99.5th percentile and the cut images are counted in the legend.
     marks = np.array([ms for _, ms in lines])
     data_all = np.concatenate(values)
-    top = max(float(np.percentile(data_all, 99.5)) if data_all.size else 0.0,
-              float(marks.max()) if marks.size else 0.0)
-    low = min(float(data_all.min()) if data_all.size else top,
-              float(marks.min()) if marks.size else top)
-    edges = np.histogram_bin_edges(np.concatenate(values + [marks]), bins=40,
-                                   range=(low, top) if top > low else None)
+    top = max(
+        float(np.percentile(data_all, 99.5)) if data_all.size else 0.0,
+        float(marks.max()) if marks.size else 0.0,
+    )
+    low = min(
+        float(data_all.min()) if data_all.size else top, float(marks.min()) if marks.size else top
+    )
+    edges = np.histogram_bin_edges(
+        np.concatenate(values + [marks]), bins=40, range=(low, top) if top > low else None
+    )
     for (label, _), data in zip(series, values):
         beyond = int((data > edges[-1]).sum())
         note = f", {beyond} beyond {edges[-1]:.1f} ms not shown" if beyond else ""
         ax.hist(data, bins=edges, alpha=0.6, label=f"{label} ({data.size} images{note})")
     styles = ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))
     for i, (name, ms) in enumerate(lines):
-        ax.axvline(ms, color=f"C{(i + 2) % 10}", linestyle=styles[i % len(styles)],
-                   linewidth=1.5, label=f"{name}: {ms:.3f} ms")
+        ax.axvline(
+            ms,
+            color=f"C{(i + 2) % 10}",
+            linestyle=styles[i % len(styles)],
+            linewidth=1.5,
+            label=f"{name}: {ms:.3f} ms",
+        )
     ax.set_ylabel("images")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -283,17 +345,21 @@ def plot_latency_histogram(results: Mapping, per_image: PerImage) -> Figure:
     measured_ax, predicted_ax = figure.subplots(1, 2)
     series = [("InstaNAS, measured", per_image["measured_ms"].astype(np.float64))]
     if "random_measured_ms" in per_image:
-        series.append(("random policy, measured",
-                       per_image["random_measured_ms"].astype(np.float64)))
+        series.append(
+            ("random policy, measured", per_image["random_measured_ms"].astype(np.float64))
+        )
     _draw_histogram(measured_ax, series, _reference_lines(results, "mean"))
     measured_ax.set_xlabel("measured latency per image, batch 1 (ms)")
     measured_ax.set_title("Measured per-image latency; lines: baseline means", fontsize=10)
-    _draw_histogram(predicted_ax, [("InstaNAS, table", per_image["predicted_ms"]
-                                    .astype(np.float64))],
-                    _reference_lines(results, "table_latency_ms"))
+    _draw_histogram(
+        predicted_ax,
+        [("InstaNAS, table", per_image["predicted_ms"].astype(np.float64))],
+        _reference_lines(results, "table_latency_ms"),
+    )
     predicted_ax.set_xlabel("latency-table prediction per image (ms)")
-    predicted_ax.set_title("Predicted latency of each image's child; lines: baseline tables",
-                           fontsize=10)
+    predicted_ax.set_title(
+        "Predicted latency of each image's child; lines: baseline tables", fontsize=10
+    )
     figure.suptitle(f"InstaNAS latency per test image: {_device_line(results)}", fontsize=11)
     return figure
 
@@ -317,7 +383,7 @@ def _project(points: np.ndarray) -> tuple[np.ndarray, str, str]:
     coords = np.zeros((len(points), 2))
     rank = min(2, basis.shape[0])
     coords[:, :rank] = centred @ basis[:rank].T
-    share = singular ** 2 / max(float((singular ** 2).sum()), 1e-12)
+    share = singular**2 / max(float((singular**2).sum()), 1e-12)
     share = np.concatenate([share, np.zeros(2)])
     return coords, *(f"PC {i + 1} ({100 * share[i]:.0f}% of variance)" for i in range(2))
 
@@ -340,8 +406,11 @@ def plot_policy_projection(results: Mapping, per_image: PerImage) -> Figure:
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     noun = "child" if distinct == 1 else "children"
-    ax.set_title(f"Per-image policies ({len(chosen)} of {len(policies)} test images, "
-                 f"{distinct} distinct {noun})", fontsize=10)
+    ax.set_title(
+        f"Per-image policies ({len(chosen)} of {len(policies)} test images, "
+        f"{distinct} distinct {noun})",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     return figure
 
@@ -354,8 +423,10 @@ def plot_gallery(results: Mapping, per_image: PerImage) -> Figure:
     classes, _, k = images.shape[:3]
     figure = _new_figure(2 * k * 1.05 + 1.6, classes * 1.15 + 1.2)
     gallery, note = figure.subfigures(2, 1, height_ratios=[classes * 1.15 + 0.9, 0.3])
-    how = ("ordered by the table latency of each image's child, ties by the controller's "
-           "expected latency (sum of module probability x module ms, fixed costs included)")
+    how = (
+        "ordered by the table latency of each image's child, ties by the controller's "
+        "expected latency (sum of module probability x module ms, fixed costs included)"
+    )
     if expected is not None:
         how += "; labels: child ms | expected ms"
     note.text(0.5, 0.5, how, ha="center", va="center", fontsize=8)
@@ -365,15 +436,15 @@ def plot_gallery(results: Mapping, per_image: PerImage) -> Figure:
         axes = np.asarray(half.subplots(classes, k, squeeze=False))
         for row in range(classes):
             for col in range(k):
-                empty = (index is not None and index[row, side, col] < 0) \
-                    or not np.isfinite(costs[row, side, col])
+                empty = (index is not None and index[row, side, col] < 0) or not np.isfinite(
+                    costs[row, side, col]
+                )
                 label = None if empty else f"{float(costs[row, side, col]):.2f}"
                 if label and expected is not None:
                     label += f" | {float(expected[row, side, col]):.2f}"
                 _draw_thumbnail(axes[row, col], images[row, side, col], label)
             # Labelled on both halves: equal margins keep the two halves' rows aligned.
-            axes[row, 0].set_ylabel(names[row], rotation=0, ha="right", va="center",
-                                    fontsize=9)
+            axes[row, 0].set_ylabel(names[row], rotation=0, ha="right", va="center", fontsize=9)
     return figure
 
 
@@ -417,8 +488,9 @@ def plot_module_use(results: Mapping, per_image: PerImage) -> Figure:
     names = class_names(results, per_image)
     use = module_use(per_image, len(names))
     counts = np.bincount(per_image["labels"], minlength=len(names))
-    panels = [("all classes", per_image["policies"].astype(bool).mean(axis=0),
-               len(per_image["labels"]))]
+    panels = [
+        ("all classes", per_image["policies"].astype(bool).mean(axis=0), len(per_image["labels"]))
+    ]
     panels += [(names[c], use[c], int(counts[c])) for c in range(len(names))]
     columns = min(4, math.ceil(math.sqrt(len(panels))))
     rows = math.ceil(len(panels) / columns)
@@ -427,18 +499,30 @@ def plot_module_use(results: Mapping, per_image: PerImage) -> Figure:
     axes = np.asarray(figure.subplots(rows, columns, squeeze=False))
     image = None
     for ax, (title, grid, count) in zip(axes.flat, panels):
-        image = ax.imshow(grid.T, vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                          origin="lower", interpolation="nearest")
+        image = ax.imshow(
+            grid.T,
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            aspect="auto",
+            origin="lower",
+            interpolation="nearest",
+        )
         ax.set_title(f"{title} ({count} images)", fontsize=9)
         ax.set_xlabel("cell", fontsize=8)
         ax.set_ylabel("module", fontsize=8)
         ax.set_yticks(range(modules))
         ax.set_xticks(range(0, cells, max(1, cells // 6)))
         ax.tick_params(labelsize=7)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    figure.colorbar(image, ax=axes.ravel().tolist(), label="fraction of images running it",
-                    shrink=0.8, fraction=0.03)
+    figure.colorbar(
+        image,
+        ax=axes.ravel().tolist(),
+        label="fraction of images running it",
+        shrink=0.8,
+        fraction=0.03,
+    )
     figure.suptitle("Module use per cell, by class of the test image", fontsize=11)
     return figure
 

@@ -53,20 +53,28 @@ class RandomPolicy:
         return (draw < self.rate).to(images.device)
 
 
-def policy_forward(metagraph: MetaGraph, policy_fn: PolicyFn
-                   ) -> Callable[[torch.Tensor, float], torch.Tensor]:
+def policy_forward(
+    metagraph: MetaGraph, policy_fn: PolicyFn
+) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """The training forward: logits under the policies ``policy_fn`` picks (no gradient)."""
+
     def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
         with torch.no_grad():
             policy = policy_fn(images)
         return metagraph(images, policy)
+
     return forward
 
 
 @torch.no_grad()
-def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn,
-                      table: LatencyTable, data, include_controller: bool = True
-                      ) -> tuple[PolicyStats, torch.Tensor]:
+def evaluate_policies(
+    ctx: RunContext,
+    metagraph: MetaGraph,
+    policy_fn: PolicyFn,
+    table: LatencyTable,
+    data,
+    include_controller: bool = True,
+) -> tuple[PolicyStats, torch.Tensor]:
     """Accuracy and table latency on ``data`` under ``policy_fn`` (e.g. the controller's greedy
     policy); also returns the resolved policies. ``include_controller``: whether the policy
     costs a controller pass (not for random policies)."""
@@ -79,39 +87,48 @@ def evaluate_policies(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn
     resolved = torch.cat(policies)
     cells = table.cells_ms(resolved)
     routing = routing_summary(resolved)
-    stats = PolicyStats(correct / len(data), float(cells.mean()),
-                        float(cells.mean()) + table.fixed_ms(include_controller),
-                        routing["distinct_children"],
-                        float(resolved.sum(dim=(1, 2)).float().mean()),
-                        routing["effective_children"], routing["top_child_share"])
+    stats = PolicyStats(
+        correct / len(data),
+        float(cells.mean()),
+        float(cells.mean()) + table.fixed_ms(include_controller),
+        routing["distinct_children"],
+        float(resolved.sum(dim=(1, 2)).float().mean()),
+        routing["effective_children"],
+        routing["top_child_share"],
+    )
     return stats, resolved
 
 
-def calibrate(ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn, *, purpose: str,
-              epoch: int) -> None:
+def calibrate(
+    ctx: RunContext, metagraph: MetaGraph, policy_fn: PolicyFn, *, purpose: str, epoch: int
+) -> None:
     """Recalibrate the meta-graph's BatchNorm for the policies ``policy_fn`` now picks."""
     cfg = ctx.config.search
-    recalibrate_batchnorm(metagraph, lambda x: metagraph(x, policy_fn(x)),
-                          training_images(ctx, cfg.batch_size, cfg.recalibrate_batches, purpose,
-                                          epoch))
+    recalibrate_batchnorm(
+        metagraph,
+        lambda x: metagraph(x, policy_fn(x)),
+        training_images(ctx, cfg.batch_size, cfg.recalibrate_batches, purpose, epoch),
+    )
     metagraph.eval()
 
 
 @torch.no_grad()
-def accuracy_under(ctx: RunContext, metagraph: MetaGraph, policies: torch.Tensor, data,
-                   batch_size: int = 500) -> float:
+def accuracy_under(
+    ctx: RunContext, metagraph: MetaGraph, policies: torch.Tensor, data, batch_size: int = 500
+) -> float:
     """Accuracy on ``data`` when its i-th image runs ``policies[i]`` (in the data's order)."""
     metagraph.eval()
     correct, start = 0, 0
     for batch in ctx.batches(data, batch_size, train=False):
-        rows = policies[start:start + len(batch.labels)].to(batch.images.device)
+        rows = policies[start : start + len(batch.labels)].to(batch.images.device)
         correct += int((metagraph(batch.images, rows).argmax(1) == batch.labels).sum())
         start += len(batch.labels)
     return correct / len(data)
 
 
-def shuffled_routing_accuracy(ctx: RunContext, metagraph: MetaGraph, policies: torch.Tensor,
-                              data, seed: int) -> float:
+def shuffled_routing_accuracy(
+    ctx: RunContext, metagraph: MetaGraph, policies: torch.Tensor, data, seed: int
+) -> float:
     """Accuracy with the policies permuted across images: the same children in the same
     proportions, the per-image choice removed. The gap to the routed accuracy is what routing
     each image to its own child is worth."""
@@ -119,8 +136,9 @@ def shuffled_routing_accuracy(ctx: RunContext, metagraph: MetaGraph, policies: t
     return accuracy_under(ctx, metagraph, policies[order], data)
 
 
-def mix_random_children(policy: torch.Tensor, share: float,
-                        generator: torch.Generator) -> torch.Tensor:
+def mix_random_children(
+    policy: torch.Tensor, share: float, generator: torch.Generator
+) -> torch.Tensor:
     """The first ``share`` of the rows get random children, each row its own rate in [0, 1]:
     small and large children alike keep being trained, not only the controller's favourites."""
     rows = round(share * len(policy))

@@ -26,8 +26,9 @@ class LatencyBounds:
     minimum: float  # L_min: only the forced defaults
 
 
-def window_bounds(bounds: LatencyBounds, progress: float, schedule: str = "dynamic"
-                  ) -> tuple[float, float]:
+def window_bounds(
+    bounds: LatencyBounds, progress: float, schedule: str = "dynamic"
+) -> tuple[float, float]:
     """(LB, UB) at search progress ``progress`` = epoch / search_epochs in [0, 1].
 
     dynamic: UB falls linearly from 0.7*L_all to 0.5*L_mbv2, LB = L_min.
@@ -52,8 +53,14 @@ def latency_reward(latency: torch.Tensor, lower: float, upper: float) -> torch.T
     return value.clamp(min=0.0)
 
 
-def instance_reward(correct: torch.Tensor, latency: torch.Tensor, lower: float, upper: float,
-                    pos_w: float = 30.0, neg_w: float = 0.0) -> torch.Tensor:
+def instance_reward(
+    correct: torch.Tensor,
+    latency: torch.Tensor,
+    lower: float,
+    upper: float,
+    pos_w: float = 30.0,
+    neg_w: float = 0.0,
+) -> torch.Tensor:
     """R = pos_w * R_lat for a correct prediction, neg_w otherwise; one value per image."""
     lat = latency_reward(latency, lower, upper)
     return torch.where(correct, pos_w * lat, torch.full_like(lat, neg_w))
@@ -63,8 +70,13 @@ def instance_reward(correct: torch.Tensor, latency: torch.Tensor, lower: float, 
 LOG_PROB_FLOOR = -5.0
 
 
-def prediction_score(correct: torch.Tensor, log_prob: torch.Tensor, signal: str,
-                     pos_w: float = 30.0, neg_w: float = 0.0) -> torch.Tensor:
+def prediction_score(
+    correct: torch.Tensor,
+    log_prob: torch.Tensor,
+    signal: str,
+    pos_w: float = 30.0,
+    neg_w: float = 0.0,
+) -> torch.Tensor:
     """How good one child's prediction is, per image.
 
     ``correct``: pos_w if right, neg_w if wrong. ``log_prob``: pos_w x log p(true class),
@@ -75,18 +87,17 @@ def prediction_score(correct: torch.Tensor, log_prob: torch.Tensor, signal: str,
         return pos_w * log_prob.clamp(min=LOG_PROB_FLOOR)
     if signal != "correct":
         raise ValueError(f"unknown reward signal {signal!r}: use 'correct' or 'log_prob'")
-    return torch.where(correct, torch.full_like(log_prob, pos_w),
-                       torch.full_like(log_prob, neg_w))
+    return torch.where(correct, torch.full_like(log_prob, pos_w), torch.full_like(log_prob, neg_w))
 
 
-def budget_reward(score: torch.Tensor, latency: torch.Tensor, weight: float, reference: float,
-                  pos_w: float = 30.0) -> torch.Tensor:
+def budget_reward(
+    score: torch.Tensor, latency: torch.Tensor, weight: float, reference: float, pos_w: float = 30.0
+) -> torch.Tensor:
     """R = score - pos_w x weight x latency / reference (``score``: ``prediction_score``)."""
     return score - pos_w * weight * latency / reference
 
 
-def budget_target(bounds: LatencyBounds, progress: float, budget: float, warmup: float
-                  ) -> float:
+def budget_target(bounds: LatencyBounds, progress: float, budget: float, warmup: float) -> float:
     """Target mean cell latency at search progress ``progress``: from the window's starting
     upper bound (0.7 L_all) down to ``budget`` x L_mbv2 over the first ``warmup`` of the
     search, then held, so the controller is not pushed from every module to the budget at once.
@@ -119,8 +130,9 @@ class RewardFunction:
         self.window = window_bounds(bounds, 0.0, ccfg.window)
         self.target = budget_target(bounds, 0.0, ccfg.budget, ccfg.budget_warmup)
 
-    def __call__(self, correct: torch.Tensor, log_prob: torch.Tensor, latency: torch.Tensor,
-                 progress: float) -> torch.Tensor:
+    def __call__(
+        self, correct: torch.Tensor, log_prob: torch.Tensor, latency: torch.Tensor, progress: float
+    ) -> torch.Tensor:
         c = self.ccfg
         if c.reward == "budget":
             self.target = budget_target(self.bounds, progress, c.budget, c.budget_warmup)
@@ -150,6 +162,7 @@ def usage_penalty(probs: torch.Tensor, floor: float) -> torch.Tensor:
     A module every image runs (or none does) makes the same choice for all: it cannot route.
     """
     logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
-    low, high = torch.quantile(logits.flatten(1), torch.tensor([floor, 1.0 - floor],
-                                                               device=logits.device), dim=0)
+    low, high = torch.quantile(
+        logits.flatten(1), torch.tensor([floor, 1.0 - floor], device=logits.device), dim=0
+    )
     return (torch.relu(low) + torch.relu(-high)).sum()

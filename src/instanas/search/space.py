@@ -64,7 +64,8 @@ MOBILENETV2_STAGES: tuple[Stage, ...] = (
     Stage(320, 1, 1),
 )
 CIFAR_STAGES: tuple[Stage, ...] = tuple(
-    Stage(s.channels, s.cells, 1) if i == 1 else s for i, s in enumerate(MOBILENETV2_STAGES))
+    Stage(s.channels, s.cells, 1) if i == 1 else s for i, s in enumerate(MOBILENETV2_STAGES)
+)
 
 
 @dataclass(frozen=True)
@@ -118,12 +119,26 @@ class SearchSpace:
     candidates: tuple[CandidateModule, ...] = field(default=CANDIDATES)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stages", tuple(
-            s if isinstance(s, Stage) else Stage(*s) if isinstance(s, (list, tuple)) else Stage(**s)
-            for s in self.stages))
-        object.__setattr__(self, "candidates", tuple(
-            c if isinstance(c, CandidateModule) else CandidateModule(**c)
-            for c in self.candidates))
+        object.__setattr__(
+            self,
+            "stages",
+            tuple(
+                s
+                if isinstance(s, Stage)
+                else Stage(*s)
+                if isinstance(s, (list, tuple))
+                else Stage(**s)
+                for s in self.stages
+            ),
+        )
+        object.__setattr__(
+            self,
+            "candidates",
+            tuple(
+                c if isinstance(c, CandidateModule) else CandidateModule(**c)
+                for c in self.candidates
+            ),
+        )
 
     @property
     def num_cells(self) -> int:
@@ -182,8 +197,10 @@ class SearchSpace:
     def describe(self) -> str:
         rows = [f"{'cell':>4} {'in':>4} {'out':>4} {'stride':>6} {'size':>5}  empty->"]
         for c in self.cells():
-            rows.append(f"{c.index:>4} {c.in_channels:>4} {c.out_channels:>4} {c.stride:>6} "
-                        f"{c.input_size:>5}  {'module 4' if c.forced_default else 'identity'}")
+            rows.append(
+                f"{c.index:>4} {c.in_channels:>4} {c.out_channels:>4} {c.stride:>6} "
+                f"{c.input_size:>5}  {'module 4' if c.forced_default else 'identity'}"
+            )
         return "\n".join(rows)
 
 
@@ -214,8 +231,10 @@ class ChildArchitecture:
                 cells.append(())
                 continue
             if not part.isdigit() or any(int(ch) >= num_modules for ch in part):
-                raise ValueError(f"bad cell {part!r} in architecture string {text!r}: use module "
-                                 f"ids 0..{num_modules - 1} or '_' for an empty cell")
+                raise ValueError(
+                    f"bad cell {part!r} in architecture string {text!r}: use module "
+                    f"ids 0..{num_modules - 1} or '_' for an empty cell"
+                )
             cells.append(tuple(sorted({int(ch) for ch in part})))
         return cls(tuple(cells), num_modules)
 
@@ -226,12 +245,15 @@ class ChildArchitecture:
         return tuple(bits)
 
     @classmethod
-    def from_bits(cls, bits: Sequence[int],
-                  num_modules: int = len(CANDIDATES)) -> "ChildArchitecture":
+    def from_bits(
+        cls, bits: Sequence[int], num_modules: int = len(CANDIDATES)
+    ) -> "ChildArchitecture":
         if len(bits) % num_modules:
             raise ValueError(f"{len(bits)} bits is not a multiple of {num_modules} modules")
-        cells = tuple(tuple(m for m in range(num_modules) if bits[c * num_modules + m])
-                      for c in range(len(bits) // num_modules))
+        cells = tuple(
+            tuple(m for m in range(num_modules) if bits[c * num_modules + m])
+            for c in range(len(bits) // num_modules)
+        )
         return cls(cells, num_modules)
 
     def to_policy(self) -> torch.Tensor:
@@ -242,12 +264,14 @@ class ChildArchitecture:
     @classmethod
     def from_policy(cls, policy: torch.Tensor) -> "ChildArchitecture":
         rows = policy.bool().tolist()
-        return cls(tuple(tuple(m for m, on in enumerate(row) if on) for row in rows),
-                   policy.shape[-1])
+        return cls(
+            tuple(tuple(m for m, on in enumerate(row) if on) for row in rows), policy.shape[-1]
+        )
 
     @classmethod
-    def uniform(cls, num_cells: int, module: int,
-                num_modules: int = len(CANDIDATES)) -> "ChildArchitecture":
+    def uniform(
+        cls, num_cells: int, module: int, num_modules: int = len(CANDIDATES)
+    ) -> "ChildArchitecture":
         return cls(tuple((module,) for _ in range(num_cells)), num_modules)
 
     def active_modules(self) -> int:
@@ -298,5 +322,8 @@ def routing_summary(policies: torch.Tensor) -> dict[str, float]:
     counts = torch.tensor(list(child_counts([policies]).values()), dtype=torch.float64)
     share = counts / counts.sum()
     entropy = float(-(share * share.log()).sum())
-    return {"distinct_children": len(counts), "effective_children": math.exp(entropy),
-            "top_child_share": float(share.max())}
+    return {
+        "distinct_children": len(counts),
+        "effective_children": math.exp(entropy),
+        "top_child_share": float(share.max()),
+    }

@@ -10,5 +10,6 @@ from .standalone import train_standalone
 
 
 def run(ctx: RunContext) -> ChildNetwork:
-    return train_standalone(ctx, build_mbv2_baseline(ctx.space), "mbv2-path",
-                            stage_path(ctx, "baseline"))
+    return train_standalone(
+        ctx, build_mbv2_baseline(ctx.space), "mbv2-path", stage_path(ctx, "baseline")
+    )

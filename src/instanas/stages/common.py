@@ -47,8 +47,9 @@ def searched_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:
     return metagraph, controller
 
 
-def load_candidate(ctx: RunContext, path: Path, weights: Path | None = None
-                   ) -> tuple[MetaGraph, Controller]:
+def load_candidate(
+    ctx: RunContext, path: Path, weights: Path | None = None
+) -> tuple[MetaGraph, Controller]:
     """Controller of checkpoint ``path``, meta-graph of ``weights`` (default: the same file)."""
     metagraph, controller = new_models(ctx)
     load_checkpoint(path, {"controller": controller}, expect=run_identity(ctx))
@@ -68,9 +69,11 @@ def save_stage(ctx: RunContext, path: Path, modules: dict[str, nn.Module], meta:
 def load_stage(ctx: RunContext, stage: str, modules: dict[str, nn.Module]) -> dict:
     path = stage_path(ctx, stage)
     if not path.exists():
-        raise CheckpointError(f"{ctx.run_dir} has no {stage} output "
-                              f"({registry.get(stage).output}): run `instanas {stage} --output "
-                              f"{ctx.run_dir}` first")
+        raise CheckpointError(
+            f"{ctx.run_dir} has no {stage} output "
+            f"({registry.get(stage).output}): run `instanas {stage} --output "
+            f"{ctx.run_dir}` first"
+        )
     return load_checkpoint(path, modules, expect=run_identity(ctx))
 
 
@@ -87,9 +90,11 @@ def require_previous(run_dir: Path, stage: str) -> None:
     for before in registry.get(stage).needs:
         output = registry.get(before).output
         if not (run_dir / output).exists():
-            raise CheckpointError(f"{run_dir} has no {before} output ({output}): "
-                                  f"run `instanas {before} --output {run_dir}` before "
-                                  f"`instanas {stage}`")
+            raise CheckpointError(
+                f"{run_dir} has no {before} output ({output}): "
+                f"run `instanas {before} --output {run_dir}` before "
+                f"`instanas {stage}`"
+            )
 
 
 def checkpoint_order(path: Path) -> tuple[int, int]:
@@ -124,8 +129,13 @@ def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
     path = default_cache_path(table_key(metagraph, controller, cpu, cfg.threads))
     if local.exists():
         path = local
-    options = {"threads": cfg.threads, "warmup": cfg.warmup, "repeats": cfg.repeats,
-               "seed": ctx.config.seed, "calibration_children": cfg.calibration_children}
+    options = {
+        "threads": cfg.threads,
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "seed": ctx.config.seed,
+        "calibration_children": cfg.calibration_children,
+    }
     if fresh:
         profile_table(metagraph, controller, cpu, **options).save(path)
     table = load_or_profile(path, metagraph, controller, cpu, **options)
@@ -144,17 +154,26 @@ def given_table(ctx: RunContext, path: Path) -> LatencyTable:
     try:
         table = LatencyTable.load(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"latency.table {path} cannot be read ({exc}): pass a table written "
-                          "by `instanas profile`") from exc
+        raise ConfigError(
+            f"latency.table {path} cannot be read ({exc}): pass a table written "
+            "by `instanas profile`"
+        ) from exc
     with torch.random.fork_rng(devices=[]):  # building models must not move the seeded stream
         metagraph, controller = new_models(ctx)
     key = table_key(metagraph, controller, torch.device("cpu"), ctx.config.latency.threads)
     differ = [k for k in _MODEL_KEYS if table.key.get(k) != key[k]]
     if differ:
-        raise ConfigError(f"latency.table {path} was profiled for another model "
-                          f"({', '.join(differ)} differ): profile on the target with `instanas "
-                          "profile --output DIR` and this run's config, then pass "
-                          "DIR/latency_table.json")
-    log.info("latency table %s, profiled on %s (%s threads, torch %s)", path,
-             table.key.get("device"), table.key.get("threads"), table.key.get("torch"))
+        raise ConfigError(
+            f"latency.table {path} was profiled for another model "
+            f"({', '.join(differ)} differ): profile on the target with `instanas "
+            "profile --output DIR` and this run's config, then pass "
+            "DIR/latency_table.json"
+        )
+    log.info(
+        "latency table %s, profiled on %s (%s threads, torch %s)",
+        path,
+        table.key.get("device"),
+        table.key.get("threads"),
+        table.key.get("torch"),
+    )
     return table

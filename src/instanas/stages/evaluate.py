@@ -37,25 +37,26 @@ def run(ctx: RunContext) -> dict:
     metagraph, controller = new_models(ctx)
     load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})
     flops = count_flops(metagraph, controller)
-    models = {"instanas": evaluate_instanas(ctx, metagraph, controller, table, flops,
-                                            "instanas")}
+    models = {"instanas": evaluate_instanas(ctx, metagraph, controller, table, flops, "instanas")}
     for letter, path in trained_variants(ctx).items():
         graph, ctrl = load_candidate(ctx, path)
-        models[f"instanas-{letter}"] = evaluate_instanas(ctx, graph, ctrl, table, flops,
-                                                         "variant")
+        models[f"instanas-{letter}"] = evaluate_instanas(ctx, graph, ctrl, table, flops, "variant")
     models.update(baseline_models(ctx, table))
     if stage_path(ctx, "random-policy").exists():
         graph, _ = new_models(ctx)
         meta = load_stage(ctx, "random-policy", {"metagraph": graph})
-        models["random-policy"] = evaluate_random_policy(ctx, graph, float(meta["rate"]), table,
-                                                         flops)
+        models["random-policy"] = evaluate_random_policy(
+            ctx, graph, float(meta["rate"]), table, flops
+        )
     if stage_path(ctx, "static-child").exists():
-        models["static-child"] = evaluate_static(ctx, static_child_network(ctx), table,
-                                                 "static-child")
+        models["static-child"] = evaluate_static(
+            ctx, static_child_network(ctx), table, "static-child"
+        )
     samples = ctx.config.baseline.oracle_children
     oracle_entry = oracle(ctx, metagraph, controller, table, samples) if samples else None
-    results, per_image = evaluate(ctx, models, table, oracle_entry,
-                                  expected_latency(ctx, controller, table))
+    results, per_image = evaluate(
+        ctx, models, table, oracle_entry, expected_latency(ctx, controller, table)
+    )
     results = run_summary(ctx, results)
     write_outputs(ctx, results, per_image.arrays)
     return results
@@ -75,12 +76,19 @@ def baseline_models(ctx: RunContext, table: LatencyTable) -> dict[str, Evaluated
 
 def run_summary(ctx: RunContext, results: dict) -> dict:
     """The evaluation's results with what the run was: preset, data, seed and budgets."""
-    results = {"preset": ctx.config.preset, "dataset": ctx.config.data.dataset,
-               "seed": ctx.config.seed, "classes": list(ctx.data.classes), **results,
-               "epochs": {"pretrain": ctx.config.pretrain.epochs,
-                          "search": ctx.config.search.epochs,
-                          "finetune": ctx.config.finetune.epochs,
-                          "baseline": ctx.config.baseline_epochs()}}
+    results = {
+        "preset": ctx.config.preset,
+        "dataset": ctx.config.data.dataset,
+        "seed": ctx.config.seed,
+        "classes": list(ctx.data.classes),
+        **results,
+        "epochs": {
+            "pretrain": ctx.config.pretrain.epochs,
+            "search": ctx.config.search.epochs,
+            "finetune": ctx.config.finetune.epochs,
+            "baseline": ctx.config.baseline_epochs(),
+        },
+    }
     candidates = ctx.run_dir / "variants" / "candidates.json"
     if candidates.exists():
         results["variants"] = json.loads(candidates.read_text())

@@ -16,12 +16,19 @@ from .common import latency_table, searched_models, stage_path
 from .policy_tuning import finetune_under_controller
 
 
-def finetune(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-             table: LatencyTable, *, stage: str = "finetune",
-             output: Path | None = None) -> MetaGraph:
+def finetune(
+    ctx: RunContext,
+    metagraph: MetaGraph,
+    controller: Controller,
+    table: LatencyTable,
+    *,
+    stage: str = "finetune",
+    output: Path | None = None,
+) -> MetaGraph:
     """Fine-tune under the frozen controller; saves meta-graph and controller to ``output``."""
-    return finetune_under_controller(ctx, metagraph, controller, table, stage=stage,
-                                     output=output or stage_path(ctx, "finetune"))
+    return finetune_under_controller(
+        ctx, metagraph, controller, table, stage=stage, output=output or stage_path(ctx, "finetune")
+    )
 
 
 def run(ctx: RunContext) -> MetaGraph:

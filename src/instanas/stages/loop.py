@@ -30,13 +30,18 @@ class EpochLoop:
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     state: dict = field(default_factory=dict)  # JSON kept across epochs and restored on resume
 
-    def run(self, ctx: RunContext, train_epoch: Callable[[int], dict],
-            write_output: Callable[[], None],
-            on_fresh_start: Callable[[], None] | None = None) -> None:
+    def run(
+        self,
+        ctx: RunContext,
+        train_epoch: Callable[[int], dict],
+        write_output: Callable[[], None],
+        on_fresh_start: Callable[[], None] | None = None,
+    ) -> None:
         """``train_epoch(epoch)`` returns the epoch's metrics record; ``write_output`` runs after
         the last epoch; ``on_fresh_start`` before the first epoch when nothing was resumed."""
-        checkpoints = EpochCheckpoints(ctx, self.stage, self.modules, self.optimizers,
-                                       self.generators)
+        checkpoints = EpochCheckpoints(
+            ctx, self.stage, self.modules, self.optimizers, self.generators
+        )
         start, saved = checkpoints.restore()
         self.state.update(saved)
         if start == 0 and on_fresh_start is not None:

@@ -35,20 +35,41 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
 
     def train_epoch(epoch: int) -> dict:
         metagraph.train()
-        stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr,
-                                 lr_factor=step_decay(cfg.milestones), epoch=epoch,
-                                 epochs=cfg.epochs, batch_size=cfg.batch_size, stage="pretrain",
-                                 lr_option="pretrain.lr")
+        stats = supervised_epoch(
+            ctx,
+            forward,
+            optimizer,
+            base_lr=cfg.lr,
+            lr_factor=step_decay(cfg.milestones),
+            epoch=epoch,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            stage="pretrain",
+            lr_option="pretrain.lr",
+        )
         metagraph.eval()
-        return {"train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                "val_accuracy_all_modules": accuracy(ctx, metagraph, ctx.data.val),
-                "keep_prob_end": drop_path_keep((epoch + 1) / cfg.epochs, cfg.final_keep),
-                "seconds": stats.seconds}
+        return {
+            "train_loss": stats.loss,
+            "train_accuracy": stats.accuracy,
+            "val_accuracy_all_modules": accuracy(ctx, metagraph, ctx.data.val),
+            "keep_prob_end": drop_path_keep((epoch + 1) / cfg.epochs, cfg.final_keep),
+            "seconds": stats.seconds,
+        }
 
-    loop = EpochLoop("pretrain", cfg.epochs, {"metagraph": metagraph}, {"sgd": optimizer},
-                     {"drop-path": drop_gen})
-    loop.run(ctx, train_epoch, lambda: save_stage(ctx, stage_path(ctx, "pretrain"),
-                                                  {"metagraph": metagraph}, {"stage": "pretrain"}))
+    loop = EpochLoop(
+        "pretrain",
+        cfg.epochs,
+        {"metagraph": metagraph},
+        {"sgd": optimizer},
+        {"drop-path": drop_gen},
+    )
+    loop.run(
+        ctx,
+        train_epoch,
+        lambda: save_stage(
+            ctx, stage_path(ctx, "pretrain"), {"metagraph": metagraph}, {"stage": "pretrain"}
+        ),
+    )
     return metagraph
 
 

@@ -27,15 +27,16 @@ _MATCH_SAMPLES = 8192
 
 def mean_random_ms(table: LatencyTable, space: SearchSpace, rate: float, seed: int) -> float:
     """Mean table latency (cells, stem, head) of resolved random children at ``rate``."""
-    noise = torch.rand((_MATCH_SAMPLES, space.num_cells, space.num_modules),
-                       generator=torch.Generator().manual_seed(seed))
+    noise = torch.rand(
+        (_MATCH_SAMPLES, space.num_cells, space.num_modules),
+        generator=torch.Generator().manual_seed(seed),
+    )
     # The same noise for every rate: the mean is then monotone in the rate, so bisection works.
     resolved = apply_empty_cell_rule(noise < rate, space.forced_mask())
     return float(table.cells_ms(resolved).mean()) + table.fixed_ms(include_controller=False)
 
 
-def matching_rate(table: LatencyTable, space: SearchSpace, target_ms: float,
-                  seed: int) -> float:
+def matching_rate(table: LatencyTable, space: SearchSpace, target_ms: float, seed: int) -> float:
     """The selection rate whose random children cost ``target_ms`` on average (bisection)."""
     low, high = 0.0, 1.0
     for _ in range(30):
@@ -47,21 +48,34 @@ def matching_rate(table: LatencyTable, space: SearchSpace, target_ms: float,
     return (low + high) / 2
 
 
-def train_random_policy(ctx: RunContext, metagraph: MetaGraph, controller: torch.nn.Module,
-                        table: LatencyTable) -> dict:
+def train_random_policy(
+    ctx: RunContext, metagraph: MetaGraph, controller: torch.nn.Module, table: LatencyTable
+) -> dict:
     """Match the searched controller's mean latency, then fine-tune on random policies."""
     metagraph, controller = ctx.prepare(metagraph), ctx.prepare(controller)
     controller.eval()
     target, _ = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.val)
     rate = matching_rate(table, ctx.space, target.total_ms, ctx.config.seed)
     achieved = mean_random_ms(table, ctx.space, rate, ctx.config.seed)
-    log.info("random policy: rate %.4f gives %.3f ms (table) against the controller's %.3f ms",
-             rate, achieved, target.total_ms)
+    log.info(
+        "random policy: rate %.4f gives %.3f ms (table) against the controller's %.3f ms",
+        rate,
+        achieved,
+        target.total_ms,
+    )
     info = {"rate": rate, "table_ms": achieved, "controller_table_ms": target.total_ms}
     policy = RandomPolicy(ctx.space, rate, ctx.config.seed + 1)
-    train_under_policy(ctx, metagraph, policy, table, stage="random-policy",
-                       output=stage_path(ctx, "random-policy"), meta=info,
-                       uses_controller=False, generators={"policies": policy.generator})
+    train_under_policy(
+        ctx,
+        metagraph,
+        policy,
+        table,
+        stage="random-policy",
+        output=stage_path(ctx, "random-policy"),
+        meta=info,
+        uses_controller=False,
+        generators={"policies": policy.generator},
+    )
     return info
 
 

@@ -41,34 +41,80 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("baseline", "train the MobileNetV2-path baseline standalone",
-          "baseline/mbv2.safetensors", budget="baseline", accuracy_field="train_accuracy"),
-    Stage("pretrain", "stage 1: one-shot pretraining of the meta-graph",
-          "pretrain/metagraph.safetensors", budget="pretrain"),
-    Stage("search", "stage 2: alternate controller and meta-graph epochs (needs pretrain)",
-          "search/selected.safetensors", needs=("pretrain",), budget="search",
-          accuracy_field="metagraph_train_accuracy"),
-    Stage("finetune", "stage 3: fine-tune under the frozen controller (needs search)",
-          "finetune/model.safetensors", needs=("search",), budget="finetune",
-          accuracy_field="train_accuracy"),
-    Stage("random-policy", "fine-tune the searched meta-graph on random policies of the "
-          "controller's mean latency (needs search)", "random-policy/model.safetensors",
-          needs=("search",), enabled=lambda c: c.baseline.random_policy, budget="finetune",
-          accuracy_field="train_accuracy"),
-    Stage("static-child", "fine-tune the searched meta-graph on the one child of the "
-          "controller's closest to and not below the main model's measured latency (needs "
-          "search)", "static-child/model.safetensors", needs=("search",),
-          enabled=lambda c: c.baseline.static_child, budget="finetune",
-          accuracy_field="train_accuracy"),
-    Stage("variants", "pick variants A..E on the validation Pareto front of the search "
-          "checkpoints and fine-tune each (needs search)", "variants/variants.json",
-          needs=("search",), enabled=lambda c: c.variants.count > 0),
-    Stage("baselines", "train the other baselines standalone: MobileNetV2 path at "
-          "baseline.widths, minimum network", "baseline/references.json",
-          enabled=lambda c: bool(c.mbv2_widths()) or c.baseline.min_net),
-    Stage("evaluate", "test accuracy and measured batch-1 latency of every trained model "
-          "(needs finetune and baseline)", "results.json", needs=("finetune", "baseline"),
-          resumable=False, refresh=True),
+    Stage(
+        "baseline",
+        "train the MobileNetV2-path baseline standalone",
+        "baseline/mbv2.safetensors",
+        budget="baseline",
+        accuracy_field="train_accuracy",
+    ),
+    Stage(
+        "pretrain",
+        "stage 1: one-shot pretraining of the meta-graph",
+        "pretrain/metagraph.safetensors",
+        budget="pretrain",
+    ),
+    Stage(
+        "search",
+        "stage 2: alternate controller and meta-graph epochs (needs pretrain)",
+        "search/selected.safetensors",
+        needs=("pretrain",),
+        budget="search",
+        accuracy_field="metagraph_train_accuracy",
+    ),
+    Stage(
+        "finetune",
+        "stage 3: fine-tune under the frozen controller (needs search)",
+        "finetune/model.safetensors",
+        needs=("search",),
+        budget="finetune",
+        accuracy_field="train_accuracy",
+    ),
+    Stage(
+        "random-policy",
+        "fine-tune the searched meta-graph on random policies of the "
+        "controller's mean latency (needs search)",
+        "random-policy/model.safetensors",
+        needs=("search",),
+        enabled=lambda c: c.baseline.random_policy,
+        budget="finetune",
+        accuracy_field="train_accuracy",
+    ),
+    Stage(
+        "static-child",
+        "fine-tune the searched meta-graph on the one child of the "
+        "controller's closest to and not below the main model's measured latency (needs "
+        "search)",
+        "static-child/model.safetensors",
+        needs=("search",),
+        enabled=lambda c: c.baseline.static_child,
+        budget="finetune",
+        accuracy_field="train_accuracy",
+    ),
+    Stage(
+        "variants",
+        "pick variants A..E on the validation Pareto front of the search "
+        "checkpoints and fine-tune each (needs search)",
+        "variants/variants.json",
+        needs=("search",),
+        enabled=lambda c: c.variants.count > 0,
+    ),
+    Stage(
+        "baselines",
+        "train the other baselines standalone: MobileNetV2 path at "
+        "baseline.widths, minimum network",
+        "baseline/references.json",
+        enabled=lambda c: bool(c.mbv2_widths()) or c.baseline.min_net,
+    ),
+    Stage(
+        "evaluate",
+        "test accuracy and measured batch-1 latency of every trained model "
+        "(needs finetune and baseline)",
+        "results.json",
+        needs=("finetune", "baseline"),
+        resumable=False,
+        refresh=True,
+    ),
 )
 _BY_NAME = {stage.name: stage for stage in STAGES}
 

@@ -50,9 +50,14 @@ def saved_epochs(run_dir: Path, stage: str) -> list[Path]:
 class EpochCheckpoints:
     """Saves a stage's state after each epoch and restores the newest readable one."""
 
-    def __init__(self, ctx: RunContext, stage: str, modules: dict[str, nn.Module],
-                 optimizers: dict[str, torch.optim.Optimizer],
-                 generators: dict[str, torch.Generator] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: RunContext,
+        stage: str,
+        modules: dict[str, nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        generators: dict[str, torch.Generator] | None = None,
+    ) -> None:
         self.ctx, self.stage = ctx, stage
         self.modules, self.optimizers = modules, optimizers
         self.generators = generators or {}
@@ -67,8 +72,13 @@ class EpochCheckpoints:
             _drop_records_after(self.ctx, self.stage, 0)
             return 0, {}
         path, tensors, meta = found
-        load_module_states(path, tensors, self.modules, key_prefix="module.",
-                           fix="delete it to start the stage over")
+        load_module_states(
+            path,
+            tensors,
+            self.modules,
+            key_prefix="module.",
+            fix="delete it to start the stage over",
+        )
         _load_optimizers(path, tensors, meta["optimizers"], self.optimizers)
         _load_rng(tensors, meta["rng"], self.generators)
         _drop_records_after(self.ctx, self.stage, meta["epoch"])
@@ -81,11 +91,18 @@ class EpochCheckpoints:
         for name, module in self.modules.items():
             for key, value in module.state_dict().items():
                 tensors[f"module.{name}.{key}"] = value
-        optimizers = {name: _optimizer_json(name, opt, tensors)
-                      for name, opt in self.optimizers.items()}
+        optimizers = {
+            name: _optimizer_json(name, opt, tensors) for name, opt in self.optimizers.items()
+        }
         rng = _rng_json(tensors, self.generators)
-        meta = {**run_identity(self.ctx), "stage": self.stage, "epoch": epoch,
-                "optimizers": optimizers, "rng": rng, "record": record or {}}
+        meta = {
+            **run_identity(self.ctx),
+            "stage": self.stage,
+            "epoch": epoch,
+            "optimizers": optimizers,
+            "rng": rng,
+            "record": record or {},
+        }
         folder = state_folder(self.ctx.run_dir, self.stage)
         save_tensors(folder / f"epoch_{epoch:04d}.safetensors", tensors, meta)
         for old in saved_epochs(self.ctx.run_dir, self.stage)[KEEP:]:
@@ -154,9 +171,11 @@ def newest_readable(ctx: RunContext, stage: str) -> tuple[Path, dict, dict] | No
             log.warning("%s is corrupt or truncated; resuming from %s instead", bad, path.name)
         return path, tensors, meta
     if paths:
-        raise CheckpointError(f"no readable checkpoint in {state_folder(ctx.run_dir, stage)} "
-                              f"({', '.join(p.name for p in paths)} are corrupt or truncated): "
-                              f"delete that folder to start {stage} over")
+        raise CheckpointError(
+            f"no readable checkpoint in {state_folder(ctx.run_dir, stage)} "
+            f"({', '.join(p.name for p in paths)} are corrupt or truncated): "
+            f"delete that folder to start {stage} over"
+        )
     return None
 
 
@@ -164,8 +183,9 @@ def newest_readable(ctx: RunContext, stage: str) -> tuple[Path, dict, dict] | No
 # Optimisers: tensors (momentum, Adam moments, steps) in safetensors, everything else in JSON.
 
 
-def _optimizer_json(name: str, optimizer: torch.optim.Optimizer,
-                    tensors: dict[str, torch.Tensor]) -> dict:
+def _optimizer_json(
+    name: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
+) -> dict:
     state = optimizer.state_dict()
     values: dict[str, dict] = {}
     for param_id, entries in state["state"].items():
@@ -177,25 +197,33 @@ def _optimizer_json(name: str, optimizer: torch.optim.Optimizer,
     return {"param_groups": state["param_groups"], "values": values}
 
 
-def _load_optimizers(path: Path, tensors: dict[str, torch.Tensor], saved: dict,
-                     optimizers: dict[str, torch.optim.Optimizer]) -> None:
+def _load_optimizers(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    saved: dict,
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> None:
     for name, optimizer in optimizers.items():
         if name not in saved:
-            raise CheckpointError(f"checkpoint {path} has no state for the {name} optimiser: "
-                                  "delete it to start the stage over")
+            raise CheckpointError(
+                f"checkpoint {path} has no state for the {name} optimiser: "
+                "delete it to start the stage over"
+            )
         state: dict[int, dict] = {}
         for param_id, entries in saved[name]["values"].items():
             state.setdefault(int(param_id), {}).update(entries)
         prefix = f"optimizer.{name}."
         for key, value in tensors.items():
             if key.startswith(prefix):
-                param_id, field = key[len(prefix):].split(".", 1)
+                param_id, field = key[len(prefix) :].split(".", 1)
                 state.setdefault(int(param_id), {})[field] = value
         try:
             optimizer.load_state_dict({"state": state, "param_groups": saved[name]["param_groups"]})
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit the {name} optimiser ({exc}): "
-                                  "delete it to start the stage over") from exc
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the {name} optimiser ({exc}): "
+                "delete it to start the stage over"
+            ) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,18 +237,22 @@ def _rng_json(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Gene
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
     version, py_state, py_gauss = random.getstate()
-    return {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
-            "python": [version, list(py_state), py_gauss]}
+    return {
+        "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(py_state), py_gauss],
+    }
 
 
-def _load_rng(tensors: dict[str, torch.Tensor], saved: dict,
-              generators: dict[str, torch.Generator]) -> None:
+def _load_rng(
+    tensors: dict[str, torch.Tensor], saved: dict, generators: dict[str, torch.Generator]
+) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     for name, generator in generators.items():
         generator.set_state(tensors[f"rng.generator.{name}"])
     kind, pos, has_gauss, gauss = saved["numpy"]
-    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss,
-                         gauss))
+    np.random.set_state(
+        (kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss)
+    )
     version, py_state, py_gauss = saved["python"]
     random.setstate((version, tuple(py_state), py_gauss))
 

@@ -41,9 +41,16 @@ from .common import latency_table, load_stage, new_models, save_stage, stage_pat
 from .loop import EpochLoop
 
 
-def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                     optimizer: torch.optim.Optimizer, table: LatencyTable, epoch: int,
-                     dual: DualWeight, snapshot: Callable[[int], None] | None = None) -> dict:
+def controller_epoch(
+    ctx: RunContext,
+    metagraph: MetaGraph,
+    controller: Controller,
+    optimizer: torch.optim.Optimizer,
+    table: LatencyTable,
+    epoch: int,
+    dual: DualWeight,
+    snapshot: Callable[[int], None] | None = None,
+) -> dict:
     """REINFORCE with a self-critical (greedy) baseline; the meta-graph is frozen.
 
     Frozen means no weight updates. ``search.controller_norm`` says how its BatchNorm
@@ -57,43 +64,77 @@ def controller_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controll
     steps = ctx.steps_per_epoch(cfg.batch_size)
     if cfg.controller_norm == "running":
         controller.eval()
-        calibrate(ctx, metagraph, sampled_of(controller, ctx.config.controller.alpha,
-                                             ctx.generator("search/controller-norm", epoch)),
-                  purpose="search/controller-norm", epoch=epoch)
+        calibrate(
+            ctx,
+            metagraph,
+            sampled_of(
+                controller,
+                ctx.config.controller.alpha,
+                ctx.generator("search/controller-norm", epoch),
+            ),
+            purpose="search/controller-norm",
+            epoch=epoch,
+        )
     metagraph.eval()
     controller.train()
-    step_once = ControllerStep(ctx, metagraph, controller, optimizer, table.module_ms(),
-                               reward_of, ctx.generator("search/controller-sample", epoch))
+    step_once = ControllerStep(
+        ctx,
+        metagraph,
+        controller,
+        optimizer,
+        table.module_ms(),
+        reward_of,
+        ctx.generator("search/controller-sample", epoch),
+    )
     sums = torch.zeros(5, device=ctx.device)
     seen, start = 0, time.perf_counter()
-    batches = ctx.batches(ctx.data.train, cfg.batch_size, train=True,
-                          generator=ctx.generator("search/controller-data", epoch))
+    batches = ctx.batches(
+        ctx.data.train,
+        cfg.batch_size,
+        train=True,
+        generator=ctx.generator("search/controller-data", epoch),
+    )
     snapshot_at = snapshot_steps(steps, cfg.snapshots_per_epoch)
-    for step, batch in enumerate(progress_bar(batches, f"search {epoch + 1}/{cfg.epochs} "
-                                              "controller", total=steps, unit="batch")):
+    for step, batch in enumerate(
+        progress_bar(
+            batches, f"search {epoch + 1}/{cfg.epochs} controller", total=steps, unit="batch"
+        )
+    ):
         sums += step_once(batch.images, batch.labels, (epoch * steps + step) / (cfg.epochs * steps))
         seen += len(batch.labels)
         if snapshot is not None and step in snapshot_at:
             snapshot(snapshot_at[step])
     mean = (sums / seen).tolist()
-    return {"reward": mean[0], "sampled_cells_ms": mean[1], "greedy_cells_ms": mean[2],
-            "greedy_train_accuracy": mean[3], "sampled_train_accuracy": mean[4],
-            **reward_of.describe(), "controller_seconds": time.perf_counter() - start}
+    return {
+        "reward": mean[0],
+        "sampled_cells_ms": mean[1],
+        "greedy_cells_ms": mean[2],
+        "greedy_train_accuracy": mean[3],
+        "sampled_train_accuracy": mean[4],
+        **reward_of.describe(),
+        "controller_seconds": time.perf_counter() - start,
+    }
 
 
 class ControllerStep:
     """One controller update on a batch; returns the batch's sums of (sampled reward, sampled
     and greedy cell latency, greedy and sampled correct predictions)."""
 
-    def __init__(self, ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                 optimizer: torch.optim.Optimizer, module_ms: torch.Tensor,
-                 reward_of: RewardFunction, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        ctx: RunContext,
+        metagraph: MetaGraph,
+        controller: Controller,
+        optimizer: torch.optim.Optimizer,
+        module_ms: torch.Tensor,
+        reward_of: RewardFunction,
+        generator: torch.Generator,
+    ) -> None:
         self.ctx, self.metagraph, self.controller = ctx, metagraph, controller
         self.optimizer, self.reward_of, self.generator = optimizer, reward_of, generator
         self.module_ms = module_ms.to(ctx.device)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
-                 progress: float) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         if self.ctx.config.controller.objective == "imitate":
             return self.imitate(images, labels, progress)
         ccfg = self.ctx.config.controller
@@ -103,16 +144,22 @@ class ControllerStep:
         with torch.no_grad():
             sampled = sample_policy(bounded, self.generator)
             correct, log_prob, latency = score_children(
-                self.metagraph, images, labels, torch.cat([sampled, greedy_policy(probs)]),
-                self.module_ms, self.ctx.config.search.controller_norm)
+                self.metagraph,
+                images,
+                labels,
+                torch.cat([sampled, greedy_policy(probs)]),
+                self.module_ms,
+                self.ctx.config.search.controller_norm,
+            )
             reward = self.reward_of(correct, log_prob, latency, progress)
             advantage = reward[:size] - reward[size:]
-        loss = (-(policy_log_prob(bounded, sampled) * advantage).sum()
-                - ccfg.beta * policy_entropy(bounded, ccfg.entropy).sum()) / size
+        loss = (
+            -(policy_log_prob(bounded, sampled) * advantage).sum()
+            - ccfg.beta * policy_entropy(bounded, ccfg.entropy).sum()
+        ) / size
         return self.update(loss, probs, correct, latency, reward, size)
 
-    def imitate(self, images: torch.Tensor, labels: torch.Tensor,
-                progress: float) -> torch.Tensor:
+    def imitate(self, images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         """Each image's best of ``controller.candidates`` sampled children (and the greedy one)
         under the reward becomes its target policy; the loss is the binary cross-entropy of
         the controller's probabilities against it."""
@@ -122,11 +169,20 @@ class ControllerStep:
         size = len(labels)
         with torch.no_grad():
             bounded = bound_probabilities(probs, ccfg.alpha)
-            policies = torch.cat([*(sample_policy(bounded, self.generator)
-                                    for _ in range(ccfg.candidates)), greedy_policy(probs)])
+            policies = torch.cat(
+                [
+                    *(sample_policy(bounded, self.generator) for _ in range(ccfg.candidates)),
+                    greedy_policy(probs),
+                ]
+            )
             correct, log_prob, latency = score_children(
-                self.metagraph, images, labels, policies, self.module_ms,
-                self.ctx.config.search.controller_norm)
+                self.metagraph,
+                images,
+                labels,
+                policies,
+                self.module_ms,
+                self.ctx.config.search.controller_norm,
+            )
             reward = self.reward_of(correct, log_prob, latency, progress)
             target = best_children(policies, reward, size).float()
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / size
@@ -134,8 +190,15 @@ class ControllerStep:
         first = torch.cat([torch.arange(size), torch.arange(len(policies) - size, len(policies))])
         return self.update(loss, probs, correct[first], latency[first], reward[first], size)
 
-    def update(self, loss: torch.Tensor, probs: torch.Tensor, correct: torch.Tensor,
-               latency: torch.Tensor, reward: torch.Tensor, size: int) -> torch.Tensor:
+    def update(
+        self,
+        loss: torch.Tensor,
+        probs: torch.Tensor,
+        correct: torch.Tensor,
+        latency: torch.Tensor,
+        reward: torch.Tensor,
+        size: int,
+    ) -> torch.Tensor:
         """Optimiser step and the budget's dual step; the batch's sums for the epoch record."""
         ccfg = self.ctx.config.controller
         if ccfg.usage_floor > 0:
@@ -145,8 +208,15 @@ class ControllerStep:
         loss.backward()
         self.optimizer.step()
         self.reward_of.update(latency[size:])
-        return torch.stack([reward[:size].sum(), latency[:size].sum(), latency[size:].sum(),
-                            correct[size:].float().sum(), correct[:size].float().sum()])
+        return torch.stack(
+            [
+                reward[:size].sum(),
+                latency[:size].sum(),
+                latency[size:].sum(),
+                correct[size:].float().sum(),
+                correct[:size].float().sum(),
+            ]
+        )
 
 
 def best_children(policies: torch.Tensor, reward: torch.Tensor, size: int) -> torch.Tensor:
@@ -161,9 +231,14 @@ def sampled_of(controller: Controller, alpha: float, generator: torch.Generator)
     return lambda images: sample_policy(bound_probabilities(controller(images), alpha), generator)
 
 
-def score_children(metagraph: MetaGraph, images: torch.Tensor, labels: torch.Tensor,
-                   policies: torch.Tensor, module_ms: torch.Tensor, norm: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_children(
+    metagraph: MetaGraph,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    policies: torch.Tensor,
+    module_ms: torch.Tensor,
+    norm: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Correctness, log-likelihood of the label and table cell latency of ``policies``: one or
     more sets of children for ``images``, stacked ([sampled; greedy], or K samples and greedy)."""
     resolved = metagraph.resolve(policies)
@@ -174,12 +249,12 @@ def score_children(metagraph: MetaGraph, images: torch.Tensor, labels: torch.Ten
     else:
         with batch_statistics(metagraph):
             # One forward per set, so each set of children is normalised with its own statistics.
-            logits = torch.cat([metagraph(images, resolved[i * size:(i + 1) * size])
-                                for i in range(sets)])
+            logits = torch.cat(
+                [metagraph(images, resolved[i * size : (i + 1) * size]) for i in range(sets)]
+            )
     targets = torch.cat([labels] * sets)
     log_prob = torch.log_softmax(logits.float(), 1).gather(1, targets[:, None]).squeeze(1)
-    return (logits.argmax(1) == targets, log_prob,
-            (resolved.float() * module_ms).flatten(1).sum(1))
+    return (logits.argmax(1) == targets, log_prob, (resolved.float() * module_ms).flatten(1).sum(1))
 
 
 def snapshot_steps(steps: int, parts: int) -> dict[int, int]:
@@ -188,8 +263,13 @@ def snapshot_steps(steps: int, parts: int) -> dict[int, int]:
     return {step: part for step, part in at.items() if step < steps - 1}
 
 
-def metagraph_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                    optimizer: torch.optim.Optimizer, epoch: int) -> dict:
+def metagraph_epoch(
+    ctx: RunContext,
+    metagraph: MetaGraph,
+    controller: Controller,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+) -> dict:
     """Train the meta-graph on the controller's sampled policies, shuffled across the batch."""
     cfg, alpha = ctx.config.search, ctx.config.controller.alpha
     controller.eval()
@@ -206,16 +286,28 @@ def metagraph_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controlle
         return metagraph(images, policy)
 
     metagraph.train()
-    stats = supervised_epoch(ctx, forward, optimizer, base_lr=cfg.metagraph_lr,
-                             lr_factor=lambda p: 1.0, epoch=epoch, epochs=cfg.epochs,
-                             batch_size=cfg.batch_size, stage="search",
-                             lr_option="search.metagraph_lr")
-    return {"metagraph_loss": stats.loss, "metagraph_train_accuracy": stats.accuracy,
-            "metagraph_seconds": stats.seconds}
+    stats = supervised_epoch(
+        ctx,
+        forward,
+        optimizer,
+        base_lr=cfg.metagraph_lr,
+        lr_factor=lambda p: 1.0,
+        epoch=epoch,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        stage="search",
+        lr_option="search.metagraph_lr",
+    )
+    return {
+        "metagraph_loss": stats.loss,
+        "metagraph_train_accuracy": stats.accuracy,
+        "metagraph_seconds": stats.seconds,
+    }
 
 
-def select_epoch(history: list[dict], tolerance: float,
-                 budget_cells_ms: float | None = None) -> dict:
+def select_epoch(
+    history: list[dict], tolerance: float, budget_cells_ms: float | None = None
+) -> dict:
     """Fastest epoch (validation table latency) whose validation accuracy is near the best.
 
     With ``budget_cells_ms`` (the budget reward) only epochs whose validation cell latency
@@ -235,8 +327,9 @@ def final_budget(ctx: RunContext, table: LatencyTable) -> float | None:
     ccfg = ctx.config.controller
     if ccfg.reward != "budget":
         return None
-    return budget_target(table.bounds(ctx.space.forced_mask()), 1.0, ccfg.budget,
-                         ccfg.budget_warmup)
+    return budget_target(
+        table.bounds(ctx.space.forced_mask()), 1.0, ccfg.budget, ccfg.budget_warmup
+    )
 
 
 def refuse_weak_metagraph(ctx: RunContext, metagraph: MetaGraph) -> None:
@@ -250,70 +343,105 @@ def refuse_weak_metagraph(ctx: RunContext, metagraph: MetaGraph) -> None:
             f"with every module on, chance {100 / len(ctx.data.classes):.1f}%): pretrain longer, "
             f"e.g. `instanas pretrain --output NEW_DIR --pretrain.epochs "
             f"{2 * ctx.config.pretrain.epochs}` (or more), then search there; "
-            "--search.min_pretrain_accuracy 0 searches anyway")
+            "--search.min_pretrain_accuracy 0 searches anyway"
+        )
 
 
-def search(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-           table: LatencyTable) -> tuple[MetaGraph, Controller]:
+def search(
+    ctx: RunContext, metagraph: MetaGraph, controller: Controller, table: LatencyTable
+) -> tuple[MetaGraph, Controller]:
     cfg = ctx.config.search
     metagraph, controller = ctx.prepare(metagraph), ctx.prepare(controller)
     ctrl_opt = torch.optim.Adam(controller.parameters(), lr=ctx.config.controller.lr)
     graph_opt = sgd(metagraph.parameters(), cfg.metagraph_lr, cfg.weight_decay)
     # The history of every epoch and the budget reward's latency weight go on across a resume.
-    loop = EpochLoop("search", cfg.epochs, {"metagraph": metagraph, "controller": controller},
-                     {"controller": ctrl_opt, "metagraph": graph_opt},
-                     state={"history": [], "latency_weight": 0.0})
+    loop = EpochLoop(
+        "search",
+        cfg.epochs,
+        {"metagraph": metagraph, "controller": controller},
+        {"controller": ctrl_opt, "metagraph": graph_opt},
+        state={"history": [], "latency_weight": 0.0},
+    )
     dual = DualWeight()
 
     def train_epoch(epoch: int) -> dict:
         dual.value = loop.state["latency_weight"]
-        record = controller_epoch(ctx, metagraph, controller, ctrl_opt, table, epoch, dual,
-                                  snapshotter(ctx, metagraph, controller, epoch))
+        record = controller_epoch(
+            ctx,
+            metagraph,
+            controller,
+            ctrl_opt,
+            table,
+            epoch,
+            dual,
+            snapshotter(ctx, metagraph, controller, epoch),
+        )
         record.update(metagraph_epoch(ctx, metagraph, controller, graph_opt, epoch))
         record.update(validate_epoch(ctx, metagraph, controller, table, epoch))
         loop.state["history"].append({"stage": "search", "epoch": epoch + 1, **record})
         loop.state["latency_weight"] = dual.value
         return record
 
-    loop.run(ctx, train_epoch, lambda: write_selection(ctx, loop.state["history"], table),
-             on_fresh_start=lambda: refuse_weak_metagraph(ctx, metagraph))
+    loop.run(
+        ctx,
+        train_epoch,
+        lambda: write_selection(ctx, loop.state["history"], table),
+        on_fresh_start=lambda: refuse_weak_metagraph(ctx, metagraph),
+    )
     return metagraph, controller
 
 
-def snapshotter(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                epoch: int) -> Callable[[int], None]:
+def snapshotter(
+    ctx: RunContext, metagraph: MetaGraph, controller: Controller, epoch: int
+) -> Callable[[int], None]:
     """Saves the checkpoints ``search.snapshots_per_epoch`` asks for inside ``epoch``."""
+
     def snapshot(part: int) -> None:
-        save_stage(ctx, ctx.run_dir / "search" / f"epoch_{epoch + 1:03d}_part{part}.safetensors",
-                   {"metagraph": metagraph, "controller": controller},
-                   {"stage": "search", "epoch": epoch + 1, "part": part})
+        save_stage(
+            ctx,
+            ctx.run_dir / "search" / f"epoch_{epoch + 1:03d}_part{part}.safetensors",
+            {"metagraph": metagraph, "controller": controller},
+            {"stage": "search", "epoch": epoch + 1, "part": part},
+        )
+
     return snapshot
 
 
-def validate_epoch(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                   table: LatencyTable, epoch: int) -> dict:
+def validate_epoch(
+    ctx: RunContext, metagraph: MetaGraph, controller: Controller, table: LatencyTable, epoch: int
+) -> dict:
     """Greedy children on the validation split (BatchNorm recalibrated for them); saves the
     epoch's checkpoint, a candidate for the selection and for the variants."""
     controller.eval()
-    calibrate(ctx, metagraph, greedy_of(controller), purpose="search/recalibrate-val",
-              epoch=epoch)
+    calibrate(ctx, metagraph, greedy_of(controller), purpose="search/recalibrate-val", epoch=epoch)
     val, _ = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.val)
     checkpoint = f"search/epoch_{epoch + 1:03d}.safetensors"
-    save_stage(ctx, ctx.run_dir / checkpoint, {"metagraph": metagraph, "controller": controller},
-               {"stage": "search", "epoch": epoch + 1})
-    return {"val_accuracy": val.accuracy, "val_cells_ms": val.cells_ms,
-            "val_total_ms": val.total_ms, "val_distinct_children": val.distinct_children,
-            "val_effective_children": val.effective_children,
-            "val_top_child_share": val.top_child_share,
-            "val_mean_active_modules": val.mean_active_modules, "checkpoint": checkpoint}
+    save_stage(
+        ctx,
+        ctx.run_dir / checkpoint,
+        {"metagraph": metagraph, "controller": controller},
+        {"stage": "search", "epoch": epoch + 1},
+    )
+    return {
+        "val_accuracy": val.accuracy,
+        "val_cells_ms": val.cells_ms,
+        "val_total_ms": val.total_ms,
+        "val_distinct_children": val.distinct_children,
+        "val_effective_children": val.effective_children,
+        "val_top_child_share": val.top_child_share,
+        "val_mean_active_modules": val.mean_active_modules,
+        "checkpoint": checkpoint,
+    }
 
 
 def write_selection(ctx: RunContext, history: list[dict], table: LatencyTable) -> None:
     """search/selected.json, and the selected checkpoint as the stage's output."""
     cfg = ctx.config.search
     chosen = select_epoch(history, cfg.select_tolerance, final_budget(ctx, table))
-    write_json(ctx.run_dir / "search" / "selected.json",
-               {"chosen": chosen, "tolerance": cfg.select_tolerance, "history": history})
+    write_json(
+        ctx.run_dir / "search" / "selected.json",
+        {"chosen": chosen, "tolerance": cfg.select_tolerance, "history": history},
+    )
     # Last: the selected checkpoint is what marks the stage as done.
     atomic_copy(ctx.run_dir / chosen["checkpoint"], stage_path(ctx, "search"))
 

@@ -21,8 +21,10 @@ def width_name(width: float) -> str:
 
 def reference_networks(ctx: RunContext) -> dict[str, ChildNetwork]:
     """The extra baselines this run's config asks for, untrained, by model name."""
-    networks = {width_name(w): build_mbv2_baseline(scaled_space(ctx.space, w))
-                for w in ctx.config.mbv2_widths()}
+    networks = {
+        width_name(w): build_mbv2_baseline(scaled_space(ctx.space, w))
+        for w in ctx.config.mbv2_widths()
+    }
     if ctx.config.baseline.min_net:
         networks["min-net"] = build_min_network(ctx.space)
     return networks
@@ -42,18 +44,41 @@ def train_standalone(ctx: RunContext, net: ChildNetwork, name: str, output) -> C
 
     def train_epoch(epoch: int) -> dict:
         net.train()
-        stats = supervised_epoch(ctx, lambda images, progress: net(images), optimizer,
-                                 base_lr=cfg.lr, lr_factor=cosine, epoch=epoch, epochs=epochs,
-                                 batch_size=cfg.batch_size, stage=stage, lr_option="baseline.lr")
+        stats = supervised_epoch(
+            ctx,
+            lambda images, progress: net(images),
+            optimizer,
+            base_lr=cfg.lr,
+            lr_factor=cosine,
+            epoch=epoch,
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            stage=stage,
+            lr_option="baseline.lr",
+        )
         net.eval()
-        return {"train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                "val_accuracy": accuracy(ctx, net, ctx.data.val), "seconds": stats.seconds}
+        return {
+            "train_loss": stats.loss,
+            "train_accuracy": stats.accuracy,
+            "val_accuracy": accuracy(ctx, net, ctx.data.val),
+            "seconds": stats.seconds,
+        }
 
     def write_output() -> None:
-        save_stage(ctx, output, {"network": net},
-                   {"stage": stage, "epochs": epochs, "model": name, "child": str(net.child),
-                    "width": net.space.width})
+        save_stage(
+            ctx,
+            output,
+            {"network": net},
+            {
+                "stage": stage,
+                "epochs": epochs,
+                "model": name,
+                "child": str(net.child),
+                "width": net.space.width,
+            },
+        )
 
-    EpochLoop(stage, epochs, {"network": net}, {"sgd": optimizer}).run(ctx, train_epoch,
-                                                                       write_output)
+    EpochLoop(stage, epochs, {"network": net}, {"sgd": optimizer}).run(
+        ctx, train_epoch, write_output
+    )
     return net

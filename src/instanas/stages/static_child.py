@@ -35,9 +35,15 @@ def used_children(policies: torch.Tensor, limit: int) -> list[tuple[ChildArchite
     """The distinct resolved children of ``policies`` with their counts, most used first."""
     shape = policies.shape[1:]
     ranked = child_counts([policies]).most_common(limit)
-    return [(ChildArchitecture.from_policy(
-        torch.frombuffer(bytearray(key), dtype=torch.uint8).view(shape).bool()), count)
-        for key, count in ranked]
+    return [
+        (
+            ChildArchitecture.from_policy(
+                torch.frombuffer(bytearray(key), dtype=torch.uint8).view(shape).bool()
+            ),
+            count,
+        )
+        for key, count in ranked
+    ]
 
 
 def closest_not_below(times: dict[int, float], target: float) -> int:
@@ -48,36 +54,51 @@ def closest_not_below(times: dict[int, float], target: float) -> int:
     return max(times, key=times.get)
 
 
-def choose_static_child(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                        table: LatencyTable) -> tuple[ChildArchitecture, dict]:
+def choose_static_child(
+    ctx: RunContext, metagraph: MetaGraph, controller: Controller, table: LatencyTable
+) -> tuple[ChildArchitecture, dict]:
     """Time the controller's children and the main model; pick the child to compare with."""
     _, policies = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.val)
     candidates = used_children(policies, ctx.config.variants.max_timed_children)
     # Timed on the CPU, from copies: the caller's modules stay on their device.
     graph = copy.deepcopy(metagraph).cpu().eval()
-    models = {"instanas": InstaNASPredictor(graph, copy.deepcopy(controller).cpu().eval())
-              .logits_one}
+    models = {
+        "instanas": InstaNASPredictor(graph, copy.deepcopy(controller).cpu().eval()).logits_one
+    }
     for i, (child, _) in enumerate(candidates):
         models[f"child-{i}"] = graph.materialize(child).eval().deploy()
     images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.val, 500, train=False)])
     cfg = ctx.config.latency
-    measured = measure_per_image(models, images[:_TIMED_IMAGES].contiguous(), cfg.threads,
-                                 cfg.warmup, ctx.config.seed)
+    measured = measure_per_image(
+        models, images[:_TIMED_IMAGES].contiguous(), cfg.threads, cfg.warmup, ctx.config.seed
+    )
     times = {i: measured[f"child-{i}"]["mean"] for i in range(len(candidates))}
     target = measured["instanas"]["mean"]
     chosen = closest_not_below(times, target)
     child, count = candidates[chosen]
-    info = {"child": [list(m) for m in child.cells], "val_share": count / len(policies),
-            "measured_ms": times[chosen], "instanas_measured_ms": target,
-            "candidates": len(candidates), "timed_images": min(_TIMED_IMAGES, len(images))}
-    log.info("static child: %d of %d candidates, %.3f ms measured against the main model's "
-             "%.3f ms (%.1f%% of validation images use it)", chosen + 1, len(candidates),
-             times[chosen], target, 100 * info["val_share"])
+    info = {
+        "child": [list(m) for m in child.cells],
+        "val_share": count / len(policies),
+        "measured_ms": times[chosen],
+        "instanas_measured_ms": target,
+        "candidates": len(candidates),
+        "timed_images": min(_TIMED_IMAGES, len(images)),
+    }
+    log.info(
+        "static child: %d of %d candidates, %.3f ms measured against the main model's "
+        "%.3f ms (%.1f%% of validation images use it)",
+        chosen + 1,
+        len(candidates),
+        times[chosen],
+        target,
+        100 * info["val_share"],
+    )
     return child, info
 
 
-def train_static_child(ctx: RunContext, metagraph: MetaGraph, controller: Controller,
-                       table: LatencyTable) -> dict:
+def train_static_child(
+    ctx: RunContext, metagraph: MetaGraph, controller: Controller, table: LatencyTable
+) -> dict:
     """Choose the child, then fine-tune the searched meta-graph on it alone."""
     metagraph, controller = ctx.prepare(metagraph), ctx.prepare(controller)
     controller.eval()
@@ -87,9 +108,16 @@ def train_static_child(ctx: RunContext, metagraph: MetaGraph, controller: Contro
     def constant(images: torch.Tensor) -> torch.Tensor:
         return policy.to(images.device).expand(images.shape[0], *policy.shape)
 
-    train_under_policy(ctx, metagraph, constant, table, stage="static-child",
-                       output=stage_path(ctx, "static-child"), meta=info,
-                       uses_controller=False)
+    train_under_policy(
+        ctx,
+        metagraph,
+        constant,
+        table,
+        stage="static-child",
+        output=stage_path(ctx, "static-child"),
+        meta=info,
+        uses_controller=False,
+    )
     return info
 
 

@@ -41,10 +41,14 @@ log = logging.getLogger("instanas")
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of (latency, accuracy) points no other point beats on one axis without losing
     on the other."""
+
     def dominated(i: int) -> bool:
         lat, acc = points[i]
-        return any(o_lat <= lat and o_acc >= acc and (o_lat, o_acc) != (lat, acc)
-                   for o_lat, o_acc in points)
+        return any(
+            o_lat <= lat and o_acc >= acc and (o_lat, o_acc) != (lat, acc)
+            for o_lat, o_acc in points
+        )
+
     return [i for i in range(len(points)) if not dominated(i)]
 
 
@@ -58,8 +62,9 @@ def pick_spread(points: list[tuple[float, float]], front: list[int], count: int)
     picked = list(dict.fromkeys(picked))
     while len(picked) < min(count, len(by_latency)):
         rest = [i for i in by_latency if i not in picked]
-        picked.append(max(rest, key=lambda i: min(abs(points[i][0] - points[j][0])
-                                                   for j in picked)))
+        picked.append(
+            max(rest, key=lambda i: min(abs(points[i][0] - points[j][0]) for j in picked))
+        )
     return sorted(picked, key=lambda i: (-points[i][0], -points[i][1]))
 
 
@@ -73,8 +78,9 @@ def candidate_weights(ctx: RunContext, path: Path) -> Path:
 def child_counts(policies: torch.Tensor, num_modules: int) -> dict[str, int]:
     """{child string: images} for resolved policies, most used first."""
     counts = Counter(tuple(row.flatten().tolist()) for row in policies.to(torch.uint8))
-    return {str(ChildArchitecture.from_bits(bits, num_modules)): n
-            for bits, n in counts.most_common()}
+    return {
+        str(ChildArchitecture.from_bits(bits, num_modules)): n for bits, n in counts.most_common()
+    }
 
 
 def measure_candidates(ctx: RunContext, table: LatencyTable, scored: list[dict]) -> None:
@@ -94,16 +100,29 @@ def measure_candidates(ctx: RunContext, table: LatencyTable, scored: list[dict])
     metagraph.eval()
     controller.eval()
     children = {n: ChildArchitecture.from_string(n, ctx.space.num_modules) for n in totals}
-    stats = measure_children(metagraph, controller, [children[n] for n in timed],
-                             threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
-                             seed=ctx.config.seed)
+    stats = measure_children(
+        metagraph,
+        controller,
+        [children[n] for n in timed],
+        threads=cfg.threads,
+        warmup=cfg.warmup,
+        repeats=cfg.repeats,
+        seed=ctx.config.seed,
+    )
     for c in scored:
-        total = sum(n * (stats[name].median_ms if name in stats
-                         else predicted_ms(table, metagraph, children[name]))
-                    for name, n in c["children"].items())
+        total = sum(
+            n
+            * (
+                stats[name].median_ms
+                if name in stats
+                else predicted_ms(table, metagraph, children[name])
+            )
+            for name, n in c["children"].items()
+        )
         c["val_latency_ms"] = total / sum(c["children"].values())
-        c["timed_share"] = sum(n for name, n in c["children"].items() if name in stats) \
-            / sum(c["children"].values())
+        c["timed_share"] = sum(n for name, n in c["children"].items() if name in stats) / sum(
+            c["children"].values()
+        )
 
 
 def score_candidate(ctx: RunContext, table: LatencyTable, path: Path, index: int) -> dict:
@@ -116,28 +135,48 @@ def score_candidate(ctx: RunContext, table: LatencyTable, path: Path, index: int
         quick_finetune(ctx, metagraph, policy, epochs, stage=f"variants/score-{path.stem}")
     calibrate(ctx, metagraph, policy, purpose="variants/recalibrate", epoch=index)
     stats, policies = evaluate_policies(ctx, metagraph, policy, table, ctx.data.val)
-    log.info("candidate %s: val accuracy %.4f after %d fine-tuning epoch(s), %.3f ms table, "
-             "%d children", path.stem, stats.accuracy, epochs, stats.total_ms,
-             stats.distinct_children)
-    return {"name": path.stem, "checkpoint": str(path.relative_to(ctx.run_dir)),
-            "weights": str(weights.relative_to(ctx.run_dir)), "score_epochs": epochs,
-            "val_accuracy": stats.accuracy, "val_table_ms": stats.total_ms,
-            "distinct_children": stats.distinct_children,
-            "mean_active_modules": stats.mean_active_modules,
-            "children": child_counts(policies, ctx.space.num_modules)}
+    log.info(
+        "candidate %s: val accuracy %.4f after %d fine-tuning epoch(s), %.3f ms table, %d children",
+        path.stem,
+        stats.accuracy,
+        epochs,
+        stats.total_ms,
+        stats.distinct_children,
+    )
+    return {
+        "name": path.stem,
+        "checkpoint": str(path.relative_to(ctx.run_dir)),
+        "weights": str(weights.relative_to(ctx.run_dir)),
+        "score_epochs": epochs,
+        "val_accuracy": stats.accuracy,
+        "val_table_ms": stats.total_ms,
+        "distinct_children": stats.distinct_children,
+        "mean_active_modules": stats.mean_active_modules,
+        "children": child_counts(policies, ctx.space.num_modules),
+    }
 
 
-def quick_finetune(ctx: RunContext, metagraph: MetaGraph, policy: PolicyFn, epochs: int, *,
-                   stage: str) -> None:
+def quick_finetune(
+    ctx: RunContext, metagraph: MetaGraph, policy: PolicyFn, epochs: int, *, stage: str
+) -> None:
     """The first ``epochs`` of the fine-tuning schedule, for scoring only (nothing is saved)."""
     cfg = ctx.config.finetune
     optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
     forward = policy_forward(metagraph, policy)
     metagraph.train()
     for epoch in range(epochs):
-        supervised_epoch(ctx, forward, optimizer, base_lr=cfg.lr, lr_factor=cosine, epoch=epoch,
-                         epochs=max(cfg.epochs, epochs), batch_size=cfg.batch_size, stage=stage,
-                         lr_option="finetune.lr")
+        supervised_epoch(
+            ctx,
+            forward,
+            optimizer,
+            base_lr=cfg.lr,
+            lr_factor=cosine,
+            epoch=epoch,
+            epochs=max(cfg.epochs, epochs),
+            batch_size=cfg.batch_size,
+            stage=stage,
+            lr_option="finetune.lr",
+        )
 
 
 def score_candidates(ctx: RunContext, table: LatencyTable) -> list[dict]:
@@ -162,9 +201,13 @@ def score_candidates(ctx: RunContext, table: LatencyTable) -> list[dict]:
     for i, c in enumerate(scored):
         c["pareto"] = i in front
         c["variant"] = string.ascii_uppercase[picked.index(i)] if i in picked else None
-        log.info("candidate %s: val accuracy %.4f, %.3f ms measured%s", c["name"],
-                 c["val_accuracy"], c["val_latency_ms"],
-                 f", variant {c['variant']}" if c["variant"] else "")
+        log.info(
+            "candidate %s: val accuracy %.4f, %.3f ms measured%s",
+            c["name"],
+            c["val_accuracy"],
+            c["val_latency_ms"],
+            f", variant {c['variant']}" if c["variant"] else "",
+        )
     return scored
 
 
@@ -187,20 +230,30 @@ def build_variants(ctx: RunContext, table: LatencyTable) -> dict:
         output = variant_path(ctx, letter)
         if output.exists():
             continue
-        if candidate["checkpoint"] == selected["checkpoint"] == candidate["weights"] and \
-                stage_path(ctx, "finetune").exists():
+        if (
+            candidate["checkpoint"] == selected["checkpoint"] == candidate["weights"]
+            and stage_path(ctx, "finetune").exists()
+        ):
             # The main model started from this very checkpoint: same start, same result.
             log.info("variant %s is the main model's checkpoint; reusing its fine-tuning", letter)
             atomic_copy(stage_path(ctx, "finetune"), output)
             continue
-        log.info("fine-tuning variant %s: controller of %s, meta-graph of %s", letter,
-                 candidate["checkpoint"], candidate["weights"])
-        metagraph, controller = load_candidate(ctx, ctx.run_dir / candidate["checkpoint"],
-                                               ctx.run_dir / candidate["weights"])
-        finetune_under_controller(ctx, metagraph, controller, table, stage=f"variants/{letter}",
-                                  output=output)
-    summary = {letter: {**c, "model": str(variant_path(ctx, letter).relative_to(ctx.run_dir))}
-               for letter, c in sorted(chosen.items())}
+        log.info(
+            "fine-tuning variant %s: controller of %s, meta-graph of %s",
+            letter,
+            candidate["checkpoint"],
+            candidate["weights"],
+        )
+        metagraph, controller = load_candidate(
+            ctx, ctx.run_dir / candidate["checkpoint"], ctx.run_dir / candidate["weights"]
+        )
+        finetune_under_controller(
+            ctx, metagraph, controller, table, stage=f"variants/{letter}", output=output
+        )
+    summary = {
+        letter: {**c, "model": str(variant_path(ctx, letter).relative_to(ctx.run_dir))}
+        for letter, c in sorted(chosen.items())
+    }
     write_json(stage_path(ctx, "variants"), summary)
     return summary
 
