@@ -18,41 +18,76 @@ CLASSES, CELLS, MODULES, N, K = 4, 6, 5, 60, 3
 
 
 def _latency(mean: float) -> dict:
-    return {"mean": mean, "std": 0.1 * mean, "p50": 0.97 * mean, "p90": 1.2 * mean,
-            "images": N}
+    return {"mean": mean, "std": 0.1 * mean, "p50": 0.97 * mean, "p90": 1.2 * mean, "images": N}
 
 
 def _model(kind: str, accuracy: float, ms: float, **extra) -> dict:
-    return {"kind": kind, "test_accuracy": accuracy, "latency_ms": _latency(ms),
-            "latency_source": "measured", "table_latency_ms": 0.9 * ms, "flops": 1.5e6 * ms,
-            "distinct_children": 7, "mean_active_modules": 11.25, **extra}
+    return {
+        "kind": kind,
+        "test_accuracy": accuracy,
+        "latency_ms": _latency(ms),
+        "latency_source": "measured",
+        "table_latency_ms": 0.9 * ms,
+        "flops": 1.5e6 * ms,
+        "distinct_children": 7,
+        "mean_active_modules": 11.25,
+        **extra,
+    }
 
 
 def _results() -> dict:
     models = {"instanas": _model("instanas", 0.8906, 1.53, controller_ms=0.325)}
     for i, letter in enumerate("ABCDE"):
         models[f"instanas-{letter}"] = _model("variant", 0.85 + 0.01 * i, 1.1 + 0.3 * i)
-    for width, name in ((0.5, "mbv2-0.5x"), (0.75, "mbv2-0.75x"), (1.0, "mbv2-path"),
-                        (1.4, "mbv2-1.4x")):
+    for width, name in (
+        (0.5, "mbv2-0.5x"),
+        (0.75, "mbv2-0.75x"),
+        (1.0, "mbv2-path"),
+        (1.4, "mbv2-1.4x"),
+    ):
         models[name] = _model("mbv2", 0.80 + 0.07 * width, 1.2 + 2.0 * width, width=width)
     models["min-net"] = _model("min-net", 0.71, 0.9)
     models["random-policy"] = _model("random-policy", 0.83, 1.7)
     models["oracle"] = {**_model("oracle", 0.97, 1.2), "latency_source": "table"}
-    candidates = [{"name": f"c{i}", "val_accuracy": 0.8 + 0.013 * i,
-                   "val_latency_ms": 1.0 + 0.21 * i, "pareto": i % 2 == 0,
-                   "variant": "ABCDE"[i // 2] if i % 2 == 0 else None} for i in range(9)]
-    return {"preset": "fashion-cpu", "dataset": "fashion-mnist", "seed": 3,
-            "classes": ["T-shirt", "Trouser", "Pull<over>", "Dress & co"],
-            "device": {"type": "cpu", "name": "Test <CPU> & co", "threads": 1, "torch": "2.0",
-                       "python": "3.11", "platform": "Linux"},
-            "models": models,
-            "comparison": {"latency_reduction": 0.5813787324159378,
-                           "accuracy_delta_points": -0.48000000000000265},
-            "variants": {"candidates": candidates},
-            "latency_table": {"stem_ms": 0.03004942721606323, "head_ms": 0.1442727420865713,
-                              "controller_ms": 0.3251822867896084, "chain_factor": 1.16},
-            "test_images": N, "epochs": {"pretrain": 2, "search": 3, "finetune": 9},
-            "wall_time_s": {"pretrain": 165.73048180099977, "total": 898.8691158479996}}
+    candidates = [
+        {
+            "name": f"c{i}",
+            "val_accuracy": 0.8 + 0.013 * i,
+            "val_latency_ms": 1.0 + 0.21 * i,
+            "pareto": i % 2 == 0,
+            "variant": "ABCDE"[i // 2] if i % 2 == 0 else None,
+        }
+        for i in range(9)
+    ]
+    return {
+        "preset": "fashion-cpu",
+        "dataset": "fashion-mnist",
+        "seed": 3,
+        "classes": ["T-shirt", "Trouser", "Pull<over>", "Dress & co"],
+        "device": {
+            "type": "cpu",
+            "name": "Test <CPU> & co",
+            "threads": 1,
+            "torch": "2.0",
+            "python": "3.11",
+            "platform": "Linux",
+        },
+        "models": models,
+        "comparison": {
+            "latency_reduction": 0.5813787324159378,
+            "accuracy_delta_points": -0.48000000000000265,
+        },
+        "variants": {"candidates": candidates},
+        "latency_table": {
+            "stem_ms": 0.03004942721606323,
+            "head_ms": 0.1442727420865713,
+            "controller_ms": 0.3251822867896084,
+            "chain_factor": 1.16,
+        },
+        "test_images": N,
+        "epochs": {"pretrain": 2, "search": 3, "finetune": 9},
+        "wall_time_s": {"pretrain": 165.73048180099977, "total": 898.8691158479996},
+    }
 
 
 def _per_image(identical: bool = False) -> dict:
@@ -61,16 +96,20 @@ def _per_image(identical: bool = False) -> dict:
     if identical:
         policies[:] = policies[0]
     gallery = rng.integers(0, 256, (CLASSES, 2, K, 1, 8, 8)).astype(np.uint8)
-    return {"labels": np.arange(N, dtype=np.int64) % CLASSES,
-            "predicted_ms": rng.uniform(1.0, 2.0, N).astype(np.float32),
-            "correct": rng.random(N) < 0.9, "policies": policies,
-            "measured_index": np.arange(20, dtype=np.int64),
-            "measured_ms": rng.uniform(1.0, 2.5, 20).astype(np.float32),
-            "gallery_images": gallery,
-            "gallery_ms": np.sort(rng.uniform(1, 2, (CLASSES, 2, K)), axis=None)
-            .reshape(CLASSES, 2, K).astype(np.float32),
-            "gallery_index": rng.integers(0, N, (CLASSES, 2, K)).astype(np.int64),
-            "random_measured_ms": rng.uniform(1.2, 2.8, 20).astype(np.float32)}
+    return {
+        "labels": np.arange(N, dtype=np.int64) % CLASSES,
+        "predicted_ms": rng.uniform(1.0, 2.0, N).astype(np.float32),
+        "correct": rng.random(N) < 0.9,
+        "policies": policies,
+        "measured_index": np.arange(20, dtype=np.int64),
+        "measured_ms": rng.uniform(1.0, 2.5, 20).astype(np.float32),
+        "gallery_images": gallery,
+        "gallery_ms": np.sort(rng.uniform(1, 2, (CLASSES, 2, K)), axis=None)
+        .reshape(CLASSES, 2, K)
+        .astype(np.float32),
+        "gallery_index": rng.integers(0, N, (CLASSES, 2, K)).astype(np.int64),
+        "random_measured_ms": rng.uniform(1.2, 2.8, 20).astype(np.float32),
+    }
 
 
 def _make_run(root: Path, results: dict, per_image: dict | None) -> Path:
@@ -161,8 +200,11 @@ def test_without_per_image_data_only_the_tradeoff_plot(tmp_path):
 
 
 def test_old_results_without_kind(tmp_path):
-    old = {name: {k: v for k, v in model.items() if k not in ("kind", "latency_source")}
-           for name, model in _results()["models"].items() if name in ("instanas", "mbv2-path")}
+    old = {
+        name: {k: v for k, v in model.items() if k not in ("kind", "latency_source")}
+        for name, model in _results()["models"].items()
+        if name in ("instanas", "mbv2-path")
+    }
     results = {k: v for k, v in _results().items() if k not in ("variants", "classes")}
     run = _make_run(tmp_path, {**results, "models": old}, None)
     md_path, _ = write_report(run)
@@ -224,3 +266,46 @@ def test_cli_interrupted_report_says_how_to_redo_it(capsys, tmp_path, monkeypatc
     assert main(["report", str(run)]) == 130
     err = capsys.readouterr().err
     assert f"instanas report {run}` again" in err and "--resume" not in err
+
+
+def test_tensorboard_mirrors_the_metrics_records(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from instanas.report.live import TensorBoardMirror
+
+    mirror = TensorBoardMirror(tmp_path / "tb")
+    mirror.write(
+        {
+            "time": "t",
+            "stage": "pretrain",
+            "epoch": 1,
+            "train_loss": 2.5,
+            "train_accuracy": 0.25,
+            "checkpoint": "x.safetensors",
+            "flag": True,
+        }
+    )
+    mirror.write({"stage": "pretrain", "epoch": 2, "train_loss": 1.5, "train_accuracy": 0.5})
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["pretrain/train_accuracy", "pretrain/train_loss"]
+    losses = [(e.step, e.value) for e in events.Scalars("pretrain/train_loss")]
+    assert losses == [(1, 2.5), (2, 1.5)]
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(monkeypatch):
+    import builtins
+
+    from instanas.config import ConfigError
+    from instanas.report.live import require_tensorboard
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match="instanas\\[tensorboard\\]"):
+        require_tensorboard()

@@ -106,148 +106,172 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the shipped presets")
     report = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
     report.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished run")
-    _add_export_parser(sub)
-    _add_predict_parser(sub)
+    _add_options(sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP),
+                 EXPORT_OPTIONS)  # fmt: skip
+    _add_options(sub.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP),
+                 PREDICT_OPTIONS)  # fmt: skip
     return parser
 
 
-def _add_export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run with finetune done")
-    p.add_argument(
-        "--model",
-        default="instanas",
-        help="instanas (the main model, the default) or a variant letter A..E",
-    )
-    p.add_argument(
-        "--format",
-        dest="fmt",
-        choices=("onnx", "torchscript"),
-        default="onnx",
-        help="file format (default: %(default)s; TorchScript is deprecated in PyTorch)",
-    )
-    p.add_argument("--output", "-o", required=True, help="export folder (must not exist)")
-    p.add_argument(
-        "--children",
-        type=int,
-        default=None,
-        metavar="K",
-        help="export only the K children most used on the validation split "
-        "(default: all); other policies run a fallback child (routing.json)",
-    )
-    p.add_argument(
-        "--split",
-        choices=("val", "train+val"),
-        default="val",
-        help="where the controller's children are counted (default: %(default)s; "
-        "train+val exports more of the children new images may pick)",
-    )
-    p.add_argument(
-        "--validate",
-        action="store_true",
-        help="compare with the eager model on the test split (routing, "
-        "predictions, logits) and time both at batch 1: validation.json",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for timing (default: the run's latency.threads)",
-    )
-    p.add_argument(
-        "--timed-images",
-        type=int,
-        default=1000,
-        help="test images timed at batch 1 by --validate (default: %(default)s; 0: all)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+# Options as (flags, argparse keywords): one table per command, added by _add_options.
+Options = list[tuple[tuple[str, ...], dict]]
+EXPORT_OPTIONS: Options = [
+    (("run_dir",), dict(metavar="RUN_DIR", help="directory of a run with finetune done")),
+    (
+        ("--model",),
+        dict(
+            default="instanas",
+            help="instanas (the main model, the default) or a variant letter A..E",
+        ),
+    ),
+    (
+        ("--format",),
+        dict(
+            dest="fmt",
+            choices=("onnx", "torchscript"),
+            default="onnx",
+            help="file format (default: %(default)s; TorchScript is deprecated in PyTorch)",
+        ),
+    ),
+    (("--output", "-o"), dict(required=True, help="export folder (must not exist)")),
+    (
+        ("--children",),
+        dict(
+            type=int,
+            default=None,
+            metavar="K",
+            help="export only the K "
+            "children most used on the validation split (default: all); other "
+            "policies run a fallback child (routing.json)",
+        ),
+    ),
+    (
+        ("--split",),
+        dict(
+            choices=("val", "train+val"),
+            default="val",
+            help="where the "
+            "controller's children are counted (default: %(default)s; train+val "
+            "exports more of the children new images may pick)",
+        ),
+    ),
+    (
+        ("--validate",),
+        dict(
+            action="store_true",
+            help="compare with the eager model on the test "
+            "split (routing, predictions, logits) and time both at batch 1: "
+            "validation.json",
+        ),
+    ),
+    (
+        ("--threads",),
+        dict(
+            type=int,
+            default=None,
+            help="CPU threads for timing (default: the run's latency.threads)",
+        ),
+    ),
+    (
+        ("--timed-images",),
+        dict(
+            type=int,
+            default=1000,
+            help="test images timed at batch 1 by --validate (default: %(default)s; 0: all)",
+        ),
+    ),
+    (("--quiet",), dict(action="store_true", help="no progress bars")),
+]
+PREDICT_OPTIONS: Options = [
+    (
+        ("target",),
+        dict(
+            metavar="RUN_DIR|EXPORT_DIR",
+            help="a run directory (torch) or an export folder (onnxruntime)",
+        ),
+    ),
+    (
+        ("paths",),
+        dict(
+            metavar="PATH",
+            nargs="+",
+            help="image files, or folders searched recursively for images",
+        ),
+    ),
+    (("--output", "-o"), dict(default=None, help="CSV file to write (default: standard output)")),
+    (("--force",), dict(action="store_true", help="overwrite an existing --output file")),
+    (
+        ("--model",),
+        dict(default=None, help="with a run directory: instanas or a variant letter A..E"),
+    ),
+    (("--batch-size",), dict(type=int, default=64, help="images per batch (default: %(default)s)")),
+    (
+        ("--threads",),
+        dict(type=int, default=None, help="CPU threads (default: the runtime's own choice)"),
+    ),
+    (
+        ("--trust-torchscript",),
+        dict(
+            action="store_true",
+            help="allow a TorchScript export "
+            "(loading TorchScript runs code stored in its files: only "
+            "for exports you made)",
+        ),
+    ),
+    (("--quiet",), dict(action="store_true", help="no progress bar")),
+]
+PROFILE_OPTIONS: Options = [
+    (("--table-out",), dict(default=None, help="also write the table to this JSON file")),
+    (
+        ("--fresh",),
+        dict(action="store_true", help="measure again even if a table for this setup is cached"),
+    ),
+    (
+        ("--validate",),
+        dict(
+            action="store_true",
+            help="time whole children end to end and "
+            "compare with the table: writes latency_validation.json and .png "
+            "to the run directory",
+        ),
+    ),
+    (
+        ("--children",),
+        dict(
+            type=int,
+            default=50,
+            help="random children for --validate (the "
+            "controller's children on the validation split are added when the "
+            "run has a trained one)",
+        ),
+    ),
+]
+RESUME_HELP = {
+    "run": "continue an interrupted run: finished stages are skipped, the unfinished one goes "
+    "on from its last completed epoch",
+    "stage": "continue this stage of RUN_DIR from its last completed epoch",
+}
 
 
-def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP)
-    p.add_argument(
-        "target",
-        metavar="RUN_DIR|EXPORT_DIR",
-        help="a run directory (torch) or an export folder (onnxruntime)",
-    )
-    p.add_argument(
-        "paths",
-        metavar="PATH",
-        nargs="+",
-        help="image files, or folders searched recursively for images",
-    )
-    p.add_argument(
-        "--output", "-o", default=None, help="CSV file to write (default: standard output)"
-    )
-    p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
-    p.add_argument(
-        "--model", default=None, help="with a run directory: instanas or a variant letter A..E"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=64, help="images per batch (default: %(default)s)"
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (default: the runtime's own choice)"
-    )
-    p.add_argument(
-        "--trust-torchscript",
-        action="store_true",
-        help="allow a TorchScript export (loading TorchScript runs code stored in "
-        "its files: only for exports you made)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+def _add_options(parser, options: Options) -> None:
+    for flags, keywords in options:
+        parser.add_argument(*flags, **keywords)
 
 
 def _add_run_options(p: argparse.ArgumentParser, command: str) -> None:
     g = p.add_argument_group("run")
-    g.add_argument(
-        "--preset",
-        default=None,
-        help=f"starting configuration: {', '.join(preset_names())} "
-        "(default fashion-cpu for a new run)",
-    )
+    presets = ", ".join(preset_names())
+    g.add_argument("--preset", default=None, help=f"starting configuration: {presets} "
+                   "(default fashion-cpu for a new run)")  # fmt: skip
     g.add_argument("--config", default=None, help="YAML config file instead of a preset")
-    g.add_argument(
-        "--output",
-        "-o",
-        default=None,
-        help="run directory (default runs/PRESET-TIMESTAMP for a new run)",
-    )
-    if command == "run":
-        g.add_argument(
-            "--resume",
-            default=None,
-            metavar="RUN_DIR",
-            help="continue an interrupted run: finished stages are skipped, the "
-            "unfinished one goes on from its last completed epoch",
-        )
-    if command in registry.names() and registry.get(command).resumable:
-        g.add_argument(
-            "--resume",
-            default=None,
-            metavar="RUN_DIR",
-            help="continue this stage of RUN_DIR from its last completed epoch",
-        )
+    g.add_argument("--output", "-o", default=None, help="run directory (default "
+                   "runs/PRESET-TIMESTAMP for a new run)")  # fmt: skip
+    resumable = command in registry.names() and registry.get(command).resumable
+    if command == "run" or resumable:
+        text = RESUME_HELP["run" if command == "run" else "stage"]
+        g.add_argument("--resume", default=None, metavar="RUN_DIR", help=text)
     if command == "profile":
-        g.add_argument("--table-out", default=None, help="also write the table to this JSON file")
-        g.add_argument(
-            "--fresh",
-            action="store_true",
-            help="measure again even if a table for this setup is cached",
-        )
-        g.add_argument(
-            "--validate",
-            action="store_true",
-            help="time whole children end to end and compare with the table: "
-            "writes latency_validation.json and .png to the run directory",
-        )
-        g.add_argument(
-            "--children",
-            type=int,
-            default=50,
-            help="random children for --validate (the controller's children on "
-            "the validation split are added when the run has a trained one)",
-        )
+        _add_options(g, PROFILE_OPTIONS)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -372,17 +396,8 @@ def _export(args: argparse.Namespace) -> int:
             f"{run_dir} has no fine-tuned model (finetune/model.safetensors): "
             f"pass a finished run, or run `instanas finetune --output {run_dir}`"
         )
-    result = export(
-        run_dir,
-        args.output,
-        model=args.model,
-        fmt=args.fmt,
-        children=args.children,
-        validate=args.validate,
-        threads=args.threads,
-        timed_images=args.timed_images,
-        split=args.split,
-    )
+    options = ("model", "fmt", "children", "validate", "threads", "timed_images", "split")
+    result = export(run_dir, args.output, **{name: getattr(args, name) for name in options})
     children = result.routing["children"]
     share = result.routing["fallback"]["counted_share_exported"]
     print(

@@ -33,15 +33,19 @@ class ConfigError(ValueError):
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d),
-                     metadata={"help": help, **checks})
+        return field(
+            default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks}
+        )
     return field(default=default, metadata={"help": help, **checks})
 
 
 def _steps() -> Any:
     """The ``steps`` field of every training stage's section."""
-    return _f(None, "optimiser steps instead of epochs (rounded up to whole epochs; config.yaml "
-                    "shows both)", gt=0)
+    return _f(
+        None,
+        "optimiser steps instead of epochs (rounded up to whole epochs; config.yaml shows both)",
+        gt=0,
+    )
 
 
 def _batch_size(default: int, help: str = "batch size") -> Any:
@@ -52,32 +56,55 @@ def _batch_size(default: int, help: str = "batch size") -> Any:
 @dataclass
 class DataConfig:
     dataset: str = _f("fashion-mnist", " | ".join(DATASETS), choices=DATASETS)
-    root: str | None = _f(None, "folder holding the data set (fashion-mnist: the four IDX files; "
-                                "cifar: the python-batch folder; folder: class-per-folder tree)")
-    val_fraction: float = _f(0.1, "share of the training data held out for validation",
-                             gt=VAL_FRACTION_RANGE[0], le=VAL_FRACTION_RANGE[1])
-    image_size: int | None = _f(None, "side images are resized to (default: the data set's own)",
-                                gt=0)
-    flip: bool | None = _f(None, "random horizontal flips in training (default: on for every "
-                                 "data set); turn off where orientation carries the class: "
-                                 "digits, text, documents, many medical images")
-    crop_padding: int | None = _f(None, "random crops from images zero-padded by this many "
-                                        "pixels in training (default: 2 for fashion-mnist, 4 "
-                                        "for cifar, image_size / 8 for folder trees; 0: none)",
-                                  ge=0)
-    cutout: int | None = _f(None, "side of the square cutout in training (default: 16 for "
-                                  "cifar10, 8 for cifar100, 0 = none otherwise)", ge=0)
+    root: str | None = _f(
+        None,
+        "folder holding the data set (fashion-mnist: the four IDX files; "
+        "cifar: the python-batch folder; folder: class-per-folder tree)",
+    )
+    val_fraction: float = _f(
+        0.1,
+        "share of the training data held out for validation",
+        gt=VAL_FRACTION_RANGE[0],
+        le=VAL_FRACTION_RANGE[1],
+    )
+    image_size: int | None = _f(
+        None, "side images are resized to (default: the data set's own)", gt=0
+    )
+    flip: bool | None = _f(
+        None,
+        "random horizontal flips in training (default: on for every "
+        "data set); turn off where orientation carries the class: "
+        "digits, text, documents, many medical images",
+    )
+    crop_padding: int | None = _f(
+        None,
+        "random crops from images zero-padded by this many "
+        "pixels in training (default: 2 for fashion-mnist, 4 "
+        "for cifar, image_size / 8 for folder trees; 0: none)",
+        ge=0,
+    )
+    cutout: int | None = _f(
+        None,
+        "side of the square cutout in training (default: 16 for "
+        "cifar10, 8 for cifar100, 0 = none otherwise)",
+        ge=0,
+    )
     limit_train: int | None = _f(None, "use only this many training images (smoke runs)", gt=1)
     limit_test: int | None = _f(None, "use only this many test images (smoke runs)", gt=0)
 
 
 @dataclass
 class SpaceConfig:
+    """The meta-graph's shape: MobileNetV2's channel groups, widths and strides by default
+    (``stages``: [channels, cells, stride] per group)."""
+
     width: float = _f(1.0, "width multiplier of all channels", gt=0.0)
     stem_channels: int = _f(32, "stem output channels before the width multiplier", gt=0)
     stem_stride: int = _f(1, "stride of the stem convolution", ge=1)
-    stages: list = _f([[16, 1, 1], [24, 2, 1], [32, 3, 2], [64, 4, 2], [96, 3, 1], [160, 3, 2],
-                       [320, 1, 1]], "MobileNetV2 stage table: [channels, cells, stride] per stage")
+    stages: list = _f(
+        [[16, 1, 1], [24, 2, 1], [32, 3, 2], [64, 4, 2], [96, 3, 1], [160, 3, 2], [320, 1, 1]],
+        "MobileNetV2 stage table: [channels, cells, stride] per stage",
+    )
     head_channels: int = _f(1280, "channels of the 1x1 head convolution", gt=0)
     scale_head: bool = _f(False, "apply the width multiplier to the head as well")
 
@@ -85,40 +112,77 @@ class SpaceConfig:
 @dataclass
 class ControllerConfig:
     input_size: int = _f(32, "side the controller's input image is resized to", gt=0)
-    widths: list = _f([16, 32, 64], "channels of the controller's residual stages, one per "
-                                    "entry; [] makes a linear controller on the thumbnail")
+    widths: list = _f(
+        [16, 32, 64],
+        "channels of the controller's residual stages, one per "
+        "entry; [] makes a linear controller on the thumbnail",
+    )
     alpha: float = _f(0.8, "probability bounding a: p~ = a*p + (1-a)*(1-p)", gt=0.5, le=1.0)
     beta: float = _f(0.8, "weight of the entropy bonus", ge=0.0)
     lr: float = _f(5e-4, "Adam learning rate of the controller", gt=0.0)
     pos_w: float = _f(30.0, "reward of a correct prediction at the window's centre", gt=0.0)
     neg_w: float = _f(0.0, "reward of a wrong prediction")
-    window: str = _f("dynamic", "latency window: dynamic (UB shrinks) | static",
-                     choices=("dynamic", "static"))
-    reward: str = _f("window", "per-image reward: window (the paper's parabola between the "
-                               "latency bounds) | budget (correctness minus a latency penalty "
-                               "whose weight a dual variable adapts so that the batch's mean "
-                               "latency meets controller.budget)", choices=("window", "budget"))
-    budget: float = _f(0.4, "budget reward: target mean cell latency of the greedy children, as "
-                            "a fraction of the MobileNetV2 path's cell latency", gt=0.0)
-    signal: str = _f("correct", "budget reward: what a child's prediction scores, correct "
-                                "(pos_w if right, neg_w if wrong) | log_prob (pos_w x log "
-                                "p(true class), graded)", choices=("correct", "log_prob"))
-    usage_floor: float = _f(0.0, "share of a batch every module should be chosen by, and "
-                                 "not chosen by (0: off); a hinge penalty on each module's mean "
-                                 "probability keeps choices from becoming the same for every "
-                                 "image", ge=0.0, le=0.45)
-    budget_warmup: float = _f(0.5, "budget reward: share of the search over which the target "
-                                   "falls from 0.7 x L_all to the budget", ge=0.0, le=1.0)
-    dual_lr: float = _f(0.05, "budget reward: step of the latency weight per controller step, "
-                              "per unit of relative budget overshoot", ge=0.0)
-    entropy: str = _f("paper", "entropy bonus: paper (sum of -p log p) | bernoulli (the full "
-                               "entropy of each module's choice, largest at p = 0.5)",
-                      choices=("paper", "bernoulli"))
-    objective: str = _f("reinforce", "how the controller learns: reinforce (policy gradient on "
-                                     "the reward against the greedy child's) | imitate (each "
-                                     "image's best of controller.candidates sampled children "
-                                     "under the same reward is its target; binary "
-                                     "cross-entropy)", choices=("reinforce", "imitate"))
+    window: str = _f(
+        "dynamic", "latency window: dynamic (UB shrinks) | static", choices=("dynamic", "static")
+    )
+    reward: str = _f(
+        "window",
+        "per-image reward: window (the paper's parabola between the "
+        "latency bounds) | budget (correctness minus a latency penalty "
+        "whose weight a dual variable adapts so that the batch's mean "
+        "latency meets controller.budget)",
+        choices=("window", "budget"),
+    )
+    budget: float = _f(
+        0.4,
+        "budget reward: target mean cell latency of the greedy children, as "
+        "a fraction of the MobileNetV2 path's cell latency",
+        gt=0.0,
+    )
+    signal: str = _f(
+        "correct",
+        "budget reward: what a child's prediction scores, correct "
+        "(pos_w if right, neg_w if wrong) | log_prob (pos_w x log "
+        "p(true class), graded)",
+        choices=("correct", "log_prob"),
+    )
+    usage_floor: float = _f(
+        0.0,
+        "share of a batch every module should be chosen by, and "
+        "not chosen by (0: off); a hinge penalty on each module's mean "
+        "probability keeps choices from becoming the same for every "
+        "image",
+        ge=0.0,
+        le=0.45,
+    )
+    budget_warmup: float = _f(
+        0.5,
+        "budget reward: share of the search over which the target "
+        "falls from 0.7 x L_all to the budget",
+        ge=0.0,
+        le=1.0,
+    )
+    dual_lr: float = _f(
+        0.05,
+        "budget reward: step of the latency weight per controller step, "
+        "per unit of relative budget overshoot",
+        ge=0.0,
+    )
+    entropy: str = _f(
+        "paper",
+        "entropy bonus: paper (sum of -p log p) | bernoulli (the full "
+        "entropy of each module's choice, largest at p = 0.5)",
+        choices=("paper", "bernoulli"),
+    )
+    objective: str = _f(
+        "reinforce",
+        "how the controller learns: reinforce (policy gradient on "
+        "the reward against the greedy child's) | imitate (each "
+        "image's best of controller.candidates sampled children "
+        "under the same reward is its target; binary "
+        "cross-entropy)",
+        choices=("reinforce", "imitate"),
+    )
     candidates: int = _f(4, "imitate: children sampled and scored per image", gt=0)
 
 
@@ -130,45 +194,67 @@ class PretrainConfig:
     lr: float = _f(0.1, "SGD learning rate (x0.1 at the milestones)", gt=0.0)
     weight_decay: float = _f(1e-4, "SGD weight decay", ge=0.0)
     milestones: list = _f([0.5, 0.75], "fractions of training where the learning rate drops x0.1")
-    final_keep: float = _f(0.5, "drop-path keep probability at the end of pretraining",
-                           gt=0.0, le=1.0)
+    final_keep: float = _f(
+        0.5, "drop-path keep probability at the end of pretraining", gt=0.0, le=1.0
+    )
 
 
 @dataclass
 class SearchConfig:
-    epochs: int = _f(500, "search epochs (each: a controller epoch, then a meta-graph epoch)",
-                     gt=0)
+    epochs: int = _f(500, "search epochs (each: a controller epoch, then a meta-graph epoch)", gt=0)
     steps: int | None = _steps()
     batch_size: int = _batch_size(32, "batch size of both alternating epochs")
     metagraph_lr: float = _f(0.01, "SGD learning rate of the meta-graph during search", gt=0.0)
     weight_decay: float = _f(1e-4, "SGD weight decay of the meta-graph during search", ge=0.0)
-    recalibrate_batches: int = _f(8, "training batches used to re-estimate BatchNorm statistics "
-                                     "for the greedy policies before validation", gt=0)
-    select_tolerance: float = _f(0.01, "checkpoint choice: fastest epoch whose validation "
-                                       "accuracy is within this of the best", ge=0.0, le=1.0)
-    snapshots_per_epoch: int = _f(1, "checkpoints per search epoch: the last after the "
-                                     "meta-graph epoch, the others evenly inside the controller "
-                                     "epoch (candidates for variants A..E in short searches)",
-                                  ge=1)
+    recalibrate_batches: int = _f(
+        8,
+        "training batches used to re-estimate BatchNorm statistics "
+        "for the greedy policies before validation",
+        gt=0,
+    )
+    select_tolerance: float = _f(
+        0.01,
+        "checkpoint choice: fastest epoch whose validation accuracy is within this of the best",
+        ge=0.0,
+        le=1.0,
+    )
+    snapshots_per_epoch: int = _f(
+        1,
+        "checkpoints per search epoch: the last after the "
+        "meta-graph epoch, the others evenly inside the controller "
+        "epoch (candidates for variants A..E in short searches)",
+        ge=1,
+    )
     min_pretrain_accuracy: float | None = _f(
-        None, "the search stops with an error when the pretrained meta-graph's validation "
-              "accuracy (every module on) is below this (default: a tenth of the way from chance "
-              "to perfect; 0: never, e.g. for smoke runs)", ge=0.0, le=1.0)
-    controller_norm: str = _f("batch", "BatchNorm of the frozen meta-graph in controller epochs: "
-                                       "batch (each forward's own statistics) | running "
-                                       "(statistics re-estimated under the sampled policies at "
-                                       "the start of each controller epoch, then fixed)",
-                              choices=("batch", "running"))
-    random_share: float = _f(0.0, "share of each meta-graph batch trained on random children "
-                                  "(each row its own rate, uniform in [0, 1]) instead of the "
-                                  "controller's samples, so cheap and costly children stay "
-                                  "trained", ge=0.0, le=1.0)
+        None,
+        "the search stops with an error when the pretrained meta-graph's validation "
+        "accuracy (every module on) is below this (default: a tenth of the way from chance "
+        "to perfect; 0: never, e.g. for smoke runs)",
+        ge=0.0,
+        le=1.0,
+    )
+    controller_norm: str = _f(
+        "batch",
+        "BatchNorm of the frozen meta-graph in controller epochs: "
+        "batch (each forward's own statistics) | running "
+        "(statistics re-estimated under the sampled policies at "
+        "the start of each controller epoch, then fixed)",
+        choices=("batch", "running"),
+    )
+    random_share: float = _f(
+        0.0,
+        "share of each meta-graph batch trained on random children "
+        "(each row its own rate, uniform in [0, 1]) instead of the "
+        "controller's samples, so cheap and costly children stay "
+        "trained",
+        ge=0.0,
+        le=1.0,
+    )
 
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = _f(300, "fine-tuning epochs under the frozen controller's greedy policies",
-                     gt=0)
+    epochs: int = _f(300, "fine-tuning epochs under the frozen controller's greedy policies", gt=0)
     steps: int | None = _steps()
     batch_size: int = _batch_size(256)
     lr: float = _f(1e-3, "SGD learning rate (cosine schedule)", gt=0.0)
@@ -177,65 +263,121 @@ class FinetuneConfig:
 
 @dataclass
 class BaselineConfig:
-    epochs: int | None = _f(None, "epochs of the standalone MobileNetV2-path baseline "
-                                  "(default: pretrain + search + finetune epochs)", gt=0)
+    epochs: int | None = _f(
+        None,
+        "epochs of the standalone MobileNetV2-path baseline "
+        "(default: pretrain + search + finetune epochs)",
+        gt=0,
+    )
     steps: int | None = _steps()
     batch_size: int = _batch_size(256)
     lr: float = _f(0.1, "SGD learning rate (cosine schedule)", gt=0.0)
     weight_decay: float = _f(4e-5, "SGD weight decay", ge=0.0)
-    widths: list = _f([0.5, 0.75, 1.0, 1.4], "MobileNetV2-path baselines to train, as multiples "
-                                            "of space.width (1.0 is the mbv2-path model)")
+    widths: list = _f(
+        [0.5, 0.75, 1.0, 1.4],
+        "MobileNetV2-path baselines to train, as multiples "
+        "of space.width (1.0 is the mbv2-path model)",
+    )
     min_net: bool = _f(True, "also train the forced-default minimum network standalone")
-    static_child: bool = _f(True, "also fine-tune the best static child: the controller's "
-                                  "child closest to and not below the main model's measured "
-                                  "latency, alone, with the fine-tuning budget")
-    random_policy: bool = _f(True, "also fine-tune a random-policy model of the same mean "
-                                   "latency as the controller's children")
-    oracle_children: int = _f(16, "children sampled per test image for the oracle bound "
-                                  "(0: no oracle)", ge=0)
+    static_child: bool = _f(
+        True,
+        "also fine-tune the best static child: the controller's "
+        "child closest to and not below the main model's measured "
+        "latency, alone, with the fine-tuning budget",
+    )
+    random_policy: bool = _f(
+        True,
+        "also fine-tune a random-policy model of the same mean "
+        "latency as the controller's children",
+    )
+    oracle_children: int = _f(
+        16, "children sampled per test image for the oracle bound (0: no oracle)", ge=0
+    )
 
 
 @dataclass
 class VariantsConfig:
-    count: int = _f(5, "InstaNAS variants (A..E) picked from the search checkpoints on the "
-                       "validation Pareto front and fine-tuned (0: none)", ge=0, le=5)
-    metagraph: str = _f("final", "meta-graph weights each candidate controller is scored and "
-                                 "fine-tuned with: final (the search's last) | own (saved with "
-                                 "it)", choices=("final", "own"))
-    score_epochs: int = _f(1, "fine-tuning epochs each candidate gets before its validation "
-                              "accuracy is scored (0: score the checkpoint as it is)", ge=0)
-    max_timed_children: int = _f(32, "children timed end to end per candidate (the most used; "
-                                     "the rest are predicted by the table)", gt=0)
+    count: int = _f(
+        5,
+        "InstaNAS variants (A..E) picked from the search checkpoints on the "
+        "validation Pareto front and fine-tuned (0: none)",
+        ge=0,
+        le=5,
+    )
+    metagraph: str = _f(
+        "final",
+        "meta-graph weights each candidate controller is scored and "
+        "fine-tuned with: final (the search's last) | own (saved with "
+        "it)",
+        choices=("final", "own"),
+    )
+    score_epochs: int = _f(
+        1,
+        "fine-tuning epochs each candidate gets before its validation "
+        "accuracy is scored (0: score the checkpoint as it is)",
+        ge=0,
+    )
+    max_timed_children: int = _f(
+        32,
+        "children timed end to end per candidate (the most used; "
+        "the rest are predicted by the table)",
+        gt=0,
+    )
 
 
 @dataclass
 class LatencyConfig:
+    """How latency is measured: the lookup table and the batch-1 timing of every model."""
+
     threads: int = _f(1, "CPU threads for every latency measurement", gt=0)
     warmup: int = _f(10, "untimed warm-up rounds before timing", ge=0)
     repeats: int = _f(50, "timed rounds per (cell, module) in the lookup table", ge=30)
-    calibration_children: int = _f(30, "random whole children timed to calibrate the table's "
-                                       "chain factor (0: plain additive table)", ge=0)
-    table: str | None = _f(None, "latency table JSON to reuse (re-profiled if its key differs); "
-                                 "default: a per-device cache under ~/.cache/instanas")
-    eval_images: int | None = _f(None, "test images timed end to end at batch 1 (default: all)",
-                                 gt=0)
+    calibration_children: int = _f(
+        30,
+        "random whole children timed to calibrate the table's "
+        "chain factor (0: plain additive table)",
+        ge=0,
+    )
+    table: str | None = _f(
+        None,
+        "latency table JSON to reuse (re-profiled if its key differs); "
+        "default: a per-device cache under ~/.cache/instanas",
+    )
+    eval_images: int | None = _f(
+        None, "test images timed end to end at batch 1 (default: all)", gt=0
+    )
 
 
 @dataclass
 class Config:
     preset: str = _f("custom", "name of the preset this config started from")
     seed: int = _f(0, "seed of every random number generator", ge=0)
-    device: str = _f("cpu", "cpu | cuda | cuda:N", )
-    threads: int | None = _f(None, "CPU threads of training and evaluation (default: torch's "
-                                   "choice, one per core; the run records the count it used). "
-                                   "On the CPU a seeded run is bit-reproducible at the same "
-                                   "thread count, machine and software", gt=0)
-    budget_images: int | None = _f(None, "training images the epoch counts were sized for: on a "
-                                         "smaller training split, each stage not given epochs or "
-                                         "steps on the command line keeps its number of "
-                                         "optimiser steps (recorded as steps in config.yaml)",
-                                   gt=0)
+    device: str = _f(
+        "cpu",
+        "cpu | cuda | cuda:N",
+    )
+    threads: int | None = _f(
+        None,
+        "CPU threads of training and evaluation (default: torch's "
+        "choice, one per core; the run records the count it used). "
+        "On the CPU a seeded run is bit-reproducible at the same "
+        "thread count, machine and software",
+        gt=0,
+    )
+    budget_images: int | None = _f(
+        None,
+        "training images the epoch counts were sized for: on a "
+        "smaller training split, each stage not given epochs or "
+        "steps on the command line keeps its number of "
+        "optimiser steps (recorded as steps in config.yaml)",
+        gt=0,
+    )
     channels_last: bool = _f(True, "train in channels-last memory format (faster on CPU)")
+    tensorboard: bool = _f(
+        False,
+        "also log every metrics.jsonl record as TensorBoard scalars "
+        "under RUN/tensorboard (pip install 'instanas[tensorboard]')",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
@@ -256,10 +398,17 @@ class Config:
 
     def search_space(self, input_channels: int, input_size: int, num_classes: int) -> SearchSpace:
         s = self.space
-        return SearchSpace(input_channels=input_channels, input_size=input_size,
-                           num_classes=num_classes, width=s.width, stem_channels=s.stem_channels,
-                           stem_stride=s.stem_stride, stages=tuple(Stage(*st) for st in s.stages),
-                           head_channels=s.head_channels, scale_head=s.scale_head)
+        return SearchSpace(
+            input_channels=input_channels,
+            input_size=input_size,
+            num_classes=num_classes,
+            width=s.width,
+            stem_channels=s.stem_channels,
+            stem_stride=s.stem_stride,
+            stages=tuple(Stage(*st) for st in s.stages),
+            head_channels=s.head_channels,
+            scale_head=s.scale_head,
+        )
 
     def controller_spec(self) -> ControllerSpec:
         return ControllerSpec(self.controller.input_size, tuple(self.controller.widths))
@@ -281,8 +430,9 @@ def preset_names() -> list[str]:
 def load_preset(name: str) -> Config:
     names = preset_names()
     if name not in names:
-        raise ConfigError(f"unknown preset {name!r}{_suggest(name, names)}; "
-                          f"choose one of: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown preset {name!r}{_suggest(name, names)}; choose one of: {', '.join(names)}"
+        )
     config = from_dict(_preset_data(name))
     config.preset = name
     return config
@@ -310,15 +460,19 @@ def load_config_file(path: str | Path) -> Config:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path} ({exc}): give a readable YAML file") from exc
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config {path} holds a {type(data).__name__}, not a mapping of "
-                          "sections: write it like `pretrain: {epochs: 3}`")
+        raise ConfigError(
+            f"config {path} holds a {type(data).__name__}, not a mapping of "
+            "sections: write it like `pretrain: {epochs: 3}`"
+        )
     return from_dict(data or {})
 
 
 def from_dict(data: dict) -> Config:
     if not isinstance(data, dict):
-        raise ConfigError(f"a config must be a mapping of sections, not {type(data).__name__}: "
-                          "write it like `pretrain: {epochs: 3}`")
+        raise ConfigError(
+            f"a config must be a mapping of sections, not {type(data).__name__}: "
+            "write it like `pretrain: {epochs: 3}`"
+        )
     config = Config()
     for key, value in _flatten(data).items():
         set_value(config, key, value)
@@ -332,8 +486,10 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         name = f"{prefix}{key}"
         if not prefix and name in sections and not isinstance(value, dict):
-            raise ConfigError(f"{name} is a section, not a value ({value!r}): write it as a "
-                              f"mapping, e.g. `{name}: {{field: value}}`")
+            raise ConfigError(
+                f"{name} is a section, not a value ({value!r}): write it as a "
+                f"mapping, e.g. `{name}: {{field: value}}`"
+            )
         if isinstance(value, dict):
             flat.update(_flatten(value, name + "."))
         else:
@@ -354,10 +510,28 @@ def all_keys() -> dict[str, Any]:
     return keys
 
 
-_SECTIONS = (DataConfig, SpaceConfig, ControllerConfig, PretrainConfig, SearchConfig,
-             FinetuneConfig, BaselineConfig, VariantsConfig, LatencyConfig)
-_SECTION_NAMES = ("data", "space", "controller", "pretrain", "search", "finetune", "baseline",
-                  "variants", "latency")
+_SECTIONS = (
+    DataConfig,
+    SpaceConfig,
+    ControllerConfig,
+    PretrainConfig,
+    SearchConfig,
+    FinetuneConfig,
+    BaselineConfig,
+    VariantsConfig,
+    LatencyConfig,
+)
+_SECTION_NAMES = (
+    "data",
+    "space",
+    "controller",
+    "pretrain",
+    "search",
+    "finetune",
+    "baseline",
+    "variants",
+    "latency",
+)
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -368,8 +542,10 @@ def _suggest(name: str, options: list[str]) -> str:
 def _owner_and_field(config: Config, key: str) -> tuple[Any, Any]:
     keys = all_keys()
     if key not in keys:
-        raise ConfigError(f"unknown config key {key!r}{_suggest(key, list(keys))}; "
-                          "see `instanas run --help` for every key")
+        raise ConfigError(
+            f"unknown config key {key!r}{_suggest(key, list(keys))}; "
+            "see `instanas run --help` for every key"
+        )
     parts = key.split(".")
     owner = config if len(parts) == 1 else getattr(config, parts[0])
     return owner, keys[key]
@@ -432,8 +608,13 @@ def _to_list(key: str, raw: Any) -> list:
 
 
 # How coerce converts a value once YAML has parsed it, by the field's type.
-_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: lambda key, raw: str(raw),
-               list: _to_list}
+_CONVERTERS = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: lambda key, raw: str(raw),
+    list: _to_list,
+}
 
 
 def _example(key: str) -> str:
@@ -465,21 +646,32 @@ def validate(config: Config) -> None:
         value = getattr(owner, f.name)
         _check_field(key, value, f.metadata)
     for stage in config.space.stages:
-        if (not isinstance(stage, (list, tuple)) or len(stage) != 3
-                or not all(isinstance(v, int) and v > 0 for v in stage)):
-            raise ConfigError(f"space.stages entry {stage!r} is not [channels, cells, stride] of "
-                              "positive whole numbers")
+        if (
+            not isinstance(stage, (list, tuple))
+            or len(stage) != 3
+            or not all(isinstance(v, int) and v > 0 for v in stage)
+        ):
+            raise ConfigError(
+                f"space.stages entry {stage!r} is not [channels, cells, stride] of "
+                "positive whole numbers"
+            )
     if not config.space.stages:
         raise ConfigError("space.stages is empty: give at least one [channels, cells, stride]")
     if not isinstance(config.controller.widths, list) or not all(
-            isinstance(w, int) and w > 0 for w in config.controller.widths):
-        raise ConfigError("controller.widths must be a list of positive whole numbers "
-                          "(one residual stage each; [] for a linear controller)")
+        isinstance(w, int) and w > 0 for w in config.controller.widths
+    ):
+        raise ConfigError(
+            "controller.widths must be a list of positive whole numbers "
+            "(one residual stage each; [] for a linear controller)"
+        )
     widths = config.baseline.widths
     if not isinstance(widths, list) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in widths):
-        raise ConfigError("baseline.widths must be a list of positive multiples of space.width, "
-                          "e.g. [0.5, 0.75, 1.0, 1.4]")
+        isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in widths
+    ):
+        raise ConfigError(
+            "baseline.widths must be a list of positive multiples of space.width, "
+            "e.g. [0.5, 0.75, 1.0, 1.4]"
+        )
     if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in config.pretrain.milestones):
         raise ConfigError("pretrain.milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", config.device):
@@ -490,14 +682,20 @@ def _check_field(key: str, value: Any, meta: Any) -> None:
     if value is None:
         return
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key} is {value!r}{_suggest(str(value), list(meta['choices']))}; "
-                          f"use one of: {', '.join(meta['choices'])}")
-    bounds = (("gt", lambda v, b: v > b, "greater than"), ("ge", lambda v, b: v >= b, "at least"),
-              ("le", lambda v, b: v <= b, "at most"))
+        raise ConfigError(
+            f"{key} is {value!r}{_suggest(str(value), list(meta['choices']))}; "
+            f"use one of: {', '.join(meta['choices'])}"
+        )
+    bounds = (
+        ("gt", lambda v, b: v > b, "greater than"),
+        ("ge", lambda v, b: v >= b, "at least"),
+        ("le", lambda v, b: v <= b, "at most"),
+    )
     for name, ok, words in bounds:
         if name in meta and not ok(value, meta[name]):
-            raise ConfigError(f"{key} is {value}, it must be {words} {meta[name]}: "
-                              f"set --{key} to a valid value")
+            raise ConfigError(
+                f"{key} is {value}, it must be {words} {meta[name]}: set --{key} to a valid value"
+            )
 
 
 def to_yaml(config: Config) -> str:
@@ -513,5 +711,3 @@ def default_value(key: str) -> Any:
     if f.default is not MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not MISSING else None
-
-

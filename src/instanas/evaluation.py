@@ -236,23 +236,16 @@ def evaluate(
     images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.test, 1000, train=False)])
     timed = images[: cfg.eval_images] if cfg.eval_images else images
     samples: dict[str, list[float]] = {}
+    runners = {n: m.batch_one for n, m in models.items()}
+    seed = ctx.config.seed
     measured = measure_per_image(
-        {n: m.batch_one for n, m in models.items()},
-        timed.contiguous(),
-        cfg.threads,
-        cfg.warmup,
-        ctx.config.seed,
-        samples,
+        runners, timed.contiguous(), cfg.threads, cfg.warmup, seed, samples
     )
-    entries = {}
-    for name, m in models.items():
-        entries[name] = {
-            "kind": m.kind,
-            "test_accuracy": m.accuracy,
-            "latency_ms": measured[name],
-            "latency_source": "measured",
-            **m.entry,
-        }
+    entries = {
+        name: {"kind": m.kind, "test_accuracy": m.accuracy, "latency_ms": measured[name],
+               "latency_source": "measured", **m.entry}
+        for name, m in models.items()
+    }  # fmt: skip
     if oracle_entry is not None:
         entries["oracle"] = oracle_entry
     results = {
@@ -260,18 +253,24 @@ def evaluate(
         "device": device_info(torch.device("cpu"), cfg.threads),
         "models": entries,
         "comparison": comparison(entries),
-        "latency_table": {
-            "stem_ms": table.unit_ms("stem"),
-            "head_ms": table.unit_ms("head"),
-            "controller_ms": table.unit_ms("controller"),
-            "chain_factor": table.chain_factor,
-            "profiled_on": {k: table.key.get(k) for k in ("device", "threads", "torch")},
-        },
+        "latency_table": table_summary(table),
         "test_images": len(ctx.data.test),
         "timed_images": len(timed),
         "reproducibility": reproducibility(ctx),
     }
     return results, per_image_arrays(ctx, models, table, samples, expected_ms)
+
+
+def table_summary(table: LatencyTable) -> dict:
+    """The table's fixed costs and where it was profiled (the deployment device when
+    ``latency.table`` was given)."""
+    return {
+        "stem_ms": table.unit_ms("stem"),
+        "head_ms": table.unit_ms("head"),
+        "controller_ms": table.unit_ms("controller"),
+        "chain_factor": table.chain_factor,
+        "profiled_on": {k: table.key.get(k) for k in ("device", "threads", "torch")},
+    }
 
 
 def reproducibility(ctx: RunContext) -> dict:

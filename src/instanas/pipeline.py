@@ -14,7 +14,7 @@ import torch
 
 from .budgets import describe, resolve_budgets
 from .config import Config, ConfigError, load_config_file, to_yaml
-from .data import DataBundle, default_augmentation, load_dataset
+from .data import DataBundle, default_augmentation, load_configured
 from .deploy.inference import InstaNASPredictor
 from .latency.table import LatencyTable, random_children
 from .latency.validation import (
@@ -27,6 +27,7 @@ from .models.metagraph import mobilenetv2_path
 from .nn.backend import enlarge_primitive_cache
 from .report.diagnostics import undertrained
 from .report.document import write_report, write_results_markdown
+from .report.live import require_tensorboard
 from .stages import registry
 from .stages.common import (
     given_table,
@@ -54,11 +55,14 @@ def existing_config(run_dir: Path) -> Config | None:
 
 
 def check_writable(run_dir: Path) -> None:
-    probe = run_dir if run_dir.exists() else next(
-        (p for p in run_dir.parents if p.exists()), Path("."))
+    probe = (
+        run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("."))
+    )
     if not probe.is_dir() or not _writable(probe):
-        raise ConfigError(f"cannot write the run directory {run_dir} ({probe} is not writable): "
-                          "choose another --output")
+        raise ConfigError(
+            f"cannot write the run directory {run_dir} ({probe} is not writable): "
+            "choose another --output"
+        )
 
 
 def _writable(path: Path) -> bool:
@@ -70,39 +74,52 @@ def _writable(path: Path) -> bool:
         return False
 
 
-def open_run(config: Config, run_dir: Path, *, resume: bool = False,
-             command: str | None = None, pinned: Collection[str] = ()) -> RunContext:
+def open_run(
+    config: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    command: str | None = None,
+    pinned: Collection[str] = (),
+) -> RunContext:
     """Load the data and check the checkpoints ``command`` reads, then set up.
 
     Every check runs before anything is written, so bad input leaves no trace.
     """
     check_writable(run_dir)
     enlarge_primitive_cache()
-    table = config.latency.table
-    if table and Path(table).is_dir():
-        raise ConfigError(f"latency.table {table} is a folder: give a JSON file, e.g. "
-                          f"--latency.table {Path(table) / 'latency_table.json'}")
-    if table and not Path(table).exists():
-        raise ConfigError(f"latency.table {table} does not exist: write one with `instanas "
-                          "profile --output DIR` on the target device and pass "
-                          "DIR/latency_table.json")
+    if config.tensorboard:
+        require_tensorboard()
+    if config.latency.table:
+        check_table_path(Path(config.latency.table))
     set_seed(config.seed)
     device = _set_up_device(config)
     data = _load_data(config)
     resolve_budgets(config, len(data.train), pinned)
     space = config.search_space(data.channels, data.image_size, data.num_classes)
     if space.final_size < 2:
-        log.warning("the last cells work on %dx%d maps; BatchNorm may fail on single images",
-                    space.final_size, space.final_size)
+        side = f"{space.final_size}x{space.final_size}"
+        log.warning("the last cells work on %s maps; BatchNorm may fail on single images", side)
     ctx = RunContext(config, run_dir, device, data, space, resume=resume)
     verify_inputs(ctx, command)
     check_free_space(ctx, command)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(config))
     _log_to_file(run_dir)
-    log.info("run directory %s; %d train / %d val / %d test images; space %s",
-             run_dir, len(data.train), len(data.val), len(data.test), space.fingerprint())
+    sizes = f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test images"
+    log.info("run directory %s; %s; space %s", run_dir, sizes, space.fingerprint())
     return ctx
+
+
+def check_table_path(table: Path) -> None:
+    """``latency.table`` names a JSON file that exists."""
+    if table.is_dir():
+        raise ConfigError(f"latency.table {table} is a folder: give a JSON file, e.g. "
+                          f"--latency.table {table / 'latency_table.json'}")  # fmt: skip
+    if not table.exists():
+        raise ConfigError(f"latency.table {table} does not exist: write one with `instanas "
+                          "profile --output DIR` on the target device and pass "
+                          "DIR/latency_table.json")  # fmt: skip
 
 
 def _set_up_device(config: Config) -> torch.device:
@@ -119,10 +136,8 @@ def _set_up_device(config: Config) -> torch.device:
 def _load_data(config: Config) -> DataBundle:
     """The run's data; unset augmentation options take the data set's defaults, so config.yaml
     shows what runs."""
+    data = load_configured(config)
     d = config.data
-    data = load_dataset(d.dataset, d.root, val_fraction=d.val_fraction, seed=config.seed,
-                        image_size=d.image_size, limit_train=d.limit_train,
-                        limit_test=d.limit_test)
     for key, value in default_augmentation(data).items():
         if getattr(d, key) is None:
             setattr(d, key, value)
@@ -155,9 +170,11 @@ def check_free_space(ctx: RunContext, command: str | None) -> None:
     probe = next(p for p in (ctx.run_dir, *ctx.run_dir.parents) if p.exists())
     free, need = shutil.disk_usage(probe).free, _bytes_needed(ctx, command)
     if free < need:
-        raise ConfigError(f"{probe} has {free / 2**20:.0f} MiB free but {command} writes about "
-                          f"{need / 2**20:.0f} MiB of checkpoints: free space or choose another "
-                          "--output")
+        raise ConfigError(
+            f"{probe} has {free / 2**20:.0f} MiB free but {command} writes about "
+            f"{need / 2**20:.0f} MiB of checkpoints: free space or choose another "
+            "--output"
+        )
 
 
 def _bytes_needed(ctx: RunContext, command: str) -> int:
@@ -168,8 +185,11 @@ def _bytes_needed(ctx: RunContext, command: str) -> int:
     # fork_rng: building the models must not move the seeded generator the stages start from.
     with torch.random.fork_rng(devices=[]):
         metagraph, controller = new_models(ctx)
-    weights = sum(t.numel() * t.element_size() for module in (metagraph, controller)
-                  for t in module.state_dict().values())
+    weights = sum(
+        t.numel() * t.element_size()
+        for module in (metagraph, controller)
+        for t in module.state_dict().values()
+    )
     # Two epoch states and one being written, each weights plus up to two optimiser moments;
     # the stage output; and, when searching, one checkpoint per search epoch still to run.
     search_epochs = 0
@@ -193,33 +213,38 @@ def _log_to_file(run_dir: Path) -> None:
     logger.addHandler(handler)
 
 
-def validate_latency_table(ctx: RunContext, table: LatencyTable,
-                           random_count: int) -> TableValidation:
+def validate_latency_table(
+    ctx: RunContext, table: LatencyTable, random_count: int
+) -> TableValidation:
     """``instanas profile --validate``: random children, plus the controller's own children on
     the validation split when the run has a searched or fine-tuned controller."""
     cfg = ctx.config.latency
     metagraph, controller = new_models(ctx)
-    children = [(c, "random", 0)
-                for c in random_children(metagraph, random_count, ctx.config.seed)]
+    children = [(c, "random", 0) for c in random_children(metagraph, random_count, ctx.config.seed)]
     children.append((mobilenetv2_path(ctx.space), "mbv2-path", 0))
-    trained = next((s for s in ("finetune", "search") if stage_path(ctx, s).exists()), None)
-    if trained:
-        load_stage(ctx, trained, {"metagraph": metagraph, "controller": controller})
-        images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.val, 500, train=False)])
-        predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval())
-        used = controller_children(predictor, images.contiguous())
-        children += [(child, "controller", n) for child, n in used.values()]
-        log.info("validating with %d random children and the %d children the %s controller "
-                 "picks on %d validation images", random_count, len(used), trained, len(images))
-    else:
-        log.info("no trained controller in %s: validating with %d random children only",
-                 ctx.run_dir, random_count)
-    result = validate_table(table, metagraph.cpu().eval(), controller.cpu().eval(), children,
-                            threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
-                            seed=ctx.config.seed)
+    children += trained_controller_children(ctx, metagraph, controller)
+    log.info("validating with %d random children and %d of the run's controller",
+             random_count, len(children) - random_count - 1)  # fmt: skip
+    options = {"threads": cfg.threads, "warmup": cfg.warmup, "repeats": cfg.repeats,
+               "seed": ctx.config.seed}  # fmt: skip
+    graph, ctrl = metagraph.cpu().eval(), controller.cpu().eval()
+    result = validate_table(table, graph, ctrl, children, **options)
     result.save(ctx.run_dir / "latency_validation.json")
     plot_validation(result, ctx.run_dir / "latency_validation.png")
     return result
+
+
+def trained_controller_children(ctx: RunContext, metagraph, controller) -> list[tuple]:
+    """(child, "controller", images) for the children the run's fine-tuned (else searched)
+    controller picks on the validation split; none before the search. Loads those weights."""
+    trained = next((s for s in ("finetune", "search") if stage_path(ctx, s).exists()), None)
+    if trained is None:
+        return []
+    load_stage(ctx, trained, {"metagraph": metagraph, "controller": controller})
+    images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.val, 500, train=False)])
+    predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval())
+    used = controller_children(predictor, images.contiguous())
+    return [(child, "controller", n) for child, n in used.values()]
 
 
 def run_stage(ctx: RunContext, name: str, timings: dict[str, float]) -> None:
@@ -287,8 +312,11 @@ def finalize_results(ctx: RunContext) -> dict:
     path = ctx.run_dir / "results.json"
     results = json.loads(path.read_text())
     results["wall_time_s"] = _previous_timings(ctx.run_dir)
-    records = [json.loads(line) for line in
-               (ctx.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line)
+        for line in (ctx.run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     results["undertrained"] = undertrained(records)
     write_json(path, results)
     write_results_markdown(results, ctx.run_dir / "results.md")

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import Config
 from .data import BatchAugmenter, DataBundle, ImageSet, augmenter_for, iterate_batches, num_batches
+from .report.live import TensorBoardMirror
 from .search.space import SearchSpace
 from .utils import append_jsonl, make_generator, progress_bar
 
@@ -40,11 +41,13 @@ class RunContext:
     resume: bool = False  # continue each stage from its newest saved epoch
     train_augment: BatchAugmenter = field(init=False)
     eval_augment: BatchAugmenter = field(init=False)
+    live: TensorBoardMirror | None = field(init=False, default=None)  # made at the first record
 
     def __post_init__(self) -> None:
         d = self.config.data
-        self.train_augment = augmenter_for(self.data, train=True, flip=d.flip,
-                                           crop_padding=d.crop_padding, cutout=d.cutout)
+        self.train_augment = augmenter_for(
+            self.data, train=True, flip=d.flip, crop_padding=d.crop_padding, cutout=d.cutout
+        )
         self.eval_augment = augmenter_for(self.data, train=False)
 
     def generator(self, purpose: str, epoch: int = 0) -> torch.Generator:
@@ -55,6 +58,9 @@ class RunContext:
     def log_metrics(self, record: dict) -> None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
         append_jsonl(self.run_dir / "metrics.jsonl", record)
+        if self.config.tensorboard:
+            self.live = self.live or TensorBoardMirror(self.run_dir / "tensorboard")
+            self.live.write(record)
 
     def prepare(self, module: nn.Module) -> nn.Module:
         module = module.to(self.device)
@@ -63,10 +69,15 @@ class RunContext:
         return module
 
     def batches(self, data: ImageSet, batch_size: int, *, train: bool, generator=None):
-        for batch in iterate_batches(data, batch_size, shuffle=train, generator=generator,
-                                     augment=self.train_augment if train else self.eval_augment,
-                                     device=self.device,
-                                     drop_last=train and len(data) > batch_size):
+        for batch in iterate_batches(
+            data,
+            batch_size,
+            shuffle=train,
+            generator=generator,
+            augment=self.train_augment if train else self.eval_augment,
+            device=self.device,
+            drop_last=train and len(data) > batch_size,
+        ):
             if self.config.channels_last:
                 batch.images = batch.images.contiguous(memory_format=torch.channels_last)
             yield batch
@@ -78,18 +89,22 @@ class RunContext:
 
 def run_identity(ctx: RunContext) -> dict:
     """What a checkpoint must agree on with the run that loads it."""
-    facts = {"preset": ctx.config.preset, "space": ctx.space.to_dict(),
-             "classes": list(ctx.data.classes),
-             "controller": ctx.config.controller_spec().to_dict(),
-             "normalization": {"mean": list(ctx.data.mean), "std": list(ctx.data.std)}}
+    facts = {
+        "preset": ctx.config.preset,
+        "space": ctx.space.to_dict(),
+        "classes": list(ctx.data.classes),
+        "controller": ctx.config.controller_spec().to_dict(),
+        "normalization": {"mean": list(ctx.data.mean), "std": list(ctx.data.std)},
+    }
     return json.loads(json.dumps(facts))  # tuples become lists, as they come back from JSON
 
 
 def sgd(params, lr: float, weight_decay: float) -> torch.optim.SGD:
     # foreach: one kernel per operation over all parameters instead of one per parameter, a
     # fixed cost off every step (bench/train_step.py times steps with this optimiser)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay,
-                           foreach=True)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, foreach=True
+    )
 
 
 def step_decay(milestones: list[float]) -> Callable[[float], float]:
@@ -109,9 +124,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def check_finite(loss: torch.Tensor, stage: str, lr_option: str) -> None:
     """``lr_option``: the config option of the learning rate that trains what diverged."""
     if not torch.isfinite(loss):
-        raise TrainingError(f"{stage}: the loss became {loss.item()}, training stopped and the "
-                            f"last completed epoch is kept: lower --{lr_option} and continue "
-                            "with --resume RUN_DIR")
+        raise TrainingError(
+            f"{stage}: the loss became {loss.item()}, training stopped and the "
+            f"last completed epoch is kept: lower --{lr_option} and continue "
+            "with --resume RUN_DIR"
+        )
 
 
 @dataclass
@@ -120,43 +137,70 @@ class EpochStats:
     accuracy: float
     seconds: float
 
+    def record(self, **validation: float) -> dict:
+        """The epoch's metrics record: training loss and accuracy, ``validation``, seconds."""
+        return {
+            "train_loss": self.loss,
+            "train_accuracy": self.accuracy,
+            **validation,
+            "seconds": self.seconds,
+        }
 
-def supervised_epoch(ctx: RunContext, forward: Callable[[torch.Tensor, float], torch.Tensor],
-                     params_optimizer: torch.optim.Optimizer, *, base_lr: float,
-                     lr_factor: Callable[[float], float], epoch: int, epochs: int,
-                     batch_size: int, stage: str, lr_option: str) -> EpochStats:
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How a stage's supervised epochs run: its name, length, batch and learning rate."""
+
+    stage: str  # name in metrics.jsonl and of the data order's random stream
+    epochs: int
+    batch_size: int
+    base_lr: float
+    lr_option: str  # the config option of ``base_lr``, named when the loss diverges
+    lr_factor: Callable[[float], float] = lambda progress: 1.0  # schedule over progress
+
+
+def supervised_epoch(
+    ctx: RunContext,
+    forward: Callable[[torch.Tensor, float], torch.Tensor],
+    params_optimizer: torch.optim.Optimizer,
+    plan: EpochPlan,
+    epoch: int,
+) -> EpochStats:
     """One epoch of cross-entropy training; ``forward(images, progress)`` returns logits.
 
     ``progress`` in [0, 1] is the position in the whole stage, per step, for schedules such as
     drop-path and the learning rate.
     """
-    steps = ctx.steps_per_epoch(batch_size)
+    steps = ctx.steps_per_epoch(plan.batch_size)
     total_loss = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device)
     seen = 0
     start = time.perf_counter()
-    batches = ctx.batches(ctx.data.train, batch_size, train=True,
-                          generator=ctx.generator(stage, epoch))
-    bar = progress_bar(batches, desc=f"{stage} {epoch + 1}/{epochs}", total=steps, unit="batch")
-    for step, batch in enumerate(bar):
-        progress = (epoch * steps + step) / (epochs * steps)
-        set_lr(params_optimizer, base_lr * lr_factor(progress))
+    order = ctx.generator(plan.stage, epoch)
+    batches = ctx.batches(ctx.data.train, plan.batch_size, train=True, generator=order)
+    title = f"{plan.stage} {epoch + 1}/{plan.epochs}"
+    for step, batch in enumerate(progress_bar(batches, desc=title, total=steps, unit="batch")):
+        progress = (epoch * steps + step) / (plan.epochs * steps)
+        set_lr(params_optimizer, plan.base_lr * plan.lr_factor(progress))
         logits = forward(batch.images, progress)
         loss = F.cross_entropy(logits, batch.labels)
-        check_finite(loss, stage, lr_option)
+        check_finite(loss, plan.stage, plan.lr_option)
         params_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params_optimizer.step()
         total_loss += loss.detach() * len(batch.labels)
         correct += (logits.argmax(1) == batch.labels).sum()
         seen += len(batch.labels)
-    return EpochStats(float(total_loss) / seen, float(correct) / seen,
-                      time.perf_counter() - start)
+    return EpochStats(float(total_loss) / seen, float(correct) / seen, time.perf_counter() - start)
 
 
 @torch.no_grad()
-def accuracy(ctx: RunContext, forward: Callable[[torch.Tensor], torch.Tensor], data: ImageSet,
-             batch_size: int = 500) -> float:
+def accuracy(
+    ctx: RunContext,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    data: ImageSet,
+    batch_size: int = 500,
+) -> float:
     correct = 0
     for batch in ctx.batches(data, batch_size, train=False):
         correct += int((forward(batch.images).argmax(1) == batch.labels).sum())
@@ -164,8 +208,9 @@ def accuracy(ctx: RunContext, forward: Callable[[torch.Tensor], torch.Tensor], d
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, forward: Callable[[torch.Tensor], object],
-                          batches: Iterable[torch.Tensor]) -> None:
+def recalibrate_batchnorm(
+    model: nn.Module, forward: Callable[[torch.Tensor], object], batches: Iterable[torch.Tensor]
+) -> None:
     """Re-estimate BatchNorm running statistics for the policies ``forward`` now runs.
 
     A weight-sharing module sees very different inputs under different policies (a cell that sums
@@ -211,11 +256,13 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
-def training_images(ctx: RunContext, batch_size: int, count: int, purpose: str,
-                    epoch: int = 0) -> Iterator[torch.Tensor]:
+def training_images(
+    ctx: RunContext, batch_size: int, count: int, purpose: str, epoch: int = 0
+) -> Iterator[torch.Tensor]:
     """``count`` augmented training batches, for BatchNorm recalibration."""
-    batches = ctx.batches(ctx.data.train, batch_size, train=True,
-                          generator=ctx.generator(purpose, epoch))
+    batches = ctx.batches(
+        ctx.data.train, batch_size, train=True, generator=ctx.generator(purpose, epoch)
+    )
     for i, batch in enumerate(batches):
         if i >= count:
             return

@@ -13,7 +13,7 @@ from .containers import DataBundle, DataError, ImageSet
 from .fashion_mnist import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES
 from .image_folders import DEFAULT_FOLDER_IMAGE_SIZE, IMAGE_EXTENSIONS
 from .image_folders import _read_image as _read_image  # tests decode with it
-from .loading import DATASETS, VAL_FRACTION_RANGE, load_dataset
+from .loading import DATASETS, VAL_FRACTION_RANGE, load_configured, load_dataset
 
 __all__ = [
     "DATASETS",
@@ -30,6 +30,7 @@ __all__ = [
     "augmenter_for",
     "default_augmentation",
     "iterate_batches",
+    "load_configured",
     "load_dataset",
     "num_batches",
     "shard",

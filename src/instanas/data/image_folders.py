@@ -1,5 +1,8 @@
 """Class-per-folder image trees (root/<class>/*.png, or root/train/<class>/... with a test or
-val folder beside it), decoded with Pillow, centre-cropped and resized at load time."""
+val folder beside it), decoded with Pillow, centre-cropped and resized at load time.
+
+The Tiny ImageNet layout is read as it ships: train/<wnid>/images/*.JPEG, and val/images/ with
+val/val_annotations.txt naming each image's class."""
 
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def load_folder(
             f"a classifier needs at least 2 class folders"
         )
     if test_dir is not None:
-        test_files = _class_files(test_dir)
+        test_files = _annotated_files(test_dir) or _class_files(test_dir)
         unknown = sorted(set(test_files) - set(classes))
         if unknown:
             raise DataError(
@@ -66,6 +69,8 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
         raise DataError(f"no class folders in {split_dir}: put images in {split_dir}/<class>/")
     files: dict[str, list[Path]] = {}
     for d in class_dirs:
+        if (d / "images").is_dir():  # Tiny ImageNet: train/<wnid>/images/
+            d = d / "images"
         images = sorted(
             p
             for p in d.iterdir()
@@ -76,8 +81,26 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
                 f"class folder {d} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
                 f"add images or remove the folder"
             )
-        files[d.name] = images
+        files[d.parent.name if d.name == "images" else d.name] = images
     return files
+
+
+def _annotated_files(split_dir: Path) -> dict[str, list[Path]] | None:
+    """Tiny ImageNet's val/: images/ plus val_annotations.txt (file, class, box); None when the
+    folder is not laid out so."""
+    notes, images = split_dir / "val_annotations.txt", split_dir / "images"
+    if not (notes.is_file() and images.is_dir()):
+        return None
+    files: dict[str, list[Path]] = {}
+    for number, line in enumerate(notes.read_text().splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) < 2 or not (images / fields[0]).is_file():
+            raise DataError(
+                f"{notes} line {number} does not name an image of {images} and its "
+                "class (file<TAB>class): fix or remove that line"
+            )
+        files.setdefault(fields[1], []).append(images / fields[0])
+    return {cls: sorted(paths) for cls, paths in sorted(files.items())}
 
 
 def _hold_out(

@@ -118,3 +118,12 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
         )
         out[start : start + _CHUNK] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out
+
+
+def load_configured(config) -> DataBundle:
+    """The data set a run's config names: its ``data`` section and ``seed`` (a Config; typed
+    loosely because config imports this package)."""
+    d = config.data
+    limits = {"limit_train": d.limit_train, "limit_test": d.limit_test}
+    return load_dataset(d.dataset, d.root, val_fraction=d.val_fraction, seed=config.seed,
+                        image_size=d.image_size, **limits)  # fmt: skip

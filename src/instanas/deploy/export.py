@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import DataBundle, load_dataset
+from ..data import DataBundle, load_configured
 from ..latency.table import LatencyTable, TimingStats, cpu_threads
 from ..provenance import code_commit, utc_now, versions
-from ..search.space import FORCED_DEFAULT_MODULE, ChildArchitecture
+from ..search.space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
 from ..utils import write_json
 from . import runtime
 from .inference import InstaNASModel, load
@@ -93,12 +93,9 @@ def export(
 ) -> ExportResult:
     """Export ``model`` ("instanas" or a variant letter) of ``run_dir`` to the folder ``output``.
 
-    ``children``: export only the K children most used on the validation split (default all).
-    ``split``: where children are counted, ``"val"`` or ``"train+val"`` (more of the children a
-    new image may pick, at the cost of a larger export).
-    ``validate``: compare against the eager model on the test split and time both at batch 1
-    (``timed_images`` images); the numbers go to ``validation.json`` in the export.
-    ``threads``: CPU threads for timing (default: the run's ``latency.threads``).
+    ``children``: only the K children most used on ``split`` (``"val"`` or ``"train+val"``);
+    ``validate``: compare with the eager model on the test split and time both at batch 1
+    (``timed_images`` images, ``threads`` threads) into ``validation.json``.
     """
     run_dir, output = Path(run_dir), Path(output)
     check_request(output, fmt, children, split)
@@ -107,30 +104,55 @@ def export(
     threads = threads or config.latency.threads
     counts = chosen_children(eager, data, split)
     chosen = [c for c, _ in counts.most_common(children)]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
+    temp = fresh_temp_folder(output)
+    timed = timed_images if validate else None
+    source = {"run": str(run_dir.resolve()), "model": eager.name, "children_counted_on": split}
     try:
-        routing = write_files(eager, chosen, counts, fmt, temp, threads, run_dir)
-        routing["source"] = {
-            "run": str(run_dir.resolve()),
-            "model": eager.name,
-            "children_counted_on": split,
-        }
-        write_json(temp / ROUTING_FILE, routing)
-        # The runtime travels with the export: a machine without instanas imports it from here.
-        shutil.copyfile(runtime.__file__, temp / RUNTIME_FILE)
-        report = validate_export(eager, temp, data, threads, timed_images) if validate else None
-        if report is not None:
-            write_json(temp / "validation.json", report)
+        routing, report = fill_folder(
+            temp, eager, data, (counts, chosen), fmt, threads, timed, run_dir, source
+        )
         write_json(temp / MANIFEST_FILE, manifest(temp, fmt, run_dir))
         temp.rename(output)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    log.info(
-        "exported %s of %s: %d children (%s) to %s", eager.name, run_dir, len(chosen), fmt, output
-    )
+    what = f"{len(chosen)} children ({fmt})"
+    log.info("exported %s of %s: %s to %s", eager.name, run_dir, what, output)
     return ExportResult(output, routing, report)
+
+
+def fresh_temp_folder(output: Path) -> Path:
+    """Where the export is assembled before one rename puts it at ``output``; a leftover of a
+    killed export is removed."""
+    temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(temp, ignore_errors=True)
+    return temp
+
+
+def fill_folder(
+    folder: Path,
+    eager: InstaNASModel,
+    data,
+    children: tuple[Counter, list],
+    fmt: str,
+    threads: int,
+    timed_images: int | None,
+    run_dir: Path,
+    source: dict,
+) -> tuple[dict, dict | None]:
+    """Model files, routing.json, the runtime and, when ``timed_images`` is set,
+    validation.json; returns (the routing document, the validation report or None)."""
+    counts, chosen = children
+    routing = write_files(eager, chosen, counts, fmt, folder, threads, run_dir)
+    routing["source"] = source
+    write_json(folder / ROUTING_FILE, routing)
+    # The runtime travels with the export: a machine without instanas imports it from here.
+    shutil.copyfile(runtime.__file__, folder / RUNTIME_FILE)
+    if timed_images is None:
+        return routing, None
+    report = validate_export(eager, folder, data, threads, timed_images)
+    write_json(folder / "validation.json", report)
+    return routing, report
 
 
 def check_request(output: Path, fmt: str, children: int | None, split: str = "val") -> None:
@@ -164,16 +186,7 @@ def run_data(run_dir: Path) -> tuple[object, DataBundle]:
     from ..config import from_dict
 
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    d = config.data
-    data = load_dataset(
-        d.dataset,
-        d.root,
-        val_fraction=d.val_fraction,
-        seed=config.seed,
-        image_size=d.image_size,
-        limit_train=d.limit_train,
-        limit_test=d.limit_test,
-    )
+    data = load_configured(config)
     return config, data
 
 
@@ -217,22 +230,14 @@ def write_files(
     measured = time_files(
         folder, [controller_file, *files.values()], fmt, threads, example[:1].numpy()
     )
-    table = run_table(run_dir)
-    total = sum(counts.values())
+    table, total = run_table(run_dir), sum(counts.values())
     entries = [
         child_entry(child, files[child], counts[child], total, measured[files[child]], table)
         for child in chosen
     ]
-    return routing_document(
-        model,
-        fmt,
-        controller_file,
-        measured[controller_file],
-        table,
-        entries,
-        sum(counts[c] for c in chosen) / max(total, 1),
-        threads,
-    )
+    covered = sum(counts[c] for c in chosen) / max(total, 1)
+    timing = (controller_file, measured[controller_file], threads)
+    return routing_document(model, fmt, timing, table, entries, covered)
 
 
 def save_network(network: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> None:
@@ -344,14 +349,16 @@ def child_entry(
 def routing_document(
     model: InstaNASModel,
     fmt: str,
-    controller_file: str,
-    controller_ms: dict,
+    timing: tuple[str, dict, int],
     table: LatencyTable | None,
     children: list[dict],
     covered: float,
-    threads: int,
 ) -> dict:
-    """Everything a runtime needs to route an image to an exported child (routing.json)."""
+    """Everything a runtime needs to route an image to an exported child (routing.json).
+
+    ``timing``: the controller's file, its measured latency and the threads it was timed with.
+    """
+    controller_file, controller_ms, threads = timing
     space, spec = model.space, model.predictor.controller.spec
     controller = {
         "file": controller_file,
@@ -362,40 +369,45 @@ def routing_document(
     if table is not None:
         controller["table_latency_ms"] = table.unit_ms("controller")
     mean, std = model.mean.flatten().tolist(), model.std.flatten().tolist()
+    runtime_name = "onnxruntime" if fmt == "onnx" else "torch.jit"
     return {
         "format_version": EXPORT_FORMAT_VERSION,
         "format": fmt,
-        "input": {
-            "channels": space.input_channels,
-            "size": space.input_size,
-            "layout": "NCHW",
-            "dtype": "float32",
-            "colour_mode": image_mode(space.input_channels),
-            "preprocess": "decode; palette images via RGBA; convert to colour_mode; "
-            "centre square crop and bilinear resize to size x size "
-            "(skipped at that size); normalise",
-        },
+        "input": input_description(space),
         "normalization": {"mean": mean, "std": std, "formula": "(pixel / 255 - mean) / std"},
         "classes": model.classes,
         "cells": space.num_cells,
         "modules": space.num_modules,
         "controller": controller,
         "decision_rule": "a module is selected when its controller logit is >= 0 (p >= 0.5)",
-        "empty_cell_rule": {
-            "forced_cells": space.forced_mask().tolist(),
-            "default_module": FORCED_DEFAULT_MODULE,
-            "text": "a forced (shape-changing) cell with nothing selected runs default_module; "
-            "an empty shape-preserving cell is the identity",
-        },
+        "empty_cell_rule": empty_cell_rule(space),
         "children": children,
         "policy_to_file": {c["child"]: c["file"] for c in children},
         "fallback": {"rule": FALLBACK_RULE, "counted_share_exported": covered},
-        "latency": {
-            "threads": threads,
-            "batch": 1,
-            "repeats": _REPEATS,
-            "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit",
-        },
+        "latency": {"threads": threads, "batch": 1, "repeats": _REPEATS, "runtime": runtime_name},
+    }
+
+
+def input_description(space: SearchSpace) -> dict:
+    """What an exported model takes and how a runtime prepares an image for it."""
+    return {
+        "channels": space.input_channels,
+        "size": space.input_size,
+        "layout": "NCHW",
+        "dtype": "float32",
+        "colour_mode": image_mode(space.input_channels),
+        "preprocess": "decode; palette images via RGBA; convert to colour_mode; "
+        "centre square crop and bilinear resize to size x size "
+        "(skipped at that size); normalise",
+    }
+
+
+def empty_cell_rule(space: SearchSpace) -> dict:
+    return {
+        "forced_cells": space.forced_mask().tolist(),
+        "default_module": FORCED_DEFAULT_MODULE,
+        "text": "a forced (shape-changing) cell with nothing selected runs default_module; "
+        "an empty shape-preserving cell is the identity",
     }
 
 

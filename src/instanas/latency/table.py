@@ -310,35 +310,33 @@ def load_or_profile(
     calibration_children: int = 30,
 ) -> LatencyTable:
     """Reuse the table at ``path`` when its key matches this setup; otherwise profile anew."""
-    key = table_key(metagraph, controller, device, threads)
     path = Path(path)
-    if path.exists():
-        try:
-            table = LatencyTable.load(path)
-        except ValueError as exc:
-            log.warning("%s; profiling again", exc)
-        else:
-            if table.key == key:
-                log.info("reusing latency table %s", path)
-                return table
-            changed = sorted(k for k in key if table.key.get(k) != key[k])
-            log.warning(
-                "latency table %s was made for another setup (%s differ); profiling again",
-                path,
-                ", ".join(changed),
-            )
-    table = profile_table(
-        metagraph,
-        controller,
-        device,
-        threads=threads,
-        warmup=warmup,
-        repeats=repeats,
-        seed=seed,
-        calibration_children=calibration_children,
-    )
+    table = _matching_table(path, table_key(metagraph, controller, device, threads))
+    if table is not None:
+        return table
+    options = {"warmup": warmup, "repeats": repeats, "seed": seed,
+               "calibration_children": calibration_children}  # fmt: skip
+    table = profile_table(metagraph, controller, device, threads=threads, **options)
     table.save(path)
     return table
+
+
+def _matching_table(path: Path, key: dict) -> LatencyTable | None:
+    """The table at ``path`` if it exists, reads and was made for ``key``; else None (logged)."""
+    if not path.exists():
+        return None
+    try:
+        table = LatencyTable.load(path)
+    except ValueError as exc:
+        log.warning("%s; profiling again", exc)
+        return None
+    if table.key == key:
+        log.info("reusing latency table %s", path)
+        return table
+    changed = ", ".join(sorted(k for k in key if table.key.get(k) != key[k]))
+    log.warning("latency table %s was made for another setup (%s differ); profiling again",
+                path, changed)  # fmt: skip
+    return None
 
 
 def default_cache_path(key: dict) -> Path:

@@ -149,6 +149,10 @@ def _ranks(values: list[float]) -> list[float]:
     return ranks
 
 
+_SOURCES = (("random", "o", "tab:blue"), ("controller", "^", "tab:red"),
+            ("mbv2-path", "s", "tab:green"))  # fmt: skip
+
+
 def plot_validation(result: TableValidation, path: str | Path) -> None:
     """Scatter of predicted vs measured child latency with the y = x line."""
     import matplotlib
@@ -157,27 +161,15 @@ def plot_validation(result: TableValidation, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
-    for source, marker, colour in (
-        ("random", "o", "tab:blue"),
-        ("controller", "^", "tab:red"),
-        ("mbv2-path", "s", "tab:green"),
-    ):
+    for source, marker, colour in _SOURCES:
         points = [c for c in result.children if c.source == source]
-        if points:
-            label = (
-                "MobileNetV2 path"
-                if source == "mbv2-path"
-                else f"{source} children ({len(points)})"
-            )
-            ax.scatter(
-                [c.measured_ms for c in points],
-                [c.predicted_ms for c in points],
-                marker=marker,
-                s=22,
-                alpha=0.75,
-                color=colour,
-                label=label,
-            )
+        if not points:
+            continue
+        label = (
+            "MobileNetV2 path" if source == "mbv2-path" else f"{source} children ({len(points)})"
+        )
+        xs, ys = [c.measured_ms for c in points], [c.predicted_ms for c in points]
+        ax.scatter(xs, ys, marker=marker, s=22, alpha=0.75, color=colour, label=label)
     values = [v for c in result.children for v in (c.measured_ms, c.predicted_ms)]
     low, high = min(values) * 0.9, max(values) * 1.1
     ax.plot([low, high], [low, high], color="grey", linewidth=1, label="predicted = measured")
@@ -185,17 +177,20 @@ def plot_validation(result: TableValidation, path: str | Path) -> None:
     ax.set_ylim(low, high)
     ax.set_xlabel("measured latency, batch 1 (ms)")
     ax.set_ylabel("latency table prediction (ms)")
-    d = result.device
-    ax.set_title(
-        f"Latency table vs measured: Spearman {result.spearman:.3f}, median error "
-        f"{100 * result.median_relative_error:.1f}%, p90 "
-        f"{100 * result.p90_relative_error:.1f}%\n{d['name']}, {d['threads']} "
-        f"thread(s), torch {d['torch']}, chain factor {result.chain_factor:.3f}",
-        fontsize=8,
-    )
+    ax.set_title(_validation_title(result), fontsize=8)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _validation_title(result: TableValidation) -> str:
+    d = result.device
+    return (
+        f"Latency table vs measured: Spearman {result.spearman:.3f}, median error "
+        f"{100 * result.median_relative_error:.1f}%, p90 "
+        f"{100 * result.p90_relative_error:.1f}%\n{d['name']}, {d['threads']} "
+        f"thread(s), torch {d['torch']}, chain factor {result.chain_factor:.3f}"
+    )

@@ -71,13 +71,8 @@ def matrix_form(conv: nn.Conv2d, height: int, width: int) -> str | None:
     return None
 
 
-def output_size(
-    height: int,
-    width: int,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-) -> tuple[int, int]:
+def output_size(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+                padding: tuple[int, int]) -> tuple[int, int]:  # fmt: skip
     """Output side lengths of a convolution on a ``height x width`` map."""
     return (
         (height + 2 * padding[0] - kernel[0]) // stride[0] + 1,

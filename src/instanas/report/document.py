@@ -168,16 +168,16 @@ def _controller_vs_random(results: Mapping) -> str | None:
 
 def _routing(results: Mapping) -> str | None:
     main = results["models"].get("instanas") or {}
-    if "shuffled_routing_accuracy" not in main:
+    shuffled = main.get("shuffled_routing_accuracy")
+    if shuffled is None:
         return None
-    gain = 100.0 * (main["test_accuracy"] - main["shuffled_routing_accuracy"])
-    return (
-        f"Routing: the main model uses {main['distinct_children']} distinct children "
-        f"(effective number {main['effective_children']:.1f}; the most used serves "
-        f"{100 * main['top_child_share']:.1f}% of the test images); with its policies "
-        f"shuffled across images it reaches {_percent(main['shuffled_routing_accuracy'])}% "
-        f"({gain:+.2f} points for routing each image to its own child)."
-    )
+    spread = (f"{main['distinct_children']} distinct children (effective number "
+              f"{main['effective_children']:.1f}; the most used serves "
+              f"{100 * main['top_child_share']:.1f}% of the test images)")  # fmt: skip
+    gain = 100.0 * (main["test_accuracy"] - shuffled)
+    return (f"Routing: the main model uses {spread}; with its policies shuffled across images "
+            f"it reaches {_percent(shuffled)}% ({gain:+.2f} points for routing each image to "
+            "its own child).")  # fmt: skip
 
 
 def _static_child(results: Mapping) -> str | None:
@@ -185,12 +185,11 @@ def _static_child(results: Mapping) -> str | None:
     if not main or not static:
         return None
     delta = 100.0 * (main["test_accuracy"] - static["test_accuracy"])
-    return (
-        f"The best static child (the controller's child closest to and not below the main "
-        f"model's latency, fine-tuned alone) reaches {_percent(static['test_accuracy'])}% "
-        f"at {_fixed(mean_latency(static))} ms: the main model is {delta:+.2f} points at "
-        f"{_fixed(mean_latency(main))} ms."
-    )
+    static_at = f"{_percent(static['test_accuracy'])}% at {_fixed(mean_latency(static))} ms"
+    main_at = f"{delta:+.2f} points at {_fixed(mean_latency(main))} ms"
+    return (f"The best static child (the controller's child closest to and not below the main "
+            f"model's latency, fine-tuned alone) reaches {static_at}: the main model is "
+            f"{main_at}.")  # fmt: skip
 
 
 def _oracle(results: Mapping) -> str | None:
@@ -310,6 +309,16 @@ class Image:
 Block = Heading | Paragraph | Table | Code | Image
 
 
+_MODELS_HEADER = ("model", "kind", "width", "test accuracy %", "test error %",
+                  "latency mean ms", "std ms", "p50 ms", "p90 ms", "timed images",
+                  "latency source", "table latency ms", "MFLOPs", "distinct children",
+                  "mean active modules")  # fmt: skip
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _models_table(results: Mapping) -> Table:
     models = sorted_models(results["models"])
     extra = sorted(
@@ -317,55 +326,36 @@ def _models_table(results: Mapping) -> Table:
             key
             for _, m in models
             for key, v in m.items()
-            if key not in _MODEL_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
+            if key not in _MODEL_FIELDS and _is_number(v)
         }
     )
-    header = (
-        "model",
-        "kind",
-        "width",
-        "test accuracy %",
-        "test error %",
-        "latency mean ms",
-        "std ms",
-        "p50 ms",
-        "p90 ms",
-        "timed images",
-        "latency source",
-        "table latency ms",
-        "MFLOPs",
-        "distinct children",
-        "mean active modules",
-        *extra,
+    return Table((*_MODELS_HEADER, *extra), [_model_row(name, m, extra) for name, m in models])
+
+
+def _model_row(name: str, m: Mapping, extra: Sequence[str]) -> tuple[str, ...]:
+    width = model_width(name, m)
+    accuracy = m.get("test_accuracy")
+    error = 1.0 - accuracy if isinstance(accuracy, (int, float)) else None
+    return (
+        name,
+        model_kind(name, m),
+        "–" if width is None else f"{width:g}",
+        _percent(accuracy),
+        _percent(error),
+        *(_fixed(_latency(m, f), 4) for f in ("mean", "std", "p50", "p90")),
+        str(_latency(m, "images") or "–"),
+        str(m.get("latency_source", "measured")),
+        _fixed(m.get("table_latency_ms"), 4),
+        _fixed(m.get("flops"), 3, 1e-6),
+        str(m.get("distinct_children", "–")),
+        _fixed(m.get("mean_active_modules"), 2),
+        *(
+            str(m[key])
+            if isinstance(m.get(key), int) and not isinstance(m[key], bool)
+            else _fixed(m.get(key), 4)
+            for key in extra
+        ),  # fmt: skip
     )
-    rows = []
-    for name, m in models:
-        width = model_width(name, m)
-        accuracy = m.get("test_accuracy")
-        error = 1.0 - accuracy if isinstance(accuracy, (int, float)) else None
-        rows.append(
-            (
-                name,
-                model_kind(name, m),
-                "–" if width is None else f"{width:g}",
-                _percent(accuracy),
-                _percent(error),
-                *(_fixed(_latency(m, f), 4) for f in ("mean", "std", "p50", "p90")),
-                str(_latency(m, "images") or "–"),
-                str(m.get("latency_source", "measured")),
-                _fixed(m.get("table_latency_ms"), 4),
-                _fixed(m.get("flops"), 3, 1e-6),
-                str(m.get("distinct_children", "–")),
-                _fixed(m.get("mean_active_modules"), 2),
-                *(
-                    str(m[key])
-                    if isinstance(m.get(key), int) and not isinstance(m[key], bool)
-                    else _fixed(m.get(key), 4)
-                    for key in extra
-                ),
-            )
-        )
-    return Table(header, rows)
 
 
 def _candidates_table(candidates: Sequence[Mapping]) -> Table:
@@ -447,19 +437,19 @@ def report_blocks(run_dir: Path, results: Mapping, plots: Sequence[Path]) -> lis
         if results.get(key):
             blocks += [Heading(heading), _key_values(results[key], unit)]
     blocks += [Heading("Device and versions"), _versions(results)]
+    return blocks + _appendix(run_dir, results)
+
+
+def _appendix(run_dir: Path, results: Mapping) -> list[Block]:
+    """The run's config and every number of results.json, for reference."""
     config = run_dir / "config.yaml"
-    blocks += [
+    numbers = [(path, format_number(value)) for path, value in flatten_numbers(results)]
+    return [
         Heading("Configuration (config.yaml)"),
         Code(config.read_text()) if config.is_file() else Paragraph("no config.yaml"),
-    ]
-    blocks += [
         Heading("Every number in results.json"),
-        Table(
-            ("key", "value"),
-            [(path, format_number(value)) for path, value in flatten_numbers(results)],
-        ),
+        Table(("key", "value"), numbers),
     ]
-    return blocks
 
 
 # --- rendering -------------------------------------------------------------------------------

@@ -499,32 +499,26 @@ def plot_module_use(results: Mapping, per_image: PerImage) -> Figure:
     axes = np.asarray(figure.subplots(rows, columns, squeeze=False))
     image = None
     for ax, (title, grid, count) in zip(axes.flat, panels):
-        image = ax.imshow(
-            grid.T,
-            vmin=0,
-            vmax=1,
-            cmap="viridis",
-            aspect="auto",
-            origin="lower",
-            interpolation="nearest",
-        )
-        ax.set_title(f"{title} ({count} images)", fontsize=9)
-        ax.set_xlabel("cell", fontsize=8)
-        ax.set_ylabel("module", fontsize=8)
-        ax.set_yticks(range(modules))
-        ax.set_xticks(range(0, cells, max(1, cells // 6)))
-        ax.tick_params(labelsize=7)
+        image = _module_use_panel(ax, grid, f"{title} ({count} images)", cells, modules)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    figure.colorbar(
-        image,
-        ax=axes.ravel().tolist(),
-        label="fraction of images running it",
-        shrink=0.8,
-        fraction=0.03,
-    )
+    label = "fraction of images running it"
+    figure.colorbar(image, ax=axes.ravel().tolist(), label=label, shrink=0.8, fraction=0.03)
     figure.suptitle("Module use per cell, by class of the test image", fontsize=11)
     return figure
+
+
+def _module_use_panel(ax, grid: np.ndarray, title: str, cells: int, modules: int):
+    """One heat map of module use (modules up, cells across); returns the image."""
+    style = {"cmap": "viridis", "aspect": "auto", "origin": "lower", "interpolation": "nearest"}
+    image = ax.imshow(grid.T, vmin=0, vmax=1, **style)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("cell", fontsize=8)
+    ax.set_ylabel("module", fontsize=8)
+    ax.set_yticks(range(modules))
+    ax.set_xticks(range(0, cells, max(1, cells // 6)))
+    ax.tick_params(labelsize=7)
+    return image
 
 
 PlotFunction = Callable[[Mapping, PerImage], "Figure"]

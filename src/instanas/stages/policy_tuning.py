@@ -4,6 +4,7 @@ function differs)."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from ..latency.table import LatencyTable
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
 from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
-from ..training import RunContext, cosine, sgd, supervised_epoch
+from ..training import EpochPlan, RunContext, cosine, sgd, supervised_epoch
 from .common import save_stage
 from .loop import EpochLoop
 
@@ -60,44 +61,20 @@ def train_under_policy(
     metagraph = ctx.prepare(metagraph)
     optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
     forward = policy_forward(metagraph, policy_fn)
+    plan = EpochPlan(stage, cfg.epochs, cfg.batch_size, cfg.lr, "finetune.lr", cosine)
 
     def train_epoch(epoch: int) -> dict:
         metagraph.train()
-        stats = supervised_epoch(
-            ctx,
-            forward,
-            optimizer,
-            base_lr=cfg.lr,
-            lr_factor=cosine,
-            epoch=epoch,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            stage=stage,
-            lr_option="finetune.lr",
-        )
+        stats = supervised_epoch(ctx, forward, optimizer, plan, epoch)
         # Exact statistics for the final weights (the running average lags the last steps).
         calibrate(ctx, metagraph, policy_fn, purpose=f"{stage}/recalibrate", epoch=epoch)
-        val, _ = evaluate_policies(
-            ctx, metagraph, policy_fn, table, ctx.data.val, include_controller=uses_controller
-        )
-        return {
-            "train_loss": stats.loss,
-            "train_accuracy": stats.accuracy,
-            "val_accuracy": val.accuracy,
-            "val_total_ms": val.total_ms,
-            "seconds": stats.seconds,
-        }
+        data = ctx.data.val
+        val, _ = evaluate_policies(ctx, metagraph, policy_fn, table, data, uses_controller)
+        return stats.record(val_accuracy=val.accuracy, val_total_ms=val.total_ms)
 
-    def write_output() -> None:
-        save_stage(
-            ctx,
-            output,
-            {"metagraph": metagraph, **(extra_modules or {})},
-            {"stage": stage, **(meta or {})},
-        )
-
+    modules = {"metagraph": metagraph, **(extra_modules or {})}
+    write = partial(save_stage, ctx, output, modules, {"stage": stage, **(meta or {})})
     # ``generators``: random streams the policy draws from, restored on resume.
-    EpochLoop(
-        stage, cfg.epochs, {"metagraph": metagraph}, {"sgd": optimizer}, generators or {}
-    ).run(ctx, train_epoch, write_output)
+    loop = EpochLoop(stage, cfg.epochs, {"metagraph": metagraph}, {"sgd": optimizer}, generators)
+    loop.run(ctx, train_epoch, write)
     return metagraph

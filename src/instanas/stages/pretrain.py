@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..models.metagraph import MetaGraph
-from ..training import RunContext, accuracy, sgd, step_decay, supervised_epoch
+from ..training import EpochPlan, RunContext, accuracy, sgd, step_decay, supervised_epoch
 from .common import new_models, save_stage, stage_path
 from .loop import EpochLoop
 
@@ -23,6 +25,8 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
     optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
     drop_gen = ctx.generator("pretrain/drop-path")
     shape = (ctx.space.num_cells, ctx.space.num_modules)
+    schedule = step_decay(cfg.milestones)
+    plan = EpochPlan("pretrain", cfg.epochs, cfg.batch_size, cfg.lr, "pretrain.lr", schedule)
 
     def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
         keep = drop_path_keep(progress, cfg.final_keep)
@@ -35,40 +39,18 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
 
     def train_epoch(epoch: int) -> dict:
         metagraph.train()
-        stats = supervised_epoch(
-            ctx,
-            forward,
-            optimizer,
-            base_lr=cfg.lr,
-            lr_factor=step_decay(cfg.milestones),
-            epoch=epoch,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            stage="pretrain",
-            lr_option="pretrain.lr",
-        )
+        stats = supervised_epoch(ctx, forward, optimizer, plan, epoch)
         metagraph.eval()
-        return {
-            "train_loss": stats.loss,
-            "train_accuracy": stats.accuracy,
-            "val_accuracy_all_modules": accuracy(ctx, metagraph, ctx.data.val),
-            "keep_prob_end": drop_path_keep((epoch + 1) / cfg.epochs, cfg.final_keep),
-            "seconds": stats.seconds,
-        }
+        return stats.record(
+            val_accuracy_all_modules=accuracy(ctx, metagraph, ctx.data.val),
+            keep_prob_end=drop_path_keep((epoch + 1) / cfg.epochs, cfg.final_keep),
+        )
 
-    loop = EpochLoop(
-        "pretrain",
-        cfg.epochs,
-        {"metagraph": metagraph},
-        {"sgd": optimizer},
-        {"drop-path": drop_gen},
-    )
-    loop.run(
-        ctx,
-        train_epoch,
-        lambda: save_stage(
-            ctx, stage_path(ctx, "pretrain"), {"metagraph": metagraph}, {"stage": "pretrain"}
-        ),
+    modules = {"metagraph": metagraph}
+    write = partial(save_stage, ctx, stage_path(ctx, "pretrain"), modules, {"stage": "pretrain"})
+    generators = {"drop-path": drop_gen}
+    EpochLoop("pretrain", cfg.epochs, modules, {"sgd": optimizer}, generators).run(
+        ctx, train_epoch, write
     )
     return metagraph
 

@@ -40,6 +40,14 @@ class Stage:
         return import_module(self.module).run(ctx)
 
 
+def _policy_tuned(name: str, help: str, enabled: Callable[[Config], bool]) -> Stage:
+    """A model fine-tuned from the search like the main model, with the same budget, that the
+    config can switch off (written to NAME/model.safetensors)."""
+    output = f"{name}/model.safetensors"
+    return Stage(name, help, output, ("search",), enabled, budget="finetune",
+                 accuracy_field="train_accuracy")  # fmt: skip
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "baseline",
@@ -70,26 +78,17 @@ STAGES: tuple[Stage, ...] = (
         budget="finetune",
         accuracy_field="train_accuracy",
     ),
-    Stage(
+    _policy_tuned(
         "random-policy",
-        "fine-tune the searched meta-graph on random policies of the "
-        "controller's mean latency (needs search)",
-        "random-policy/model.safetensors",
-        needs=("search",),
-        enabled=lambda c: c.baseline.random_policy,
-        budget="finetune",
-        accuracy_field="train_accuracy",
+        "fine-tune the searched meta-graph on random policies of the controller's mean latency "
+        "(needs search)",
+        lambda c: c.baseline.random_policy,
     ),
-    Stage(
+    _policy_tuned(
         "static-child",
-        "fine-tune the searched meta-graph on the one child of the "
-        "controller's closest to and not below the main model's measured latency (needs "
-        "search)",
-        "static-child/model.safetensors",
-        needs=("search",),
-        enabled=lambda c: c.baseline.static_child,
-        budget="finetune",
-        accuracy_field="train_accuracy",
+        "fine-tune the searched meta-graph on the one child of the controller's closest to and "
+        "not below the main model's measured latency (needs search)",
+        lambda c: c.baseline.static_child,
     ),
     Stage(
         "variants",

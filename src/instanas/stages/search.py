@@ -28,6 +28,7 @@ from ..search.policy import (
 )
 from ..search.reward import DualWeight, RewardFunction, budget_target, usage_penalty
 from ..training import (
+    EpochPlan,
     RunContext,
     TrainingError,
     accuracy,
@@ -51,69 +52,48 @@ def controller_epoch(
     dual: DualWeight,
     snapshot: Callable[[int], None] | None = None,
 ) -> dict:
-    """REINFORCE with a self-critical (greedy) baseline; the meta-graph is frozen.
-
-    Frozen means no weight updates. ``search.controller_norm`` says how its BatchNorm
-    normalises: ``batch``, each forward with its own statistics (the running statistics stay
-    untouched), or ``running``, statistics re-estimated once under the controller's sampled
-    policies at the start of the epoch. ``snapshot(part)`` is called after the steps where
-    ``search.snapshots_per_epoch`` asks for a checkpoint inside the epoch.
-    """
+    """One epoch of controller updates (:class:`ControllerStep`) on the frozen meta-graph (no
+    weight updates; BatchNorm as ``search.controller_norm`` says). ``snapshot(part)`` is called
+    after the steps where ``search.snapshots_per_epoch`` asks for a checkpoint."""
     cfg = ctx.config.search
     reward_of = RewardFunction(ctx.config.controller, table.bounds(ctx.space.forced_mask()), dual)
     steps = ctx.steps_per_epoch(cfg.batch_size)
     if cfg.controller_norm == "running":
-        controller.eval()
-        calibrate(
-            ctx,
-            metagraph,
-            sampled_of(
-                controller,
-                ctx.config.controller.alpha,
-                ctx.generator("search/controller-norm", epoch),
-            ),
-            purpose="search/controller-norm",
-            epoch=epoch,
-        )
+        running_statistics_for_samples(ctx, metagraph, controller, epoch)
     metagraph.eval()
     controller.train()
-    step_once = ControllerStep(
-        ctx,
-        metagraph,
-        controller,
-        optimizer,
-        table.module_ms(),
-        reward_of,
-        ctx.generator("search/controller-sample", epoch),
-    )
+    sampler = ctx.generator("search/controller-sample", epoch)
+    step_once = ControllerStep(ctx, metagraph, controller, optimizer, table, reward_of, sampler)
     sums = torch.zeros(5, device=ctx.device)
     seen, start = 0, time.perf_counter()
-    batches = ctx.batches(
-        ctx.data.train,
-        cfg.batch_size,
-        train=True,
-        generator=ctx.generator("search/controller-data", epoch),
-    )
+    data = ctx.generator("search/controller-data", epoch)
+    batches = ctx.batches(ctx.data.train, cfg.batch_size, train=True, generator=data)
     snapshot_at = snapshot_steps(steps, cfg.snapshots_per_epoch)
-    for step, batch in enumerate(
-        progress_bar(
-            batches, f"search {epoch + 1}/{cfg.epochs} controller", total=steps, unit="batch"
-        )
-    ):
+    title = f"search {epoch + 1}/{cfg.epochs} controller"
+    for step, batch in enumerate(progress_bar(batches, title, total=steps, unit="batch")):
         sums += step_once(batch.images, batch.labels, (epoch * steps + step) / (cfg.epochs * steps))
         seen += len(batch.labels)
         if snapshot is not None and step in snapshot_at:
             snapshot(snapshot_at[step])
     mean = (sums / seen).tolist()
+    names = ("reward", "sampled_cells_ms", "greedy_cells_ms", "greedy_train_accuracy")
     return {
-        "reward": mean[0],
-        "sampled_cells_ms": mean[1],
-        "greedy_cells_ms": mean[2],
-        "greedy_train_accuracy": mean[3],
-        "sampled_train_accuracy": mean[4],
+        **dict(zip((*names, "sampled_train_accuracy"), mean)),
         **reward_of.describe(),
         "controller_seconds": time.perf_counter() - start,
     }
+
+
+def running_statistics_for_samples(
+    ctx: RunContext, metagraph: MetaGraph, controller: Controller, epoch: int
+) -> None:
+    """``search.controller_norm running``: BatchNorm statistics re-estimated once per epoch
+    under the controller's sampled policies. (``batch``, the default, normalises each forward
+    with its own statistics and leaves the running ones untouched.)"""
+    controller.eval()
+    sampler = ctx.generator("search/controller-norm", epoch)
+    policies = sampled_of(controller, ctx.config.controller.alpha, sampler)
+    calibrate(ctx, metagraph, policies, purpose="search/controller-norm", epoch=epoch)
 
 
 class ControllerStep:
@@ -126,13 +106,13 @@ class ControllerStep:
         metagraph: MetaGraph,
         controller: Controller,
         optimizer: torch.optim.Optimizer,
-        module_ms: torch.Tensor,
+        table: LatencyTable,
         reward_of: RewardFunction,
         generator: torch.Generator,
     ) -> None:
         self.ctx, self.metagraph, self.controller = ctx, metagraph, controller
         self.optimizer, self.reward_of, self.generator = optimizer, reward_of, generator
-        self.module_ms = module_ms.to(ctx.device)
+        self.module_ms = table.module_ms().to(ctx.device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         if self.ctx.config.controller.objective == "imitate":
@@ -286,18 +266,8 @@ def metagraph_epoch(
         return metagraph(images, policy)
 
     metagraph.train()
-    stats = supervised_epoch(
-        ctx,
-        forward,
-        optimizer,
-        base_lr=cfg.metagraph_lr,
-        lr_factor=lambda p: 1.0,
-        epoch=epoch,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        stage="search",
-        lr_option="search.metagraph_lr",
-    )
+    plan = EpochPlan("search", cfg.epochs, cfg.batch_size, cfg.metagraph_lr, "search.metagraph_lr")
+    stats = supervised_epoch(ctx, forward, optimizer, plan, epoch)
     return {
         "metagraph_loss": stats.loss,
         "metagraph_train_accuracy": stats.accuracy,
@@ -355,26 +325,17 @@ def search(
     ctrl_opt = torch.optim.Adam(controller.parameters(), lr=ctx.config.controller.lr)
     graph_opt = sgd(metagraph.parameters(), cfg.metagraph_lr, cfg.weight_decay)
     # The history of every epoch and the budget reward's latency weight go on across a resume.
-    loop = EpochLoop(
-        "search",
-        cfg.epochs,
-        {"metagraph": metagraph, "controller": controller},
-        {"controller": ctrl_opt, "metagraph": graph_opt},
-        state={"history": [], "latency_weight": 0.0},
-    )
+    modules = {"metagraph": metagraph, "controller": controller}
+    optimizers = {"controller": ctrl_opt, "metagraph": graph_opt}
+    state = {"history": [], "latency_weight": 0.0}
+    loop = EpochLoop("search", cfg.epochs, modules, optimizers, state=state)
     dual = DualWeight()
 
     def train_epoch(epoch: int) -> dict:
         dual.value = loop.state["latency_weight"]
+        snapshot = snapshotter(ctx, metagraph, controller, epoch)
         record = controller_epoch(
-            ctx,
-            metagraph,
-            controller,
-            ctrl_opt,
-            table,
-            epoch,
-            dual,
-            snapshotter(ctx, metagraph, controller, epoch),
+            ctx, metagraph, controller, ctrl_opt, table, epoch, dual, snapshot
         )
         record.update(metagraph_epoch(ctx, metagraph, controller, graph_opt, epoch))
         record.update(validate_epoch(ctx, metagraph, controller, table, epoch))
@@ -382,12 +343,11 @@ def search(
         loop.state["latency_weight"] = dual.value
         return record
 
-    loop.run(
-        ctx,
-        train_epoch,
-        lambda: write_selection(ctx, loop.state["history"], table),
-        on_fresh_start=lambda: refuse_weak_metagraph(ctx, metagraph),
-    )
+    def write_output() -> None:
+        write_selection(ctx, loop.state["history"], table)
+
+    weak = lambda: refuse_weak_metagraph(ctx, metagraph)  # noqa: E731
+    loop.run(ctx, train_epoch, write_output, on_fresh_start=weak)
     return metagraph, controller
 
 

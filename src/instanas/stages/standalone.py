@@ -8,8 +8,10 @@ with InstaNAS spends the same training budget on each model.
 
 from __future__ import annotations
 
+from functools import partial
+
 from ..models.metagraph import ChildNetwork, build_mbv2_baseline, build_min_network, scaled_space
-from ..training import RunContext, accuracy, cosine, sgd, supervised_epoch
+from ..training import EpochPlan, RunContext, accuracy, cosine, sgd, supervised_epoch
 from .common import save_stage
 from .loop import EpochLoop
 
@@ -41,44 +43,16 @@ def train_standalone(ctx: RunContext, net: ChildNetwork, name: str, output) -> C
     net = ctx.prepare(net)
     optimizer = sgd(net.parameters(), cfg.lr, cfg.weight_decay)
     stage = "baseline" if name == "mbv2-path" else f"baseline/{name}"
+    plan = EpochPlan(stage, epochs, cfg.batch_size, cfg.lr, "baseline.lr", cosine)
 
     def train_epoch(epoch: int) -> dict:
         net.train()
-        stats = supervised_epoch(
-            ctx,
-            lambda images, progress: net(images),
-            optimizer,
-            base_lr=cfg.lr,
-            lr_factor=cosine,
-            epoch=epoch,
-            epochs=epochs,
-            batch_size=cfg.batch_size,
-            stage=stage,
-            lr_option="baseline.lr",
-        )
+        stats = supervised_epoch(ctx, lambda images, progress: net(images), optimizer, plan, epoch)
         net.eval()
-        return {
-            "train_loss": stats.loss,
-            "train_accuracy": stats.accuracy,
-            "val_accuracy": accuracy(ctx, net, ctx.data.val),
-            "seconds": stats.seconds,
-        }
+        return stats.record(val_accuracy=accuracy(ctx, net, ctx.data.val))
 
-    def write_output() -> None:
-        save_stage(
-            ctx,
-            output,
-            {"network": net},
-            {
-                "stage": stage,
-                "epochs": epochs,
-                "model": name,
-                "child": str(net.child),
-                "width": net.space.width,
-            },
-        )
-
-    EpochLoop(stage, epochs, {"network": net}, {"sgd": optimizer}).run(
-        ctx, train_epoch, write_output
-    )
+    meta = {"stage": stage, "epochs": epochs, "model": name, "child": str(net.child),
+            "width": net.space.width}  # fmt: skip
+    write = partial(save_stage, ctx, output, {"network": net}, meta)
+    EpochLoop(stage, epochs, {"network": net}, {"sgd": optimizer}).run(ctx, train_epoch, write)
     return net

@@ -108,16 +108,9 @@ def train_static_child(
     def constant(images: torch.Tensor) -> torch.Tensor:
         return policy.to(images.device).expand(images.shape[0], *policy.shape)
 
-    train_under_policy(
-        ctx,
-        metagraph,
-        constant,
-        table,
-        stage="static-child",
-        output=stage_path(ctx, "static-child"),
-        meta=info,
-        uses_controller=False,
-    )
+    output = stage_path(ctx, "static-child")
+    train_under_policy(ctx, metagraph, constant, table, stage="static-child", output=output,
+                       meta=info, uses_controller=False)  # fmt: skip
     return info
 
 

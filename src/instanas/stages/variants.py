@@ -29,7 +29,7 @@ from ..latency.table import LatencyTable, measure_children, predicted_ms
 from ..models.metagraph import MetaGraph
 from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
 from ..search.space import ChildArchitecture
-from ..training import RunContext, cosine, sgd, supervised_epoch
+from ..training import EpochPlan, RunContext, cosine, sgd, supervised_epoch
 from ..utils import atomic_copy, write_json
 from .common import latency_table, load_candidate, new_models, search_checkpoints, stage_path
 from .policy_tuning import finetune_under_controller
@@ -163,20 +163,11 @@ def quick_finetune(
     cfg = ctx.config.finetune
     optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
     forward = policy_forward(metagraph, policy)
+    length = max(cfg.epochs, epochs)
+    plan = EpochPlan(stage, length, cfg.batch_size, cfg.lr, "finetune.lr", cosine)
     metagraph.train()
     for epoch in range(epochs):
-        supervised_epoch(
-            ctx,
-            forward,
-            optimizer,
-            base_lr=cfg.lr,
-            lr_factor=cosine,
-            epoch=epoch,
-            epochs=max(cfg.epochs, epochs),
-            batch_size=cfg.batch_size,
-            stage=stage,
-            lr_option="finetune.lr",
-        )
+        supervised_epoch(ctx, forward, optimizer, plan, epoch)
 
 
 def score_candidates(ctx: RunContext, table: LatencyTable) -> list[dict]:
@@ -224,38 +215,36 @@ def build_variants(ctx: RunContext, table: LatencyTable) -> dict:
         candidates = score_candidates(ctx, table)
         write_json(scores_path, {"candidates": candidates})
         (ctx.run_dir / "variants" / "scores_partial.json").unlink(missing_ok=True)
-    selected = json.loads((ctx.run_dir / "search" / "selected.json").read_text())["chosen"]
     chosen = {c["variant"]: c for c in candidates if c["variant"]}
     for letter, candidate in sorted(chosen.items()):
-        output = variant_path(ctx, letter)
-        if output.exists():
-            continue
-        if (
-            candidate["checkpoint"] == selected["checkpoint"] == candidate["weights"]
-            and stage_path(ctx, "finetune").exists()
-        ):
-            # The main model started from this very checkpoint: same start, same result.
-            log.info("variant %s is the main model's checkpoint; reusing its fine-tuning", letter)
-            atomic_copy(stage_path(ctx, "finetune"), output)
-            continue
-        log.info(
-            "fine-tuning variant %s: controller of %s, meta-graph of %s",
-            letter,
-            candidate["checkpoint"],
-            candidate["weights"],
-        )
-        metagraph, controller = load_candidate(
-            ctx, ctx.run_dir / candidate["checkpoint"], ctx.run_dir / candidate["weights"]
-        )
-        finetune_under_controller(
-            ctx, metagraph, controller, table, stage=f"variants/{letter}", output=output
-        )
+        if not variant_path(ctx, letter).exists():
+            finetune_variant(ctx, table, letter, candidate)
     summary = {
         letter: {**c, "model": str(variant_path(ctx, letter).relative_to(ctx.run_dir))}
         for letter, c in sorted(chosen.items())
     }
     write_json(stage_path(ctx, "variants"), summary)
     return summary
+
+
+def finetune_variant(ctx: RunContext, table: LatencyTable, letter: str, candidate: dict) -> None:
+    """Fine-tune one chosen candidate, or reuse the main model's fine-tuning when it is the
+    very checkpoint the main model started from (same start, same result)."""
+    output = variant_path(ctx, letter)
+    selected = json.loads((ctx.run_dir / "search" / "selected.json").read_text())["chosen"]
+    main_start = candidate["checkpoint"] == selected["checkpoint"] == candidate["weights"]
+    if main_start and stage_path(ctx, "finetune").exists():
+        log.info("variant %s is the main model's checkpoint; reusing its fine-tuning", letter)
+        atomic_copy(stage_path(ctx, "finetune"), output)
+        return
+    controller_of, weights_of = candidate["checkpoint"], candidate["weights"]
+    log.info("fine-tuning variant %s: controller of %s, meta-graph of %s", letter, controller_of,
+             weights_of)  # fmt: skip
+    metagraph, controller = load_candidate(
+        ctx, ctx.run_dir / controller_of, ctx.run_dir / weights_of
+    )
+    stage = f"variants/{letter}"
+    finetune_under_controller(ctx, metagraph, controller, table, stage=stage, output=output)
 
 
 def run(ctx: RunContext) -> dict:
