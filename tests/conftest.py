@@ -5,7 +5,7 @@ import torch
 
 os.environ.setdefault("INSTANAS_NO_PROGRESS", "1")
 
-from instanas.search.space import SearchSpace, Stage  # noqa: E402
+from instanas.search.space import CellGroup, SearchSpace  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -24,13 +24,13 @@ def tiny_space() -> SearchSpace:
         stem_channels=16,
         stem_stride=1,
         stages=(
-            Stage(16, 1, 1),
-            Stage(24, 2, 2),
-            Stage(32, 3, 2),
-            Stage(64, 4, 1),
-            Stage(96, 3, 1),
-            Stage(160, 3, 1),
-            Stage(320, 1, 1),
+            CellGroup(16, 1, 1),
+            CellGroup(24, 2, 2),
+            CellGroup(32, 3, 2),
+            CellGroup(64, 4, 1),
+            CellGroup(96, 3, 1),
+            CellGroup(160, 3, 1),
+            CellGroup(320, 1, 1),
         ),
         head_channels=32,
     )

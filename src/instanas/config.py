@@ -20,7 +20,7 @@ import yaml
 
 from .data import DATASETS, VAL_FRACTION_RANGE
 from .models.controller import ControllerSpec
-from .search.space import SearchSpace, Stage
+from .search.space import CellGroup, SearchSpace
 
 
 class ConfigError(ValueError):
@@ -405,7 +405,7 @@ class Config:
             width=s.width,
             stem_channels=s.stem_channels,
             stem_stride=s.stem_stride,
-            stages=tuple(Stage(*st) for st in s.stages),
+            stages=tuple(CellGroup(*st) for st in s.stages),
             head_channels=s.head_channels,
             scale_head=s.scale_head,
         )

@@ -47,24 +47,27 @@ MBV2_MODULE = 0
 
 
 @dataclass(frozen=True)
-class Stage:
+class CellGroup:
+    """Consecutive cells with the same output channels (a MobileNetV2 "stage"; the config key
+    is ``space.stages``): the first cell has ``stride``, the rest stride 1."""
+
     channels: int
     cells: int
     stride: int
 
 
 # MobileNetV2's ImageNet stage table; the 32 px CIFAR version sets the second stage's stride to 1.
-MOBILENETV2_STAGES: tuple[Stage, ...] = (
-    Stage(16, 1, 1),
-    Stage(24, 2, 2),
-    Stage(32, 3, 2),
-    Stage(64, 4, 2),
-    Stage(96, 3, 1),
-    Stage(160, 3, 2),
-    Stage(320, 1, 1),
+MOBILENETV2_STAGES: tuple[CellGroup, ...] = (
+    CellGroup(16, 1, 1),
+    CellGroup(24, 2, 2),
+    CellGroup(32, 3, 2),
+    CellGroup(64, 4, 2),
+    CellGroup(96, 3, 1),
+    CellGroup(160, 3, 2),
+    CellGroup(320, 1, 1),
 )
-CIFAR_STAGES: tuple[Stage, ...] = tuple(
-    Stage(s.channels, s.cells, 1) if i == 1 else s for i, s in enumerate(MOBILENETV2_STAGES)
+CIFAR_STAGES: tuple[CellGroup, ...] = tuple(
+    CellGroup(s.channels, s.cells, 1) if i == 1 else s for i, s in enumerate(MOBILENETV2_STAGES)
 )
 
 
@@ -113,7 +116,7 @@ class SearchSpace:
     width: float = 1.0
     stem_channels: int = 32
     stem_stride: int = 1
-    stages: tuple[Stage, ...] = field(default=CIFAR_STAGES)
+    stages: tuple[CellGroup, ...] = field(default=CIFAR_STAGES)
     head_channels: int = 1280
     scale_head: bool = False  # MobileNetV2 keeps 1280 head channels for widths <= 1
     candidates: tuple[CandidateModule, ...] = field(default=CANDIDATES)
@@ -124,10 +127,10 @@ class SearchSpace:
             "stages",
             tuple(
                 s
-                if isinstance(s, Stage)
-                else Stage(*s)
+                if isinstance(s, CellGroup)
+                else CellGroup(*s)
                 if isinstance(s, (list, tuple))
-                else Stage(**s)
+                else CellGroup(**s)
                 for s in self.stages
             ),
         )
