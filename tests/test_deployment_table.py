@@ -37,16 +37,20 @@ def _scaled(table: dict, factor: float) -> dict:
     return table
 
 
-def test_a_table_profiled_on_the_target_drives_search_and_evaluation(tmp_path):
+def _profile_on_target(tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny config, and the folder where `instanas profile` wrote its table."""
     config = tmp_path / "tiny.yaml"
     config.write_text(
         tiny_config(make_folder_dataset(tmp_path / "data"), epochs=1, **MAIN_MODEL_ONLY)
     )
     target = tmp_path / "on-target"
-    assert (
-        _instanas(tmp_path, "profile", "--config", str(config), "--output", str(target)).returncode
-        == 0
-    )
+    proc = _instanas(tmp_path, "profile", "--config", str(config), "--output", str(target))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return config, target
+
+
+def test_a_table_profiled_on_the_target_drives_search_and_evaluation(tmp_path):
+    config, target = _profile_on_target(tmp_path)
     table = _scaled(json.loads((target / "latency_table.json").read_text()), 10.0)
     table["key"].update(device="target-cpu", threads=1, torch="0.0-target")
     given = tmp_path / "target_table.json"
@@ -85,15 +89,7 @@ def test_a_table_profiled_on_the_target_drives_search_and_evaluation(tmp_path):
 
 
 def test_a_table_of_another_model_is_refused_in_one_line(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        tiny_config(make_folder_dataset(tmp_path / "data"), epochs=1, **MAIN_MODEL_ONLY)
-    )
-    target = tmp_path / "on-target"
-    assert (
-        _instanas(tmp_path, "profile", "--config", str(config), "--output", str(target)).returncode
-        == 0
-    )
+    config, target = _profile_on_target(tmp_path)
     table = json.loads((target / "latency_table.json").read_text())
     table["key"]["space"] = "another-space"
     given = tmp_path / "other.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable
 
 import torch
@@ -346,8 +347,8 @@ def search(
     def write_output() -> None:
         write_selection(ctx, loop.state["history"], table)
 
-    weak = lambda: refuse_weak_metagraph(ctx, metagraph)  # noqa: E731
-    loop.run(ctx, train_epoch, write_output, on_fresh_start=weak)
+    loop.run(ctx, train_epoch, write_output,
+             on_fresh_start=partial(refuse_weak_metagraph, ctx, metagraph))  # fmt: skip
     return metagraph, controller
 
 
