@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import CheckpointError
 from .config import (
     Config,
@@ -330,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     enlarge_primitive_cache()
-    with hidden_progress(getattr(args, "quiet", False)):
-        return _command(args)
+    try:
+        with hidden_progress(getattr(args, "quiet", False)):
+            return _command(args)
+    finally:
+        distributed.shutdown()
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -458,13 +461,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run_all(ctx)
     if args.command == "profile":
-        return _profile(ctx, args)
+        return distributed.on_main(lambda: _profile(ctx, args), 0)
     from .pipeline import finalize_results, run_stage
 
     timings: dict[str, float] = {}
     run_stage(ctx, args.command, timings)
     save_timings(ctx.run_dir, timings)
-    if args.command == "evaluate":
+    if args.command == "evaluate" and distributed.is_main():
         finalize_results(ctx)
         _print_summary(ctx.run_dir)
     return 0
@@ -483,6 +486,11 @@ def _run_directory(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     if resume and not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): check the path")
     config = resolve_config(args, run_dir)
+    if run_dir is None and distributed.launched():
+        raise ConfigError(
+            "under torchrun give --output DIR (or --resume DIR): every process must "
+            "use the same run directory"
+        )
     if run_dir is None:
         run_dir = default_run_dir(config)
     if args.command == "run" and not resume and run_dir.exists() and any(run_dir.iterdir()):
@@ -512,8 +520,9 @@ def _run_all(ctx) -> int:
         return 0
     timings["total"] = time.perf_counter() - start
     save_timings(ctx.run_dir, timings)
-    finalize_results(ctx)
-    _print_summary(ctx.run_dir)
+    if distributed.is_main():
+        finalize_results(ctx)
+        _print_summary(ctx.run_dir)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .budgets import describe, resolve_budgets
 from .config import Config, ConfigError, load_config_file, to_yaml
 from .data import DataBundle, default_augmentation, load_configured
@@ -127,10 +129,25 @@ def _set_up_device(config: Config) -> torch.device:
     # adds in the same order (docs/reproducibility.md).
     config.threads = config.threads or torch.get_num_threads()
     torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device is cuda but no CUDA GPU is visible: use --device cpu")
+    device = distributed.init_from_environment(config.device)
+    check_shares(config)
+    if not distributed.is_main():  # rank 0 logs for everyone
+        logging.getLogger("instanas").setLevel(logging.WARNING)
     return device
+
+
+def check_shares(config: Config) -> None:
+    """Under torchrun every training batch must split evenly across the ranks."""
+    ranks = distributed.world_size()
+    for section in ("baseline", "pretrain", "search", "finetune"):
+        size = getattr(config, section).batch_size
+        if size % ranks:
+            raise ConfigError(
+                f"{section}.batch_size {size} does not split across {ranks} processes: "
+                f"give a multiple of {ranks} (it is the global batch of all processes)"
+            )
 
 
 def _load_data(config: Config) -> DataBundle:
@@ -201,6 +218,8 @@ def _bytes_needed(ctx: RunContext, command: str) -> int:
 
 
 def _log_to_file(run_dir: Path) -> None:
+    if not distributed.is_main():
+        return
     logger = logging.getLogger("instanas")
     # One run per process at a time: a handler left by an earlier run (tests calling the CLI
     # in-process) would keep writing into that run's log.
@@ -257,11 +276,16 @@ def run_stage(ctx: RunContext, name: str, timings: dict[str, float]) -> None:
     budget = describe(ctx.config, name, len(ctx.data.train))
     if budget:
         log.info(budget)
-    if stage.resumable:
-        with stop_after_epoch():
+    with contextlib.ExitStack() as scope:
+        if stage.resumable:
+            scope.enter_context(stop_after_epoch())
+        if not stage.data_parallel and distributed.active():
+            if distributed.is_main():
+                with distributed.alone():
+                    stage.run(ctx)
+        else:
             stage.run(ctx)
-    else:
-        stage.run(ctx)
+    distributed.barrier()  # the next stage may read this one's output
     timings[name] = time.perf_counter() - start
     log.info("%s done in %.0f s", name, timings[name])
 
@@ -290,7 +314,7 @@ def run_all(ctx: RunContext, resume: bool = False) -> dict[str, float]:
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    latency_table(ctx)
+    distributed.main_first(lambda: latency_table(ctx))
     timings["profile"] = time.perf_counter() - start
     ran = False
     for stage in registry.STAGES:

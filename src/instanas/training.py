@@ -16,8 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import Config
-from .data import BatchAugmenter, DataBundle, ImageSet, augmenter_for, iterate_batches, num_batches
+from .data import (
+    Batch,
+    BatchAugmenter,
+    DataBundle,
+    ImageSet,
+    augmenter_for,
+    iterate_batches,
+    num_batches,
+)
 from .report.live import TensorBoardMirror
 from .search.space import SearchSpace
 from .utils import append_jsonl, make_generator, progress_bar
@@ -69,22 +78,51 @@ class RunContext:
         return module
 
     def batches(self, data: ImageSet, batch_size: int, *, train: bool, generator=None):
-        for batch in iterate_batches(
-            data,
-            batch_size,
-            shuffle=train,
-            generator=generator,
-            augment=self.train_augment if train else self.eval_augment,
-            device=self.device,
-            drop_last=train and len(data) > batch_size,
-        ):
+        """One epoch of batches. In training under torchrun each rank gets its slice of every
+        global batch of ``batch_size`` rows (augmented whole, so the random draws match one
+        process's); evaluation batches are whole on every rank."""
+        shard = train and distributed.active()
+        if hasattr(data, "stream_batches"):  # a data set streamed from disk (data.streaming)
+            source = data.stream_batches(
+                batch_size,
+                shuffle=train,
+                generator=generator,
+                train=train,
+                device=self.device,
+                drop_last=train and len(data) > batch_size,
+                shard=(distributed.rank(), distributed.world_size()) if shard else None,
+            )
+        else:
+            source = iterate_batches(
+                data,
+                batch_size,
+                shuffle=train,
+                generator=generator,
+                augment=self.train_augment if train else self.eval_augment,
+                device=self.device,
+                drop_last=train and len(data) > batch_size,
+            )
+            source = map(local_rows, source) if shard else source
+        for batch in source:
             if self.config.channels_last:
                 batch.images = batch.images.contiguous(memory_format=torch.channels_last)
-            yield batch
+            if shard:
+                with distributed.sharded_rows():
+                    yield batch
+            else:
+                yield batch
 
     def steps_per_epoch(self, batch_size: int) -> int:
         n = len(self.data.train)
         return num_batches(n, batch_size, drop_last=n > batch_size)
+
+
+def local_rows(batch: Batch) -> Batch:
+    """This rank's rows of a global batch; a batch the ranks cannot share equally (a data set
+    smaller than one batch) loses its last few rows."""
+    world = distributed.world_size()
+    rows = distributed.local_slice(len(batch.labels) // world * world)
+    return Batch(batch.images[rows], batch.labels[rows], batch.indices[rows])
 
 
 def run_identity(ctx: RunContext) -> dict:
@@ -161,12 +199,14 @@ class EpochPlan:
 
 def supervised_epoch(
     ctx: RunContext,
+    model: nn.Module,
     forward: Callable[[torch.Tensor, float], torch.Tensor],
     params_optimizer: torch.optim.Optimizer,
     plan: EpochPlan,
     epoch: int,
 ) -> EpochStats:
-    """One epoch of cross-entropy training; ``forward(images, progress)`` returns logits.
+    """One epoch of cross-entropy training of ``model``; ``forward(images, progress)`` returns
+    logits.
 
     ``progress`` in [0, 1] is the position in the whole stage, per step, for schedules such as
     drop-path and the learning rate.
@@ -187,11 +227,19 @@ def supervised_epoch(
         check_finite(loss, plan.stage, plan.lr_option)
         params_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(distributed.optimizer_params(params_optimizer))
         params_optimizer.step()
         total_loss += loss.detach() * len(batch.labels)
         correct += (logits.argmax(1) == batch.labels).sum()
         seen += len(batch.labels)
-    return EpochStats(float(total_loss) / seen, float(correct) / seen, time.perf_counter() - start)
+    distributed.average_batchnorm_statistics([model])
+    # Sums over every rank's rows: the epoch's figures are the global batch's.
+    total_loss, correct, seen = distributed.all_sum(
+        torch.stack(
+            [total_loss, correct.to(total_loss.dtype), torch.tensor(float(seen), device=ctx.device)]
+        )
+    ).tolist()
+    return EpochStats(total_loss / seen, correct / seen, time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -232,6 +280,7 @@ def recalibrate_batchnorm(
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
         m.momentum = momentum
+    distributed.average_batchnorm_statistics([model])
     model.train(was_training)
 
 

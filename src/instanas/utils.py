@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from .distributed import is_main
+
 T = TypeVar("T")
 _show_progress: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "instanas_progress", default=True
@@ -25,7 +27,12 @@ os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, flush, fsync, then rename into place."""
+    """Write to a temporary file in the same folder, flush, fsync, then rename into place.
+
+    Under torchrun only rank 0 writes: every rank computes the same content.
+    """
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -63,6 +70,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Copy so that ``target`` is either its old self or a whole copy, never a torn one."""
+    if not is_main():  # the source may be rank 0's, still being written
+        return
     atomic_write_bytes(target, Path(source).read_bytes())
 
 
@@ -71,6 +80,8 @@ def write_json(path: str | os.PathLike, data: object) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    if not is_main():
+        return
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
 
@@ -92,6 +103,7 @@ def progress_bar(
     from tqdm.auto import tqdm
 
     quiet = os.environ.get("INSTANAS_NO_PROGRESS") == "1" or not _show_progress.get()
+    quiet = quiet or not is_main()  # one bar per run, not one per process
     interactive = sys.stderr.isatty()
     return iter(
         tqdm(

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import uniform
 from ..nn.ops import ConvBNAct, fold_batchnorm
 
 
@@ -105,9 +106,9 @@ def bound_probabilities(probs: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def sample_policy(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Bernoulli sample of a bool policy from (bounded) probabilities."""
-    source = generator.device if generator is not None else probs.device
-    noise = torch.rand(probs.shape, generator=generator, device=source, dtype=probs.dtype)
-    return noise.to(probs.device) < probs
+    if generator is None:
+        return torch.rand_like(probs) < probs
+    return uniform(tuple(probs.shape), generator, probs.dtype).to(probs.device) < probs
 
 
 def greedy_policy(probs: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..distributed import uniform
 from ..latency.table import LatencyTable
 from ..models.controller import Controller, greedy_policy
 from ..models.metagraph import MetaGraph
@@ -49,7 +50,7 @@ class RandomPolicy:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        draw = torch.rand((images.shape[0], *self.shape), generator=self.generator)
+        draw = uniform((images.shape[0], *self.shape), self.generator)
         return (draw < self.rate).to(images.device)
 
 
@@ -144,8 +145,8 @@ def mix_random_children(
     rows = round(share * len(policy))
     if rows == 0:
         return policy
-    rates = torch.rand((rows, 1, 1), generator=generator)
-    draw = torch.rand((rows, *policy.shape[1:]), generator=generator) < rates
+    rates = uniform((rows, 1, 1), generator)
+    draw = uniform((rows, *policy.shape[1:]), generator) < rates
     policy = policy.clone()
     policy[:rows] = draw.to(policy.device)
     return policy

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import distributed
 from ..training import RunContext
 from .resume import EpochCheckpoints
 
@@ -44,6 +45,8 @@ class EpochLoop:
         )
         start, saved = checkpoints.restore()
         self.state.update(saved)
+        # Every rank starts from rank 0's weights, whatever each built or restored.
+        distributed.broadcast_modules(self.modules.values())
         if start == 0 and on_fresh_start is not None:
             on_fresh_start()
         for epoch in range(start, self.epochs):

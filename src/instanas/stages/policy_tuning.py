@@ -65,7 +65,7 @@ def train_under_policy(
 
     def train_epoch(epoch: int) -> dict:
         metagraph.train()
-        stats = supervised_epoch(ctx, forward, optimizer, plan, epoch)
+        stats = supervised_epoch(ctx, metagraph, forward, optimizer, plan, epoch)
         # Exact statistics for the final weights (the running average lags the last steps).
         calibrate(ctx, metagraph, policy_fn, purpose=f"{stage}/recalibrate", epoch=epoch)
         data = ctx.data.val

@@ -6,6 +6,7 @@ from functools import partial
 
 import torch
 
+from ..distributed import uniform
 from ..models.metagraph import MetaGraph
 from ..training import EpochPlan, RunContext, accuracy, sgd, step_decay, supervised_epoch
 from .common import new_models, save_stage, stage_path
@@ -34,12 +35,12 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
             return metagraph(images)  # every module on
         # Per image and per module; outputs are not rescaled, as in the paper. Cells left empty
         # follow the empty-cell rule inside the meta-graph.
-        policy = torch.rand((images.shape[0], *shape), generator=drop_gen) < keep
+        policy = uniform((images.shape[0], *shape), drop_gen) < keep
         return metagraph(images, policy)
 
     def train_epoch(epoch: int) -> dict:
         metagraph.train()
-        stats = supervised_epoch(ctx, forward, optimizer, plan, epoch)
+        stats = supervised_epoch(ctx, metagraph, forward, optimizer, plan, epoch)
         metagraph.eval()
         return stats.record(
             val_accuracy_all_modules=accuracy(ctx, metagraph, ctx.data.val),

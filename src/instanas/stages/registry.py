@@ -31,6 +31,9 @@ class Stage:
     budget: str | None = None  # config section whose epochs/steps/batch size it trains with
     accuracy_field: str | None = None  # metrics.jsonl field that shows it still learning
     refresh: bool = False  # `run --resume` redoes it whenever an earlier stage ran
+    # Under torchrun every rank trains on its share of each batch; False: rank 0 runs it alone
+    # while the others wait (it times models, and timing needs the machine to itself).
+    data_parallel: bool = True
 
     @property
     def module(self) -> str:
@@ -40,12 +43,14 @@ class Stage:
         return import_module(self.module).run(ctx)
 
 
-def _policy_tuned(name: str, help: str, enabled: Callable[[Config], bool]) -> Stage:
+def _policy_tuned(
+    name: str, help: str, enabled: Callable[[Config], bool], data_parallel: bool = True
+) -> Stage:
     """A model fine-tuned from the search like the main model, with the same budget, that the
     config can switch off (written to NAME/model.safetensors)."""
     output = f"{name}/model.safetensors"
     return Stage(name, help, output, ("search",), enabled, budget="finetune",
-                 accuracy_field="train_accuracy")  # fmt: skip
+                 accuracy_field="train_accuracy", data_parallel=data_parallel)  # fmt: skip
 
 
 STAGES: tuple[Stage, ...] = (
@@ -89,6 +94,7 @@ STAGES: tuple[Stage, ...] = (
         "fine-tune the searched meta-graph on the one child of the controller's closest to and "
         "not below the main model's measured latency (needs search)",
         lambda c: c.baseline.static_child,
+        data_parallel=False,
     ),
     Stage(
         "variants",
@@ -97,6 +103,7 @@ STAGES: tuple[Stage, ...] = (
         "variants/variants.json",
         needs=("search",),
         enabled=lambda c: c.variants.count > 0,
+        data_parallel=False,
     ),
     Stage(
         "baselines",
@@ -113,6 +120,7 @@ STAGES: tuple[Stage, ...] = (
         needs=("finetune", "baseline"),
         resumable=False,
         refresh=True,
+        data_parallel=False,
     ),
 )
 _BY_NAME = {stage.name: stage for stage in STAGES}

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..checkpoint import (
     CheckpointError,
     check_identity,
@@ -87,6 +88,13 @@ class EpochCheckpoints:
 
     def save(self, epoch: int, record: dict | None = None) -> None:
         """State after ``epoch`` completed epochs; older states beyond the last two go."""
+        if distributed.is_main():  # every rank holds the same state (docs/distributed.md)
+            self._write(epoch, record)
+        if distributed.any_rank(_stop.requested):
+            log.warning("%s: stopped after epoch %d, which is saved", self.stage, epoch)
+            raise KeyboardInterrupt
+
+    def _write(self, epoch: int, record: dict | None) -> None:
         tensors: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
             for key, value in module.state_dict().items():
@@ -107,13 +115,12 @@ class EpochCheckpoints:
         save_tensors(folder / f"epoch_{epoch:04d}.safetensors", tensors, meta)
         for old in saved_epochs(self.ctx.run_dir, self.stage)[KEEP:]:
             old.unlink(missing_ok=True)
-        if _stop.requested:
-            log.warning("%s: stopped after epoch %d, which is saved", self.stage, epoch)
-            raise KeyboardInterrupt
 
     def finish(self) -> None:
         """The stage's output is written: its states (and temp files a kill left) can go."""
-        shutil.rmtree(state_folder(self.ctx.run_dir, self.stage), ignore_errors=True)
+        distributed.barrier()  # no rank reads them any more
+        if distributed.is_main():
+            shutil.rmtree(state_folder(self.ctx.run_dir, self.stage), ignore_errors=True)
 
 
 class _StopRequest:

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
+from ..distributed import world_size
 from ..latency.table import LatencyTable
 from ..models.controller import (
     Controller,
@@ -76,7 +78,8 @@ def controller_epoch(
         seen += len(batch.labels)
         if snapshot is not None and step in snapshot_at:
             snapshot(snapshot_at[step])
-    mean = (sums / seen).tolist()
+    distributed.average_batchnorm_statistics([controller])
+    mean = (distributed.all_sum(sums) / (seen * world_size())).tolist()
     names = ("reward", "sampled_cells_ms", "greedy_cells_ms", "greedy_train_accuracy")
     return {
         **dict(zip((*names, "sampled_train_accuracy"), mean)),
@@ -187,8 +190,10 @@ class ControllerStep:
         check_finite(loss, "controller", "controller.lr")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(distributed.optimizer_params(self.optimizer))
         self.optimizer.step()
-        self.reward_of.update(latency[size:])
+        # The budget's dual variable follows the global batch's mean greedy latency.
+        self.reward_of.update(distributed.global_mean(latency[size:]))
         return torch.stack(
             [
                 reward[:size].sum(),
@@ -268,7 +273,7 @@ def metagraph_epoch(
 
     metagraph.train()
     plan = EpochPlan("search", cfg.epochs, cfg.batch_size, cfg.metagraph_lr, "search.metagraph_lr")
-    stats = supervised_epoch(ctx, forward, optimizer, plan, epoch)
+    stats = supervised_epoch(ctx, metagraph, forward, optimizer, plan, epoch)
     return {
         "metagraph_loss": stats.loss,
         "metagraph_train_accuracy": stats.accuracy,

@@ -47,7 +47,9 @@ def train_standalone(ctx: RunContext, net: ChildNetwork, name: str, output) -> C
 
     def train_epoch(epoch: int) -> dict:
         net.train()
-        stats = supervised_epoch(ctx, lambda images, progress: net(images), optimizer, plan, epoch)
+        stats = supervised_epoch(
+            ctx, net, lambda images, progress: net(images), optimizer, plan, epoch
+        )
         net.eval()
         return stats.record(val_accuracy=accuracy(ctx, net, ctx.data.val))
 

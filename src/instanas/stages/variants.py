@@ -167,7 +167,7 @@ def quick_finetune(
     plan = EpochPlan(stage, length, cfg.batch_size, cfg.lr, "finetune.lr", cosine)
     metagraph.train()
     for epoch in range(epochs):
-        supervised_epoch(ctx, forward, optimizer, plan, epoch)
+        supervised_epoch(ctx, metagraph, forward, optimizer, plan, epoch)
 
 
 def score_candidates(ctx: RunContext, table: LatencyTable) -> list[dict]:
