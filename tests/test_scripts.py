@@ -6,9 +6,15 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from instanas.data import DEFAULT_FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted([*ROOT.glob("scripts/*.py"), *ROOT.glob("bench/*.py")])
@@ -30,3 +36,22 @@ def test_script_imports_resolve(path):
         assert hasattr(imported, name) or importlib.util.find_spec(f"{module}.{name}"), (
             f"{path.name}: {module} has no {name}"
         )
+
+
+@pytest.mark.skipif(
+    not Path(DEFAULT_FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST not installed"
+)
+def test_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path):
+    """scripts/gpu_check.py waits for a session with a GPU: it must not rot until then."""
+    out = tmp_path / "check"
+    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu",
+               "--amp", "bf16", "--tiny", "--output", str(out)]  # fmt: skip
+    env = {**os.environ, "INSTANAS_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert {"environment", "throughput", "table", "run"} <= set(results)
+    assert results["throughput"]["train_sparse_images_per_s"] > 0
+    assert -1 <= results["table"]["spearman"] <= 1
+    assert {"pretrain", "search", "finetune"} <= set(results["run"]["images_per_s"])
+    assert "instanas" in (out / "gpu_check.md").read_text()

@@ -91,6 +91,17 @@ class DataConfig:
     )
     limit_train: int | None = _f(None, "use only this many training images (smoke runs)", gt=1)
     limit_test: int | None = _f(None, "use only this many test images (smoke runs)", gt=0)
+    stream: bool | None = _f(
+        None,
+        "stream images from disk through DataLoader workers (default: automatic, when the "
+        "decoded training split would not fit a quarter of the memory); folder data sets only",
+    )
+    workers: int | None = _f(
+        None,
+        "DataLoader worker processes decoding streamed images (default: min(8, CPU count); "
+        "0: decode in the training process)",
+        ge=0,
+    )
 
 
 @dataclass
@@ -330,6 +341,11 @@ class LatencyConfig:
     """How latency is measured: the lookup table and the batch-1 timing of every model."""
 
     threads: int = _f(1, "CPU threads for every latency measurement", gt=0)
+    device: str = _f(
+        "cpu",
+        "device the latency table is profiled on: cpu, or cuda[:N] to search for a GPU "
+        "deployment (synchronised timing after warm-up); batch-1 evaluation stays on the CPU",
+    )
     warmup: int = _f(10, "untimed warm-up rounds before timing", ge=0)
     repeats: int = _f(50, "timed rounds per (cell, module) in the lookup table", ge=30)
     calibration_children: int = _f(
@@ -348,13 +364,22 @@ class LatencyConfig:
     )
 
 
+AMP_MODES = ("off", "bf16", "fp16")
+
+
 @dataclass
 class Config:
     preset: str = _f("custom", "name of the preset this config started from")
     seed: int = _f(0, "seed of every random number generator", ge=0)
     device: str = _f(
         "cpu",
-        "cpu | cuda | cuda:N",
+        "cpu | cuda | cuda:N (under torchrun, cuda means each process's own GPU)",
+    )
+    amp: str = _f(
+        "off",
+        "mixed-precision training: bf16 | fp16 (with a gradient scaler) | off; "
+        "evaluation and latency stay in float32",
+        choices=AMP_MODES,
     )
     threads: int | None = _f(
         None,
@@ -674,8 +699,9 @@ def validate(config: Config) -> None:
         )
     if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in config.pretrain.milestones):
         raise ConfigError("pretrain.milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", config.device):
-        raise ConfigError(f"device {config.device!r} is not supported: use cpu, cuda or cuda:N")
+    for key, value in (("device", config.device), ("latency.device", config.latency.device)):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ConfigError(f"{key} {value!r} is not supported: use cpu, cuda or cuda:N")
 
 
 def _check_field(key: str, value: Any, meta: Any) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .data import images_of
 from .deploy.inference import InstaNASPredictor
 from .latency.flops import FlopsTable, network_flops
 from .latency.side_by_side import latency_summary, measure_per_image
@@ -375,7 +376,9 @@ def galleries(
         ranked = members.numpy()[order]
         index[c, 0, :k] = ranked[:k]
         index[c, 1, :k] = ranked[::-1][:k]
-    images = ctx.data.test.images.cpu().numpy()[np.maximum(index, 0)]
+    # Only the gallery's rows: a streamed test split decodes them from disk here.
+    picked = images_of(ctx.data.test, torch.from_numpy(np.maximum(index, 0)).flatten())
+    images = picked.cpu().numpy().reshape(*index.shape, *picked.shape[1:])
     images[index < 0] = 0
     costs = np.where(index >= 0, predicted.numpy()[np.maximum(index, 0)], np.nan)
     return {

@@ -34,6 +34,10 @@ from .utils import append_jsonl, make_generator, progress_bar
 log = logging.getLogger(__name__)
 
 
+# On a GPU the loss is checked for NaN every this many steps (and the last of an epoch).
+_GPU_FINITE_EVERY = 50
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); one line with the fix."""
 
@@ -51,6 +55,7 @@ class RunContext:
     train_augment: BatchAugmenter = field(init=False)
     eval_augment: BatchAugmenter = field(init=False)
     live: TensorBoardMirror | None = field(init=False, default=None)  # made at the first record
+    scaler: torch.amp.GradScaler | None = field(init=False, default=None)  # made at first step
 
     def __post_init__(self) -> None:
         d = self.config.data
@@ -111,6 +116,23 @@ class RunContext:
                     yield batch
             else:
                 yield batch
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for training forwards as ``amp`` says (off: no change)."""
+        amp = self.config.amp
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=amp != "off")
+
+    def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward, gradients averaged over the ranks, one step; with ``amp fp16`` the loss
+        is scaled and a step whose gradients overflowed is skipped."""
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.amp == "fp16")
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        distributed.average_gradients(distributed.optimizer_params(optimizer))
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
     def steps_per_epoch(self, batch_size: int) -> int:
         n = len(self.data.train)
@@ -174,13 +196,16 @@ class EpochStats:
     loss: float
     accuracy: float
     seconds: float
+    steps: int  # optimiser steps taken (the same for one process and for N ranks)
 
     def record(self, **validation: float) -> dict:
-        """The epoch's metrics record: training loss and accuracy, ``validation``, seconds."""
+        """The epoch's metrics record: training loss and accuracy, ``validation``, steps and
+        seconds."""
         return {
             "train_loss": self.loss,
             "train_accuracy": self.accuracy,
             **validation,
+            "steps": self.steps,
             "seconds": self.seconds,
         }
 
@@ -212,34 +237,34 @@ def supervised_epoch(
     drop-path and the learning rate.
     """
     steps = ctx.steps_per_epoch(plan.batch_size)
-    total_loss = torch.zeros((), device=ctx.device)
-    correct = torch.zeros((), device=ctx.device)
-    seen = 0
-    start = time.perf_counter()
+    sums = torch.zeros(3, device=ctx.device)  # loss x rows, correct rows, rows
+    start, taken = time.perf_counter(), 0
     order = ctx.generator(plan.stage, epoch)
     batches = ctx.batches(ctx.data.train, plan.batch_size, train=True, generator=order)
     title = f"{plan.stage} {epoch + 1}/{plan.epochs}"
     for step, batch in enumerate(progress_bar(batches, desc=title, total=steps, unit="batch")):
         progress = (epoch * steps + step) / (plan.epochs * steps)
         set_lr(params_optimizer, plan.base_lr * plan.lr_factor(progress))
-        logits = forward(batch.images, progress)
-        loss = F.cross_entropy(logits, batch.labels)
-        check_finite(loss, plan.stage, plan.lr_option)
-        params_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.average_gradients(distributed.optimizer_params(params_optimizer))
-        params_optimizer.step()
-        total_loss += loss.detach() * len(batch.labels)
-        correct += (logits.argmax(1) == batch.labels).sum()
-        seen += len(batch.labels)
+        with ctx.autocast():
+            logits = forward(batch.images, progress)
+        loss = F.cross_entropy(logits.float(), batch.labels)
+        if finite_check_due(ctx.device, step, steps):
+            check_finite(loss, plan.stage, plan.lr_option)
+        ctx.optimizer_step(loss, params_optimizer)
+        rows = len(batch.labels)
+        hits = (logits.argmax(1) == batch.labels).sum().to(sums.dtype)
+        sums += torch.stack([loss.detach() * rows, hits, sums.new_tensor(rows)])
+        taken += 1
     distributed.average_batchnorm_statistics([model])
     # Sums over every rank's rows: the epoch's figures are the global batch's.
-    total_loss, correct, seen = distributed.all_sum(
-        torch.stack(
-            [total_loss, correct.to(total_loss.dtype), torch.tensor(float(seen), device=ctx.device)]
-        )
-    ).tolist()
-    return EpochStats(total_loss / seen, correct / seen, time.perf_counter() - start)
+    total_loss, correct, seen = distributed.all_sum(sums).tolist()
+    return EpochStats(total_loss / seen, correct / seen, time.perf_counter() - start, taken)
+
+
+def finite_check_due(device: torch.device, step: int, steps: int) -> bool:
+    """Whether to check this step's loss for NaN: every step on the CPU (free there), every
+    ``_GPU_FINITE_EVERY`` steps and the last on a GPU, where each check waits for the device."""
+    return device.type == "cpu" or step % _GPU_FINITE_EVERY == 0 or step == steps - 1
 
 
 @torch.no_grad()

@@ -133,6 +133,9 @@ def _randint(
 
 def default_augmentation(bundle: DataBundle) -> dict[str, int | bool]:
     """The data set's standard training augmentation: flip, crop padding, cutout side."""
+    if hasattr(bundle.train, "stream_batches"):
+        # Streamed trees crop in the loader workers (random resized crop, docs/streaming.md).
+        return {"flip": True, "crop_padding": 0, "cutout": 0}
     if bundle.name == "fashion-mnist":
         return {"flip": True, "crop_padding": 2, "cutout": 0}
     if bundle.name in ("cifar10", "cifar100"):

@@ -1,6 +1,6 @@
-"""What the loaders return: one split held whole in memory (ImageSet), a dataset's three
-splits with its class names and channel statistics (DataBundle), and DataError for bad or
-missing data."""
+"""What the loaders return: one split held whole in memory (ImageSet; data.streaming has the
+on-disk kind), a dataset's three splits with its class names and channel statistics
+(DataBundle), and DataError for bad or missing data."""
 
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[2])
+
     def subset(self, indices: torch.Tensor) -> ImageSet:
         """Rows `indices` (any int tensor) as a new ImageSet."""
         idx = indices.to(self.images.device, torch.int64)
@@ -53,7 +61,10 @@ class ImageSet:
 
 @dataclass
 class DataBundle:
-    """A dataset's three splits, class names and the train split's channel statistics."""
+    """A dataset's three splits, class names and the train split's channel statistics.
+
+    The splits are ImageSets, or data.streaming.StreamingImageSets (same interface, images
+    read from disk per batch) for trees too large to hold in memory."""
 
     name: str
     classes: list[str]
@@ -65,11 +76,11 @@ class DataBundle:
 
     @property
     def channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.channels)
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[2])
+        return int(self.train.image_size)
 
     @property
     def num_classes(self) -> int:

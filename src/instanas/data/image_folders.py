@@ -1,5 +1,6 @@
 """Class-per-folder image trees (root/<class>/*.png, or root/train/<class>/... with a test or
-val folder beside it), decoded with Pillow, centre-cropped and resized at load time.
+val folder beside it). list_folder finds the files and their classes; decode_rows reads them
+with Pillow, centre-cropped and resized, into memory (data.streaming reads them lazily instead).
 
 The Tiny ImageNet layout is read as it ships: train/<wnid>/images/*.JPEG, and val/images/ with
 val/val_annotations.txt naming each image's class."""
@@ -7,12 +8,16 @@ val/val_annotations.txt naming each image's class."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .containers import DataError, ImageSet
 from .subsets import TEST_SEED, pick_rows
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 DEFAULT_FOLDER_IMAGE_SIZE = 32
@@ -21,15 +26,11 @@ DEFAULT_FOLDER_IMAGE_SIZE = 32
 _FOLDER_TEST_FRACTION = 0.1
 
 
-def load_folder(
-    root: Path,
-    size: int,
-    limit_train: int | None,
-    limit_test: int | None,
-    train_gen: torch.Generator,
-    test_gen: torch.Generator,
-) -> tuple[list[str], ImageSet, ImageSet]:
-    """(classes, train, test) of the tree at `root`, images decoded at `size` x `size`."""
+FileRows = list[tuple[Path, int]]  # (image file, class index), grouped by class
+
+
+def list_folder(root: Path) -> tuple[list[str], FileRows, FileRows]:
+    """(classes, train rows, test rows) of the tree at `root`; nothing is decoded."""
     if not root.is_dir():
         raise DataError(
             f"image folder {root} does not exist: pass --data.root pointing at a "
@@ -57,9 +58,14 @@ def load_folder(
     else:
         # The fixed-seed hold-out keeps the test split the same whatever `seed` is.
         train_files, test_files = _hold_out(train_files, torch.Generator().manual_seed(TEST_SEED))
-    train = _decode_rows(_rows(train_files, classes), size, limit_train, train_gen)
-    test = _decode_rows(_rows(test_files, classes), size, limit_test, test_gen)
-    return classes, train, test
+    return classes, _rows(train_files, classes), _rows(test_files, classes)
+
+
+def limit_files(rows: FileRows, limit: int | None, generator: torch.Generator) -> FileRows:
+    """A seeded random `limit` of the file rows (see subsets.pick_rows), picked before any
+    decoding so skipped images are never read."""
+    idx = pick_rows(len(rows), limit, generator)
+    return rows if idx is None else [rows[i] for i in idx.tolist()]
 
 
 def _class_files(split_dir: Path) -> dict[str, list[Path]]:
@@ -117,18 +123,13 @@ def _hold_out(
     return train, test
 
 
-def _rows(files: dict[str, list[Path]], classes: list[str]) -> list[tuple[Path, int]]:
+def _rows(files: dict[str, list[Path]], classes: list[str]) -> FileRows:
     index = {c: i for i, c in enumerate(classes)}
     return [(p, index[c]) for c in sorted(files) for p in files[c]]
 
 
-def _decode_rows(
-    rows: list[tuple[Path, int]], size: int, limit: int | None, generator: torch.Generator
-) -> ImageSet:
-    # Apply the limit to the file list so skipped images are never decoded.
-    idx = pick_rows(len(rows), limit, generator)
-    if idx is not None:
-        rows = [rows[i] for i in idx.tolist()]
+def decode_rows(rows: FileRows, size: int) -> ImageSet:
+    """Every row decoded at `size` x `size` into one in-memory ImageSet."""
     pixels = np.empty((len(rows), size, size, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(rows):  # load time only, never in the training loop
         pixels[i] = _read_image(path, size)
@@ -136,17 +137,24 @@ def _decode_rows(
     return ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2), labels)
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
-    """Decode, centre-crop to square and bilinear-resize one image to [size, size, 3] uint8."""
+def open_rgb(path: str | Path) -> Image.Image:
+    """One image fully decoded to RGB; a corrupt or unreadable file raises DataError."""
     from PIL import Image  # imported lazily: only folder datasets need Pillow
 
     try:
         with Image.open(path) as img:
             if img.mode in ("P", "PA"):
                 img = img.convert("RGBA")  # palette transparency must go via RGBA
-            rgb = img.convert("RGB")  # forces the full decode, so corrupt files fail here
+            return img.convert("RGB")  # forces the full decode, so corrupt files fail here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path} ({exc}): replace or delete the file") from None
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    """Decode, centre-crop to square and bilinear-resize one image to [size, size, 3] uint8."""
+    from PIL import Image
+
+    rgb = open_rgb(path)
     w, h = rgb.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2

@@ -1,12 +1,15 @@
-"""load_dataset: a data set by name, read whole into memory and split into train, val and test.
+"""load_dataset: a data set by name, read into memory and split into train, val and test.
 
 Every split is decoded once into one contiguous uint8 tensor, so an epoch only slices tensors
-(the machines this runs on have few CPU cores, and the datasets fit in memory many times
-over). The readers for each on-disk format live in fashion_mnist, cifar and image_folders.
+(the machines this runs on have few CPU cores, and most data sets fit in memory many times
+over). A class-folder tree too large for that is streamed instead (data.streaming: files
+decoded per batch by DataLoader workers). The readers for each on-disk format live in
+fashion_mnist, cifar and image_folders.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +21,11 @@ from .augmentation import channel_stats
 from .cifar import load_cifar
 from .containers import DataBundle, DataError, ImageSet
 from .fashion_mnist import DEFAULT_FASHION_MNIST_DIR, load_fashion_mnist
-from .image_folders import DEFAULT_FOLDER_IMAGE_SIZE, load_folder
+from .image_folders import DEFAULT_FOLDER_IMAGE_SIZE, decode_rows, limit_files, list_folder
+from .streaming import StreamingImageSet, estimate_stats
 from .subsets import TEST_SEED, limit_rows, split_validation
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "folder")
 # val_fraction lies in (low, high]: above low, at most high. config.DataConfig checks the
@@ -28,6 +34,9 @@ VAL_FRACTION_RANGE = (0.0, 0.5)
 
 # Rows per chunk when converting whole splits to float; bounds peak memory.
 _CHUNK = 2048
+# stream=None streams a folder tree whose decoded train split (uint8 RGB) would need more than
+# this share of the physical memory: the rest is left to the model, workers and the OS cache.
+STREAM_MEMORY_SHARE = 0.25
 
 
 def load_dataset(
@@ -39,22 +48,28 @@ def load_dataset(
     image_size: int | None = None,
     limit_train: int | None = None,
     limit_test: int | None = None,
+    stream: bool | None = None,
+    workers: int | None = None,
+    flip: bool | None = None,
 ) -> DataBundle:
-    """Load a dataset whole into memory and split a seeded validation set off its train rows.
+    """Load a dataset and split a seeded validation set off its train rows.
 
     `limit_train` keeps a seeded random subset of the train rows (before the validation
     split); `limit_test` a fixed-seed random subset of the test rows. `image_size` resizes
     (folder: centre-crop + Pillow bilinear; others: antialiased bilinear on the tensors).
+    `stream` (folder trees only; None: when the decoded train split would not fit
+    STREAM_MEMORY_SHARE of the memory) decodes per batch in `workers` processes, flipping
+    unless `flip` is False (docs/streaming.md).
     """
     _check_arguments(name, root, val_fraction, image_size, limit_train, limit_test)
-    train_gen = torch.Generator().manual_seed(seed)
-    test_gen = torch.Generator().manual_seed(TEST_SEED)
+    _check_streaming(name, stream, workers)
+    train_gen, test_gen = _generators(seed)
     if name == "folder":
-        # Limits pick from the file lists and the size applies while decoding.
         size = image_size or DEFAULT_FOLDER_IMAGE_SIZE
-        classes, train, test = load_folder(
-            Path(root).expanduser(), size, limit_train, limit_test, train_gen, test_gen
-        )
+        options = {"flip": flip is not False, "workers": workers}
+        limits, generators = (limit_train, limit_test), (train_gen, test_gen)
+        classes, train, test = _load_folder(Path(root).expanduser(), size, limits, generators,
+                                            stream, options)  # fmt: skip
     else:
         classes, train, test = _read_whole(name, root)
         # Limits first, so resizing and statistics only touch the rows that are kept.
@@ -63,8 +78,82 @@ def load_dataset(
         if image_size is not None:
             train, test = _resized(train, image_size), _resized(test, image_size)
     train, val = split_validation(train, val_fraction, train_gen, name)
-    mean, std = channel_stats(train.images)
-    return DataBundle(name, list(classes), train, val, test, mean, std)
+    return _with_statistics(DataBundle(name, list(classes), train, val, test, (), ()), seed)
+
+
+def _generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """(train, test) generators: train rows follow `seed`, test rows the fixed TEST_SEED."""
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(TEST_SEED)
+
+
+def _with_statistics(bundle: DataBundle, seed: int) -> DataBundle:
+    """The bundle with its train split's channel statistics: exact for in-memory splits, from
+    a seeded sample for streamed ones (which also normalise their batches with them)."""
+    if not isinstance(bundle.train, StreamingImageSet):
+        bundle.mean, bundle.std = channel_stats(bundle.train.images)
+        return bundle
+    # Its own generator, so the sample does not shift any other seeded choice.
+    mean, std = estimate_stats(bundle.train, torch.Generator().manual_seed(seed))
+    splits = (s.with_stats(mean, std) for s in (bundle.train, bundle.val, bundle.test))
+    return DataBundle(bundle.name, bundle.classes, *splits, mean, std)
+
+
+def _load_folder(
+    root: Path,
+    size: int,
+    limits: tuple[int | None, int | None],
+    generators: tuple[torch.Generator, torch.Generator],
+    stream: bool | None,
+    options: dict,
+) -> tuple[list[str], ImageSet | StreamingImageSet, ImageSet | StreamingImageSet]:
+    """(classes, train, test) of a class-folder tree, decoded or streamed. Limits pick from
+    the file lists, so skipped images are never read."""
+    classes, train_rows, test_rows = list_folder(root)
+    train_rows = limit_files(train_rows, limits[0], generators[0])
+    test_rows = limit_files(test_rows, limits[1], generators[1])
+    if _should_stream(stream, len(train_rows), size):
+        streamed = (
+            StreamingImageSet.from_rows(r, size, **options) for r in (train_rows, test_rows)
+        )
+        return classes, *streamed
+    return classes, decode_rows(train_rows, size), decode_rows(test_rows, size)
+
+
+def _should_stream(stream: bool | None, rows: int, size: int) -> bool:
+    """The caller's choice, or (None) whether the decoded train rows would need more than
+    STREAM_MEMORY_SHARE of the physical memory; logs the path taken."""
+    need = rows * 3 * size * size
+    memory = physical_memory()
+    if stream is None:
+        stream = memory is not None and need > STREAM_MEMORY_SHARE * memory
+        how = f"automatic, {STREAM_MEMORY_SHARE:.0%} of {_gib(memory)} memory"
+    else:
+        how = "data.stream"
+    path = "streaming images from disk" if stream else "decoding into memory"
+    log.info("data: %s (%d training images, %s decoded; %s)", path, rows, _gib(need), how)
+    return stream
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory, None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(size: int | None) -> str:
+    return "unknown" if size is None else f"{size / 2**30:.1f} GiB"
+
+
+def _check_streaming(name: str, stream: bool | None, workers: int | None) -> None:
+    if stream and name != "folder":
+        raise DataError(
+            f"data.stream true reads class-folder trees, not {name}: drop --data.stream or "
+            "use --data.dataset folder"
+        )
+    if workers is not None and workers < 0:
+        raise DataError(f"workers must be 0 or more, got {workers}: pass e.g. 4 (0: in process)")
 
 
 def _check_arguments(
@@ -125,5 +214,6 @@ def load_configured(config) -> DataBundle:
     loosely because config imports this package)."""
     d = config.data
     limits = {"limit_train": d.limit_train, "limit_test": d.limit_test}
+    streaming = {"stream": d.stream, "workers": d.workers, "flip": d.flip}
     return load_dataset(d.dataset, d.root, val_fraction=d.val_fraction, seed=config.seed,
-                        image_size=d.image_size, **limits)  # fmt: skip
+                        image_size=d.image_size, **limits, **streaming)  # fmt: skip

@@ -1,7 +1,8 @@
 """Seeded choices of rows: limits to a random subset, and the validation split.
 
 Every choice is a sorted list of row indices drawn from a torch.Generator, so a seed always
-picks the same rows and the kept rows stay in their source order.
+picks the same rows and the kept rows stay in their source order. The splits may be ImageSets
+or streaming.StreamingImageSets: only len() and subset() are used.
 """
 
 from __future__ import annotations

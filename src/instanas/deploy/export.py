@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import DataBundle, load_configured
+from ..data import DataBundle, images_of, load_configured
 from ..latency.table import LatencyTable, TimingStats, cpu_threads
 from ..provenance import code_commit, utc_now, versions
 from ..search.space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
@@ -193,12 +193,14 @@ def run_data(run_dir: Path) -> tuple[object, DataBundle]:
 def chosen_children(model: InstaNASModel, data: DataBundle, split: str) -> Counter[str]:
     """How many images of ``split`` the controller sends to each child (empty-cell rule
     applied); the controller alone runs, in chunks."""
-    sets = [data.val.images] + ([data.train.images] if split == "train+val" else [])
+    sets = [data.val] + ([data.train] if split == "train+val" else [])
     counts: Counter[str] = Counter()
     with torch.inference_mode():
-        for images in sets:
-            for start in range(0, len(images), _CHUNK):
-                x = model.normalise(images[start : start + _CHUNK])
+        for rows in sets:
+            for start in range(0, len(rows), _CHUNK):
+                # Chunk by chunk: a streamed split is decoded only a chunk at a time.
+                chunk = torch.arange(start, min(start + _CHUNK, len(rows)))
+                x = model.normalise(images_of(rows, chunk))
                 counts.update(
                     str(ChildArchitecture.from_policy(p)) for p in model.predictor.policies(x)
                 )
@@ -452,4 +454,4 @@ def validate_export(
 
     # This process has just written the files: trusted, and no manifest yet to check against.
     exported = open_export(folder, threads=threads, trusted=True, verify=False)
-    return validation_report(eager, exported, data.test.images, threads, timed_images)
+    return validation_report(eager, exported, images_of(data.test), threads, timed_images)

@@ -55,6 +55,9 @@ class TimingStats:
         return cls(q[1], float(t.mean()), std, q[0], q[2], len(samples_ms))
 
 
+CPU = torch.device("cpu")
+
+
 def processor_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -257,16 +260,10 @@ def profile_table(
     ]
     fixed = {name: stats[name] for name in ("stem", "head", "controller")}
     table = LatencyTable(table_key(metagraph, controller, device, threads), modules, fixed)
-    if calibration_children and device.type == "cpu":
+    if calibration_children:
+        timing = {"threads": threads, "warmup": warmup, "repeats": repeats, "seed": seed}
         table.chain_factor = calibrate_chain_factor(
-            table,
-            metagraph,
-            controller,
-            calibration_children,
-            threads=threads,
-            warmup=warmup,
-            repeats=repeats,
-            seed=seed,
+            table, metagraph, controller, calibration_children, device=device, **timing
         )
     return table
 
@@ -376,19 +373,20 @@ def measure_children(
     warmup: int,
     repeats: int,
     seed: int = 0,
+    device: torch.device = CPU,
 ) -> dict[str, TimingStats]:
-    """Batch-1 CPU time of controller + materialised, BN-folded child, interleaved rounds."""
+    """Batch-1 time of controller + materialised, BN-folded child on ``device``, interleaved
+    rounds (synchronised after each call on a GPU)."""
     space = metagraph.space
-    ctrl = controller.deploy().cpu()
-    image = torch.randn(1, space.input_channels, space.input_size, space.input_size)
+    ctrl = controller.deploy().to(device)
+    image = torch.randn(1, space.input_channels, space.input_size, space.input_size, device=device)
     units = {
-        str(child): _end_to_end(ctrl, metagraph.cpu().materialize(child).deploy(), image)
+        str(child): _end_to_end(ctrl, metagraph.cpu().materialize(child).deploy().to(device), image)
         for child in children
     }
     with cpu_threads(threads):
-        return time_units(
-            units, torch.device("cpu"), warmup=warmup, repeats=repeats, seed=seed, desc="children"
-        )
+        return time_units(units, device, warmup=warmup, repeats=repeats, seed=seed,
+                          desc="children")  # fmt: skip
 
 
 def predicted_ms(table: LatencyTable, metagraph: MetaGraph, child: ChildArchitecture) -> float:
@@ -406,6 +404,7 @@ def calibrate_chain_factor(
     warmup: int,
     repeats: int,
     seed: int = 0,
+    device: torch.device = CPU,
 ) -> float:
     """Median of measured / additive-sum over ``count`` random children (see LatencyTable).
 
@@ -414,9 +413,8 @@ def calibrate_chain_factor(
     """
     children = random_children(metagraph, count, seed=CALIBRATION_SEED_OFFSET + seed)
     raw = LatencyTable(table.key, table.modules, table.fixed, chain_factor=1.0)
-    stats = measure_children(
-        metagraph, controller, children, threads=threads, warmup=warmup, repeats=repeats, seed=seed
-    )
+    timing = {"threads": threads, "warmup": warmup, "repeats": repeats, "seed": seed}
+    stats = measure_children(metagraph, controller, children, device=device, **timing)
     ratios = [stats[str(c)].median_ms / predicted_ms(raw, metagraph, c) for c in children]
     return quantile(ratios, 0.5)
 

@@ -24,6 +24,7 @@ from ..models.metagraph import MetaGraph
 from ..search.space import ChildArchitecture
 from ..utils import atomic_write_text
 from .table import (
+    CPU,
     LatencyTable,
     device_info,
     measure_children,
@@ -92,17 +93,13 @@ def validate_table(
     warmup: int,
     repeats: int,
     seed: int = 0,
+    device: torch.device = CPU,
 ) -> TableValidation:
-    """Time ``children`` (child, source, images) end to end and compare with the table."""
-    stats = measure_children(
-        metagraph,
-        controller,
-        [c for c, _, _ in children],
-        threads=threads,
-        warmup=warmup,
-        repeats=repeats,
-        seed=seed,
-    )
+    """Time ``children`` (child, source, images) end to end on ``device`` and compare with the
+    table."""
+    timing = {"threads": threads, "warmup": warmup, "repeats": repeats, "seed": seed}
+    stats = measure_children(metagraph, controller, [c for c, _, _ in children], device=device,
+                             **timing)  # fmt: skip
     timings = [
         ChildTiming(
             str(child),
@@ -116,7 +113,7 @@ def validate_table(
     errors = [t.relative_error for t in timings]
     return TableValidation(
         children=timings,
-        device=device_info(torch.device("cpu"), threads),
+        device=device_info(device, threads),
         chain_factor=table.chain_factor,
         spearman=spearman([t.predicted_ms for t in timings], [t.measured_ms for t in timings]),
         median_relative_error=quantile(errors, 0.5),

@@ -60,15 +60,16 @@ class Cell(nn.Module):
         )
 
     def forward_sparse(
-        self, x: torch.Tensor, policy: torch.Tensor, counts: list[int]
+        self, x: torch.Tensor, policy: torch.Tensor, counts: list[int], has_empty: bool = True
     ) -> torch.Tensor:
-        """``policy`` bool [B, modules] already resolved by the empty-cell rule."""
+        """``policy`` bool [B, modules] already resolved by the empty-cell rule; ``counts``
+        the rows per module and ``has_empty`` whether some row selects nothing, both read by
+        the caller (host values: no device synchronisation here)."""
         batch = x.shape[0]
         out: torch.Tensor | None = None
-        if not self.spec.forced_default:
+        if not self.spec.forced_default and has_empty:
             empty = ~policy.any(dim=1)
-            if bool(empty.any()):
-                out = x * empty.view(-1, 1, 1, 1).to(x.dtype)
+            out = x * empty.view(-1, 1, 1, 1).to(x.dtype)
         partial: list[int] = []
         for m, count in enumerate(counts):
             if count == batch:  # every row: no gather, no scatter
@@ -138,9 +139,11 @@ class MetaGraph(nn.Module):
             for c, cell in enumerate(self.cells):
                 x = cell.forward_dense(x, policy[:, c])
         elif execution == "sparse":
-            counts = policy.sum(dim=0).tolist()  # one host sync for the whole forward
+            # Rows per module and whether a cell has empty rows: one host sync per forward.
+            empty = (~policy.any(dim=2)).any(dim=0, keepdim=True).T
+            host = torch.cat([policy.sum(dim=0), empty], dim=1).tolist()
             for c, cell in enumerate(self.cells):
-                x = cell.forward_sparse(x, policy[:, c], counts[c])
+                x = cell.forward_sparse(x, policy[:, c], host[c][:-1], bool(host[c][-1]))
         elif execution == "grouped":
             x = self.forward_groups(x, policy)
         else:

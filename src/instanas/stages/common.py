@@ -125,8 +125,8 @@ def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
             atomic_copy(Path(cfg.table), local)
         return table
     metagraph, controller = new_models(ctx)
-    cpu = torch.device("cpu")
-    path = default_cache_path(table_key(metagraph, controller, cpu, cfg.threads))
+    target = table_device(ctx)
+    path = default_cache_path(table_key(metagraph, controller, target, cfg.threads))
     if local.exists():
         path = local
     options = {
@@ -137,11 +137,19 @@ def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
         "calibration_children": cfg.calibration_children,
     }
     if fresh:
-        profile_table(metagraph, controller, cpu, **options).save(path)
-    table = load_or_profile(path, metagraph, controller, cpu, **options)
+        profile_table(metagraph, controller, target, **options).save(path)
+    table = load_or_profile(path, metagraph, controller, target, **options)
     if path.resolve() != local.resolve():
         atomic_copy(path, local)
     return table
+
+
+def table_device(ctx: RunContext) -> torch.device:
+    """Where the latency table is profiled (``latency.device``)."""
+    device = torch.device(ctx.config.latency.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("latency.device is cuda but no CUDA GPU is visible: use cpu")
+    return device
 
 
 # What a given table must share with the run. The device, torch version and thread count may
@@ -160,7 +168,7 @@ def given_table(ctx: RunContext, path: Path) -> LatencyTable:
         ) from exc
     with torch.random.fork_rng(devices=[]):  # building models must not move the seeded stream
         metagraph, controller = new_models(ctx)
-    key = table_key(metagraph, controller, torch.device("cpu"), ctx.config.latency.threads)
+    key = table_key(metagraph, controller, table_device(ctx), ctx.config.latency.threads)
     differ = [k for k in _MODEL_KEYS if table.key.get(k) != key[k]]
     if differ:
         raise ConfigError(

@@ -44,6 +44,10 @@ from ..utils import atomic_copy, progress_bar, write_json
 from .common import latency_table, load_stage, new_models, save_stage, stage_path
 from .loop import EpochLoop
 
+# The epoch means of the sums ControllerStep returns, as named in metrics.jsonl.
+_CONTROLLER_SUMS = ("reward", "sampled_cells_ms", "greedy_cells_ms", "greedy_train_accuracy",
+                    "sampled_train_accuracy")  # fmt: skip
+
 
 def controller_epoch(
     ctx: RunContext,
@@ -61,14 +65,11 @@ def controller_epoch(
     cfg = ctx.config.search
     reward_of = RewardFunction(ctx.config.controller, table.bounds(ctx.space.forced_mask()), dual)
     steps = ctx.steps_per_epoch(cfg.batch_size)
-    if cfg.controller_norm == "running":
-        running_statistics_for_samples(ctx, metagraph, controller, epoch)
-    metagraph.eval()
-    controller.train()
+    prepare_for_controller_epoch(ctx, metagraph, controller, epoch)
     sampler = ctx.generator("search/controller-sample", epoch)
     step_once = ControllerStep(ctx, metagraph, controller, optimizer, table, reward_of, sampler)
     sums = torch.zeros(5, device=ctx.device)
-    seen, start = 0, time.perf_counter()
+    seen, taken, start = 0, 0, time.perf_counter()
     data = ctx.generator("search/controller-data", epoch)
     batches = ctx.batches(ctx.data.train, cfg.batch_size, train=True, generator=data)
     snapshot_at = snapshot_steps(steps, cfg.snapshots_per_epoch)
@@ -76,16 +77,28 @@ def controller_epoch(
     for step, batch in enumerate(progress_bar(batches, title, total=steps, unit="batch")):
         sums += step_once(batch.images, batch.labels, (epoch * steps + step) / (cfg.epochs * steps))
         seen += len(batch.labels)
+        taken += 1
         if snapshot is not None and step in snapshot_at:
             snapshot(snapshot_at[step])
     distributed.average_batchnorm_statistics([controller])
     mean = (distributed.all_sum(sums) / (seen * world_size())).tolist()
-    names = ("reward", "sampled_cells_ms", "greedy_cells_ms", "greedy_train_accuracy")
     return {
-        **dict(zip((*names, "sampled_train_accuracy"), mean)),
+        **dict(zip(_CONTROLLER_SUMS, mean)),
         **reward_of.describe(),
+        "controller_steps": taken,
         "controller_seconds": time.perf_counter() - start,
     }
+
+
+def prepare_for_controller_epoch(
+    ctx: RunContext, metagraph: MetaGraph, controller: Controller, epoch: int
+) -> None:
+    """Frozen meta-graph in eval mode (statistics as ``search.controller_norm`` says), the
+    controller in training mode."""
+    if ctx.config.search.controller_norm == "running":
+        running_statistics_for_samples(ctx, metagraph, controller, epoch)
+    metagraph.eval()
+    controller.train()
 
 
 def running_statistics_for_samples(
@@ -122,18 +135,14 @@ class ControllerStep:
         if self.ctx.config.controller.objective == "imitate":
             return self.imitate(images, labels, progress)
         ccfg = self.ctx.config.controller
-        probs = self.controller(images)
+        with self.ctx.autocast():
+            probs = self.controller(images).float()
         bounded = bound_probabilities(probs, ccfg.alpha)
         size = len(labels)
         with torch.no_grad():
             sampled = sample_policy(bounded, self.generator)
-            correct, log_prob, latency = score_children(
-                self.metagraph,
-                images,
-                labels,
-                torch.cat([sampled, greedy_policy(probs)]),
-                self.module_ms,
-                self.ctx.config.search.controller_norm,
+            correct, log_prob, latency = self.score(
+                images, labels, torch.cat([sampled, greedy_policy(probs)])
             )
             reward = self.reward_of(correct, log_prob, latency, progress)
             advantage = reward[:size] - reward[size:]
@@ -148,7 +157,8 @@ class ControllerStep:
         under the reward becomes its target policy; the loss is the binary cross-entropy of
         the controller's probabilities against it."""
         ccfg = self.ctx.config.controller
-        logits = self.controller.policy_logits(images)
+        with self.ctx.autocast():
+            logits = self.controller.policy_logits(images).float()
         probs = torch.sigmoid(logits)
         size = len(labels)
         with torch.no_grad():
@@ -159,20 +169,21 @@ class ControllerStep:
                     greedy_policy(probs),
                 ]
             )
-            correct, log_prob, latency = score_children(
-                self.metagraph,
-                images,
-                labels,
-                policies,
-                self.module_ms,
-                self.ctx.config.search.controller_norm,
-            )
+            correct, log_prob, latency = self.score(images, labels, policies)
             reward = self.reward_of(correct, log_prob, latency, progress)
             target = best_children(policies, reward, size).float()
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / size
         # The statistics below describe the first sample and the greedy child.
         first = torch.cat([torch.arange(size), torch.arange(len(policies) - size, len(policies))])
         return self.update(loss, probs, correct[first], latency[first], reward[first], size)
+
+    def score(
+        self, images: torch.Tensor, labels: torch.Tensor, policies: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`score_children` on the frozen meta-graph, in the run's precision."""
+        with torch.no_grad(), self.ctx.autocast():
+            return score_children(self.metagraph, images, labels, policies, self.module_ms,
+                                  self.ctx.config.search.controller_norm)  # fmt: skip
 
     def update(
         self,
@@ -188,10 +199,7 @@ class ControllerStep:
         if ccfg.usage_floor > 0:
             loss = loss + ccfg.pos_w * usage_penalty(probs, ccfg.usage_floor)
         check_finite(loss, "controller", "controller.lr")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.average_gradients(distributed.optimizer_params(self.optimizer))
-        self.optimizer.step()
+        self.ctx.optimizer_step(loss, self.optimizer)
         # The budget's dual variable follows the global batch's mean greedy latency.
         self.reward_of.update(distributed.global_mean(latency[size:]))
         return torch.stack(
@@ -263,7 +271,7 @@ def metagraph_epoch(
 
     def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
         with torch.no_grad():
-            policy = sample_policy(bound_probabilities(controller(images), alpha), gen)
+            policy = sample_policy(bound_probabilities(controller(images).float(), alpha), gen)
             # Shuffling decouples image and child, so every child is trained on all kinds of
             # images instead of co-adapting with the controller's current assignment.
             policy = policy[torch.randperm(len(policy), generator=gen).to(policy.device)]
@@ -277,6 +285,7 @@ def metagraph_epoch(
     return {
         "metagraph_loss": stats.loss,
         "metagraph_train_accuracy": stats.accuracy,
+        "metagraph_steps": stats.steps,
         "metagraph_seconds": stats.seconds,
     }
 
