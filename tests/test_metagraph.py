@@ -168,3 +168,24 @@ def test_grouped_execution_runs_each_child_once(tiny_space):
     with torch.no_grad():
         graph(torch.randn(6, 1, 12, 12), policy, execution="grouped")
     assert calls == [2]
+
+
+def test_sparse_forward_reads_the_device_once(tiny_space, monkeypatch):
+    """One host transfer per sparse forward (a GPU step would wait at each): no per-cell
+    checks, no data-dependent nonzero()."""
+    graph = MetaGraph(tiny_space)
+    policy = torch.rand(6, graph.space.num_cells, graph.space.num_modules) < 0.4
+    policy[0] = False  # some cells get empty rows
+    x = torch.randn(6, 1, 12, 12)
+    calls = []
+    for name in ("tolist", "item", "__bool__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    with torch.no_grad():
+        graph(x, policy)
+    assert calls == ["tolist"]

@@ -279,8 +279,8 @@ def reproducibility(ctx: RunContext) -> dict:
     return {
         "seed": ctx.config.seed,
         "training_threads": ctx.config.threads,
-        "training_device": str(ctx.device),
-        "bitwise": ctx.device.type == "cpu",
+        "training_device": ctx.config.device,
+        "bitwise": ctx.config.device == "cpu",
         "scope": "same seed, thread count, processor, torch and instanas version",
     }
 

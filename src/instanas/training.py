@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -65,9 +66,11 @@ class RunContext:
         self.eval_augment = augmenter_for(self.data, train=False)
 
     def generator(self, purpose: str, epoch: int = 0) -> torch.Generator:
-        """A generator seeded from (seed, purpose, epoch): stages do not share random streams."""
+        """A generator seeded from (seed, purpose, epoch): stages do not share random streams.
+        On a GPU it lives there, so per-step draws need no copies from the host."""
         salt = zlib.crc32(f"{purpose}/{epoch}".encode())
-        return make_generator((self.config.seed * 1_000_003 + salt) % 2**63)
+        place = self.device if self.device.type == "cuda" else "cpu"
+        return make_generator((self.config.seed * 1_000_003 + salt) % 2**63, place)
 
     def log_metrics(self, record: dict) -> None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
@@ -116,6 +119,14 @@ class RunContext:
                     yield batch
             else:
                 yield batch
+
+    def on_cpu(self) -> RunContext:
+        """This context with its device and data on the CPU: evaluation times CPU models."""
+        if self.device.type == "cpu":
+            return self
+        splits = {name: getattr(self.data, name).to("cpu") for name in ("train", "val", "test")}
+        data = dataclasses.replace(self.data, **splits)
+        return dataclasses.replace(self, device=torch.device("cpu"), data=data)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for training forwards as ``amp`` says (off: no change)."""

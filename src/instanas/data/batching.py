@@ -18,7 +18,7 @@ class Batch:
 
     images: torch.Tensor  # float32 [B,C,H,W] on device: normalised by the augmenter, else in [0,1]
     labels: torch.Tensor  # int64 [B] on device
-    indices: torch.Tensor  # int64 [B] row indices into the ImageSet, on CPU
+    indices: torch.Tensor  # int64 [B] row indices into the ImageSet, on the ImageSet's device
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
@@ -48,15 +48,16 @@ def iterate_batches(
     steps = num_batches(n, batch_size, drop_last)
     if shuffle:
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        order = torch.randperm(n, generator=generator, device=gen_device).cpu()
+        order = torch.randperm(n, generator=generator, device=gen_device)
     else:
         order = torch.arange(n)
+    # Slices of the order live where the rows do: no copy per batch (on a GPU each would wait).
+    order = order.to(data.images.device)
     device = torch.device(device)
     for step in range(steps):
         idx = order[step * batch_size : (step + 1) * batch_size]
-        src_idx = idx.to(data.images.device)
-        images = data.images.index_select(0, src_idx).to(device, non_blocking=True)
-        labels = data.labels.index_select(0, src_idx).to(device, non_blocking=True)
+        images = data.images.index_select(0, idx).to(device, non_blocking=True)
+        labels = data.labels.index_select(0, idx).to(device, non_blocking=True)
         if augment is not None:
             x = augment(images, generator)
         else:

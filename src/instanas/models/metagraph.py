@@ -78,7 +78,10 @@ class Cell(nn.Module):
             elif count > 0:  # a module no row selects does not run
                 partial.append(m)
         if partial:
-            row_sets = [policy[:, m].nonzero().squeeze(1) for m in partial]
+            # The sizes are known on the host: nonzero_static does not wait for the device.
+            row_sets = [
+                torch.nonzero_static(policy[:, m], size=counts[m]).squeeze(1) for m in partial
+            ]
             inputs = gather_row_sets(x, row_sets)
             outputs = [self.candidates[m](rows_in) for m, rows_in in zip(partial, inputs)]
             out = sum_row_sets(out, batch, row_sets, outputs)
@@ -94,6 +97,14 @@ class Cell(nn.Module):
             empty = (mask.sum(dim=1) == 0).to(x.dtype)
             out = out + x * empty.view(-1, 1, 1, 1)
         return out
+
+
+def sparse_plans(policies: torch.Tensor) -> list[list[list[int]]]:
+    """What sparse execution needs on the host, for resolved policies [sets, B, cells,
+    modules]: per set and cell, the rows of each module and then 1 if some row selects nothing.
+    One device-to-host transfer for every set (the one synchronisation of a training step)."""
+    empty = (~policies.any(dim=3)).any(dim=1, keepdim=True).transpose(1, 2)
+    return torch.cat([policies.sum(dim=1), empty], dim=2).tolist()
 
 
 class Head(nn.Module):
@@ -123,11 +134,16 @@ class MetaGraph(nn.Module):
         return apply_empty_cell_rule(policy, self.forced)
 
     def forward(
-        self, x: torch.Tensor, policy: torch.Tensor | None = None, execution: str = "sparse"
+        self,
+        x: torch.Tensor,
+        policy: torch.Tensor | None = None,
+        execution: str = "sparse",
+        plan: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Logits for images ``x`` [B, C, H, W] under per-image ``policy`` [B, cells, modules].
 
-        ``policy=None`` selects every module of every cell.
+        ``policy=None`` selects every module of every cell. ``plan``: the policy's
+        :func:`sparse_plans` entry when the caller read it already (several forwards, one read).
         """
         if policy is None:
             return self.forward_resolved(
@@ -139,9 +155,7 @@ class MetaGraph(nn.Module):
             for c, cell in enumerate(self.cells):
                 x = cell.forward_dense(x, policy[:, c])
         elif execution == "sparse":
-            # Rows per module and whether a cell has empty rows: one host sync per forward.
-            empty = (~policy.any(dim=2)).any(dim=0, keepdim=True).T
-            host = torch.cat([policy.sum(dim=0), empty], dim=1).tolist()
+            host = plan if plan is not None else sparse_plans(policy[None])[0]
             for c, cell in enumerate(self.cells):
                 x = cell.forward_sparse(x, policy[:, c], host[c][:-1], bool(host[c][-1]))
         elif execution == "grouped":

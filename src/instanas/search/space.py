@@ -294,9 +294,7 @@ def apply_empty_cell_rule(policy: torch.Tensor, forced: torch.Tensor) -> torch.T
     policy = policy.bool()
     empty = ~policy.any(dim=-1)
     needs_default = empty & forced.to(policy.device)
-    if not bool(needs_default.any()):
-        return policy
-    resolved = policy.clone()
+    resolved = policy.clone()  # always: checking first would wait for the device
     resolved[..., FORCED_DEFAULT_MODULE] |= needs_default
     return resolved
 

@@ -32,7 +32,9 @@ from .standalone import reference_networks, reference_path
 
 
 def run(ctx: RunContext) -> dict:
-    """Evaluate every model the run has trained; write results.json, .md and the per-image data."""
+    """Evaluate every model the run has trained; write results.json, .md and the per-image data.
+    Everything runs on the CPU, where the latency is measured, whatever the training device."""
+    ctx = ctx.on_cpu()
     table = latency_table(ctx)
     metagraph, controller = new_models(ctx)
     load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})

@@ -20,7 +20,7 @@ from ..models.controller import (
     policy_log_prob,
     sample_policy,
 )
-from ..models.metagraph import MetaGraph
+from ..models.metagraph import MetaGraph, sparse_plans
 from ..report.diagnostics import near_chance
 from ..search.policy import (
     PolicyFn,
@@ -37,6 +37,7 @@ from ..training import (
     accuracy,
     batch_statistics,
     check_finite,
+    finite_check_due,
     sgd,
     supervised_epoch,
 )
@@ -69,7 +70,7 @@ def controller_epoch(
     sampler = ctx.generator("search/controller-sample", epoch)
     step_once = ControllerStep(ctx, metagraph, controller, optimizer, table, reward_of, sampler)
     sums = torch.zeros(5, device=ctx.device)
-    seen, taken, start = 0, 0, time.perf_counter()
+    seen, start = 0, time.perf_counter()
     data = ctx.generator("search/controller-data", epoch)
     batches = ctx.batches(ctx.data.train, cfg.batch_size, train=True, generator=data)
     snapshot_at = snapshot_steps(steps, cfg.snapshots_per_epoch)
@@ -77,7 +78,6 @@ def controller_epoch(
     for step, batch in enumerate(progress_bar(batches, title, total=steps, unit="batch")):
         sums += step_once(batch.images, batch.labels, (epoch * steps + step) / (cfg.epochs * steps))
         seen += len(batch.labels)
-        taken += 1
         if snapshot is not None and step in snapshot_at:
             snapshot(snapshot_at[step])
     distributed.average_batchnorm_statistics([controller])
@@ -85,7 +85,7 @@ def controller_epoch(
     return {
         **dict(zip(_CONTROLLER_SUMS, mean)),
         **reward_of.describe(),
-        "controller_steps": taken,
+        "controller_steps": step_once.taken,
         "controller_seconds": time.perf_counter() - start,
     }
 
@@ -130,6 +130,8 @@ class ControllerStep:
         self.ctx, self.metagraph, self.controller = ctx, metagraph, controller
         self.optimizer, self.reward_of, self.generator = optimizer, reward_of, generator
         self.module_ms = table.module_ms().to(ctx.device)
+        self.steps = ctx.steps_per_epoch(ctx.config.search.batch_size)
+        self.taken = 0  # updates so far this epoch
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         if self.ctx.config.controller.objective == "imitate":
@@ -198,8 +200,10 @@ class ControllerStep:
         ccfg = self.ctx.config.controller
         if ccfg.usage_floor > 0:
             loss = loss + ccfg.pos_w * usage_penalty(probs, ccfg.usage_floor)
-        check_finite(loss, "controller", "controller.lr")
+        if finite_check_due(self.ctx.device, self.taken, self.steps):
+            check_finite(loss, "controller", "controller.lr")
         self.ctx.optimizer_step(loss, self.optimizer)
+        self.taken += 1
         # The budget's dual variable follows the global batch's mean greedy latency.
         self.reward_of.update(distributed.global_mean(latency[size:]))
         return torch.stack(
@@ -241,11 +245,12 @@ def score_children(
     if norm == "running":  # rows are independent: one forward for every set
         logits = metagraph(torch.cat([images] * sets), resolved)
     else:
+        # One forward per set, so each set of children is normalised with its own statistics;
+        # what sparse execution needs of every set is read from the device at once.
+        parts = resolved.view(sets, size, *resolved.shape[1:])
+        plans = sparse_plans(parts)
         with batch_statistics(metagraph):
-            # One forward per set, so each set of children is normalised with its own statistics.
-            logits = torch.cat(
-                [metagraph(images, resolved[i * size : (i + 1) * size]) for i in range(sets)]
-            )
+            logits = torch.cat([metagraph(images, p, plan=plan) for p, plan in zip(parts, plans)])
     targets = torch.cat([labels] * sets)
     log_prob = torch.log_softmax(logits.float(), 1).gather(1, targets[:, None]).squeeze(1)
     return (logits.argmax(1) == targets, log_prob, (resolved.float() * module_ms).flatten(1).sum(1))
