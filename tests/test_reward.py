@@ -64,3 +64,17 @@ def test_controller_output_shape():
     assert torch.allclose(
         ctrl.deploy()(torch.ones(1, 1, 28, 28)), ctrl(torch.ones(1, 1, 28, 28)), atol=1e-5
     )
+
+
+def test_proportional_gain_reacts_to_the_last_overshoot():
+    from instanas.search.reward import DualWeight
+
+    plain, damped = DualWeight(), DualWeight()
+    for mean in (2.0, 2.0, 0.5):  # twice over the target of 1.0, then well under it
+        plain.update(mean, 1.0, step=0.1)
+        damped.update(mean, 1.0, step=0.1, gain=0.3)
+    assert damped.value == plain.value == pytest.approx(0.15)  # the same integral
+    assert plain.weight == pytest.approx(0.15)
+    assert damped.weight == pytest.approx(0.0)  # 0.15 - 0.3 x 0.5, kept non-negative
+    damped.update(3.0, 1.0, step=0.1, gain=0.3)
+    assert damped.weight == pytest.approx(0.25 + 0.3)

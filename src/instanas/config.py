@@ -179,6 +179,13 @@ class ControllerConfig:
         "per unit of relative budget overshoot",
         ge=0.0,
     )
+    dual_kp: float = _f(
+        0.0,
+        "budget reward: proportional gain of the latency weight, which is then the integral "
+        "of the overshoot (dual_lr) plus dual_kp x the last batch's relative overshoot; damps "
+        "overshooting the budget (0: integral only)",
+        ge=0.0,
+    )
     entropy: str = _f(
         "paper",
         "entropy bonus: paper (sum of -p log p) | bernoulli (the full "

@@ -111,15 +111,24 @@ def budget_target(bounds: LatencyBounds, progress: float, budget: float, warmup:
 
 @dataclass
 class DualWeight:
-    """The latency weight of the budget reward, a Lagrange multiplier kept non-negative."""
+    """The latency weight of the budget reward, a Lagrange multiplier kept non-negative: the
+    integral of the relative overshoot (``value``) plus, with a proportional gain, the last
+    batch's overshoot times that gain (``proportional``), which reacts at once when the
+    latency crosses the target instead of waiting for the integral to unwind."""
 
     value: float = 0.0
+    proportional: float = 0.0
 
-    def update(self, mean_latency: float, target: float, step: float) -> float:
+    @property
+    def weight(self) -> float:
+        return max(0.0, self.value + self.proportional)
+
+    def update(self, mean_latency: float, target: float, step: float, gain: float = 0.0) -> float:
         # The relative overshoot is clipped so one far-off batch cannot swing the weight.
         overshoot = min(max(mean_latency / target - 1.0, -1.0), 1.0)
         self.value = max(0.0, self.value + step * overshoot)
-        return self.value
+        self.proportional = gain * overshoot
+        return self.weight
 
 
 class RewardFunction:
@@ -137,7 +146,7 @@ class RewardFunction:
         if c.reward == "budget":
             self.target = budget_target(self.bounds, progress, c.budget, c.budget_warmup)
             score = prediction_score(correct, log_prob, c.signal, c.pos_w, c.neg_w)
-            return budget_reward(score, latency, self.dual.value, self.bounds.mbv2, c.pos_w)
+            return budget_reward(score, latency, self.dual.weight, self.bounds.mbv2, c.pos_w)
         # The window advances per step so short searches still sweep the whole schedule.
         self.window = window_bounds(self.bounds, progress, c.window)
         return instance_reward(correct, latency, *self.window, c.pos_w, c.neg_w)
@@ -145,7 +154,8 @@ class RewardFunction:
     def update(self, greedy_latency: torch.Tensor) -> None:
         """After a step: move the latency weight towards the budget (budget reward only)."""
         if self.ccfg.reward == "budget":
-            self.dual.update(float(greedy_latency.mean()), self.target, self.ccfg.dual_lr)
+            mean = float(greedy_latency.mean())
+            self.dual.update(mean, self.target, self.ccfg.dual_lr, self.ccfg.dual_kp)
 
     def describe(self) -> dict:
         if self.ccfg.reward == "budget":

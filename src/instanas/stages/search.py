@@ -353,6 +353,7 @@ def search(
 
     def train_epoch(epoch: int) -> dict:
         dual.value = loop.state["latency_weight"]
+        dual.proportional = loop.state.get("latency_weight_p", 0.0)
         snapshot = snapshotter(ctx, metagraph, controller, epoch)
         record = controller_epoch(
             ctx, metagraph, controller, ctrl_opt, table, epoch, dual, snapshot
@@ -361,6 +362,7 @@ def search(
         record.update(validate_epoch(ctx, metagraph, controller, table, epoch))
         loop.state["history"].append({"stage": "search", "epoch": epoch + 1, **record})
         loop.state["latency_weight"] = dual.value
+        loop.state["latency_weight_p"] = dual.proportional
         return record
 
     def write_output() -> None:
