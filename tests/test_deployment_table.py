@@ -120,3 +120,35 @@ def test_a_table_of_another_model_is_refused_in_one_line(tmp_path):
         str(tmp_path / "nope.json"),
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_profile_with_a_shape_reads_no_data_and_fits_the_run(tmp_path):
+    """A device without the data set profiles from the shape alone; the table's key is the one
+    a profile with the data writes, so a run accepts it."""
+    config, target = _profile_on_target(tmp_path)
+    gone = tmp_path / "data-elsewhere"
+    (tmp_path / "data").rename(gone)  # the device has no data
+    on_device = tmp_path / "shape-only"
+    proc = _instanas(tmp_path, "profile", "--config", str(config), "--output", str(on_device),
+                     "--shape", "3x8x8", "--classes", "2", "--fresh")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no data read" in (on_device / "log.txt").read_text()
+    with_data = json.loads((target / "latency_table.json").read_text())["key"]
+    assert json.loads((on_device / "latency_table.json").read_text())["key"] == with_data
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shape", "28x28"], "is not CxSxS"),
+        (["--shape", "1x28x20"], "images are square"),
+        (["--shape", "1x28x28", "--classes", "1"], "at least 2 classes"),
+        (["--classes", "5"], "goes with --shape"),
+    ],
+)
+def test_profile_refuses_a_bad_shape_in_one_line(tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = _instanas(tmp_path, "profile", "--output", str(out), *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert not out.exists()

@@ -236,6 +236,19 @@ PROFILE_OPTIONS: Options = [
         ),
     ),
     (
+        ("--shape",),
+        dict(
+            default=None,
+            metavar="CxSxS",
+            help="profile for images of this shape (channels x size x size, e.g. 1x28x28) "
+            "without reading the data set: for a device that does not have it",
+        ),
+    ),
+    (
+        ("--classes",),
+        dict(type=int, default=None, help="with --shape: the number of classes (default 10)"),
+    ),
+    (
         ("--children",),
         dict(
             type=int,
@@ -455,9 +468,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .pipeline import open_run, save_timings
 
     config, run_dir, resume = _run_directory(args)
-    ctx = open_run(
-        config, run_dir, resume=resume, command=args.command, pinned=pinned_stages(_overrides(args))
-    )
+    pinned = pinned_stages(_overrides(args))
+    shape = profile_shape(args) if args.command == "profile" else None
+    ctx = open_run(config, run_dir, resume=resume, command=args.command, pinned=pinned, shape=shape)
     if args.command == "run":
         return _run_all(ctx)
     if args.command == "profile":
@@ -524,6 +537,25 @@ def _run_all(ctx) -> int:
         finalize_results(ctx)
         _print_summary(ctx.run_dir)
     return 0
+
+
+def profile_shape(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """(channels, size, classes) of ``profile --shape CxSxS [--classes K]``, else None."""
+    if args.shape is None:
+        if args.classes is not None:
+            raise ConfigError("--classes goes with --shape: add e.g. --shape 1x28x28")
+        return None
+    parts = args.shape.lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--shape {args.shape!r} is not CxSxS: pass e.g. 1x28x28 or 3x32x32")
+    channels, height, width = (int(p) for p in parts)
+    if height != width:
+        raise ConfigError(f"--shape {args.shape}: images are square here: pass e.g. "
+                          f"{channels}x{max(height, width)}x{max(height, width)}")  # fmt: skip
+    classes = 10 if args.classes is None else args.classes
+    if classes < 2:
+        raise ConfigError(f"--classes is {classes}: a classifier needs at least 2 classes")
+    return channels, height, classes
 
 
 def _profile(ctx, args: argparse.Namespace) -> int:

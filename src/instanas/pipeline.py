@@ -84,10 +84,13 @@ def open_run(
     resume: bool = False,
     command: str | None = None,
     pinned: Collection[str] = (),
+    shape: tuple[int, int, int] | None = None,
 ) -> RunContext:
     """Load the data and check the checkpoints ``command`` reads, then set up.
 
-    Every check runs before anything is written, so bad input leaves no trace.
+    ``shape`` (channels, size, classes) stands in for the data where only the model's shape
+    matters (``instanas profile --shape``): nothing is read. Every check runs before anything
+    is written, so bad input leaves no trace.
     """
     check_writable(run_dir)
     enlarge_primitive_cache()
@@ -97,8 +100,7 @@ def open_run(
         check_table_path(Path(config.latency.table))
     set_seed(config.seed)
     device = _set_up_device(config)
-    data = on_device(_load_data(config), device)
-    resolve_budgets(config, len(data.train), pinned)
+    data = _run_data(config, device, shape, pinned)
     space = config.search_space(data.channels, data.image_size, data.num_classes)
     if space.final_size < 2:
         side = f"{space.final_size}x{space.final_size}"
@@ -110,6 +112,8 @@ def open_run(
     atomic_write_text(run_dir / "config.yaml", to_yaml(config))
     _log_to_file(run_dir)
     sizes = f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test images"
+    if shape is not None:
+        sizes = f"no data read, the model's shape only ({data.name}, {data.num_classes} classes)"
     log.info("run directory %s; %s; space %s", run_dir, sizes, space.fingerprint())
     return ctx
 
@@ -149,6 +153,17 @@ def check_shares(config: Config) -> None:
                 f"{section}.batch_size {size} does not split across {ranks} processes: "
                 f"give a multiple of {ranks} (it is the global batch of all processes)"
             )
+
+
+def _run_data(
+    config: Config, device: torch.device, shape: tuple[int, int, int] | None, pinned
+) -> DataBundle:
+    """The run's data with its budgets resolved, or only its shape (nothing read)."""
+    if shape is not None:
+        return DataBundle.shape_only(*shape)
+    data = on_device(_load_data(config), device)
+    resolve_budgets(config, len(data.train), pinned)
+    return data
 
 
 def _load_data(config: Config) -> DataBundle:
@@ -269,7 +284,7 @@ def trained_controller_children(ctx: RunContext, metagraph, controller) -> list[
     """(child, "controller", images) for the children the run's fine-tuned (else searched)
     controller picks on the validation split; none before the search. Loads those weights."""
     trained = next((s for s in ("finetune", "search") if stage_path(ctx, s).exists()), None)
-    if trained is None:
+    if trained is None or len(ctx.data.val) == 0:  # no data read (profile --shape)
         return []
     load_stage(ctx, trained, {"metagraph": metagraph, "controller": controller})
     images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.val, 500, train=False)])

@@ -85,3 +85,16 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @classmethod
+    def shape_only(cls, channels: int, size: int, classes: int) -> DataBundle:
+        """Three empty splits of ``channels`` x ``size`` x ``size`` images: the model's shape
+        without any data (profiling on a device that does not have the data set)."""
+
+        def empty() -> ImageSet:
+            images = torch.empty((0, channels, size, size), dtype=torch.uint8)
+            return ImageSet(images, torch.empty(0, dtype=torch.int64))
+
+        names = [str(k) for k in range(classes)]
+        mid = (0.5,) * channels
+        return cls(f"shape {channels}x{size}x{size}", names, empty(), empty(), empty(), mid, mid)
