@@ -55,3 +55,22 @@ def test_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path):
     assert -1 <= results["table"]["spearman"] <= 1
     assert {"pretrain", "search", "finetune"} <= set(results["run"]["images_per_s"])
     assert "instanas" in (out / "gpu_check.md").read_text()
+
+
+def test_baseline_accuracy_scores_a_baseline_only_run(tmp_path):
+    from tiny_runs import make_folder_dataset, tiny_config
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny_config(make_folder_dataset(tmp_path / "data"), epochs=1))
+    run = tmp_path / "run"
+    env = {**os.environ, "INSTANAS_CACHE": str(tmp_path / "cache"), "INSTANAS_NO_PROGRESS": "1"}
+    trained = subprocess.run([sys.executable, "-m", "instanas", "baseline", "--config",
+                              str(config), "--output", str(run)],
+                             capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    script = str(ROOT / "scripts" / "baseline_accuracy.py")
+    scored = subprocess.run([sys.executable, script, str(run)],
+                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    accuracy = float(scored.stdout.split("test accuracy")[1].strip().rstrip("%"))
+    assert 0.0 <= accuracy <= 100.0
