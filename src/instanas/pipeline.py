@@ -111,8 +111,9 @@ def open_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(config))
     _log_to_file(run_dir)
-    sizes = f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test images"
-    if shape is not None:
+    if shape is None:
+        sizes = f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test images"
+    else:
         sizes = f"no data read, the model's shape only ({data.name}, {data.num_classes} classes)"
     log.info("run directory %s; %s; space %s", run_dir, sizes, space.fingerprint())
     return ctx
