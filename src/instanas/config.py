@@ -209,11 +209,22 @@ class PretrainConfig:
     epochs: int = _f(100, "one-shot pretraining epochs (first half every module on)", gt=0)
     steps: int | None = _steps()
     batch_size: int = _batch_size(128)
-    lr: float = _f(0.1, "SGD learning rate (x0.1 at the milestones)", gt=0.0)
+    lr: float = _f(0.1, "SGD learning rate (see pretrain.schedule)", gt=0.0)
     weight_decay: float = _f(1e-4, "SGD weight decay", ge=0.0)
+    schedule: str = _f(
+        "step",
+        "learning-rate schedule: step (x0.1 at the milestones, the paper) | cosine",
+        choices=("step", "cosine"),
+    )
     milestones: list = _f([0.5, 0.75], "fractions of training where the learning rate drops x0.1")
     final_keep: float = _f(
         0.5, "drop-path keep probability at the end of pretraining", gt=0.0, le=1.0
+    )
+    drop_path_start: float = _f(
+        0.5,
+        "fraction of pretraining trained with every module on; drop-path follows",
+        ge=0.0,
+        lt=1.0,
     )
 
 
@@ -723,6 +734,7 @@ def _check_field(key: str, value: Any, meta: Any) -> None:
         ("gt", lambda v, b: v > b, "greater than"),
         ("ge", lambda v, b: v >= b, "at least"),
         ("le", lambda v, b: v <= b, "at most"),
+        ("lt", lambda v, b: v < b, "less than"),
     )
     for name, ok, words in bounds:
         if name in meta and not ok(value, meta[name]):

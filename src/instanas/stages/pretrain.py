@@ -8,16 +8,24 @@ import torch
 
 from ..distributed import uniform
 from ..models.metagraph import MetaGraph
-from ..training import EpochPlan, RunContext, accuracy, sgd, step_decay, supervised_epoch
+from ..training import (
+    EpochPlan,
+    RunContext,
+    accuracy,
+    cosine,
+    sgd,
+    step_decay,
+    supervised_epoch,
+)
 from .common import new_models, save_stage, stage_path
 from .loop import EpochLoop
 
 
-def drop_path_keep(progress: float, final_keep: float) -> float:
-    """Keep probability: 1 for the first half; then falls linearly to ``final_keep``."""
-    if progress < 0.5:
+def drop_path_keep(progress: float, final_keep: float, start: float = 0.5) -> float:
+    """Keep probability: 1 until ``start``; then falls linearly to ``final_keep`` at the end."""
+    if progress < start:
         return 1.0
-    return 1.0 - (1.0 - final_keep) * (progress - 0.5) / 0.5
+    return 1.0 - (1.0 - final_keep) * (progress - start) / (1.0 - start)
 
 
 def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
@@ -26,11 +34,11 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
     optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
     drop_gen = ctx.generator("pretrain/drop-path")
     shape = (ctx.space.num_cells, ctx.space.num_modules)
-    schedule = step_decay(cfg.milestones)
+    schedule = cosine if cfg.schedule == "cosine" else step_decay(cfg.milestones)
     plan = EpochPlan("pretrain", cfg.epochs, cfg.batch_size, cfg.lr, "pretrain.lr", schedule)
 
     def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
-        keep = drop_path_keep(progress, cfg.final_keep)
+        keep = drop_path_keep(progress, cfg.final_keep, cfg.drop_path_start)
         if keep >= 1.0:
             return metagraph(images)  # every module on
         # Per image and per module; outputs are not rescaled, as in the paper. Cells left empty
@@ -44,7 +52,9 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
         metagraph.eval()
         return stats.record(
             val_accuracy_all_modules=accuracy(ctx, metagraph, ctx.data.val),
-            keep_prob_end=drop_path_keep((epoch + 1) / cfg.epochs, cfg.final_keep),
+            keep_prob_end=drop_path_keep(
+                (epoch + 1) / cfg.epochs, cfg.final_keep, cfg.drop_path_start
+            ),
         )
 
     modules = {"metagraph": metagraph}
