@@ -43,6 +43,10 @@ def test_drop_path_schedule():
     assert drop_path_keep(0.49, 0.5) == 1.0
     assert drop_path_keep(0.75, 0.5) == pytest.approx(0.75)
     assert drop_path_keep(1.0, 0.5) == pytest.approx(0.5)
+    # pretrain.drop_path_start moves the start of the fall, the end stays at final_keep
+    assert drop_path_keep(0.24, 0.5, start=0.25) == 1.0
+    assert drop_path_keep(0.625, 0.5, start=0.25) == pytest.approx(0.75)
+    assert drop_path_keep(1.0, 0.5, start=0.25) == pytest.approx(0.5)
 
 
 def test_probability_bounding_and_policies():

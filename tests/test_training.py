@@ -1,6 +1,9 @@
+import pytest
 import torch
 
+from instanas.config import PretrainConfig
 from instanas.models.metagraph import MetaGraph
+from instanas.stages.pretrain import lr_schedule
 from instanas.stages.search import select_epoch
 from instanas.training import batch_statistics, cosine, recalibrate_batchnorm, step_decay
 
@@ -66,3 +69,10 @@ def test_schedules():
     decay = step_decay([0.5, 0.75])
     assert decay(0.0) == 1.0 and abs(decay(0.6) - 0.1) < 1e-12 and abs(decay(0.8) - 0.01) < 1e-12
     assert cosine(0.0) == 1.0 and abs(cosine(1.0)) < 1e-12
+
+
+def test_pretrain_schedule_option():
+    paper = PretrainConfig()
+    assert lr_schedule(paper)(0.6) == pytest.approx(0.1)  # the paper's step decay by default
+    smooth = PretrainConfig(schedule="cosine")
+    assert [lr_schedule(smooth)(p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.5, 0.0])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
 
+from ..config import PretrainConfig
 from ..distributed import uniform
 from ..models.metagraph import MetaGraph
 from ..training import (
@@ -28,14 +30,20 @@ def drop_path_keep(progress: float, final_keep: float, start: float = 0.5) -> fl
     return 1.0 - (1.0 - final_keep) * (progress - start) / (1.0 - start)
 
 
+def lr_schedule(cfg: PretrainConfig) -> Callable[[float], float]:
+    """The learning-rate factor over pretraining progress that ``pretrain.schedule`` names."""
+    return cosine if cfg.schedule == "cosine" else step_decay(cfg.milestones)
+
+
 def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
     cfg = ctx.config.pretrain
     metagraph = ctx.prepare(metagraph)
     optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.weight_decay)
     drop_gen = ctx.generator("pretrain/drop-path")
     shape = (ctx.space.num_cells, ctx.space.num_modules)
-    schedule = cosine if cfg.schedule == "cosine" else step_decay(cfg.milestones)
-    plan = EpochPlan("pretrain", cfg.epochs, cfg.batch_size, cfg.lr, "pretrain.lr", schedule)
+    plan = EpochPlan(
+        "pretrain", cfg.epochs, cfg.batch_size, cfg.lr, "pretrain.lr", lr_schedule(cfg)
+    )
 
     def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
         keep = drop_path_keep(progress, cfg.final_keep, cfg.drop_path_start)
