@@ -13,6 +13,7 @@ from instanas.search.reward import (
     LOG_PROB_FLOOR,
     DualWeight,
     LatencyBounds,
+    RewardFunction,
     budget_reward,
     budget_target,
     prediction_score,
@@ -51,6 +52,17 @@ def test_dual_weight_rises_over_budget_and_stays_non_negative():
     dual.update(0.0, 10.0, 0.1)
     dual.update(0.0, 10.0, 0.1)
     assert dual.value == 0.0
+
+
+def test_the_recorded_latency_weight_is_the_one_in_use():
+    ccfg = load_preset("fashion-cpu").controller  # budget reward with dual_kp > 0
+    reward_of = RewardFunction(ccfg, BOUNDS, DualWeight())
+    reward_of.update(torch.tensor([30.0]))  # under the starting target of 0.7 x 100
+    reward_of.update(torch.tensor([100.0]))  # then over it
+    state = reward_of.describe()
+    assert state["latency_weight"] == pytest.approx(reward_of.dual.weight)
+    assert state["latency_weight_integral"] == pytest.approx(reward_of.dual.value)
+    assert state["latency_weight"] > state["latency_weight_integral"]  # the proportional part
 
 
 def test_budget_target_warms_up_then_holds():

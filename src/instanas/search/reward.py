@@ -159,7 +159,13 @@ class RewardFunction:
 
     def describe(self) -> dict:
         if self.ccfg.reward == "budget":
-            return {"latency_weight": self.dual.value, "budget_cells_ms": self.target}
+            # latency_weight is the weight the next step uses; the integral alone is the part
+            # that carries over between batches
+            return {
+                "latency_weight": self.dual.weight,
+                "latency_weight_integral": self.dual.value,
+                "budget_cells_ms": self.target,
+            }
         return {"window_lower_ms": self.window[0], "window_upper_ms": self.window[1]}
 
 
