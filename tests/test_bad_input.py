@@ -133,6 +133,19 @@ def milestone_outside_training(run, tmp, mp):
 
 
 @case
+def drop_path_starting_at_the_end(run, tmp, mp):
+    return _resume_with(run, "--pretrain.drop_path_start", "1.0"), (
+        "pretrain.drop_path_start",
+        "less than 1.0",
+    )
+
+
+@case
+def unknown_pretrain_schedule(run, tmp, mp):
+    return _resume_with(run, "--pretrain.schedule", "cosin"), ("pretrain.schedule", "cosine")
+
+
+@case
 def unknown_device(run, tmp, mp):
     return _resume_with(run, "--device", "gpu"), ("use cpu, cuda or cuda:N",)
 
