@@ -206,7 +206,9 @@ class ControllerConfig:
 
 @dataclass
 class PretrainConfig:
-    epochs: int = _f(100, "one-shot pretraining epochs (first half every module on)", gt=0)
+    epochs: int = _f(
+        100, "one-shot pretraining epochs (every module on until pretrain.drop_path_start)", gt=0
+    )
     steps: int | None = _steps()
     batch_size: int = _batch_size(128)
     lr: float = _f(0.1, "SGD learning rate (see pretrain.schedule)", gt=0.0)
@@ -216,7 +218,9 @@ class PretrainConfig:
         "learning-rate schedule: step (x0.1 at the milestones, the paper) | cosine",
         choices=("step", "cosine"),
     )
-    milestones: list = _f([0.5, 0.75], "fractions of training where the learning rate drops x0.1")
+    milestones: list = _f(
+        [0.5, 0.75], "schedule step: fractions of training where the learning rate drops x0.1"
+    )
     final_keep: float = _f(
         0.5, "drop-path keep probability at the end of pretraining", gt=0.0, le=1.0
     )

@@ -44,9 +44,10 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
     plan = EpochPlan(
         "pretrain", cfg.epochs, cfg.batch_size, cfg.lr, "pretrain.lr", lr_schedule(cfg)
     )
+    keep_at = partial(drop_path_keep, final_keep=cfg.final_keep, start=cfg.drop_path_start)
 
     def forward(images: torch.Tensor, progress: float) -> torch.Tensor:
-        keep = drop_path_keep(progress, cfg.final_keep, cfg.drop_path_start)
+        keep = keep_at(progress)
         if keep >= 1.0:
             return metagraph(images)  # every module on
         # Per image and per module; outputs are not rescaled, as in the paper. Cells left empty
@@ -60,9 +61,7 @@ def pretrain(ctx: RunContext, metagraph: MetaGraph) -> MetaGraph:
         metagraph.eval()
         return stats.record(
             val_accuracy_all_modules=accuracy(ctx, metagraph, ctx.data.val),
-            keep_prob_end=drop_path_keep(
-                (epoch + 1) / cfg.epochs, cfg.final_keep, cfg.drop_path_start
-            ),
+            keep_prob_end=keep_at((epoch + 1) / cfg.epochs),
         )
 
     modules = {"metagraph": metagraph}
