@@ -13,7 +13,11 @@ test split for predicting the *hard* images (cheapest child wrong):
 * ``cheapest_child_confidence``: 1 - the cheapest child's own top softmax probability, a
   reference that needs the child to run first (a cascade), not available to the controller.
 
-An AUC of 0.5 means no signal. Prints one JSON object.
+An AUC of 0.5 means no signal. It also reports how much the controller's probabilities vary
+from image to image (``controller_probability_spread``: the standard deviation of each module's
+probability over the test images, largest and mean over the modules): a controller whose
+probabilities hardly move picks the same child for every image, whatever its input tells.
+Prints one JSON object.
 
     python scripts/routing_signal.py runs/fashion-cpu-...
 """
@@ -60,14 +64,14 @@ def cheapest_child_pass(ctx, metagraph, data) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def controller_views(ctx, controller, module_ms, data) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expected cell latency per image and the thumbnail the controller sees (flattened)."""
-    expected, thumbs = [], []
+def controller_views(ctx, controller, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The controller's probabilities per image and the thumbnail it sees (flattened)."""
+    probs, thumbs = [], []
     size = controller.spec.input_size
     for batch in ctx.batches(data, 500, train=False):
-        expected.append((controller(batch.images) * module_ms).flatten(1).sum(1).cpu())
+        probs.append(controller(batch.images).cpu())
         thumbs.append(F.adaptive_avg_pool2d(batch.images.float(), size).flatten(1).cpu())
-    return torch.cat(expected), torch.cat(thumbs)
+    return torch.cat(probs), torch.cat(thumbs)
 
 
 def logistic_scores(train_x, train_y, test_x, steps: int = 200) -> torch.Tensor:
@@ -106,14 +110,16 @@ def main() -> int:
         purpose="routing-signal/calibrate",
         epoch=0,
     )
-    module_ms = latency_table(ctx).module_ms().to(ctx.device)
+    module_ms = latency_table(ctx).module_ms()
     views = {}
     for split in ("val", "test"):
         data = getattr(ctx.data, split)
         correct, confidence = cheapest_child_pass(ctx, cheapest, data)
-        expected, thumbs = controller_views(ctx, controller, module_ms, data)
-        views[split] = (correct, confidence, expected, thumbs)
-    correct, confidence, expected, thumbs = views["test"]
+        probs, thumbs = controller_views(ctx, controller, data)
+        views[split] = (correct, confidence, probs, thumbs)
+    correct, confidence, probs, thumbs = views["test"]
+    expected = (probs * module_ms).flatten(1).sum(1)
+    spread = probs.flatten(1).std(0)
     hard = ~correct
     val_hard = ~views["val"][0]
     logistic = logistic_scores(views["val"][3], val_hard, thumbs)
@@ -123,6 +129,10 @@ def main() -> int:
                 "run": str(args.run_dir),
                 "weights": stage,
                 "cheapest_child_test_accuracy": float(correct.float().mean()),
+                "controller_probability_spread": {
+                    "max": float(spread.max()),
+                    "mean": float(spread.mean()),
+                },
                 "auc_hard_images": {
                     "controller_expected_ms": roc_auc(expected, hard),
                     "thumbnail_logistic": roc_auc(logistic, hard),

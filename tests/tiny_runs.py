@@ -62,10 +62,11 @@ MAIN_MODEL_ONLY = {
 }
 
 
-def tiny_main_model_run(root: Path) -> Path:
+def tiny_main_model_run(root: Path, **overrides: str) -> Path:
     """``instanas run`` of the tiny config with only the main model and its baseline."""
     config = root / "config.yaml"
-    config.write_text(tiny_config(make_folder_dataset(root / "data"), **MAIN_MODEL_ONLY))
+    sections = {**MAIN_MODEL_ONLY, **overrides}
+    config.write_text(tiny_config(make_folder_dataset(root / "data"), **sections))
     env = {**os.environ, "INSTANAS_CACHE": str(root / "cache")}
     proc = subprocess.run(
         [

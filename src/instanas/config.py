@@ -202,6 +202,21 @@ class ControllerConfig:
         choices=("reinforce", "imitate"),
     )
     candidates: int = _f(4, "imitate: children sampled and scored per image", gt=0)
+    form: str = _f(
+        "free",
+        "what the controller outputs: free (each module's logit read from the image's "
+        "features) | difficulty (one difficulty score per image, learned from whether the "
+        "current greedy child gets the image wrong, and per module a start point and slope "
+        "along it: reinforce objective only)",
+        choices=("free", "difficulty"),
+    )
+    difficulty_target: str = _f(
+        "wrong",
+        "difficulty form: what counts as a hard image, wrong (the greedy child is wrong) | "
+        "helped (the greedy child is wrong and the child with every module is right: images "
+        "more modules fix; one more forward per controller step)",
+        choices=("wrong", "helped"),
+    )
 
 
 @dataclass
@@ -458,7 +473,8 @@ class Config:
         )
 
     def controller_spec(self) -> ControllerSpec:
-        return ControllerSpec(self.controller.input_size, tuple(self.controller.widths))
+        c = self.controller
+        return ControllerSpec(c.input_size, tuple(c.widths), c.form)
 
     def mbv2_widths(self) -> list[float]:
         """Widths of the extra MobileNetV2-path baselines (1.0 is the mbv2-path model itself)."""
@@ -704,13 +720,7 @@ def validate(config: Config) -> None:
             )
     if not config.space.stages:
         raise ConfigError("space.stages is empty: give at least one [channels, cells, stride]")
-    if not isinstance(config.controller.widths, list) or not all(
-        isinstance(w, int) and w > 0 for w in config.controller.widths
-    ):
-        raise ConfigError(
-            "controller.widths must be a list of positive whole numbers "
-            "(one residual stage each; [] for a linear controller)"
-        )
+    _check_controller(config.controller)
     widths = config.baseline.widths
     if not isinstance(widths, list) or not all(
         isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in widths
@@ -724,6 +734,21 @@ def validate(config: Config) -> None:
     for key, value in (("device", config.device), ("latency.device", config.latency.device)):
         if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
             raise ConfigError(f"{key} {value!r} is not supported: use cpu, cuda or cuda:N")
+
+
+def _check_controller(controller: ControllerConfig) -> None:
+    if not isinstance(controller.widths, list) or not all(
+        isinstance(w, int) and w > 0 for w in controller.widths
+    ):
+        raise ConfigError(
+            "controller.widths must be a list of positive whole numbers "
+            "(one residual stage each; [] for a linear controller)"
+        )
+    if controller.form == "difficulty" and controller.objective != "reinforce":
+        raise ConfigError(
+            "controller.form difficulty learns with the reinforce objective: "
+            "set controller.objective reinforce or controller.form free"
+        )
 
 
 def _check_field(key: str, value: Any, meta: Any) -> None:

@@ -18,12 +18,17 @@ class ControllerSpec:
 
     input_size: int = 32  # images are resized (area) to this side before the controller sees them
     widths: tuple[int, ...] = (16, 32, 64)
+    # free: every logit a linear read-out of the features | difficulty: one scalar read-out,
+    # the image's difficulty, and each logit a + b x difficulty (see Controller)
+    form: str = "free"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # The free form is left out, so checkpoints and cached latency tables made before the
+        # form existed keep matching.
+        return {k: v for k, v in asdict(self).items() if not (k == "form" and v == "free")}
 
 
 class ResidualBlock(nn.Module):
@@ -42,6 +47,12 @@ class ResidualBlock(nn.Module):
         return torch.relu(self.conv2(self.conv1(x)) + shortcut)
 
 
+# Adam moves a parameter by about its learning rate per step; the gain gives the two numbers
+# per module of the difficulty form the reach that the free form's logits get from summing
+# many feature weights, so a search of a few hundred steps can still settle each module.
+_PLACEMENT_GAIN = 10.0
+
+
 class Controller(nn.Module):
     """ResNet-8 style policy network: sigmoid probabilities [B, cells, modules] per image.
 
@@ -49,6 +60,13 @@ class Controller(nn.Module):
     the logits are a linear function of the thumbnail's pixels (three operators at batch 1),
     for children so small that any convolutional controller would be a large share of their
     latency.
+
+    ``spec.form == "difficulty"``: the features give one number per image, a difficulty logit
+    d (trained by the search to predict whether the current greedy child gets the image wrong),
+    and module m's logit is ``base[m] + softplus(slope[m]) * d``. The policy gradient then only
+    has to learn two numbers per module, where along the difficulty each module starts, instead
+    of per-image features from a noisy reward; the greedy children form a ladder ordered by d,
+    each harder image running a superset of an easier one's modules.
     """
 
     def __init__(
@@ -70,11 +88,21 @@ class Controller(nn.Module):
             self.blocks = nn.Sequential(*blocks)
         else:
             channels = in_channels * spec.input_size**2
-        self.logits = nn.Linear(channels, num_cells * num_modules)
-        # Start from p = 0.5 everywhere, but with the weights small so early policies are
-        # close to uniform exploration rather than an arbitrary fixed architecture.
-        nn.init.normal_(self.logits.weight, std=1e-3)
-        nn.init.zeros_(self.logits.bias)
+        if spec.form == "difficulty":
+            self.difficulty = nn.Linear(channels, 1)
+            # Zero: every image starts at difficulty 0, so every p starts at 0.5.
+            nn.init.zeros_(self.difficulty.weight)
+            nn.init.zeros_(self.difficulty.bias)
+            self.base = nn.Parameter(torch.zeros(num_cells, num_modules))
+            self.slope = nn.Parameter(torch.zeros(num_cells, num_modules))  # softplus: >= 0
+        elif spec.form == "free":
+            self.logits = nn.Linear(channels, num_cells * num_modules)
+            # Start from p = 0.5 everywhere, but with the weights small so early policies are
+            # close to uniform exploration rather than an arbitrary fixed architecture.
+            nn.init.normal_(self.logits.weight, std=1e-3)
+            nn.init.zeros_(self.logits.bias)
+        else:
+            raise ValueError(f"unknown controller form {spec.form!r}: use 'free' or 'difficulty'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Selection probabilities [B, cells, modules]."""
@@ -82,6 +110,24 @@ class Controller(nn.Module):
 
     def policy_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, cells, modules]; the greedy policy is ``logits >= 0`` (p >= 0.5)."""
+        return self.logits_and_difficulty(x)[0]
+
+    def logits_and_difficulty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Policy logits [B, cells, modules] and, in the difficulty form, the difficulty logit
+        [B] (None in the free form)."""
+        features = self.features(x)
+        if self.spec.form == "free":
+            return self.logits(features).view(-1, self.num_cells, self.num_modules), None
+        difficulty = self.difficulty(features).squeeze(1)
+        # Detached: the difficulty is learned from its own target, the policy gradient only
+        # places the modules along it.
+        # A non-negative slope: a harder image runs every module an easier one runs, and more.
+        slope = F.softplus(self.slope)
+        position = self.base + slope * difficulty.detach()[:, None, None]
+        return _PLACEMENT_GAIN * position, difficulty
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features of the thumbnail (the thumbnail itself when linear)."""
         if x.shape[-1] != self.spec.input_size:
             if x.shape[-1] > self.spec.input_size:
                 x = F.adaptive_avg_pool2d(x, self.spec.input_size)
@@ -90,10 +136,8 @@ class Controller(nn.Module):
                     x, size=self.spec.input_size, mode="bilinear", align_corners=False
                 )
         if self.spec.widths:
-            features = self.blocks(self.stem(x)).mean(dim=(2, 3))
-        else:
-            features = x.flatten(1)
-        return self.logits(features).view(-1, self.num_cells, self.num_modules)
+            return self.blocks(self.stem(x)).mean(dim=(2, 3))
+        return x.flatten(1)
 
     def deploy(self) -> "Controller":
         return fold_batchnorm(self)

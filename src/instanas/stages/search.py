@@ -138,7 +138,8 @@ class ControllerStep:
             return self.imitate(images, labels, progress)
         ccfg = self.ctx.config.controller
         with self.ctx.autocast():
-            probs = self.controller(images).float()
+            logits, difficulty = self.controller.logits_and_difficulty(images)
+        probs = torch.sigmoid(logits.float())
         bounded = bound_probabilities(probs, ccfg.alpha)
         size = len(labels)
         with torch.no_grad():
@@ -152,7 +153,19 @@ class ControllerStep:
             -(policy_log_prob(bounded, sampled) * advantage).sum()
             - ccfg.beta * policy_entropy(bounded, ccfg.entropy).sum()
         ) / size
+        if difficulty is not None:
+            loss = loss + difficulty_loss(difficulty, self.hard(images, labels, correct[size:]))
         return self.update(loss, probs, correct, latency, reward, size)
+
+    def hard(self, images: torch.Tensor, labels: torch.Tensor, greedy_correct: torch.Tensor):
+        """The difficulty form's target per image (:func:`hard_images`)."""
+        target = self.ctx.config.controller.difficulty_target
+        if target == "wrong":
+            return hard_images(target, greedy_correct)
+        every = torch.ones(
+            len(labels), *self.module_ms.shape, dtype=torch.bool, device=labels.device
+        )
+        return hard_images(target, greedy_correct, self.score(images, labels, every)[0])
 
     def imitate(self, images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         """Each image's best of ``controller.candidates`` sampled children (and the greedy one)
@@ -215,6 +228,24 @@ class ControllerStep:
                 correct[:size].float().sum(),
             ]
         )
+
+
+def hard_images(
+    target: str, greedy_correct: torch.Tensor, every_correct: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``controller.difficulty_target``: ``wrong``, the greedy child is wrong; ``helped``, it
+    is wrong where the child with every module (``every_correct``) is right, so images more
+    modules fix count as hard and those no child gets right do not."""
+    if target == "wrong":
+        return ~greedy_correct
+    if target == "helped" and every_correct is not None:
+        return ~greedy_correct & every_correct
+    raise ValueError(f"difficulty target {target!r} needs: wrong, or helped with every_correct")
+
+
+def difficulty_loss(difficulty: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the controller's difficulty logits against ``hard``."""
+    return F.binary_cross_entropy_with_logits(difficulty.float(), hard.float())
 
 
 def best_children(policies: torch.Tensor, reward: torch.Tensor, size: int) -> torch.Tensor:
