@@ -24,8 +24,8 @@ def test_greedy_children_form_a_ladder_along_the_difficulty():
         controller.difficulty.weight.normal_()
         controller.slope.normal_()  # negative raw slopes too: the ladder holds anyway
         # Each module starts at its own quantile of these images' difficulties.
-        d = controller.logits_and_difficulty(images)[1]
-        starts = torch.quantile(d, torch.linspace(0.1, 0.9, 6)).view(3, 2)
+        hardness = torch.sigmoid(controller.logits_and_difficulty(images)[1]) - 0.5
+        starts = torch.quantile(hardness, torch.linspace(0.1, 0.9, 6)).view(3, 2)
         controller.base.copy_(-torch.nn.functional.softplus(controller.slope) * starts)
     logits, difficulty = controller.logits_and_difficulty(images)
     assert logits.shape == (64, 3, 2) and difficulty.shape == (64,)

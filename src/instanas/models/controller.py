@@ -63,10 +63,10 @@ class Controller(nn.Module):
 
     ``spec.form == "difficulty"``: the features give one number per image, a difficulty logit
     d (trained by the search to predict whether the current greedy child gets the image wrong),
-    and module m's logit is ``base[m] + softplus(slope[m]) * d``. The policy gradient then only
-    has to learn two numbers per module, where along the difficulty each module starts, instead
-    of per-image features from a noisy reward; the greedy children form a ladder ordered by d,
-    each harder image running a superset of an easier one's modules.
+    and module m's logit is ``base[m] + softplus(slope[m]) * (sigmoid(d) - 1/2)``. The policy
+    gradient then only has to learn two numbers per module, where along the difficulty each
+    module starts, instead of per-image features from a noisy reward; the greedy children form
+    a ladder ordered by d, each harder image running a superset of an easier one's modules.
     """
 
     def __init__(
@@ -121,9 +121,11 @@ class Controller(nn.Module):
         difficulty = self.difficulty(features).squeeze(1)
         # Detached: the difficulty is learned from its own target, the policy gradient only
         # places the modules along it.
-        # A non-negative slope: a harder image runs every module an easier one runs, and more.
-        slope = F.softplus(self.slope)
-        position = self.base + slope * difficulty.detach()[:, None, None]
+        # Placed along P(hard) = sigmoid(d), centred: the spread of the logits over images
+        # stays within reach of the base, so the budget can be met, and with a non-negative
+        # slope a harder image runs every module an easier one runs, and more.
+        hardness = torch.sigmoid(difficulty.detach())[:, None, None] - 0.5
+        position = self.base + F.softplus(self.slope) * hardness
         return _PLACEMENT_GAIN * position, difficulty
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
