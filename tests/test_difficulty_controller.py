@@ -69,6 +69,9 @@ def test_a_run_with_the_difficulty_form_loads_and_predicts(tmp_path):
     controller = "{input_size: 8, widths: [4, 8], form: difficulty}"
     run = tiny_main_model_run(tmp_path, controller=controller)
     assert json.loads((run / "results.json").read_text())["models"]["instanas"]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    search = [r for r in map(json.loads, lines) if r["stage"] == "search"]
+    assert search and all(0.0 <= r["hard_train_share"] <= 1.0 for r in search)
     model = instanas.load(run)
     assert model.predictor.controller.spec.form == "difficulty"
     assert model(torch.rand(3, 3, 8, 8)).shape == (3, 2)

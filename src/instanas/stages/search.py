@@ -81,13 +81,20 @@ def controller_epoch(
         if snapshot is not None and step in snapshot_at:
             snapshot(snapshot_at[step])
     distributed.average_batchnorm_statistics([controller])
-    mean = (distributed.all_sum(sums) / (seen * world_size())).tolist()
     return {
-        **dict(zip(_CONTROLLER_SUMS, mean)),
+        **epoch_means(sums, step_once.hard_images, seen),
         **reward_of.describe(),
         "controller_steps": step_once.taken,
         "controller_seconds": time.perf_counter() - start,
     }
+
+
+def epoch_means(sums: torch.Tensor, hard: torch.Tensor | None, seen: int) -> dict:
+    """The epoch's per-image means over every rank: the :class:`ControllerStep` sums and, with
+    the difficulty form, the share of images labelled hard."""
+    totals = sums if hard is None else torch.cat([sums, hard.view(1)])
+    mean = (distributed.all_sum(totals) / (seen * world_size())).tolist()
+    return dict(zip(_CONTROLLER_SUMS + ("hard_train_share",), mean))
 
 
 def prepare_for_controller_epoch(
@@ -132,6 +139,8 @@ class ControllerStep:
         self.module_ms = table.module_ms().to(ctx.device)
         self.steps = ctx.steps_per_epoch(ctx.config.search.batch_size)
         self.taken = 0  # updates so far this epoch
+        # The difficulty form: images labelled hard so far this epoch.
+        self.hard_images = torch.zeros((), device=ctx.device) if has_difficulty(ctx) else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         if self.ctx.config.controller.objective == "imitate":
@@ -154,7 +163,9 @@ class ControllerStep:
             - ccfg.beta * policy_entropy(bounded, ccfg.entropy).sum()
         ) / size
         if difficulty is not None:
-            loss = loss + difficulty_loss(difficulty, self.hard(images, labels, correct[size:]))
+            hard = self.hard(images, labels, correct[size:])
+            self.hard_images += hard.sum()
+            loss = loss + difficulty_loss(difficulty, hard)
         return self.update(loss, probs, correct, latency, reward, size)
 
     def hard(self, images: torch.Tensor, labels: torch.Tensor, greedy_correct: torch.Tensor):
@@ -228,6 +239,11 @@ class ControllerStep:
                 correct[:size].float().sum(),
             ]
         )
+
+
+def has_difficulty(ctx: RunContext) -> bool:
+    """Whether the controller learns a difficulty (``controller.form difficulty``)."""
+    return ctx.config.controller.form == "difficulty"
 
 
 def hard_images(
