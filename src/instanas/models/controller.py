@@ -119,11 +119,10 @@ class Controller(nn.Module):
         if self.spec.form == "free":
             return self.logits(features).view(-1, self.num_cells, self.num_modules), None
         difficulty = self.difficulty(features).squeeze(1)
-        # Detached: the difficulty is learned from its own target, the policy gradient only
-        # places the modules along it.
-        # Placed along P(hard) = sigmoid(d), centred: the spread of the logits over images
-        # stays within reach of the base, so the budget can be met, and with a non-negative
-        # slope a harder image runs every module an easier one runs, and more.
+        # Detached: d is learned from its own target; the policy gradient only places the
+        # modules along P(hard) = sigmoid(d), centred, which keeps the logits' spread over the
+        # images within the base's reach (so the budget can be met). A non-negative slope: a
+        # harder image runs every module an easier one runs, and more.
         hardness = torch.sigmoid(difficulty.detach())[:, None, None] - 0.5
         position = self.base + F.softplus(self.slope) * hardness
         return _PLACEMENT_GAIN * position, difficulty

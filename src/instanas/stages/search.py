@@ -140,7 +140,8 @@ class ControllerStep:
         self.steps = ctx.steps_per_epoch(ctx.config.search.batch_size)
         self.taken = 0  # updates so far this epoch
         # The difficulty form: images labelled hard so far this epoch.
-        self.hard_images = torch.zeros((), device=ctx.device) if has_difficulty(ctx) else None
+        difficulty = ctx.config.controller.form == "difficulty"
+        self.hard_images = torch.zeros((), device=ctx.device) if difficulty else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
         if self.ctx.config.controller.objective == "imitate":
@@ -239,11 +240,6 @@ class ControllerStep:
                 correct[:size].float().sum(),
             ]
         )
-
-
-def has_difficulty(ctx: RunContext) -> bool:
-    """Whether the controller learns a difficulty (``controller.form difficulty``)."""
-    return ctx.config.controller.form == "difficulty"
 
 
 def hard_images(
