@@ -74,3 +74,47 @@ def test_baseline_accuracy_scores_a_baseline_only_run(tmp_path):
     assert scored.returncode == 0, scored.stderr[-2000:]
     accuracy = float(scored.stdout.split("test accuracy")[1].strip().rstrip("%"))
     assert 0.0 <= accuracy <= 100.0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny main-model run with its best static child (what the routing scripts read)."""
+    from tiny_runs import tiny_main_model_run
+
+    return tiny_main_model_run(tmp_path_factory.mktemp("scripts"))
+
+
+def _script(name: str, *args: str) -> str:
+    env = {**os.environ, "INSTANAS_NO_PROGRESS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_routing_ceiling_scores_both_references_image_by_image(tiny_run, tmp_path):
+    report = json.loads(_script("routing_ceiling.py", str(tiny_run)))
+    results = json.loads((tiny_run / "results.json").read_text())["models"]
+    for model in ("instanas", "static-child", "mbv2-path"):
+        assert report["test_accuracy"][model] == pytest.approx(results[model]["test_accuracy"])
+    assert sum(part["share"] for part in report["by_route"]) == pytest.approx(1.0)
+    acc = report["test_accuracy"]
+    for router, curve in report["two_model_routing"].items():
+        assert curve[0]["accuracy"] == pytest.approx(acc["static-child"]), router
+        assert curve[-1]["accuracy"] == pytest.approx(acc["mbv2-path"]), router
+    # No router beats the one that knows which network is right.
+    oracle = report["two_model_routing"]["oracle"]
+    for router in ("controller_expected_ms", "random"):
+        for mine, best in zip(report["two_model_routing"][router], oracle):
+            assert mine["accuracy"] <= best["accuracy"] + 1e-9
+    saved = tmp_path / "run" / "routing-ceiling.json"
+    saved.parent.mkdir()
+    saved.write_text(json.dumps(report))
+    assert _script("routing_ceiling.py", "--table", str(saved)).startswith("| run |")
+
+
+def test_routing_signal_and_children_table_read_a_run(tiny_run):
+    signal = json.loads(_script("routing_signal.py", str(tiny_run)))
+    assert 0.0 <= signal["cheapest_child_test_accuracy"] <= 1.0
+    assert signal["controller_probability_spread"]["max"] >= 0.0
+    assert _script("children_table.py", str(tiny_run)).count("|") > 0
