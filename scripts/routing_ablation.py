@@ -92,7 +92,12 @@ def rescore(out: Path, name: str) -> dict:
     table = latency_table(ctx)
     selected = json.loads((target / "search" / "selected.json").read_text())
     history, before = selected["history"], selected["chosen"]["checkpoint"]
-    chosen = select_epoch(history, ctx.config.search.select_tolerance, final_budget(ctx, table))
+    chosen = select_epoch(
+        history,
+        ctx.config.search.select_tolerance,
+        final_budget(ctx, table),
+        ctx.config.search.select,
+    )
     shutil.copy(target / chosen["checkpoint"], target / registry.get("search").output)
     lines = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
     for record in lines:

@@ -65,6 +65,20 @@ def test_select_epoch_under_a_budget_keeps_to_it():
     assert select_epoch(history, 0.01, budget_cells_ms=0.5)["epoch"] == 2  # none within: fastest
 
 
+def test_select_latest_takes_the_longest_trained_near_best_epoch():
+    # Epochs 2 and 4 tie on a small validation split; 3 is out of tolerance, 5 over the budget.
+    history = [
+        {"epoch": 1, "val_accuracy": 0.80, "val_total_ms": 2.0, "val_cells_ms": 0.9},
+        {"epoch": 2, "val_accuracy": 0.86, "val_total_ms": 1.0, "val_cells_ms": 0.5},
+        {"epoch": 3, "val_accuracy": 0.84, "val_total_ms": 1.1, "val_cells_ms": 0.6},
+        {"epoch": 4, "val_accuracy": 0.86, "val_total_ms": 1.4, "val_cells_ms": 0.9},
+        {"epoch": 5, "val_accuracy": 0.90, "val_total_ms": 3.0, "val_cells_ms": 2.0},
+    ]
+    assert select_epoch(history, 0.01, 1.0)["epoch"] == 2
+    assert select_epoch(history, 0.01, 1.0, prefer="latest")["epoch"] == 4
+    assert select_epoch(history, 0.0, None, prefer="latest")["epoch"] == 5
+
+
 def test_schedules():
     decay = step_decay([0.5, 0.75])
     assert decay(0.0) == 1.0 and abs(decay(0.6) - 0.1) < 1e-12 and abs(decay(0.8) - 0.01) < 1e-12

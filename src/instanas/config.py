@@ -262,9 +262,16 @@ class SearchConfig:
     )
     select_tolerance: float = _f(
         0.01,
-        "checkpoint choice: fastest epoch whose validation accuracy is within this of the best",
+        "checkpoint choice: the epochs whose validation accuracy is within this of the best "
+        "compete (see search.select)",
         ge=0.0,
         le=1.0,
+    )
+    select: str = _f(
+        "fastest",
+        "checkpoint choice among those epochs: fastest (lowest validation latency) | latest "
+        "(the meta-graph trained longest)",
+        choices=("fastest", "latest"),
     )
     snapshots_per_epoch: int = _f(
         1,

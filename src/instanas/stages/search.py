@@ -339,9 +339,13 @@ def metagraph_epoch(
 
 
 def select_epoch(
-    history: list[dict], tolerance: float, budget_cells_ms: float | None = None
+    history: list[dict],
+    tolerance: float,
+    budget_cells_ms: float | None = None,
+    prefer: str = "fastest",
 ) -> dict:
-    """Fastest epoch (validation table latency) whose validation accuracy is near the best.
+    """The epoch whose validation accuracy is near the best: the fastest of them (validation
+    table latency) or, with ``prefer="latest"``, the one trained longest.
 
     With ``budget_cells_ms`` (the budget reward) only epochs whose validation cell latency
     is within 5% of the budget compete (the fastest epoch if none is): an early epoch that
@@ -352,6 +356,8 @@ def select_epoch(
         history = within or [min(history, key=lambda h: h["val_cells_ms"])]
     best = max(h["val_accuracy"] for h in history)
     eligible = [h for h in history if h["val_accuracy"] >= best - tolerance]
+    if prefer == "latest":
+        return max(eligible, key=lambda h: h["epoch"])
     return min(eligible, key=lambda h: (h["val_total_ms"], -h["val_accuracy"]))
 
 
@@ -462,10 +468,15 @@ def validate_epoch(
 def write_selection(ctx: RunContext, history: list[dict], table: LatencyTable) -> None:
     """search/selected.json, and the selected checkpoint as the stage's output."""
     cfg = ctx.config.search
-    chosen = select_epoch(history, cfg.select_tolerance, final_budget(ctx, table))
+    chosen = select_epoch(history, cfg.select_tolerance, final_budget(ctx, table), cfg.select)
     write_json(
         ctx.run_dir / "search" / "selected.json",
-        {"chosen": chosen, "tolerance": cfg.select_tolerance, "history": history},
+        {
+            "chosen": chosen,
+            "tolerance": cfg.select_tolerance,
+            "prefer": cfg.select,
+            "history": history,
+        },
     )
     # Last: the selected checkpoint is what marks the stage as done.
     atomic_copy(ctx.run_dir / chosen["checkpoint"], stage_path(ctx, "search"))
