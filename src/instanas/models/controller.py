@@ -19,7 +19,7 @@ class ControllerSpec:
     input_size: int = 32  # images are resized (area) to this side before the controller sees them
     widths: tuple[int, ...] = (16, 32, 64)
     # free: every logit a linear read-out of the features | difficulty: one scalar read-out,
-    # the image's difficulty, and each logit a + b x difficulty (see Controller)
+    # the image's difficulty, along which each module's logit is placed (see Controller)
     form: str = "free"
 
     def __post_init__(self) -> None:
