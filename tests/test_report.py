@@ -309,3 +309,23 @@ def test_tensorboard_without_the_package_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(ConfigError, match="instanas\\[tensorboard\\]"):
         require_tensorboard()
+
+
+def test_without_matplotlib_the_report_is_written_without_plots(tmp_path, monkeypatch):
+    """A missing optional package never costs a finished run: report.md and report.html are
+    written, say why there are no plots, and no plot file appears."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    run = _make_run(tmp_path, _results(), _per_image())
+    md_path, html_path = write_report(run)
+    assert "matplotlib is not installed" in md_path.read_text()
+    assert "matplotlib is not installed" in html_path.read_text()
+    assert not (run / "plots").exists()

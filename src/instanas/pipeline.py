@@ -30,6 +30,7 @@ from .nn.backend import enlarge_primitive_cache
 from .report.diagnostics import undertrained
 from .report.document import write_report, write_results_markdown
 from .report.live import require_tensorboard
+from .report.plots import MISSING_MATPLOTLIB, plotting_available
 from .stages import registry
 from .stages.common import (
     given_table,
@@ -340,6 +341,8 @@ def run_all(ctx: RunContext, resume: bool = False) -> dict[str, float]:
     On resume, evaluation runs again only when some stage ran (its numbers would be stale) or
     when it never finished; a finished run is left as it is and the result has no stage times.
     """
+    if not plotting_available():
+        log.warning(MISSING_MATPLOTLIB)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     distributed.main_first(lambda: latency_table(ctx))

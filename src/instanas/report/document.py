@@ -16,11 +16,13 @@ from typing import Any, Iterator, Mapping, Sequence
 from ..utils import atomic_write_text
 from .diagnostics import undertrained_sentence
 from .plots import (
+    MISSING_MATPLOTLIB,
     is_bound,
     load_results,
     mean_latency,
     model_kind,
     model_width,
+    plotting_available,
     sorted_models,
     write_plots,
 )
@@ -393,19 +395,17 @@ def _display(value: Any) -> str:
 
 
 def _versions(results: Mapping) -> Table:
-    import matplotlib
     import numpy
 
     from .. import __version__
 
     table = _key_values(results.get("device"))
-    table.rows.extend(
-        [
-            ("numpy (this report)", numpy.__version__),
-            ("matplotlib (this report)", matplotlib.__version__),
-            ("instanas (this report)", __version__),
-        ]
-    )
+    table.rows.append(("numpy (this report)", numpy.__version__))
+    if plotting_available():
+        import matplotlib
+
+        table.rows.append(("matplotlib (this report)", matplotlib.__version__))
+    table.rows.append(("instanas (this report)", __version__))
     return table
 
 
@@ -430,6 +430,8 @@ def report_blocks(run_dir: Path, results: Mapping, plots: Sequence[Path]) -> lis
     if plots:
         blocks.append(Heading("Plots"))
         blocks += [Image(p, f"plots/{p.name}", _PLOT_CAPTIONS.get(p.name, p.stem)) for p in plots]
+    elif not plotting_available():
+        blocks += [Heading("Plots"), Paragraph(MISSING_MATPLOTLIB + ".")]
     candidates = (results.get("variants") or {}).get("candidates")
     if candidates:
         blocks += [Heading("Variant candidates"), _candidates_table(candidates)]

@@ -157,12 +157,22 @@ def class_names(results: Mapping, per_image: PerImage) -> list[str]:
 # --- drawing ---------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def plotting_available() -> bool:
+    """Whether matplotlib can be imported; without it a report is written without plots."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'instanas[plots]'") from None
+        return False
+    return True
+
+
+MISSING_MATPLOTLIB = "matplotlib is not installed: the report has no plots (pip install matplotlib)"
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
@@ -533,9 +543,12 @@ PLOTS: tuple[tuple[str, tuple[str, ...], PlotFunction], ...] = (
 
 
 def write_plots(run_dir: Path) -> list[Path]:
-    """Draw every plot whose inputs the run has into RUN_DIR/plots/; returns those written."""
+    """Draw every plot whose inputs the run has into RUN_DIR/plots/; returns those written
+    (none without matplotlib)."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
+    if not plotting_available():
+        return []
     per_image = load_per_image(run_dir) or {}
     written = []
     for file_name, needs, plot in PLOTS:
