@@ -9,7 +9,7 @@ network), ``load`` (a trained run as an ``nn.Module``, :class:`InstaNASModel`) a
 
 from importlib import import_module as _import_module
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 # Public name -> the module that defines it.
 _EXPORTS = {

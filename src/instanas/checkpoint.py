@@ -12,14 +12,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .errors import CheckpointError as CheckpointError  # raised here; importable here too
 from .utils import atomic_write_bytes
 
 # First bytes of torch.save output: a zip archive, or a bare pickle (protocol 2 or later).
 _PICKLE_MAGIC = (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-
-
-class CheckpointError(ValueError):
-    """A missing, corrupt or mismatched checkpoint; one line with the fix."""
 
 
 def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], meta: dict) -> None:

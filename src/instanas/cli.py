@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, distributed
-from .checkpoint import CheckpointError
+from . import distributed
 from .config import (
     Config,
-    ConfigError,
     all_keys,
     apply_overrides,
     default_value,
@@ -25,15 +23,13 @@ from .config import (
     load_preset,
     preset_names,
 )
-from .data import DataError
-from .deploy.runtime import ExportError
+from .errors import USER_ERRORS, ConfigError, ExportError
 from .nn.backend import enlarge_primitive_cache
 from .stages import registry
-from .training import TrainingError
 from .utils import hidden_progress
+from .version import __version__
 
 log = logging.getLogger("instanas")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ExportError)
 # Failures of the machine rather than the program: reported in one line, not a traceback.
 _ENVIRONMENT_ERRNOS = {
     errno.ENOSPC: "the disk is full",

@@ -19,16 +19,9 @@ from typing import Any
 import yaml
 
 from .data import DATASETS, VAL_FRACTION_RANGE
+from .errors import ConfigError as ConfigError  # raised here; importable from here too
 from .models.controller import ControllerSpec
 from .search.space import CellGroup, SearchSpace
-
-
-class ConfigError(ValueError):
-    """A bad preset, key or value; the message is one line with the fix."""
-
-    def __init__(self, message: str) -> None:
-        # Wrapped texts (YAML parser errors) span lines; the command prints one.
-        super().__init__(" ".join(message.split()))
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:

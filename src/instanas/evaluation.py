@@ -14,7 +14,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import __version__
 from .data import images_of
 from .deploy.inference import InstaNASPredictor
 from .latency.flops import FlopsTable, network_flops
@@ -27,6 +26,7 @@ from .report.schema import RESULTS_SCHEMA_VERSION
 from .search.policy import RandomPolicy, shuffled_routing_accuracy
 from .search.space import ChildArchitecture, routing_summary
 from .training import RunContext
+from .version import __version__
 
 
 @dataclass

@@ -15,9 +15,10 @@ import torch
 
 from . import distributed
 from .budgets import describe, resolve_budgets
-from .config import Config, ConfigError, load_config_file, to_yaml
+from .config import Config, load_config_file, to_yaml
 from .data import DataBundle, default_augmentation, load_configured
 from .deploy.inference import InstaNASPredictor
+from .errors import ConfigError
 from .latency.table import LatencyTable, random_children
 from .latency.validation import (
     TableValidation,

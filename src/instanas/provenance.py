@@ -8,7 +8,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 # Packages whose versions change what an export or a result means.
 _TRACKED = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "pillow")

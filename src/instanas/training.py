@@ -28,6 +28,7 @@ from .data import (
     iterate_batches,
     num_batches,
 )
+from .errors import TrainingError as TrainingError  # raised here; importable here too
 from .report.live import TensorBoardMirror
 from .search.space import SearchSpace
 from .utils import append_jsonl, make_generator, progress_bar
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 
 # On a GPU the loss is checked for NaN every this many steps (and the last of an epoch).
 _GPU_FINITE_EVERY = 50
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); one line with the fix."""
 
 
 @dataclass

@@ -9,10 +9,11 @@ class-folder splits decoded per batch by DataLoader workers, and images_of, the 
 either kind of split.
 """
 
+from ..errors import DataError
 from .augmentation import BatchAugmenter, augmenter_for, default_augmentation
 from .batching import Batch, iterate_batches, num_batches, shard
 from .cifar import _ArrayUnpickler as _ArrayUnpickler  # tests check what it refuses
-from .containers import DataBundle, DataError, ImageSet
+from .containers import DataBundle, ImageSet
 from .fashion_mnist import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES
 from .image_folders import DEFAULT_FOLDER_IMAGE_SIZE, IMAGE_EXTENSIONS
 from .image_folders import _read_image as _read_image  # tests decode with it

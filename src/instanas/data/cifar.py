@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .containers import DataError, ImageSet
+from ..errors import DataError
+from .containers import ImageSet
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class DataError(ValueError):
-    """Bad or missing data. Message is ONE line naming the problem and the fix."""
-
-    def __init__(self, message: str) -> None:
-        # The CLI prints this as-is; nested exception texts may carry newlines.
-        super().__init__(" ".join(message.splitlines()))
+from ..errors import DataError
 
 
 @dataclass

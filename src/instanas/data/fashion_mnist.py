@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .containers import DataError, ImageSet
+from ..errors import DataError
+from .containers import ImageSet
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (

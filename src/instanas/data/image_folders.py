@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .containers import DataError, ImageSet
+from ..errors import DataError
+from .containers import ImageSet
 from .subsets import TEST_SEED, pick_rows
 
 if TYPE_CHECKING:

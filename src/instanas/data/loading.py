@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
 from .augmentation import channel_stats
 from .cifar import load_cifar
-from .containers import DataBundle, DataError, ImageSet
+from .containers import DataBundle, ImageSet
 from .fashion_mnist import DEFAULT_FASHION_MNIST_DIR, load_fashion_mnist
 from .image_folders import DEFAULT_FOLDER_IMAGE_SIZE, decode_rows, limit_files, list_folder
 from .streaming import StreamingImageSet, estimate_stats

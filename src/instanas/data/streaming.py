@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import DataError
 from .augmentation import BatchAugmenter, channel_stats
 from .batching import Batch, num_batches
-from .containers import DataError, ImageSet
+from .containers import ImageSet
 from .image_folders import open_rgb
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .containers import DataError, ImageSet
+from ..errors import DataError
+from .containers import ImageSet
 
 # Test rows (folder hold-out, limit_test subsets) use a fixed seed rather than `seed`, so
 # runs that vary `seed` are still scored on the same test images.

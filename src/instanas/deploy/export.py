@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..data import DataBundle, images_of, load_configured
+from ..errors import ExportError
 from ..latency.table import LatencyTable, TimingStats, cpu_threads
 from ..provenance import code_commit, utc_now, versions
 from ..search.space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
@@ -39,7 +40,6 @@ from .runtime import (
     MANIFEST_FILE,
     ROUTING_FILE,
     ExportedModel,
-    ExportError,
     Session,
     image_mode,
     sha256_file,

@@ -12,6 +12,9 @@ import torch
 import yaml
 from torch import nn
 
+from ..checkpoint import load_tensors, read_checkpoint
+from ..config import from_dict
+from ..errors import CheckpointError
 from ..models import build_models
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
@@ -216,8 +219,6 @@ def _check_images(images: torch.Tensor, space: SearchSpace) -> torch.Tensor:
 
 def model_checkpoint(run_dir: Path, model: str) -> tuple[str, Path]:
     """(canonical name, checkpoint) of ``model``: "instanas" or a variant letter "A".."E"."""
-    from ..checkpoint import CheckpointError
-
     name = model.removeprefix(f"{MAIN_MODEL}-") if model != MAIN_MODEL else model
     if name == MAIN_MODEL:
         return name, run_dir / registry.get("finetune").output
@@ -230,8 +231,6 @@ def model_checkpoint(run_dir: Path, model: str) -> tuple[str, Path]:
 
 
 def read_results(run_dir: Path) -> dict | None:
-    from ..checkpoint import CheckpointError
-
     path = run_dir / "results.json"
     if not path.exists():
         return None
@@ -249,8 +248,6 @@ def load(run_dir: str | Path, model: str = MAIN_MODEL) -> InstaNASModel:
 
     ``model``: ``"instanas"`` (the fine-tuned main model) or a variant letter ``"A"``..``"E"``.
     """
-    from ..checkpoint import CheckpointError, load_tensors, read_checkpoint
-    from ..config import from_dict
 
     enlarge_primitive_cache()
     run_dir = Path(run_dir)

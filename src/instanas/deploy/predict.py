@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ..data import IMAGE_EXTENSIONS
+from ..errors import ExportError
 from ..search.space import ChildArchitecture
 from ..utils import atomic_write_text, progress_bar
-from .runtime import MANIFEST_FILE, ROUTING_FILE, ExportedModel, ExportError, read_image
+from .runtime import MANIFEST_FILE, ROUTING_FILE, ExportedModel, read_image
 
 COLUMNS = ("path", "class", "class_index", "probability", "child", "note")
 

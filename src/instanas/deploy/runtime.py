@@ -31,11 +31,15 @@ Session = Callable[[np.ndarray], np.ndarray]
 SessionFactory = Callable[[Path, "int | None"], Session]
 
 
-class ExportError(ValueError):
-    """A missing, changed or unusable export folder, or bad input to it; one line with the fix."""
+try:  # inside the package: the class the command line reports (instanas.errors)
+    from ..errors import ExportError
+except ImportError:  # the copy in an export folder runs without the package
 
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))
+    class ExportError(ValueError):  # type: ignore[no-redef]
+        """A missing, changed or unusable export folder, or bad input to it; one line."""
+
+        def __init__(self, message: str) -> None:
+            super().__init__(" ".join(message.split()))
 
 
 # --------------------------------------------------------------------------- preprocessing

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..utils import atomic_write_text
+from ..version import __version__
 from .diagnostics import undertrained_sentence
 from .plots import (
     MISSING_MATPLOTLIB,
@@ -396,8 +397,6 @@ def _display(value: Any) -> str:
 
 def _versions(results: Mapping) -> Table:
     import numpy
-
-    from .. import __version__
 
     table = _key_values(results.get("device"))
     table.rows.append(("numpy (this report)", numpy.__version__))

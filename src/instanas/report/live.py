@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def require_tensorboard() -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..utils import atomic_write_bytes
 
 if TYPE_CHECKING:

@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from ..checkpoint import (
-    CheckpointError,
     check_identity,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
-from ..config import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..latency.table import (
     LatencyTable,
     default_cache_path,

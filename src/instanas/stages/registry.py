@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable
 
-from ..config import Config, ConfigError
+from ..config import Config
+from ..errors import ConfigError
 
 
 def _always(config: Config) -> bool:

@@ -25,12 +25,12 @@ from torch import nn
 
 from .. import distributed
 from ..checkpoint import (
-    CheckpointError,
     check_identity,
     load_module_states,
     read_checkpoint,
     save_tensors,
 )
+from ..errors import CheckpointError
 from ..training import RunContext, run_identity
 from ..utils import atomic_write_text
 

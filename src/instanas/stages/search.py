@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..distributed import world_size
+from ..errors import TrainingError
 from ..latency.table import LatencyTable
 from ..models.controller import (
     Controller,
@@ -33,7 +34,6 @@ from ..search.reward import DualWeight, RewardFunction, budget_target, usage_pen
 from ..training import (
     EpochPlan,
     RunContext,
-    TrainingError,
     accuracy,
     batch_statistics,
     check_finite,
