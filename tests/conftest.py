@@ -5,7 +5,7 @@ import torch
 
 os.environ.setdefault("INSTANAS_NO_PROGRESS", "1")
 
-from instanas.search.space import CellGroup, SearchSpace  # noqa: E402
+from instanas.space import CellGroup, SearchSpace  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 import torch
 
 from instanas.models.metagraph import MetaGraph, build_mbv2_baseline, mobilenetv2_path
-from instanas.search.space import ChildArchitecture
+from instanas.space import ChildArchitecture
 
 
 def _random_policy(space, batch, density):

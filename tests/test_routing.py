@@ -18,7 +18,7 @@ from instanas.search.reward import (
     budget_target,
     prediction_score,
 )
-from instanas.search.space import routing_summary
+from instanas.space import routing_summary
 from instanas.stages.static_child import closest_not_below, used_children
 
 BOUNDS = LatencyBounds(all_modules=100.0, mbv2=20.0, minimum=4.0)

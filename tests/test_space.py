@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from instanas.search.space import (
+from instanas.space import (
     FORCED_DEFAULT_MODULE,
     ChildArchitecture,
     SearchSpace,

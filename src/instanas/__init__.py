@@ -13,11 +13,11 @@ from .version import __version__ as __version__
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "ChildArchitecture": "search.space",
+    "ChildArchitecture": "space",
     "Controller": "models.controller",
     "InstaNASModel": "deploy.inference",
     "MetaGraph": "models.metagraph",
-    "SearchSpace": "search.space",
+    "SearchSpace": "space",
     "export": "deploy.export",
     "load": "deploy.inference",
 }

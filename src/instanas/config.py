@@ -20,8 +20,7 @@ import yaml
 
 from .data import DATASETS, VAL_FRACTION_RANGE
 from .errors import ConfigError as ConfigError  # raised here; importable from here too
-from .models.controller import ControllerSpec
-from .search.space import CellGroup, SearchSpace
+from .space import CellGroup, ControllerSpec, SearchSpace
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:

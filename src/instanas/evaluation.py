@@ -24,7 +24,7 @@ from .models.metagraph import ChildNetwork, MetaGraph
 from .provenance import code_commit, utc_now
 from .report.schema import RESULTS_SCHEMA_VERSION
 from .search.policy import RandomPolicy, shuffled_routing_accuracy
-from .search.space import ChildArchitecture, routing_summary
+from .space import ChildArchitecture, routing_summary
 from .training import RunContext
 from .version import __version__
 

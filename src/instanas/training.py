@@ -30,7 +30,7 @@ from .data import (
 )
 from .errors import TrainingError as TrainingError  # raised here; importable here too
 from .report.live import TensorBoardMirror
-from .search.space import SearchSpace
+from .space import SearchSpace
 from .utils import append_jsonl, make_generator, progress_bar
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from ..data import DataBundle, images_of, load_configured
 from ..errors import ExportError
 from ..latency.table import LatencyTable, TimingStats, cpu_threads
 from ..provenance import code_commit, utc_now, versions
-from ..search.space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
+from ..space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
 from ..utils import write_json
 from . import runtime
 from .inference import InstaNASModel, load

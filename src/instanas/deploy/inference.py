@@ -19,7 +19,7 @@ from ..models import build_models
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
 from ..nn.backend import enlarge_primitive_cache
-from ..search.space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
+from ..space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
 from ..stages import registry
 from .runtime import preprocess_image, read_image
 

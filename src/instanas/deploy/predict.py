@@ -22,7 +22,7 @@ import torch
 
 from ..data import IMAGE_EXTENSIONS
 from ..errors import ExportError
-from ..search.space import ChildArchitecture
+from ..space import ChildArchitecture
 from ..utils import atomic_write_text, progress_bar
 from .runtime import MANIFEST_FILE, ROUTING_FILE, ExportedModel, read_image
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..latency.side_by_side import measure_per_image
-from ..search.space import ChildArchitecture
+from ..space import ChildArchitecture
 from .inference import InstaNASModel
 from .runtime import ExportedModel
 

@@ -29,8 +29,7 @@ import torch
 
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
-from ..search.reward import LatencyBounds
-from ..search.space import FORCED_DEFAULT_MODULE, MBV2_MODULE, ChildArchitecture
+from ..space import FORCED_DEFAULT_MODULE, MBV2_MODULE, ChildArchitecture
 from ..utils import atomic_write_text, progress_bar
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,16 @@ class TimingStats:
         q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
         std = float(t.std()) if len(samples_ms) > 1 else 0.0
         return cls(q[1], float(t.mean()), std, q[0], q[2], len(samples_ms))
+
+
+@dataclass(frozen=True)
+class LatencyBounds:
+    """Reference latencies (ms, summed over cells) of the table, from which the search's reward
+    sets its window and its budget."""
+
+    all_modules: float  # L_all: every module of every cell
+    mbv2: float  # L_mbv2: module 0 in every cell
+    minimum: float  # L_min: only the forced defaults
 
 
 CPU = torch.device("cpu")

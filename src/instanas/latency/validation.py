@@ -21,7 +21,7 @@ import torch
 from ..deploy.inference import InstaNASPredictor
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
-from ..search.space import ChildArchitecture
+from ..space import ChildArchitecture
 from ..utils import atomic_write_text
 from .table import (
     CPU,

@@ -3,8 +3,8 @@ architectures), the children materialised as plain networks, and the controller.
 
 from __future__ import annotations
 
-from ..search.space import SearchSpace
-from .controller import Controller, ControllerSpec
+from ..space import ControllerSpec, SearchSpace
+from .controller import Controller
 from .metagraph import MetaGraph
 
 

@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import uniform
 from ..nn.ops import ConvBNAct, fold_batchnorm
-
-
-@dataclass(frozen=True)
-class ControllerSpec:
-    """Shape of the controller network (reference: ResNet-8 with widths 16/32/64 at 32 px)."""
-
-    input_size: int = 32  # images are resized (area) to this side before the controller sees them
-    widths: tuple[int, ...] = (16, 32, 64)
-    # free: every logit a linear read-out of the features | difficulty: one scalar read-out,
-    # the image's difficulty, along which each module's logit is placed (see Controller)
-    form: str = "free"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-
-    def to_dict(self) -> dict:
-        # The free form is left out, so checkpoints and cached latency tables made before the
-        # form existed keep matching.
-        return {k: v for k, v in asdict(self).items() if not (k == "form" and v == "free")}
+from ..space import ControllerSpec as ControllerSpec  # the shape it is built to
 
 
 class ResidualBlock(nn.Module):

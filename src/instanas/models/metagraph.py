@@ -23,7 +23,7 @@ from torch import nn
 
 from ..nn.ops import ConvBNAct, build_candidate, fold_batchnorm
 from ..nn.rows import gather_row_sets, sum_row_sets
-from ..search.space import (
+from ..space import (
     MBV2_MODULE,
     CellSpec,
     ChildArchitecture,

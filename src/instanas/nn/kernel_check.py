@@ -31,7 +31,7 @@ from torch import nn
 from ..config import Config, load_config_file, load_preset, preset_names
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph, scaled_space
-from ..search.space import SearchSpace
+from ..space import SearchSpace
 from .ops import ConvBNAct
 from .smallconv import output_size
 

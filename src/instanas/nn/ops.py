@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from ..search.space import CandidateModule
+from ..space import CandidateModule
 from .smallconv import conv2d
 
 

@@ -18,8 +18,8 @@ from ..distributed import uniform
 from ..latency.table import LatencyTable
 from ..models.controller import Controller, greedy_policy
 from ..models.metagraph import MetaGraph
+from ..space import SearchSpace, routing_summary
 from ..training import RunContext, recalibrate_batchnorm, training_images
-from .space import SearchSpace, routing_summary
 
 
 @dataclass

@@ -13,17 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..latency.table import LatencyBounds
+
 # The dynamic window's upper bound, and the budget's target, start at this share of L_all.
 WINDOW_START = 0.7
-
-
-@dataclass(frozen=True)
-class LatencyBounds:
-    """Reference latencies (ms, summed over cells) the window is defined from."""
-
-    all_modules: float  # L_all: every module of every cell
-    mbv2: float  # L_mbv2: module 0 in every cell
-    minimum: float  # L_min: only the forced defaults
 
 
 def window_bounds(

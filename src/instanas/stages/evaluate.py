@@ -24,7 +24,7 @@ from ..latency.flops import count_flops
 from ..latency.table import LatencyTable
 from ..models.metagraph import ChildNetwork, MetaGraph, build_mbv2_baseline
 from ..report.document import write_results_markdown
-from ..search.space import ChildArchitecture
+from ..space import ChildArchitecture
 from ..training import RunContext, run_identity
 from ..utils import atomic_write_bytes, write_json
 from .common import latency_table, load_candidate, load_stage, new_models, stage_path

@@ -22,7 +22,7 @@ from ..latency.table import LatencyTable
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
 from ..search.policy import evaluate_policies, greedy_of
-from ..search.space import ChildArchitecture, child_counts
+from ..space import ChildArchitecture, child_counts
 from ..training import RunContext
 from .common import latency_table, searched_models, stage_path
 from .policy_tuning import train_under_policy

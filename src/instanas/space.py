@@ -1,8 +1,11 @@
-"""The search space as data: cells, candidate modules, presets and child encodings.
+"""The vocabulary of the method as plain data: the search space (cells, candidate modules,
+preset shapes), child encodings, the empty-cell rule, routing summaries, and the controller's
+shape.
 
 A :class:`SearchSpace` fully describes a meta-graph (stem, 17 MobileNetV2-shaped cells with five
-candidate modules each, head). It is plain data so it can be saved next to every checkpoint and
-compared when one is loaded.
+candidate modules each, head) and a :class:`ControllerSpec` the controller. Both are plain data,
+so they are saved next to every checkpoint and in every latency-table key and compared when one
+is loaded; this module imports nothing of the package, and everything else may import it.
 """
 
 from __future__ import annotations
@@ -282,6 +285,25 @@ class ChildArchitecture:
 
     def __str__(self) -> str:
         return self.to_string()
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """Shape of the controller network (reference: ResNet-8 with widths 16/32/64 at 32 px)."""
+
+    input_size: int = 32  # images are resized (area) to this side before the controller sees them
+    widths: tuple[int, ...] = (16, 32, 64)
+    # free: every logit a linear read-out of the features | difficulty: one scalar read-out,
+    # the image's difficulty, along which each module's logit is placed (see models.Controller)
+    form: str = "free"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    def to_dict(self) -> dict:
+        # The free form is left out, so checkpoints and cached latency tables made before the
+        # form existed keep matching.
+        return {k: v for k, v in asdict(self).items() if not (k == "form" and v == "free")}
 
 
 def apply_empty_cell_rule(policy: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
