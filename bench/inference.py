@@ -104,8 +104,8 @@ def controller_variants(
 ) -> dict[str, float]:
     """Batch-1 ms of untrained controllers of other shapes ("PX:W1,W2,..."), policy decoding
     included, interleaved with the run's own controller; timing does not depend on weights."""
-    from instanas.deploy.inference import InstaNASPredictor
     from instanas.models.controller import Controller, ControllerSpec
+    from instanas.models.predictor import InstaNASPredictor
 
     space = predictor.space
     fns = {"this run": predictor.child_cells}

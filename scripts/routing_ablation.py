@@ -21,20 +21,22 @@ import sys
 import time
 from pathlib import Path
 
+from instanas import stage_specs
 from instanas.config import apply_overrides, load_config_file
 from instanas.pipeline import open_run, run_stage
 from instanas.search.policy import evaluate_policies, greedy_of, shuffled_routing_accuracy
-from instanas.stages import registry
 from instanas.stages.common import latency_table, load_stage, new_models
 from instanas.stages.search import final_budget, select_epoch
 from instanas.utils import append_jsonl
 
 
 def prepare(base: Path, target: Path) -> None:
-    if (target / registry.get("search").output).exists():
+    if (target / stage_specs.get("search").output).exists():
         raise SystemExit(f"{target} already has a search: choose a new name")
-    (target / registry.get("pretrain").output).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(base / registry.get("pretrain").output, target / registry.get("pretrain").output)
+    (target / stage_specs.get("pretrain").output).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(
+        base / stage_specs.get("pretrain").output, target / stage_specs.get("pretrain").output
+    )
     if (base / "latency_table.json").exists():
         shutil.copy(base / "latency_table.json", target / "latency_table.json")
 
@@ -98,7 +100,7 @@ def rescore(out: Path, name: str) -> dict:
         final_budget(ctx, table),
         ctx.config.search.select,
     )
-    shutil.copy(target / chosen["checkpoint"], target / registry.get("search").output)
+    shutil.copy(target / chosen["checkpoint"], target / stage_specs.get("search").output)
     lines = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
     for record in lines:
         if record["name"] == name:

@@ -511,9 +511,10 @@ def test_latency_table_of_another_torch_is_profiled_again(pretrained, tmp_path, 
     ],
 )
 def test_inference_rejects_bad_images(tiny_space, images, words):
-    from instanas.deploy.inference import InstaNASModel, InstaNASPredictor
+    from instanas.deploy.inference import InstaNASModel
     from instanas.models.controller import Controller, ControllerSpec
     from instanas.models.metagraph import MetaGraph
+    from instanas.models.predictor import InstaNASPredictor
 
     graph = MetaGraph(tiny_space).eval()
     ctrl = Controller(1, 17, 5, ControllerSpec(12, (4, 8, 8))).eval()

@@ -343,9 +343,10 @@ def test_load_rejects_a_folder_that_is_not_a_run(tmp_path):
 def test_predict_rejects_bad_images(tiny_space):
     import torch
 
-    from instanas.deploy.inference import InstaNASModel, InstaNASPredictor
+    from instanas.deploy.inference import InstaNASModel
     from instanas.models.controller import Controller, ControllerSpec
     from instanas.models.metagraph import MetaGraph
+    from instanas.models.predictor import InstaNASPredictor
 
     graph = MetaGraph(tiny_space).eval()
     ctrl = Controller(1, 17, 5, ControllerSpec(12, (4, 8, 8))).eval()

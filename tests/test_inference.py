@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from instanas.deploy.inference import InstaNASPredictor
 from instanas.models.controller import Controller, ControllerSpec
 from instanas.models.metagraph import MetaGraph
+from instanas.models.predictor import InstaNASPredictor
 
 
 def _predictor(space, bias: float | None = None) -> InstaNASPredictor:

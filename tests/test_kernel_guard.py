@@ -11,13 +11,13 @@ import pytest
 from tiny_runs import tiny_config
 
 from instanas.config import preset_names
-from instanas.nn.kernel_check import AVX2_ENV
+from instanas.nn.kernel_guard import AVX2_ENV
 
 
 def _guard(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **AVX2_ENV}
     return subprocess.run(
-        [sys.executable, "-m", "instanas.nn.kernel_check", *args],
+        [sys.executable, "-m", "instanas.kernel_check", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -37,7 +37,7 @@ def test_mixed_precision_trains_every_training_stage(tmp_path, cache_dir, amp) -
 def test_autocast_runs_the_forward_in_the_chosen_precision(tmp_path) -> None:
     from types import SimpleNamespace
 
-    from instanas.training import RunContext
+    from instanas.run_context import RunContext
 
     layer = torch.nn.Linear(4, 2)
     for amp, dtype in (("off", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):

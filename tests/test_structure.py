@@ -12,13 +12,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from instanas import stage_specs
 from instanas.stages import registry
 
 PACKAGE = "instanas"
 ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # The stage modules are the registry's; every other module under stages/ is a helper that any
 # stage may use (the loop, resume, common run-directory I/O, ...).
-STAGE_MODULES = {stage.module for stage in registry.STAGES}
+STAGE_MODULES = {module.__name__ for module in registry.MODULES.values()}
 
 
 def module_name(path: Path) -> str:
@@ -123,6 +124,10 @@ def test_no_stage_imports_another_stage():
         "(common, loop, resume, policy_tuning, standalone) or modules "
         "outside stages/, not through each other: " + "; ".join(offending)
     )
+
+
+def test_every_declared_stage_has_a_module_in_the_registry():
+    assert tuple(registry.MODULES) == stage_specs.names()
 
 
 def test_every_registered_stage_is_one_module_with_a_run_function():

@@ -3,9 +3,10 @@ import torch
 
 from instanas.config import PretrainConfig
 from instanas.models.metagraph import MetaGraph
+from instanas.nn.batchnorm import batch_statistics, recalibrate_batchnorm
 from instanas.stages.pretrain import lr_schedule
 from instanas.stages.search import select_epoch
-from instanas.training import batch_statistics, cosine, recalibrate_batchnorm, step_decay
+from instanas.training import cosine, step_decay
 
 
 def test_recalibration_matches_the_policy_distribution(tiny_space):

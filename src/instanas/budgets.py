@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
+from . import stage_specs
 from .config import Config
 from .data import num_batches
-from .stages import registry
 
 # The stages whose budget is an epoch count of their own.
 BUDGETED = ("pretrain", "search", "finetune", "baseline")
@@ -55,7 +55,7 @@ def _scales(config: Config, stage: str, train_images: int, pinned: Collection[st
 
 def describe(config: Config, stage: str, train_images: int) -> str | None:
     """'baseline: 14 epochs = 2,950 steps of 256 images' for a training stage, else None."""
-    section = registry.get(stage).budget
+    section = stage_specs.get(stage).budget
     if section is None:
         return None
     cfg = getattr(config, section)

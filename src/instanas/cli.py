@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import distributed
+from . import distributed, stage_specs
 from .config import (
     Config,
     all_keys,
@@ -25,7 +25,6 @@ from .config import (
 )
 from .errors import USER_ERRORS, ConfigError, ExportError
 from .nn.backend import enlarge_primitive_cache
-from .stages import registry
 from .utils import hidden_progress
 from .version import __version__
 
@@ -87,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = {
         "run": RUN_HELP,
-        **{s.name: s.help for s in registry.STAGES},
+        **{s.name: s.help for s in stage_specs.STAGES},
         "profile": PROFILE_HELP,
     }
     for name, text in commands.items():
@@ -275,7 +274,7 @@ def _add_run_options(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--config", default=None, help="YAML config file instead of a preset")
     g.add_argument("--output", "-o", default=None, help="run directory (default "
                    "runs/PRESET-TIMESTAMP for a new run)")  # fmt: skip
-    resumable = command in registry.names() and registry.get(command).resumable
+    resumable = command in stage_specs.names() and stage_specs.get(command).resumable
     if command == "run" or resumable:
         text = RESUME_HELP["run" if command == "run" else "stage"]
         g.add_argument("--resume", default=None, metavar="RUN_DIR", help=text)
@@ -403,7 +402,7 @@ def _export(args: argparse.Namespace) -> int:
         if value is not None and value < (0 if name == "--timed-images" else 1):
             raise ExportError(f"{name} is {value}: pass a positive number")
     run_dir = Path(args.run_dir)
-    if not (run_dir / registry.get("finetune").output).exists():
+    if not (run_dir / stage_specs.get("finetune").output).exists():
         raise ExportError(
             f"{run_dir} has no fine-tuned model (finetune/model.safetensors): "
             f"pass a finished run, or run `instanas finetune --output {run_dir}`"
@@ -507,8 +506,8 @@ def _run_directory(args: argparse.Namespace) -> tuple[Config, Path, bool]:
             f"run directory {run_dir} already exists: choose a new --output or "
             f"continue it with --resume {run_dir}"
         )
-    if args.command in registry.names():
-        if registry.get(args.command).resumable:
+    if args.command in stage_specs.names():
+        if stage_specs.get(args.command).resumable:
             check_stage_unfinished(run_dir, args.command, bool(resume))
         require_previous(run_dir, args.command)
     return config, run_dir, bool(resume)
@@ -592,7 +591,7 @@ def check_stage_unfinished(run_dir: Path, stage: str, resume: bool) -> None:
     """A stage command needs a stage that has not finished; a started one needs --resume."""
     from .stages.resume import saved_epochs
 
-    if (run_dir / registry.get(stage).output).exists():
+    if (run_dir / stage_specs.get(stage).output).exists():
         raise ConfigError(
             f"{run_dir} already has {stage} output: choose a new --output "
             "or delete that stage's folder to redo it"

@@ -15,17 +15,17 @@ import numpy as np
 import torch
 
 from .data import images_of
-from .deploy.inference import InstaNASPredictor
 from .latency.flops import FlopsTable, network_flops
 from .latency.side_by_side import latency_summary, measure_per_image
 from .latency.table import LatencyTable, device_info
 from .models.controller import Controller, bound_probabilities, sample_policy
 from .models.metagraph import ChildNetwork, MetaGraph
+from .models.predictor import InstaNASPredictor
 from .provenance import code_commit, utc_now
 from .report.schema import RESULTS_SCHEMA_VERSION
+from .run_context import RunContext
 from .search.policy import RandomPolicy, shuffled_routing_accuracy
 from .space import ChildArchitecture, routing_summary
-from .training import RunContext
 from .version import __version__
 
 

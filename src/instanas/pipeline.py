@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, stage_specs
 from .budgets import describe, resolve_budgets
 from .config import Config, load_config_file, to_yaml
 from .data import DataBundle, default_augmentation, load_configured
-from .deploy.inference import InstaNASPredictor
 from .errors import ConfigError
 from .latency.table import LatencyTable, random_children
 from .latency.validation import (
@@ -27,11 +26,13 @@ from .latency.validation import (
     validate_table,
 )
 from .models.metagraph import mobilenetv2_path
+from .models.predictor import InstaNASPredictor
 from .nn.backend import enlarge_primitive_cache
 from .report.diagnostics import undertrained
 from .report.document import write_report, write_results_markdown
 from .report.live import require_tensorboard
 from .report.plots import MISSING_MATPLOTLIB, plotting_available
+from .run_context import RunContext
 from .stages import registry
 from .stages.common import (
     given_table,
@@ -44,7 +45,6 @@ from .stages.common import (
     verify_output,
 )
 from .stages.resume import newest_readable, stop_after_epoch
-from .training import RunContext
 from .utils import atomic_write_text, set_seed, write_json
 
 log = logging.getLogger("instanas")
@@ -197,11 +197,11 @@ def verify_inputs(ctx: RunContext, command: str | None) -> None:
         return
     if ctx.config.latency.table:
         given_table(ctx, Path(ctx.config.latency.table))
-    training = [stage.name for stage in registry.training_stages()]
+    training = [stage.name for stage in stage_specs.training_stages()]
     if command == "run":
         stages = training
-    elif command in registry.names():
-        stages = [*registry.get(command).needs, command]
+    elif command in stage_specs.names():
+        stages = [*stage_specs.get(command).needs, command]
     else:
         return
     for stage in stages:
@@ -212,7 +212,7 @@ def verify_inputs(ctx: RunContext, command: str | None) -> None:
 
 def check_free_space(ctx: RunContext, command: str | None) -> None:
     """Fail before training when the disk cannot hold the checkpoints ``command`` will write."""
-    if command not in ("run", *(stage.name for stage in registry.training_stages())):
+    if command not in ("run", *(stage.name for stage in stage_specs.training_stages())):
         return
     probe = next(p for p in (ctx.run_dir, *ctx.run_dir.parents) if p.exists())
     free, need = shutil.disk_usage(probe).free, _bytes_needed(ctx, command)
@@ -225,7 +225,7 @@ def check_free_space(ctx: RunContext, command: str | None) -> None:
 
 
 def _bytes_needed(ctx: RunContext, command: str) -> int:
-    names = [s.name for s in registry.training_stages()] if command == "run" else [command]
+    names = [s.name for s in stage_specs.training_stages()] if command == "run" else [command]
     todo = [name for name in names if not stage_path(ctx, name).exists()]
     if not todo:
         return 0
@@ -297,7 +297,7 @@ def trained_controller_children(ctx: RunContext, metagraph, controller) -> list[
 
 
 def run_stage(ctx: RunContext, name: str, timings: dict[str, float]) -> None:
-    stage = registry.get(name)
+    stage, run = stage_specs.get(name), registry.MODULES[name].run
     require_previous(ctx.run_dir, name)
     start = time.perf_counter()
     # Every stage starts from the seed, so a stage run on its own (`instanas search`) builds the
@@ -312,9 +312,9 @@ def run_stage(ctx: RunContext, name: str, timings: dict[str, float]) -> None:
         if not stage.data_parallel and distributed.active():
             if distributed.is_main():
                 with distributed.alone():
-                    stage.run(ctx)
+                    run(ctx)
         else:
-            stage.run(ctx)
+            run(ctx)
     distributed.barrier()  # the next stage may read this one's output
     timings[name] = time.perf_counter() - start
     log.info("%s done in %.0f s", name, timings[name])
@@ -349,7 +349,7 @@ def run_all(ctx: RunContext, resume: bool = False) -> dict[str, float]:
     distributed.main_first(lambda: latency_table(ctx))
     timings["profile"] = time.perf_counter() - start
     ran = False
-    for stage in registry.STAGES:
+    for stage in stage_specs.STAGES:
         if not stage.enabled(ctx.config):
             log.info("%s switched off in the config, skipping", stage.name)
             continue

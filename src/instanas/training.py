@@ -1,170 +1,30 @@
-"""What every stage shares: the run context, optimisers, schedules and the supervised epoch."""
+"""Supervised training as every stage runs it: SGD, learning-rate schedules, the divergence
+check, the supervised epoch and its statistics, accuracy, and the training batches that
+recalibrate BatchNorm."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
 import math
 import time
-import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import Config
-from .data import (
-    Batch,
-    BatchAugmenter,
-    DataBundle,
-    ImageSet,
-    augmenter_for,
-    iterate_batches,
-    num_batches,
-)
+from .data import ImageSet
 from .errors import TrainingError as TrainingError  # raised here; importable here too
-from .report.live import TensorBoardMirror
-from .space import SearchSpace
-from .utils import append_jsonl, make_generator, progress_bar
+from .run_context import RunContext
+from .utils import progress_bar
 
 log = logging.getLogger(__name__)
 
 
 # On a GPU the loss is checked for NaN every this many steps (and the last of an epoch).
 _GPU_FINITE_EVERY = 50
-
-
-@dataclass
-class RunContext:
-    """Everything a stage needs: config, run directory, device, data and the search space."""
-
-    config: Config
-    run_dir: Path
-    device: torch.device
-    data: DataBundle
-    space: SearchSpace
-    resume: bool = False  # continue each stage from its newest saved epoch
-    train_augment: BatchAugmenter = field(init=False)
-    eval_augment: BatchAugmenter = field(init=False)
-    live: TensorBoardMirror | None = field(init=False, default=None)  # made at the first record
-    scaler: torch.amp.GradScaler | None = field(init=False, default=None)  # made at first step
-
-    def __post_init__(self) -> None:
-        d = self.config.data
-        self.train_augment = augmenter_for(
-            self.data, train=True, flip=d.flip, crop_padding=d.crop_padding, cutout=d.cutout
-        )
-        self.eval_augment = augmenter_for(self.data, train=False)
-
-    def generator(self, purpose: str, epoch: int = 0) -> torch.Generator:
-        """A generator seeded from (seed, purpose, epoch): stages do not share random streams.
-        On a GPU it lives there, so per-step draws need no copies from the host."""
-        salt = zlib.crc32(f"{purpose}/{epoch}".encode())
-        place = self.device if self.device.type == "cuda" else "cpu"
-        return make_generator((self.config.seed * 1_000_003 + salt) % 2**63, place)
-
-    def log_metrics(self, record: dict) -> None:
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
-        append_jsonl(self.run_dir / "metrics.jsonl", record)
-        if self.config.tensorboard:
-            self.live = self.live or TensorBoardMirror(self.run_dir / "tensorboard")
-            self.live.write(record)
-
-    def prepare(self, module: nn.Module) -> nn.Module:
-        module = module.to(self.device)
-        if self.config.channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        return module
-
-    def batches(self, data: ImageSet, batch_size: int, *, train: bool, generator=None):
-        """One epoch of batches. In training under torchrun each rank gets its slice of every
-        global batch of ``batch_size`` rows (augmented whole, so the random draws match one
-        process's); evaluation batches are whole on every rank."""
-        shard = train and distributed.active()
-        if hasattr(data, "stream_batches"):  # a data set streamed from disk (data.streaming)
-            source = data.stream_batches(
-                batch_size,
-                shuffle=train,
-                generator=generator,
-                train=train,
-                device=self.device,
-                drop_last=train and len(data) > batch_size,
-                shard=(distributed.rank(), distributed.world_size()) if shard else None,
-            )
-        else:
-            source = iterate_batches(
-                data,
-                batch_size,
-                shuffle=train,
-                generator=generator,
-                augment=self.train_augment if train else self.eval_augment,
-                device=self.device,
-                drop_last=train and len(data) > batch_size,
-            )
-            source = map(local_rows, source) if shard else source
-        for batch in source:
-            if self.config.channels_last:
-                batch.images = batch.images.contiguous(memory_format=torch.channels_last)
-            if shard:
-                with distributed.sharded_rows():
-                    yield batch
-            else:
-                yield batch
-
-    def on_cpu(self) -> RunContext:
-        """This context with its device and data on the CPU: evaluation times CPU models."""
-        if self.device.type == "cpu":
-            return self
-        splits = {name: getattr(self.data, name).to("cpu") for name in ("train", "val", "test")}
-        data = dataclasses.replace(self.data, **splits)
-        return dataclasses.replace(self, device=torch.device("cpu"), data=data)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Mixed precision for training forwards as ``amp`` says (off: no change)."""
-        amp = self.config.amp
-        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype, enabled=amp != "off")
-
-    def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backward, gradients averaged over the ranks, one step; with ``amp fp16`` the loss
-        is scaled and a step whose gradients overflowed is skipped."""
-        if self.scaler is None:
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.amp == "fp16")
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        distributed.average_gradients(distributed.optimizer_params(optimizer))
-        self.scaler.step(optimizer)
-        self.scaler.update()
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        n = len(self.data.train)
-        return num_batches(n, batch_size, drop_last=n > batch_size)
-
-
-def local_rows(batch: Batch) -> Batch:
-    """This rank's rows of a global batch; a batch the ranks cannot share equally (a data set
-    smaller than one batch) loses its last few rows."""
-    world = distributed.world_size()
-    rows = distributed.local_slice(len(batch.labels) // world * world)
-    return Batch(batch.images[rows], batch.labels[rows], batch.indices[rows])
-
-
-def run_identity(ctx: RunContext) -> dict:
-    """What a checkpoint must agree on with the run that loads it."""
-    facts = {
-        "preset": ctx.config.preset,
-        "space": ctx.space.to_dict(),
-        "classes": list(ctx.data.classes),
-        "controller": ctx.config.controller_spec().to_dict(),
-        "normalization": {"mean": list(ctx.data.mean), "std": list(ctx.data.std)},
-    }
-    return json.loads(json.dumps(facts))  # tuples become lists, as they come back from JSON
 
 
 def sgd(params, lr: float, weight_decay: float) -> torch.optim.SGD:
@@ -286,56 +146,6 @@ def accuracy(
     for batch in ctx.batches(data, batch_size, train=False):
         correct += int((forward(batch.images).argmax(1) == batch.labels).sum())
     return correct / len(data)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(
-    model: nn.Module, forward: Callable[[torch.Tensor], object], batches: Iterable[torch.Tensor]
-) -> None:
-    """Re-estimate BatchNorm running statistics for the policies ``forward`` now runs.
-
-    A weight-sharing module sees very different inputs under different policies (a cell that sums
-    five modules vs one), so running statistics gathered under one policy distribution are wrong
-    under another and eval-mode accuracy collapses. This replaces them with the exact average
-    over ``batches``; modules that no batch selects keep their previous statistics.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch weighs the same
-    was_training = model.training
-    model.train()
-    for images in batches:
-        forward(images)
-    for m, (mean, var, momentum) in zip(norms, saved):
-        if int(m.num_batches_tracked) == 0:
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-        m.momentum = momentum
-    distributed.average_batchnorm_statistics([model])
-    model.train(was_training)
-
-
-@contextlib.contextmanager
-def batch_statistics(model: nn.Module) -> Iterator[None]:
-    """Frozen model whose BatchNorm normalises with each batch's own statistics.
-
-    Used where the meta-graph is frozen but the policies change every step (controller epochs):
-    each forward normalises for exactly the children it runs. Momentum 0 leaves the running
-    statistics untouched.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.training, m.momentum) for m in norms]
-    for m in norms:
-        m.train()
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (training, momentum) in zip(norms, saved):
-            m.train(training)
-            m.momentum = momentum
 
 
 def training_images(

@@ -1,4 +1,6 @@
-"""Deployed inference: the controller picks a child per image, then only its modules run."""
+"""A trained run as an ``nn.Module``: ``instanas.load(run_dir)`` gives an :class:`InstaNASModel`
+that takes images in any form ``preprocess`` accepts and routes each through the child the
+controller picks (:class:`~instanas.models.predictor.InstaNASPredictor`)."""
 
 from __future__ import annotations
 
@@ -12,73 +14,18 @@ import torch
 import yaml
 from torch import nn
 
+from .. import stage_specs
 from ..checkpoint import load_tensors, read_checkpoint
 from ..config import from_dict
 from ..errors import CheckpointError
 from ..models import build_models
-from ..models.controller import Controller
-from ..models.metagraph import MetaGraph
+from ..models.predictor import InstaNASPredictor as InstaNASPredictor  # importable here too
 from ..nn.backend import enlarge_primitive_cache
-from ..space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
-from ..stages import registry
+from ..space import ChildArchitecture, SearchSpace
 from .runtime import preprocess_image, read_image
 
 if TYPE_CHECKING:
     import PIL.Image
-
-
-class InstaNASPredictor(nn.Module):
-    """BatchNorm-folded controller and meta-graph for inference at any batch size."""
-
-    def __init__(self, metagraph: MetaGraph, controller: Controller) -> None:
-        super().__init__()
-        self.space = metagraph.space
-        self.metagraph = metagraph.deploy()
-        self.controller = controller.deploy()
-        self.forced_cells = self.space.forced_mask().tolist()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of normalised images, each through the child its policy picks."""
-        return self.logits(images)[0]
-
-    @torch.inference_mode()
-    def child_cells(self, image: torch.Tensor) -> list[tuple[int, ...]]:
-        """Resolved module ids per cell chosen by the controller for one image [1, C, H, W].
-
-        The same greedy policy and empty-cell rule as the batched path, decoded in plain Python
-        from one host copy: at batch 1 every extra tensor operation costs about as much as a
-        small convolution (tests check both paths agree).
-        """
-        rows = (self.controller.policy_logits(image)[0] >= 0).tolist()
-        cells = []
-        for row, forced in zip(rows, self.forced_cells):
-            modules = tuple(m for m, on in enumerate(row) if on)
-            cells.append(modules if modules or not forced else (FORCED_DEFAULT_MODULE,))
-        return cells
-
-    @torch.inference_mode()
-    def logits_one(self, image: torch.Tensor) -> torch.Tensor:
-        """Batch-1 path: controller, then only the selected modules of each cell."""
-        return self.metagraph.forward_resolved(image, self.child_cells(image))
-
-    @torch.inference_mode()
-    def policies(self, images: torch.Tensor) -> torch.Tensor:
-        """Resolved greedy policies [B, cells, modules] the controller picks (p >= 0.5)."""
-        return self.metagraph.resolve(self.controller.policy_logits(images) >= 0)
-
-    @torch.inference_mode()
-    def logits(
-        self, images: torch.Tensor, execution: str = "sparse"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batched path with per-image policies; returns (logits, policies).
-
-        ``execution``: ``"sparse"`` (each selected module runs once on the rows that chose it),
-        ``"grouped"`` (one pass per distinct child) or ``"dense"`` (masked reference). Sparse is
-        the default (bench/inference.py): as fast with one child per batch, faster with
-        several, since children share most modules and grouping repeats them per child.
-        """
-        policy = self.policies(images)
-        return self.metagraph(images, policy, execution=execution), policy
 
 
 # Float images a little outside [0, 1] (resampling overshoot) are fine; 0..255 floats are not.
@@ -221,8 +168,8 @@ def model_checkpoint(run_dir: Path, model: str) -> tuple[str, Path]:
     """(canonical name, checkpoint) of ``model``: "instanas" or a variant letter "A".."E"."""
     name = model.removeprefix(f"{MAIN_MODEL}-") if model != MAIN_MODEL else model
     if name == MAIN_MODEL:
-        return name, run_dir / registry.get("finetune").output
-    summary = run_dir / registry.get("variants").output
+        return name, run_dir / stage_specs.get("finetune").output
+    summary = run_dir / stage_specs.get("variants").output
     variants = json.loads(summary.read_text()) if summary.exists() else {}
     if name not in variants:
         known = ", ".join([MAIN_MODEL, *sorted(variants)])

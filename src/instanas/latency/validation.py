@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..deploy.inference import InstaNASPredictor
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
+from ..models.predictor import InstaNASPredictor
 from ..space import ChildArchitecture
 from ..utils import atomic_write_text
 from .table import (

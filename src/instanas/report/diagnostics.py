@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..stages import registry
+from .. import stage_specs
 
 # Stage name in metrics.jsonl -> (training-accuracy field, the option that extends it). The
-# registry leaves pretraining out: its drop-path schedule makes later epochs harder by design,
+# stage specs leave pretraining out: its drop-path schedule makes later epochs harder by design,
 # so its training accuracy does not show convergence.
 _TRAINED = {
     stage.name: (stage.accuracy_field, f"{stage.budget}.epochs")
-    for stage in registry.STAGES
+    for stage in stage_specs.STAGES
     if stage.accuracy_field
 }
 # Training accuracy that rose by more than this over the last epochs counts as still rising.

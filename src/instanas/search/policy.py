@@ -18,8 +18,10 @@ from ..distributed import uniform
 from ..latency.table import LatencyTable
 from ..models.controller import Controller, greedy_policy
 from ..models.metagraph import MetaGraph
+from ..nn.batchnorm import recalibrate_batchnorm
+from ..run_context import RunContext
 from ..space import SearchSpace, routing_summary
-from ..training import RunContext, recalibrate_batchnorm, training_images
+from ..training import training_images
 
 
 @dataclass

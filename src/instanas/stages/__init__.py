@@ -1,2 +1,3 @@
-"""The stages of a run: the registry (stages/registry.py), one module per stage with
-`run(ctx)`, and the helpers they share (the epoch loop, resume, run-directory I/O)."""
+"""The stages of a run: one module per stage with `run(ctx)` (``registry.py`` maps the stage
+names of ``stage_specs.py`` to them), and the helpers they share (the epoch loop, resume,
+run-directory I/O, policy fine-tuning, standalone training)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import stage_specs
 from ..checkpoint import (
     check_identity,
     load_checkpoint,
@@ -27,9 +28,8 @@ from ..latency.table import (
 from ..models import build_models
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
-from ..training import RunContext, run_identity
+from ..run_context import RunContext, run_identity
 from ..utils import atomic_copy
-from . import registry
 
 log = logging.getLogger("instanas")
 
@@ -58,7 +58,7 @@ def load_candidate(
 
 def stage_path(ctx: RunContext, stage: str) -> Path:
     """The file that marks ``stage`` as done in this run."""
-    return ctx.run_dir / registry.get(stage).output
+    return ctx.run_dir / stage_specs.get(stage).output
 
 
 def save_stage(ctx: RunContext, path: Path, modules: dict[str, nn.Module], meta: dict) -> None:
@@ -70,7 +70,7 @@ def load_stage(ctx: RunContext, stage: str, modules: dict[str, nn.Module]) -> di
     if not path.exists():
         raise CheckpointError(
             f"{ctx.run_dir} has no {stage} output "
-            f"({registry.get(stage).output}): run `instanas {stage} --output "
+            f"({stage_specs.get(stage).output}): run `instanas {stage} --output "
             f"{ctx.run_dir}` first"
         )
     return load_checkpoint(path, modules, expect=run_identity(ctx))
@@ -86,8 +86,8 @@ def verify_output(ctx: RunContext, stage: str) -> None:
 
 def require_previous(run_dir: Path, stage: str) -> None:
     """Fail before anything is written when the stages ``stage`` builds on have not run."""
-    for before in registry.get(stage).needs:
-        output = registry.get(before).output
+    for before in stage_specs.get(stage).needs:
+        output = stage_specs.get(before).output
         if not (run_dir / output).exists():
             raise CheckpointError(
                 f"{run_dir} has no {before} output ({output}): "

@@ -24,8 +24,8 @@ from ..latency.flops import count_flops
 from ..latency.table import LatencyTable
 from ..models.metagraph import ChildNetwork, MetaGraph, build_mbv2_baseline
 from ..report.document import write_results_markdown
+from ..run_context import RunContext, run_identity
 from ..space import ChildArchitecture
-from ..training import RunContext, run_identity
 from ..utils import atomic_write_bytes, write_json
 from .common import latency_table, load_candidate, load_stage, new_models, stage_path
 from .standalone import reference_networks, reference_path

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..latency.table import LatencyTable
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
-from ..training import RunContext
+from ..run_context import RunContext
 from .common import latency_table, searched_models, stage_path
 from .policy_tuning import finetune_under_controller
 

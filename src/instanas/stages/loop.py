@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..training import RunContext
+from ..run_context import RunContext
 from .resume import EpochCheckpoints
 
 

@@ -12,8 +12,9 @@ import torch
 from ..latency.table import LatencyTable
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
+from ..run_context import RunContext
 from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
-from ..training import EpochPlan, RunContext, cosine, sgd, supervised_epoch
+from ..training import EpochPlan, cosine, sgd, supervised_epoch
 from .common import save_stage
 from .loop import EpochLoop
 

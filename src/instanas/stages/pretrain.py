@@ -10,15 +10,8 @@ import torch
 from ..config import PretrainConfig
 from ..distributed import uniform
 from ..models.metagraph import MetaGraph
-from ..training import (
-    EpochPlan,
-    RunContext,
-    accuracy,
-    cosine,
-    sgd,
-    step_decay,
-    supervised_epoch,
-)
+from ..run_context import RunContext
+from ..training import EpochPlan, accuracy, cosine, sgd, step_decay, supervised_epoch
 from .common import new_models, save_stage, stage_path
 from .loop import EpochLoop
 

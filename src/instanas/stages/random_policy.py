@@ -15,9 +15,9 @@ import torch
 
 from ..latency.table import LatencyTable
 from ..models.metagraph import MetaGraph
+from ..run_context import RunContext
 from ..search.policy import RandomPolicy, evaluate_policies, greedy_of
 from ..space import SearchSpace, apply_empty_cell_rule
-from ..training import RunContext
 from .common import latency_table, searched_models, stage_path
 from .policy_tuning import train_under_policy
 

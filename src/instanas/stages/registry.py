@@ -1,143 +1,36 @@
-"""Every stage of a run, in the order `instanas run` takes them: one declaration each.
+"""Which module runs each stage: the stage names of ``stage_specs.STAGES``, each mapped to its
+module under ``stages/`` (a function ``run(ctx)``), imported here by name rather than looked up
+from a string, so that the import graph shows every stage and a renamed module fails at once.
 
-A stage's behaviour lives in its own module, ``instanas.stages.<name with _ for ->``, as a
-function ``run(ctx)``; this table holds the facts that the pipeline, the command line, resume
-and the run summary read. Adding a stage means one new module and one entry here.
+The stage names are the commands and the names in the run directory; the module names say what
+each stage trains (``baseline`` trains the MobileNetV2 path, ``baselines`` the reference
+networks beside it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from importlib import import_module
-from typing import Callable
+from types import ModuleType
 
-from ..config import Config
-from ..errors import ConfigError
-
-
-def _always(config: Config) -> bool:
-    return True
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage: its command, what marks it done, what it needs, and how it is budgeted."""
-
-    name: str
-    help: str
-    output: str  # file in the run directory whose existence marks the stage as done
-    needs: tuple[str, ...] = ()  # stages whose outputs it reads
-    enabled: Callable[[Config], bool] = _always  # False: `instanas run` skips it
-    resumable: bool = True  # trains epoch by epoch; `--resume` continues it
-    budget: str | None = None  # config section whose epochs/steps/batch size it trains with
-    accuracy_field: str | None = None  # metrics.jsonl field that shows it still learning
-    refresh: bool = False  # `run --resume` redoes it whenever an earlier stage ran
-    # Under torchrun every rank trains on its share of each batch; False: rank 0 runs it alone
-    # while the others wait (it times models, and timing needs the machine to itself).
-    data_parallel: bool = True
-
-    @property
-    def module(self) -> str:
-        return f"{__package__}.{self.name.replace('-', '_')}"
-
-    def run(self, ctx) -> object:
-        return import_module(self.module).run(ctx)
-
-
-def _policy_tuned(
-    name: str, help: str, enabled: Callable[[Config], bool], data_parallel: bool = True
-) -> Stage:
-    """A model fine-tuned from the search like the main model, with the same budget, that the
-    config can switch off (written to NAME/model.safetensors)."""
-    output = f"{name}/model.safetensors"
-    return Stage(name, help, output, ("search",), enabled, budget="finetune",
-                 accuracy_field="train_accuracy", data_parallel=data_parallel)  # fmt: skip
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage(
-        "baseline",
-        "train the MobileNetV2-path baseline standalone",
-        "baseline/mbv2.safetensors",
-        budget="baseline",
-        accuracy_field="train_accuracy",
-    ),
-    Stage(
-        "pretrain",
-        "stage 1: one-shot pretraining of the meta-graph",
-        "pretrain/metagraph.safetensors",
-        budget="pretrain",
-    ),
-    Stage(
-        "search",
-        "stage 2: alternate controller and meta-graph epochs (needs pretrain)",
-        "search/selected.safetensors",
-        needs=("pretrain",),
-        budget="search",
-        accuracy_field="metagraph_train_accuracy",
-    ),
-    Stage(
-        "finetune",
-        "stage 3: fine-tune under the frozen controller (needs search)",
-        "finetune/model.safetensors",
-        needs=("search",),
-        budget="finetune",
-        accuracy_field="train_accuracy",
-    ),
-    _policy_tuned(
-        "random-policy",
-        "fine-tune the searched meta-graph on random policies of the controller's mean latency "
-        "(needs search)",
-        lambda c: c.baseline.random_policy,
-    ),
-    _policy_tuned(
-        "static-child",
-        "fine-tune the searched meta-graph on the one child of the controller's closest to and "
-        "not below the main model's measured latency (needs search)",
-        lambda c: c.baseline.static_child,
-        data_parallel=False,
-    ),
-    Stage(
-        "variants",
-        "pick variants A..E on the validation Pareto front of the search "
-        "checkpoints and fine-tune each (needs search)",
-        "variants/variants.json",
-        needs=("search",),
-        enabled=lambda c: c.variants.count > 0,
-        data_parallel=False,
-    ),
-    Stage(
-        "baselines",
-        "train the other baselines standalone: MobileNetV2 path at "
-        "baseline.widths, minimum network",
-        "baseline/references.json",
-        enabled=lambda c: bool(c.mbv2_widths()) or c.baseline.min_net,
-    ),
-    Stage(
-        "evaluate",
-        "test accuracy and measured batch-1 latency of every trained model "
-        "(needs finetune and baseline)",
-        "results.json",
-        needs=("finetune", "baseline"),
-        resumable=False,
-        refresh=True,
-        data_parallel=False,
-    ),
+from . import (
+    evaluate,
+    finetune,
+    mbv2_path_baseline,
+    pretrain,
+    random_policy,
+    reference_baselines,
+    search,
+    static_child,
+    variants,
 )
-_BY_NAME = {stage.name: stage for stage in STAGES}
 
-
-def names() -> tuple[str, ...]:
-    return tuple(_BY_NAME)
-
-
-def get(name: str) -> Stage:
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ConfigError(f"unknown stage {name!r}: use one of {', '.join(_BY_NAME)}") from None
-
-
-def training_stages() -> tuple[Stage, ...]:
-    """The stages that train and checkpoint epoch by epoch (every one but evaluation)."""
-    return tuple(stage for stage in STAGES if stage.resumable)
+MODULES: dict[str, ModuleType] = {
+    "baseline": mbv2_path_baseline,
+    "pretrain": pretrain,
+    "search": search,
+    "finetune": finetune,
+    "random-policy": random_policy,
+    "static-child": static_child,
+    "variants": variants,
+    "baselines": reference_baselines,
+    "evaluate": evaluate,
+}

@@ -31,7 +31,7 @@ from ..checkpoint import (
     save_tensors,
 )
 from ..errors import CheckpointError
-from ..training import RunContext, run_identity
+from ..run_context import RunContext, run_identity
 from ..utils import atomic_write_text
 
 log = logging.getLogger("instanas")

@@ -22,7 +22,9 @@ from ..models.controller import (
     sample_policy,
 )
 from ..models.metagraph import MetaGraph, sparse_plans
+from ..nn.batchnorm import batch_statistics
 from ..report.diagnostics import near_chance
+from ..run_context import RunContext
 from ..search.policy import (
     PolicyFn,
     calibrate,
@@ -31,16 +33,7 @@ from ..search.policy import (
     mix_random_children,
 )
 from ..search.reward import DualWeight, RewardFunction, budget_target, usage_penalty
-from ..training import (
-    EpochPlan,
-    RunContext,
-    accuracy,
-    batch_statistics,
-    check_finite,
-    finite_check_due,
-    sgd,
-    supervised_epoch,
-)
+from ..training import EpochPlan, accuracy, check_finite, finite_check_due, sgd, supervised_epoch
 from ..utils import atomic_copy, progress_bar, write_json
 from .common import latency_table, load_stage, new_models, save_stage, stage_path
 from .loop import EpochLoop

@@ -11,7 +11,8 @@ from __future__ import annotations
 from functools import partial
 
 from ..models.metagraph import ChildNetwork, build_mbv2_baseline, build_min_network, scaled_space
-from ..training import EpochPlan, RunContext, accuracy, cosine, sgd, supervised_epoch
+from ..run_context import RunContext
+from ..training import EpochPlan, accuracy, cosine, sgd, supervised_epoch
 from .common import save_stage
 from .loop import EpochLoop
 

@@ -16,14 +16,14 @@ import logging
 
 import torch
 
-from ..deploy.inference import InstaNASPredictor
 from ..latency.side_by_side import measure_per_image
 from ..latency.table import LatencyTable
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
+from ..models.predictor import InstaNASPredictor
+from ..run_context import RunContext
 from ..search.policy import evaluate_policies, greedy_of
 from ..space import ChildArchitecture, child_counts
-from ..training import RunContext
 from .common import latency_table, searched_models, stage_path
 from .policy_tuning import train_under_policy
 

@@ -27,9 +27,10 @@ import torch
 
 from ..latency.table import LatencyTable, measure_children, predicted_ms
 from ..models.metagraph import MetaGraph
+from ..run_context import RunContext
 from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
 from ..space import ChildArchitecture
-from ..training import EpochPlan, RunContext, cosine, sgd, supervised_epoch
+from ..training import EpochPlan, cosine, sgd, supervised_epoch
 from ..utils import atomic_copy, write_json
 from .common import latency_table, load_candidate, new_models, search_checkpoints, stage_path
 from .policy_tuning import finetune_under_controller

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ..training import RunContext
+from ..run_context import RunContext
 from ..utils import write_json
 from .common import stage_path
 from .standalone import reference_networks, reference_path, train_standalone

@@ -4,7 +4,7 @@ many epochs as the meta-graph gets in all three stages together: ``mbv2-path``."
 from __future__ import annotations
 
 from ..models.metagraph import ChildNetwork, build_mbv2_baseline
-from ..training import RunContext
+from ..run_context import RunContext
 from .common import stage_path
 from .standalone import train_standalone
 
