@@ -1,5 +1,6 @@
-"""The package's structure: no import cycles, no stage importing another stage, every stage in
-the registry and one module, and short functions.
+"""The package's structure: folders as layers that import only downwards, no two folders tied
+both ways, no import cycles, no stage importing another stage, every stage in the registry and
+one module, and short functions.
 
 The graph is read from the source with ``ast`` (nothing is imported), counting every ``import``
 and ``from ... import`` wherever it sits: at module level, inside functions (lazy imports) and
@@ -20,6 +21,32 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # The stage modules are the registry's; every other module under stages/ is a helper that any
 # stage may use (the loop, resume, common run-directory I/O, ...).
 STAGE_MODULES = {module.__name__ for module in registry.MODULES.values()}
+
+# The layers, bottom to top (docs/design.md, "Code layout"). A unit is a folder under
+# src/instanas/ or a top-level module; "instanas" is the package's facade (__init__.py). A unit
+# may import only units of lower layers (and itself); the units of one layer do not import each
+# other. A new folder or top-level module must be placed here before the tests pass.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "version", "distributed", "space"),  # import nothing of the package
+    ("utils", "provenance"),
+    ("checkpoint",),  # weights and their metadata on disk
+    ("nn",),  # building blocks: candidate modules, row gathers, BatchNorm helpers
+    ("models",),  # networks: meta-graph, controller, the deployed predictor
+    ("latency",),  # what the networks cost: the table, end-to-end timing, FLOPs
+    ("data",),
+    ("config",),
+    ("stage_specs",),  # the stages as data: what a run directory holds
+    ("budgets", "report"),  # report reads run files only, never the models
+    ("run_context",),
+    ("training",),
+    ("search",),  # the algorithm: reward, policies, controller steps
+    ("evaluation",),
+    ("deploy",),
+    ("stages",),
+    ("pipeline",),
+    ("cli", "kernel_check"),  # the command-line tools
+    ("__main__", "instanas"),
+)
 
 
 def module_name(path: Path) -> str:
@@ -94,12 +121,68 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_graph_reader_sees_relative_and_lazy_imports():
+def test_graph_reader_sees_relative_and_lazy_imports(tmp_path):
     graph = import_graph()
     assert f"{PACKAGE}.stages.common" in graph[f"{PACKAGE}.stages.pretrain"]  # from .common
     assert f"{PACKAGE}.models.metagraph" in graph[f"{PACKAGE}.stages.pretrain"]  # from ..models
-    assert f"{PACKAGE}.report.document" in graph[f"{PACKAGE}.cli"]  # imported inside a function
     assert f"{PACKAGE}.cli" in graph[f"{PACKAGE}.__main__"]
+    source = tmp_path / "module.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from ..models import metagraph\n"
+        "def f():\n    from ..report.document import write_report\n"
+    )
+    known = {f"{PACKAGE}.models.metagraph", f"{PACKAGE}.report.document"}
+    assert imports_of(f"{PACKAGE}.stages.module", source, known) == known
+
+
+def unit(module: str) -> str:
+    """The layer unit of a module: its folder, its top-level module name, or the facade."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else PACKAGE
+
+
+def layer_of() -> dict[str, int]:
+    return {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def test_every_module_belongs_to_one_layer():
+    placed = [name for names in LAYERS for name in names]
+    assert len(placed) == len(set(placed)), "a unit is listed in two layers"
+    missing = sorted({unit(m) for m in modules()} - set(placed))
+    assert not missing, f"place these in LAYERS (tests/test_structure.py): {missing}"
+    gone = sorted(set(placed) - {unit(m) for m in modules()})
+    assert not gone, f"LAYERS lists units that no longer exist: {gone}"
+
+
+def test_imports_only_go_down_the_layers():
+    """Lazy imports and TYPE_CHECKING imports count: each still ties two layers together."""
+    layer = layer_of()
+    upward = sorted(
+        f"{name} imports {other} ({unit(name)} is layer {layer[unit(name)]}, "
+        f"{unit(other)} is layer {layer[unit(other)]})"
+        for name, targets in import_graph().items()
+        for other in targets
+        if unit(other) != unit(name) and layer[unit(other)] >= layer[unit(name)]
+    )
+    assert not upward, "imports that do not go down the layers: " + "; ".join(upward)
+
+
+def folder_ties(graph: dict[str, set[str]]) -> list[str]:
+    """Pairs of units that import each other (in any of their modules)."""
+    edges = {(unit(a), unit(b)) for a, targets in graph.items() for b in targets}
+    return sorted(f"{a} <-> {b}" for a, b in edges if a < b and (b, a) in edges)
+
+
+def test_folder_ties_are_found():
+    graph = {"instanas.a.x": {"instanas.b.y"}, "instanas.b.z": {"instanas.a.w"}}
+    assert folder_ties(graph) == ["a <-> b"]
+    assert folder_ties({"instanas.a.x": {"instanas.b.y", "instanas.a.w"}}) == []
+
+
+def test_no_two_folders_import_each_other():
+    ties = folder_ties(import_graph())
+    assert not ties, "folders tied both ways: " + "; ".join(ties)
 
 
 def test_cycle_finder():
