@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from instanas.evaluation import baseline_test_accuracy
+from instanas.evaluation.test_passes import baseline_test_accuracy
 from instanas.models.metagraph import build_mbv2_baseline
 from instanas.pipeline import existing_config, open_run
 from instanas.stages.common import load_stage

@@ -190,7 +190,7 @@ def test_paper_imagenet_preset_streams(trees, tmp_path, cache_dir) -> None:
 def test_gallery_reads_rows_of_a_streamed_test_split(trees) -> None:
     from types import SimpleNamespace
 
-    from instanas.evaluation import galleries
+    from instanas.evaluation.results import galleries
 
     data = load_dataset("folder", trees["imagenet"], image_size=8, stream=True, workers=0)
     n = len(data.test)

@@ -2,7 +2,7 @@
 
 import torch
 
-from instanas.evaluation import cheapest_correct
+from instanas.evaluation.oracle import cheapest_correct
 from instanas.stages.variants import pareto_front, pick_spread
 
 

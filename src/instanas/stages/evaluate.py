@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import load_checkpoint
-from ..evaluation import (
+from ..evaluation.oracle import oracle
+from ..evaluation.results import assemble_results
+from ..evaluation.test_passes import (
     Evaluated,
-    evaluate,
     evaluate_instanas,
     evaluate_random_policy,
     evaluate_static,
     expected_latency,
-    oracle,
 )
 from ..latency.flops import count_flops
 from ..latency.table import LatencyTable
@@ -56,7 +56,7 @@ def run(ctx: RunContext) -> dict:
         )
     samples = ctx.config.baseline.oracle_children
     oracle_entry = oracle(ctx, metagraph, controller, table, samples) if samples else None
-    results, per_image = evaluate(
+    results, per_image = assemble_results(
         ctx, models, table, oracle_entry, expected_latency(ctx, controller, table)
     )
     results = run_summary(ctx, results)

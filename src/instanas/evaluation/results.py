@@ -1,0 +1,195 @@
+"""results.json as a whole: every evaluated model timed side by side at batch 1, the
+comparison between them, what identifies the file and the run, and the per-image arrays behind
+the plots (test_per_image.npz).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data import images_of
+from ..latency.side_by_side import measure_per_image
+from ..latency.table import LatencyTable, device_info
+from ..provenance import code_commit, utc_now
+from ..report.schema import RESULTS_SCHEMA_VERSION
+from ..run_context import RunContext
+from ..version import __version__
+from .test_passes import Evaluated
+
+
+@dataclass
+class PerImage:
+    """Arrays behind the plots (saved as test_per_image.npz)."""
+
+    arrays: dict[str, np.ndarray]
+
+
+def assemble_results(
+    ctx: RunContext,
+    models: dict[str, Evaluated],
+    table: LatencyTable,
+    oracle_entry: dict | None,
+    expected_ms: torch.Tensor,
+) -> tuple[dict, PerImage]:
+    """Time every model side by side and assemble the ``results.json`` contract.
+
+    ``models`` must contain ``instanas`` and ``mbv2-path``; ``expected_ms`` is the main
+    controller's expected latency per test image (used to order the galleries).
+    """
+    cfg = ctx.config.latency
+    started = utc_now()
+    images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.test, 1000, train=False)])
+    timed = images[: cfg.eval_images] if cfg.eval_images else images
+    samples: dict[str, list[float]] = {}
+    runners = {n: m.batch_one for n, m in models.items()}
+    seed = ctx.config.seed
+    measured = measure_per_image(
+        runners, timed.contiguous(), cfg.threads, cfg.warmup, seed, samples
+    )
+    entries = {
+        name: {"kind": m.kind, "test_accuracy": m.accuracy, "latency_ms": measured[name],
+               "latency_source": "measured", **m.entry}
+        for name, m in models.items()
+    }  # fmt: skip
+    if oracle_entry is not None:
+        entries["oracle"] = oracle_entry
+    results = {
+        **contract_fields(started),
+        "device": device_info(torch.device("cpu"), cfg.threads),
+        "models": entries,
+        "comparison": comparison(entries),
+        "latency_table": table_summary(table),
+        "test_images": len(ctx.data.test),
+        "timed_images": len(timed),
+        "reproducibility": reproducibility(ctx),
+    }
+    return results, per_image_arrays(ctx, models, table, samples, expected_ms)
+
+
+def table_summary(table: LatencyTable) -> dict:
+    """The table's fixed costs and where it was profiled (the deployment device when
+    ``latency.table`` was given)."""
+    return {
+        "stem_ms": table.unit_ms("stem"),
+        "head_ms": table.unit_ms("head"),
+        "controller_ms": table.unit_ms("controller"),
+        "chain_factor": table.chain_factor,
+        "profiled_on": {k: table.key.get(k) for k in ("device", "threads", "torch")},
+    }
+
+
+def reproducibility(ctx: RunContext) -> dict:
+    """What a rerun must match to give the same weights bit for bit (docs/reproducibility.md)."""
+    return {
+        "seed": ctx.config.seed,
+        "training_threads": ctx.config.threads,
+        "training_device": ctx.config.device,
+        "bitwise": ctx.config.device == "cpu",
+        "scope": "same seed, thread count, processor, torch and instanas version",
+    }
+
+
+def contract_fields(started: str) -> dict:
+    """What identifies a results.json: schema version, package version, code commit, times."""
+    return {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "instanas_version": __version__,
+        "code": code_commit(),
+        "created_at": utc_now(),
+        "evaluation_started_at": started,
+    }
+
+
+def comparison(entries: dict[str, dict]) -> dict:
+    """InstaNAS against the MobileNetV2 path and the random policy; which variants dominate."""
+    inst, base = entries["instanas"], entries["mbv2-path"]
+    out = {
+        "latency_reduction": 1.0 - inst["latency_ms"]["mean"] / base["latency_ms"]["mean"],
+        "accuracy_delta_points": 100.0 * (inst["test_accuracy"] - base["test_accuracy"]),
+    }
+    if "random-policy" in entries:
+        rand = entries["random-policy"]
+        out["controller_vs_random_points"] = 100.0 * (inst["test_accuracy"] - rand["test_accuracy"])
+        out["random_vs_controller_latency_ratio"] = (
+            rand["latency_ms"]["mean"] / inst["latency_ms"]["mean"]
+        )
+    if "shuffled_routing_accuracy" in inst:
+        out["routing_gain_points"] = 100.0 * (
+            inst["test_accuracy"] - inst["shuffled_routing_accuracy"]
+        )
+    if "static-child" in entries:
+        static = entries["static-child"]
+        out["static_child_points"] = 100.0 * (inst["test_accuracy"] - static["test_accuracy"])
+        out["static_child_latency_ratio"] = (
+            static["latency_ms"]["mean"] / inst["latency_ms"]["mean"]
+        )
+    dynamic = [n for n, e in entries.items() if e["kind"] in ("instanas", "variant")]
+    widths = [n for n, e in entries.items() if e["kind"] == "mbv2"]
+    out["dominating"] = [
+        f"{d} beats {w}"
+        for d in dynamic
+        for w in widths
+        if entries[d]["test_accuracy"] > entries[w]["test_accuracy"]
+        and entries[d]["latency_ms"]["mean"] < entries[w]["latency_ms"]["mean"]
+    ]
+    return out
+
+
+def per_image_arrays(
+    ctx: RunContext,
+    models: dict[str, Evaluated],
+    table: LatencyTable,
+    samples: dict[str, list[float]],
+    expected_ms: torch.Tensor,
+    per_class: int = 8,
+) -> PerImage:
+    main = models["instanas"]
+    predicted = (table.cells_ms(main.policies) + table.fixed_ms()).float()
+    labels = ctx.data.test.labels.cpu()
+    arrays = {
+        "labels": labels.numpy(),
+        "predicted_ms": predicted.numpy(),
+        "expected_ms": expected_ms.float().numpy(),
+        "correct": main.correct.numpy(),
+        "policies": main.policies.to(torch.uint8).numpy(),
+        "measured_index": np.arange(len(samples["instanas"]), dtype=np.int64),
+        "measured_ms": np.asarray(samples["instanas"], dtype=np.float32),
+    }
+    if "random-policy" in samples:
+        arrays["random_measured_ms"] = np.asarray(samples["random-policy"], dtype=np.float32)
+    arrays.update(galleries(ctx, predicted, expected_ms, per_class))
+    return PerImage(arrays)
+
+
+def galleries(
+    ctx: RunContext, predicted: torch.Tensor, expected: torch.Tensor, per_class: int
+) -> dict[str, np.ndarray]:
+    """The ``per_class`` cheapest and most expensive test images of each class.
+
+    Ordered by the chosen child's table latency, ties broken by the controller's expected
+    latency (sum of module probabilities times module cost), which still ranks images when
+    many share one child.
+    """
+    labels = ctx.data.test.labels.cpu()
+    # -1 marks an empty slot (a class with fewer than ``per_class`` test images).
+    index = np.full((len(ctx.data.classes), 2, per_class), -1, dtype=np.int64)
+    for c in range(len(ctx.data.classes)):
+        members = torch.nonzero(labels == c).flatten()
+        k = min(per_class, len(members))
+        order = np.lexsort((expected[members].numpy(), predicted[members].numpy()))
+        ranked = members.numpy()[order]
+        index[c, 0, :k] = ranked[:k]
+        index[c, 1, :k] = ranked[::-1][:k]
+    # Only the gallery's rows: a streamed test split decodes them from disk here.
+    picked = images_of(ctx.data.test, torch.from_numpy(np.maximum(index, 0)).flatten())
+    images = picked.cpu().numpy().reshape(*index.shape, *picked.shape[1:])
+    images[index < 0] = 0
+    costs = np.where(index >= 0, predicted.numpy()[np.maximum(index, 0)], np.nan)
+    return {
+        "gallery_index": index,
+        "gallery_images": images,
+        "gallery_ms": costs.astype(np.float32),
+    }
