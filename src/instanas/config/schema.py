@@ -55,7 +55,16 @@ class DataConfig:
         le=VAL_FRACTION_RANGE[1],
     )
     image_size: int | None = setting(
-        None, "side images are resized to (default: the data set's own)", gt=0
+        None,
+        "side images are resized to (default: the data set's own; folder trees: the most "
+        "common shorter side of a sample of the images)",
+        gt=0,
+    )
+    channels: int | None = setting(
+        None,
+        "1 (gray) or 3 (colour): how folder trees are decoded (default: 1 when every image of "
+        "a sample is gray, else 3; other data sets keep their own)",
+        choices=(1, 3),
     )
     flip: bool | None = setting(
         None,

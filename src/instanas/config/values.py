@@ -189,9 +189,10 @@ def _check_field(key: str, value: Any, meta: Any) -> None:
     if value is None:
         return
     if "choices" in meta and value not in meta["choices"]:
+        choices = [str(c) for c in meta["choices"]]  # data.channels chooses among numbers
         raise ConfigError(
-            f"{key} is {value!r}{did_you_mean(str(value), list(meta['choices']))}; "
-            f"use one of: {', '.join(meta['choices'])}"
+            f"{key} is {value!r}{did_you_mean(str(value), choices)}; "
+            f"use one of: {', '.join(choices)}"
         )
     bounds = (
         ("gt", lambda v, b: v > b, "greater than"),
