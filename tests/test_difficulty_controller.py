@@ -10,7 +10,7 @@ from tiny_runs import tiny_main_model_run
 import instanas
 from instanas.config import ConfigError, load_preset, validate
 from instanas.models.controller import Controller, ControllerSpec, greedy_policy
-from instanas.stages.search import difficulty_loss, hard_images
+from instanas.search.controller_step import HARD_IMAGES, difficulty_loss
 
 SPEC = ControllerSpec(input_size=7, widths=(4, 8), form="difficulty")
 
@@ -80,8 +80,10 @@ def test_a_run_with_the_difficulty_form_loads_and_predicts(tmp_path):
 def test_hard_images_are_wrong_or_fixable():
     greedy = torch.tensor([True, False, False, True])
     every = torch.tensor([True, True, False, False])
-    assert hard_images("wrong", greedy).tolist() == [False, True, True, False]
+
+    def unused() -> torch.Tensor:
+        raise AssertionError("the wrong target needs no forward of the every-module child")
+
+    assert HARD_IMAGES["wrong"](greedy, unused).tolist() == [False, True, True, False]
     # Only the image the child with every module gets right is worth more modules.
-    assert hard_images("helped", greedy, every).tolist() == [False, True, False, False]
-    with pytest.raises(ValueError, match="every_correct"):
-        hard_images("helped", greedy)
+    assert HARD_IMAGES["helped"](greedy, lambda: every).tolist() == [False, True, False, False]

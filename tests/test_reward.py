@@ -82,3 +82,26 @@ def test_proportional_gain_reacts_to_the_last_overshoot():
     assert damped.weight == pytest.approx(0.0)  # 0.15 - 0.3 x 0.5, kept non-negative
     damped.update(3.0, 1.0, step=0.1, gain=0.3)
     assert damped.weight == pytest.approx(0.25 + 0.3)
+
+
+def test_the_latency_weight_is_saved_and_restored_with_the_search_epoch():
+    """The search's epoch record keeps the dual weight under the names runs have always saved,
+    so a run saved before the weight was an object of the loop resumes as it did."""
+    import json
+
+    from instanas.search.reward import DualWeight
+    from instanas.stages.loop import EpochLoop
+
+    dual = DualWeight()
+    dual.update(3.0, 2.0, 0.05, gain=2.0)
+    loop = EpochLoop("search", 3, {}, {}, state={"history": [1]}, stateful=(dual,))
+    record = json.loads(json.dumps(loop.record()))  # as saved with the epoch state
+    assert list(record) == ["history", "latency_weight", "latency_weight_p"]
+    resumed = DualWeight()
+    again = EpochLoop("search", 3, {}, {}, state={"history": []}, stateful=(resumed,))
+    again.restore(record)
+    assert (resumed.value, resumed.proportional) == (dual.value, dual.proportional)
+    assert again.state == {"history": [1]}
+    old = DualWeight()
+    EpochLoop("search", 3, {}, {}, stateful=(old,)).restore({"history": [], "latency_weight": 0.5})
+    assert (old.value, old.proportional) == (0.5, 0.0)

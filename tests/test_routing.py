@@ -152,7 +152,7 @@ def test_usage_penalty_only_for_modules_that_cannot_route():
 
 
 def test_best_children_takes_each_images_highest_reward():
-    from instanas.stages.search import best_children
+    from instanas.search.controller_step import best_children
 
     policies = torch.arange(6 * 4).view(6, 2, 2)  # 3 candidate sets for 2 images
     reward = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 0.4])  # image 0: set 1; image 1: set 0

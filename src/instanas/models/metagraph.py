@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from ..nn.batchnorm import batch_statistics
 from ..nn.ops import ConvBNAct, build_candidate, fold_batchnorm
 from ..nn.rows import gather_row_sets, sum_row_sets
 from ..space import (
@@ -99,12 +101,21 @@ class Cell(nn.Module):
         return out
 
 
-def sparse_plans(policies: torch.Tensor) -> list[list[list[int]]]:
+def sparse_row_counts(policies: torch.Tensor) -> list[list[list[int]]]:
     """What sparse execution needs on the host, for resolved policies [sets, B, cells,
     modules]: per set and cell, the rows of each module and then 1 if some row selects nothing.
     One device-to-host transfer for every set (the one synchronisation of a training step)."""
     empty = (~policies.any(dim=3)).any(dim=1, keepdim=True).transpose(1, 2)
     return torch.cat([policies.sum(dim=1), empty], dim=2).tolist()
+
+
+@dataclass
+class ChildScores:
+    """Per row of stacked policy sets (:meth:`MetaGraph.score_policy_sets`)."""
+
+    correct: torch.Tensor  # bool: the child's prediction is the label
+    log_prob: torch.Tensor  # log-likelihood of the label under the child
+    resolved: torch.Tensor  # the child's policy after the empty-cell rule
 
 
 class Head(nn.Module):
@@ -138,12 +149,13 @@ class MetaGraph(nn.Module):
         x: torch.Tensor,
         policy: torch.Tensor | None = None,
         execution: str = "sparse",
-        plan: list[list[int]] | None = None,
+        row_counts: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Logits for images ``x`` [B, C, H, W] under per-image ``policy`` [B, cells, modules].
 
-        ``policy=None`` selects every module of every cell. ``plan``: the policy's
-        :func:`sparse_plans` entry when the caller read it already (several forwards, one read).
+        ``policy=None`` selects every module of every cell. ``row_counts``: the policy's
+        :func:`sparse_row_counts` entry when the caller read it already (several forwards, one
+        read).
         """
         if policy is None:
             return self.forward_resolved(
@@ -155,7 +167,7 @@ class MetaGraph(nn.Module):
             for c, cell in enumerate(self.cells):
                 x = cell.forward_dense(x, policy[:, c])
         elif execution == "sparse":
-            host = plan if plan is not None else sparse_plans(policy[None])[0]
+            host = row_counts if row_counts is not None else sparse_row_counts(policy[None])[0]
             for c, cell in enumerate(self.cells):
                 x = cell.forward_sparse(x, policy[:, c], host[c][:-1], bool(host[c][-1]))
         elif execution == "grouped":
@@ -163,6 +175,36 @@ class MetaGraph(nn.Module):
         else:
             raise ValueError(f"unknown execution {execution!r}: use 'sparse', 'grouped' or 'dense'")
         return self.head(x)
+
+    def score_policy_sets(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        policies: torch.Tensor,
+        own_statistics: bool,
+    ) -> ChildScores:
+        """How the children of several policy sets do on the same ``images`` [B, ...]: ``policies``
+        [sets*B, cells, modules] stacks the sets (e.g. [sampled; greedy], or K samples and the
+        greedy children), and so do the rows of the result.
+
+        ``own_statistics``: BatchNorm normalises each set with that set's own batch statistics
+        (one forward per set, running statistics untouched; what sparse execution needs of every
+        set is read from the device at once), so a set is scored as it would run alone. Otherwise
+        the running statistics normalise every row alike, and one forward runs every set.
+        """
+        resolved = self.resolve(policies)
+        size = len(labels)
+        sets = len(policies) // size
+        if not own_statistics:  # rows are independent: one forward for every set
+            logits = self(torch.cat([images] * sets), resolved)
+        else:
+            parts = resolved.view(sets, size, *resolved.shape[1:])
+            counts = sparse_row_counts(parts)
+            with batch_statistics(self):
+                logits = torch.cat([self(images, p, row_counts=c) for p, c in zip(parts, counts)])
+        targets = torch.cat([labels] * sets)
+        log_prob = torch.log_softmax(logits.float(), 1).gather(1, targets[:, None]).squeeze(1)
+        return ChildScores(logits.argmax(1) == targets, log_prob, resolved)
 
     def forward_groups(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         """Cell stack for stem features ``x`` with rows grouped by identical resolved child."""

@@ -16,7 +16,7 @@ import torch
 
 from ..distributed import uniform
 from ..latency.table import LatencyTable
-from ..models.controller import Controller, greedy_policy
+from ..models.controller import Controller, bound_probabilities, greedy_policy, sample_policy
 from ..models.metagraph import MetaGraph
 from ..nn.batchnorm import recalibrate_batchnorm
 from ..run_context import RunContext
@@ -41,6 +41,11 @@ PolicyFn = Callable[[torch.Tensor], torch.Tensor]
 def greedy_of(controller: Controller) -> PolicyFn:
     """The controller's greedy policy for a batch of images (raw, before the empty-cell rule)."""
     return lambda images: greedy_policy(controller(images))
+
+
+def sampled_of(controller: Controller, alpha: float, generator: torch.Generator) -> PolicyFn:
+    """The controller's sampled (bounded) policies, as a policy function."""
+    return lambda images: sample_policy(bound_probabilities(controller(images), alpha), generator)
 
 
 class RandomPolicy:

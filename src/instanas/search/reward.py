@@ -10,6 +10,7 @@ make it right and less where the cheapest child already is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
@@ -115,6 +116,14 @@ class DualWeight:
     @property
     def weight(self) -> float:
         return max(0.0, self.value + self.proportional)
+
+    def state_dict(self) -> dict[str, float]:
+        """What a search epoch's saved state keeps of it (the names resumed runs expect)."""
+        return {"latency_weight": self.value, "latency_weight_p": self.proportional}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.value = state.get("latency_weight", 0.0)
+        self.proportional = state.get("latency_weight_p", 0.0)  # absent in the oldest runs
 
     def update(self, mean_latency: float, target: float, step: float, gain: float = 0.0) -> float:
         # The relative overshoot is clipped so one far-off batch cannot swing the weight.
