@@ -11,16 +11,20 @@ from pathlib import Path
 import numpy as np
 
 
-def make_folder_dataset(root: Path, classes: int = 2, per_class: int = 40, size: int = 8) -> Path:
-    """PNG images whose brightness depends on the class, so the classes are learnable."""
+def make_folder_dataset(
+    root: Path, classes: int = 2, per_class: int = 40, size: int = 8, mode: str = "RGB"
+) -> Path:
+    """PNG images whose brightness depends on the class, so the classes are learnable; ``mode``
+    "L" writes gray ones."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    shape = (size, size) if mode == "L" else (size, size, 3)
     for c in range(classes):
         folder = root / f"class{c}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            pixels = (rng.random((size, size, 3)) * 120 + 100 * c).astype(np.uint8)
+            pixels = (rng.random(shape) * 120 + 100 * c).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{i:03d}.png")
     return root
 

@@ -170,12 +170,16 @@ def _run_data(
 
 
 def _load_data(config: Config) -> DataBundle:
-    """The run's data; unset augmentation options take the data set's defaults, so config.yaml
-    shows what runs."""
+    """The run's data; unset augmentation options take the data set's defaults and a folder
+    tree's unset channels and image size the inferred ones, so config.yaml shows what runs."""
     data = load_configured(config)
     d = config.data
     if d.stream is None:  # the automatic choice, pinned: a resume reads the data the same way
         d.stream = hasattr(data.train, "stream_batches")
+    if d.dataset == "folder":
+        # The shape inferred from the images, pinned as well: a resume, the stage commands and
+        # `instanas export` decode the tree at the shape the model was built for.
+        d.channels, d.image_size = data.channels, data.image_size
     for key, value in default_augmentation(data).items():
         if getattr(d, key) is None:
             setattr(d, key, value)

@@ -22,7 +22,7 @@ from .augmentation import channel_stats
 from .cifar import load_cifar
 from .containers import DataBundle, ImageSet
 from .fashion_mnist import DEFAULT_FASHION_MNIST_DIR, load_fashion_mnist
-from .image_folders import DEFAULT_FOLDER_IMAGE_SIZE, decode_rows, limit_files, list_folder
+from .image_folders import decode_rows, infer_shape, limit_files, list_folder
 from .streaming import StreamingImageSet, estimate_stats
 from .subsets import TEST_SEED, limit_rows, split_validation
 
@@ -35,7 +35,7 @@ VAL_FRACTION_RANGE = (0.0, 0.5)
 
 # Rows per chunk when converting whole splits to float; bounds peak memory.
 _CHUNK = 2048
-# stream=None streams a folder tree whose decoded train split (uint8 RGB) would need more than
+# stream=None streams a folder tree whose decoded train split (uint8) would need more than
 # this share of the physical memory: the rest is left to the model, workers and the OS cache.
 STREAM_MEMORY_SHARE = 0.25
 
@@ -52,27 +52,27 @@ def load_dataset(
     stream: bool | None = None,
     workers: int | None = None,
     flip: bool | None = None,
+    channels: int | None = None,
 ) -> DataBundle:
     """Load a dataset and split a seeded validation set off its train rows.
 
-    `limit_train` keeps a seeded random subset of the train rows (before the validation
-    split); `limit_test` a fixed-seed random subset of the test rows. `image_size` resizes
-    (folder: centre-crop + Pillow bilinear; others: antialiased bilinear on the tensors).
-    `stream` (folder trees only; None: when the decoded train split would not fit
-    STREAM_MEMORY_SHARE of the memory) decodes per batch in `workers` processes, flipping
-    unless `flip` is False (docs/streaming.md).
+    `limit_train` keeps a seeded random subset of the train rows (before the validation split),
+    `limit_test` a fixed-seed one of the test rows. `image_size` resizes (folder: centre-crop +
+    Pillow bilinear; others: antialiased bilinear on the tensors); a folder tree's `image_size` and
+    `channels` (1: gray, 3: RGB) default to image_folders.infer_shape's. `stream` (folder trees
+    only; None: if the decoded train split would not fit STREAM_MEMORY_SHARE of memory) decodes per
+    batch in `workers` processes, flipping unless `flip` is False (docs/streaming.md).
     """
     _check_arguments(name, root, val_fraction, image_size, limit_train, limit_test)
-    _check_streaming(name, stream, workers)
+    _check_folder_options(name, stream, workers, channels)
     train_gen, test_gen = _generators(seed)
     if name == "folder":
-        size = image_size or DEFAULT_FOLDER_IMAGE_SIZE
         options = {"flip": flip is not False, "workers": workers}
         limits, generators = (limit_train, limit_test), (train_gen, test_gen)
-        classes, train, test = _load_folder(Path(root).expanduser(), size, limits, generators,
-                                            stream, options)  # fmt: skip
+        classes, train, test = _load_folder(Path(root).expanduser(), (channels, image_size),
+                                            limits, generators, stream, options)  # fmt: skip
     else:
-        classes, train, test = _read_whole(name, root)
+        classes, train, test = _read_whole(name, root, channels)
         # Limits first, so resizing and statistics only touch the rows that are kept.
         train = limit_rows(train, limit_train, train_gen)
         test = limit_rows(test, limit_test, test_gen)
@@ -101,29 +101,34 @@ def _with_statistics(bundle: DataBundle, seed: int) -> DataBundle:
 
 def _load_folder(
     root: Path,
-    size: int,
+    shape: tuple[int | None, int | None],
     limits: tuple[int | None, int | None],
     generators: tuple[torch.Generator, torch.Generator],
     stream: bool | None,
     options: dict,
 ) -> tuple[list[str], ImageSet | StreamingImageSet, ImageSet | StreamingImageSet]:
-    """(classes, train, test) of a class-folder tree, decoded or streamed. Limits pick from
-    the file lists, so skipped images are never read."""
+    """(classes, train, test) of a class-folder tree at `shape` (channels, size; None:
+    inferred from the whole train split, so limits do not change it), decoded or streamed.
+    Limits pick from the file lists, so skipped images are never read."""
     classes, train_rows, test_rows = list_folder(root)
+    inferred = infer_shape(train_rows, *shape)
+    log.info("%s", inferred.describe())
+    channels, size = inferred.channels, inferred.size
     train_rows = limit_files(train_rows, limits[0], generators[0])
     test_rows = limit_files(test_rows, limits[1], generators[1])
-    if _should_stream(stream, len(train_rows), size):
+    if _should_stream(stream, len(train_rows), channels * size * size):
         streamed = (
-            StreamingImageSet.from_rows(r, size, **options) for r in (train_rows, test_rows)
+            StreamingImageSet.from_rows(r, size, channels=channels, **options)
+            for r in (train_rows, test_rows)
         )
         return classes, *streamed
-    return classes, decode_rows(train_rows, size), decode_rows(test_rows, size)
+    return classes, *(decode_rows(r, size, channels) for r in (train_rows, test_rows))
 
 
-def _should_stream(stream: bool | None, rows: int, size: int) -> bool:
-    """The caller's choice, or (None) whether the decoded train rows would need more than
-    STREAM_MEMORY_SHARE of the physical memory; logs the path taken."""
-    need = rows * 3 * size * size
+def _should_stream(stream: bool | None, rows: int, row_bytes: int) -> bool:
+    """The caller's choice, or (None) whether the decoded train rows of `row_bytes` each would
+    need more than STREAM_MEMORY_SHARE of the physical memory; logs the path taken."""
+    need = rows * row_bytes
     memory = physical_memory()
     if stream is None:
         stream = memory is not None and need > STREAM_MEMORY_SHARE * memory
@@ -147,7 +152,10 @@ def _gib(size: int | None) -> str:
     return "unknown" if size is None else f"{size / 2**30:.1f} GiB"
 
 
-def _check_streaming(name: str, stream: bool | None, workers: int | None) -> None:
+def _check_folder_options(
+    name: str, stream: bool | None, workers: int | None, channels: int | None
+) -> None:
+    """The options of how class-folder trees are read."""
     if stream and name != "folder":
         raise DataError(
             f"data.stream true reads class-folder trees, not {name}: drop --data.stream or "
@@ -155,6 +163,8 @@ def _check_streaming(name: str, stream: bool | None, workers: int | None) -> Non
         )
     if workers is not None and workers < 0:
         raise DataError(f"workers must be 0 or more, got {workers}: pass e.g. 4 (0: in process)")
+    if channels is not None and channels not in (1, 3):
+        raise DataError(f"channels must be 1 (gray) or 3 (colour), got {channels}: pass 1 or 3")
 
 
 def _check_arguments(
@@ -184,12 +194,18 @@ def _check_arguments(
 
 
 def _read_whole(
-    name: str, root: str | os.PathLike[str] | None
+    name: str, root: str | os.PathLike[str] | None, channels: int | None = None
 ) -> tuple[Sequence[str], ImageSet, ImageSet]:
-    """(classes, train, test) of Fashion-MNIST or CIFAR, every row decoded."""
+    """(classes, train, test) of Fashion-MNIST or CIFAR, every row decoded, in their own
+    channels whatever `channels` (which chooses how folder trees are decoded) says."""
     if name == "fashion-mnist":
-        return load_fashion_mnist(Path(root or DEFAULT_FASHION_MNIST_DIR).expanduser())
-    return load_cifar(name, root)
+        whole = load_fashion_mnist(Path(root or DEFAULT_FASHION_MNIST_DIR).expanduser())
+    else:
+        whole = load_cifar(name, root)
+    own = whole[1].channels
+    if channels is not None and channels != own:
+        log.warning("data.channels %d ignored: %s images have %d", channels, name, own)
+    return whole
 
 
 def _resized(data: ImageSet, size: int) -> ImageSet:
@@ -217,4 +233,5 @@ def load_configured(config) -> DataBundle:
     limits = {"limit_train": d.limit_train, "limit_test": d.limit_test}
     streaming = {"stream": d.stream, "workers": d.workers, "flip": d.flip}
     return load_dataset(d.dataset, d.root, val_fraction=d.val_fraction, seed=config.seed,
-                        image_size=d.image_size, **limits, **streaming)  # fmt: skip
+                        image_size=d.image_size, channels=d.channels, **limits,
+                        **streaming)  # fmt: skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from ..errors import DataError
 from .augmentation import BatchAugmenter, channel_stats
 from .batching import Batch, num_batches
 from .containers import ImageSet
-from .image_folders import open_rgb
+from .image_folders import open_image
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -61,13 +61,15 @@ class StreamingImageSet:
     files: np.ndarray
     labels: torch.Tensor
     size: int
-    mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # the defaults leave images in [0, 1]
-    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    mean: tuple[float, ...] | None = None  # None: 0 and 1 per channel, images left in [0, 1]
+    std: tuple[float, ...] | None = None
     flip: bool = True
     workers: int | None = None
-    channels: int = field(default=3, init=False)  # Pillow decodes every image to RGB
+    channels: int = 3  # 1: decoded to Pillow's "L", else "RGB"
 
     def __post_init__(self) -> None:
+        self.mean = (0.0,) * self.channels if self.mean is None else self.mean
+        self.std = (1.0,) * self.channels if self.std is None else self.std
         self.labels = self.labels.to("cpu", torch.int64).contiguous()
         if self.labels.dim() != 1 or len(self.files) != self.labels.shape[0]:
             raise DataError(
@@ -83,17 +85,21 @@ class StreamingImageSet:
         *,
         flip: bool = True,
         workers: int | None = None,
+        channels: int = 3,
     ) -> StreamingImageSet:
         """A set of (file, label) rows, e.g. image_folders.list_folder's."""
         files = np.array([os.fsencode(path) for path, _ in rows], dtype=np.bytes_)
         labels = torch.tensor([label for _, label in rows], dtype=torch.int64)
-        return cls(files, labels, size, flip=flip, workers=workers)
+        return cls(files, labels, size, flip=flip, workers=workers, channels=channels)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def __repr__(self) -> str:
-        return f"StreamingImageSet({len(self)} images at {self.size}px, workers={self.workers})"
+        return (
+            f"StreamingImageSet({len(self)} images at {self.channels}x{self.size}px, "
+            f"workers={self.workers})"
+        )
 
     @property
     def image_size(self) -> int:
@@ -166,7 +172,7 @@ class StreamingImageSet:
     def _loader(
         self, plan: list[list[int]], seed: int | None, workers: int, device: torch.device
     ) -> DataLoader:
-        decoder = _Decoder(self.files, self.size, seed, self.flip)
+        decoder = _Decoder(self.files, self.size, seed, self.flip, self.channels)
         return DataLoader(
             decoder,
             batch_sampler=plan,
@@ -200,25 +206,30 @@ def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
 class _Decoder(Dataset):
     """Decodes and transforms one row in a DataLoader worker: uint8 [C, size, size]."""
 
-    def __init__(self, files: np.ndarray, size: int, seed: int | None, flip: bool) -> None:
+    def __init__(
+        self, files: np.ndarray, size: int, seed: int | None, flip: bool, channels: int
+    ) -> None:
         self.files, self.size, self.seed, self.flip = files, size, seed, flip
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, row: int) -> tuple[torch.Tensor, int]:
-        image = open_rgb(os.fsdecode(self.files[row]))
+        image = open_image(os.fsdecode(self.files[row]), self.channels)
         if self.seed is None:
             pixels = eval_transform(image, self.size)
         else:
             # Seeded by (epoch, row): independent of which worker decodes the image.
             rng = np.random.default_rng((self.seed, int(row)))
             pixels = train_transform(image, self.size, self.flip, rng)
+        pixels = pixels.reshape(self.size, self.size, self.channels)  # "L" decodes to [H, W]
         return torch.from_numpy(pixels).permute(2, 0, 1), int(row)
 
 
 def eval_transform(image: Image.Image, size: int) -> np.ndarray:
-    """Shorter side resized to round(size / 0.875), then the centre size x size: [H, W, 3]."""
+    """Shorter side resized to round(size / 0.875), then the centre size x size: [H, W, 3]
+    ([H, W] for a gray image)."""
     from PIL import Image
 
     w, h = image.size
@@ -232,7 +243,8 @@ def eval_transform(image: Image.Image, size: int) -> np.ndarray:
 def train_transform(
     image: Image.Image, size: int, flip: bool, rng: np.random.Generator
 ) -> np.ndarray:
-    """Random resized crop to size x size, then a horizontal flip half the time: [H, W, 3]."""
+    """Random resized crop to size x size, then a horizontal flip half the time: [H, W, 3]
+    ([H, W] for a gray image)."""
     from PIL import Image
 
     left, top, w, h = random_crop_box(image.size[0], image.size[1], rng)

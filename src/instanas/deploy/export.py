@@ -100,7 +100,7 @@ def export(
     run_dir, output = Path(run_dir), Path(output)
     check_request(output, fmt, children, split)
     eager = load(run_dir, model)
-    config, data = run_data(run_dir)
+    config, data = run_data(run_dir, eager.space)
     threads = threads or config.latency.threads
     counts = chosen_children(eager, data, split)
     chosen = [c for c, _ in counts.most_common(children)]
@@ -179,13 +179,18 @@ def check_request(output: Path, fmt: str, children: int | None, split: str = "va
                 ) from None
 
 
-def run_data(run_dir: Path) -> tuple[object, DataBundle]:
-    """The run's config and its data splits, loaded the way the run loaded them."""
+def run_data(run_dir: Path, space: SearchSpace | None = None) -> tuple[object, DataBundle]:
+    """The run's config and its data splits, loaded the way the run loaded them; a folder tree
+    whose shape config.yaml leaves open (runs made before it recorded the inferred one) is read
+    at the shape of the model's ``space``."""
     import yaml
 
     from ..config import from_dict
 
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if space is not None and config.data.dataset == "folder":
+        config.data.channels = config.data.channels or space.input_channels
+        config.data.image_size = config.data.image_size or space.input_size
     data = load_configured(config)
     return config, data
 
