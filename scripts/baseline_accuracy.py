@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from instanas.evaluation.test_passes import baseline_test_accuracy
-from instanas.models.metagraph import build_mbv2_baseline
+from instanas.models.metagraph import mbv2_path_network
 from instanas.pipeline import existing_config, open_run
 from instanas.stages.common import load_stage
 
@@ -22,7 +22,7 @@ def baseline_accuracy(run: Path) -> float:
     if config is None:
         raise SystemExit(f"{run} is not a run directory (no config.yaml): pass an --output folder")
     ctx = open_run(config, run, resume=True)
-    network = build_mbv2_baseline(ctx.space)
+    network = mbv2_path_network(ctx.space)
     load_stage(ctx, "baseline", {"network": network})
     with torch.no_grad():
         return baseline_test_accuracy(ctx, network.eval())

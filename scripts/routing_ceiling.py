@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from instanas.config import load_config_file
-from instanas.models.metagraph import build_mbv2_baseline
+from instanas.models.metagraph import mbv2_path_network
 from instanas.pipeline import open_run
 from instanas.stages.common import latency_table, load_stage, stage_path
 from instanas.stages.evaluate import static_child_network
@@ -137,12 +137,12 @@ def reference_correctness(ctx, run_dir: Path, labels: np.ndarray) -> dict[str, n
     """Per test image: is the best static child right, is the MobileNetV2 path right."""
     if not stage_path(ctx, "static-child").exists():
         raise SystemExit(f"{run_dir} has no best static child: run it with static_child on")
-    mbv2_net = build_mbv2_baseline(ctx.space)
-    load_stage(ctx, "baseline", {"network": mbv2_net})
+    mbv2_path_net = mbv2_path_network(ctx.space)
+    load_stage(ctx, "baseline", {"network": mbv2_path_net})
     static, order = correct_per_image(ctx, static_child_network(ctx))
     if not np.array_equal(order, labels):
         raise SystemExit("test_per_image.npz lists the test images in another order")
-    return {"static": static, "mbv2": correct_per_image(ctx, mbv2_net)[0]}
+    return {"static": static, "mbv2": correct_per_image(ctx, mbv2_path_net)[0]}
 
 
 def ceiling_report(run_dir: Path, seed: int) -> dict:

@@ -78,7 +78,7 @@ def test_table_arithmetic(tiny_space):
     forced = tiny_space.forced_mask()
     bounds = table.bounds(forced)
     assert bounds.all_modules == pytest.approx(17 * 15)
-    assert bounds.mbv2 == pytest.approx(17)
+    assert bounds.mbv2_path == pytest.approx(17)
     assert bounds.minimum == pytest.approx(5.0 * int(forced.sum()))
     policy = torch.zeros(2, 17, 5, dtype=torch.bool)
     policy[1, :, 0] = True
@@ -109,7 +109,7 @@ def test_chain_factor_scales_predictions(tiny_space):
     table = LatencyTable(key, modules, fixed, chain_factor=1.5)
     assert table.fixed_ms() == pytest.approx(1.5)
     assert table.unit_ms("stem") == pytest.approx(0.75)
-    assert table.bounds(tiny_space.forced_mask()).mbv2 == pytest.approx(17 * 1.5)
+    assert table.bounds(tiny_space.forced_mask()).mbv2_path == pytest.approx(17 * 1.5)
     again = LatencyTable.from_dict(json.loads(json.dumps(table.to_dict())))
     assert again.chain_factor == 1.5 and again.fixed_ms() == pytest.approx(1.5)
 

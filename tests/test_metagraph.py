@@ -1,6 +1,6 @@
 import torch
 
-from instanas.models.metagraph import MetaGraph, build_mbv2_baseline, mobilenetv2_path
+from instanas.models.metagraph import MetaGraph, mbv2_path, mbv2_path_network
 from instanas.space import ChildArchitecture
 
 
@@ -103,9 +103,9 @@ def test_materialized_child_equals_masked_metagraph(tiny_space):
 
 
 def test_mbv2_baseline_is_module_0_path(tiny_space):
-    net = build_mbv2_baseline(tiny_space)
+    net = mbv2_path_network(tiny_space)
     assert all(len(c) == 1 for c in net.cells)
-    assert net.child == mobilenetv2_path(tiny_space)
+    assert net.child == mbv2_path(tiny_space)
     assert net(torch.randn(2, 1, 12, 12)).shape == (2, 4)
 
 

@@ -262,7 +262,7 @@ def test_cli_interrupted_report_says_how_to_redo_it(capsys, tmp_path, monkeypatc
     def interrupted(run_dir):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("instanas.report.document.write_report", interrupted)
+    monkeypatch.setattr("instanas.cli.commands.write_report", interrupted)
     assert main(["report", str(run)]) == 130
     err = capsys.readouterr().err
     assert f"instanas report {run}` again" in err and "--resume" not in err

@@ -12,7 +12,7 @@ from instanas.models.controller import (
 from instanas.search.reward import LatencyBounds, instance_reward, latency_reward, window_bounds
 from instanas.stages.pretrain import drop_path_keep
 
-BOUNDS = LatencyBounds(all_modules=100.0, mbv2=20.0, minimum=4.0)
+BOUNDS = LatencyBounds(all_modules=100.0, mbv2_path=20.0, minimum=4.0)
 
 
 def test_latency_reward_shape():

@@ -21,7 +21,7 @@ from instanas.search.reward import (
 from instanas.space import routing_summary
 from instanas.stages.static_child import closest_not_below, used_children
 
-BOUNDS = LatencyBounds(all_modules=100.0, mbv2=20.0, minimum=4.0)
+BOUNDS = LatencyBounds(all_modules=100.0, mbv2_path=20.0, minimum=4.0)
 
 
 def test_budget_reward_charges_latency_in_proportion():

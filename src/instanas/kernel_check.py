@@ -48,7 +48,7 @@ def conv_shapes(config: Config) -> list[ConvShape]:
     shapes: set[ConvShape] = set()
     for channels, side in input_geometries(config):
         space = config.search_space(channels, side, 10)
-        spaces = [space] + [scaled_space(space, w) for w in config.mbv2_widths()]
+        spaces = [space] + [scaled_space(space, w) for w in config.mbv2_path_widths()]
         for each in spaces:
             shapes |= shapes_of(MetaGraph(each), _all_modules(each), channels, side)
         controller = Controller(

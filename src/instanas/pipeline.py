@@ -25,7 +25,7 @@ from .latency.validation import (
     plot_validation,
     validate_table,
 )
-from .models.metagraph import mobilenetv2_path
+from .models.metagraph import mbv2_path
 from .models.predictor import InstaNASPredictor
 from .nn.backend import enlarge_primitive_cache
 from .report.diagnostics import undertrained
@@ -274,7 +274,7 @@ def validate_latency_table(
     cfg = ctx.config.latency
     metagraph, controller = new_models(ctx)
     children = [(c, "random", 0) for c in random_children(metagraph, random_count, ctx.config.seed)]
-    children.append((mobilenetv2_path(ctx.space), "mbv2-path", 0))
+    children.append((mbv2_path(ctx.space), "mbv2-path", 0))
     children += trained_controller_children(ctx, metagraph, controller)
     log.info("validating with %d random children and %d of the run's controller",
              random_count, len(children) - random_count - 1)  # fmt: skip

@@ -46,7 +46,7 @@ CANDIDATES: tuple[CandidateModule, ...] = (
 # Runs in a shape-changing cell whose policy selects nothing (the empty-cell rule).
 FORCED_DEFAULT_MODULE = 4
 # The MobileNetV2-like reference path: this module in every cell.
-MBV2_MODULE = 0
+MBV2_PATH_MODULE = 0
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ STAGES: tuple[StageSpec, ...] = (
         "train the other baselines standalone: MobileNetV2 path at "
         "baseline.widths, minimum network",
         "baseline/references.json",
-        enabled=lambda c: bool(c.mbv2_widths()) or c.baseline.min_net,
+        enabled=lambda c: bool(c.mbv2_path_widths()) or c.baseline.min_net,
     ),
     StageSpec(
         "evaluate",

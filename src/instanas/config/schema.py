@@ -483,7 +483,7 @@ class Config:
         c = self.controller
         return ControllerSpec(c.input_size, tuple(c.widths), c.form)
 
-    def mbv2_widths(self) -> list[float]:
+    def mbv2_path_widths(self) -> list[float]:
         """Widths of the extra MobileNetV2-path baselines (1.0 is the mbv2-path model itself)."""
         return sorted({float(w) for w in self.baseline.widths if float(w) != 1.0})
 

@@ -144,23 +144,23 @@ class StreamingImageSet:
         )
         seed = _epoch_seed(generator, gen_device) if train else None
         steps = num_batches(n, batch_size, drop_last)
-        plan = [order[k * batch_size : (k + 1) * batch_size] for k in range(steps)]
+        batch_rows = [order[k * batch_size : (k + 1) * batch_size] for k in range(steps)]
         # A rank's share of a batch smaller than world is empty on every rank alike: skipped.
-        plan = [rows for rows in (_local_rows(b, shard) for b in plan) if rows]
+        batch_rows = [rows for rows in (_local_rows(b, shard) for b in batch_rows) if rows]
         device = torch.device(device)
         normalise = BatchAugmenter(self.mean, self.std)
-        for images, rows in self._loader(plan, seed, self.num_workers, device):
+        for images, rows in self._loader(batch_rows, seed, self.num_workers, device):
             x = normalise(images.to(device, non_blocking=True), train=False)
             yield Batch(x, self.labels[rows].to(device, non_blocking=True), rows)
 
     def rows(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """uint8 [k, C, size, size] of rows `indices`, with the evaluation transform."""
         idx = torch.as_tensor(indices, dtype=torch.int64).flatten()
-        plan = [idx[s : s + _ROWS_BATCH].tolist() for s in range(0, len(idx), _ROWS_BATCH)]
+        batch_rows = [idx[s : s + _ROWS_BATCH].tolist() for s in range(0, len(idx), _ROWS_BATCH)]
         workers = self.num_workers if len(idx) > _IN_PROCESS_ROWS else 0
         out = torch.empty((len(idx), self.channels, self.size, self.size), dtype=torch.uint8)
         start = 0
-        for images, _ in self._loader(plan, None, workers, torch.device("cpu")):
+        for images, _ in self._loader(batch_rows, None, workers, torch.device("cpu")):
             out[start : start + len(images)] = images
             start += len(images)
         return out
@@ -170,13 +170,13 @@ class StreamingImageSet:
         return default_workers() if self.workers is None else self.workers
 
     def _loader(
-        self, plan: list[list[int]], seed: int | None, workers: int, device: torch.device
+        self, batch_rows: list[list[int]], seed: int | None, workers: int, device: torch.device
     ) -> DataLoader:
         decoder = _Decoder(self.files, self.size, seed, self.flip, self.channels)
         return DataLoader(
             decoder,
-            batch_sampler=plan,
-            num_workers=min(workers, len(plan)),
+            batch_sampler=batch_rows,
+            num_workers=min(workers, len(batch_rows)),
             collate_fn=_collate,
             pin_memory=device.type == "cuda",
         )

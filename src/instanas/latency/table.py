@@ -29,7 +29,7 @@ import torch
 
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
-from ..space import FORCED_DEFAULT_MODULE, MBV2_MODULE, ChildArchitecture
+from ..space import FORCED_DEFAULT_MODULE, MBV2_PATH_MODULE, ChildArchitecture
 from ..utils import atomic_write_text, progress_bar
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class LatencyBounds:
     sets its window and its budget."""
 
     all_modules: float  # L_all: every module of every cell
-    mbv2: float  # L_mbv2: module 0 in every cell
+    mbv2_path: float  # L_mbv2: module 0 in every cell (the MobileNetV2 path)
     minimum: float  # L_min: only the forced defaults
 
 
@@ -181,7 +181,9 @@ class LatencyTable:
         table = self.module_ms()
         minimum = float(table[forced, FORCED_DEFAULT_MODULE].sum())
         return LatencyBounds(
-            all_modules=float(table.sum()), mbv2=float(table[:, MBV2_MODULE].sum()), minimum=minimum
+            all_modules=float(table.sum()),
+            mbv2_path=float(table[:, MBV2_PATH_MODULE].sum()),
+            minimum=minimum,
         )
 
     def to_dict(self) -> dict:

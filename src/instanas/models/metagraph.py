@@ -26,7 +26,7 @@ from ..nn.batchnorm import batch_statistics
 from ..nn.ops import ConvBNAct, build_candidate, fold_batchnorm
 from ..nn.rows import gather_row_sets, sum_row_sets
 from ..space import (
-    MBV2_MODULE,
+    MBV2_PATH_MODULE,
     CellSpec,
     ChildArchitecture,
     SearchSpace,
@@ -269,13 +269,14 @@ class ChildNetwork(nn.Module):
         return fold_batchnorm(self)
 
 
-def mobilenetv2_path(space: SearchSpace) -> ChildArchitecture:
-    return ChildArchitecture.uniform(space.num_cells, MBV2_MODULE, space.num_modules)
+def mbv2_path(space: SearchSpace) -> ChildArchitecture:
+    """The MobileNetV2 path as a child: module 0 (an inverted residual) in every cell."""
+    return ChildArchitecture.uniform(space.num_cells, MBV2_PATH_MODULE, space.num_modules)
 
 
-def build_mbv2_baseline(space: SearchSpace) -> ChildNetwork:
-    """The MobileNetV2-like path (module 0 in every cell) as a standalone network."""
-    return MetaGraph(space).materialize(mobilenetv2_path(space))
+def mbv2_path_network(space: SearchSpace) -> ChildNetwork:
+    """The MobileNetV2 path (:func:`mbv2_path`) as a standalone network."""
+    return MetaGraph(space).materialize(mbv2_path(space))
 
 
 def build_min_network(space: SearchSpace) -> ChildNetwork:

@@ -100,7 +100,7 @@ def _latency(model: Model, field: str) -> Any:
 # --- summary sentences -----------------------------------------------------------------------
 
 
-def _instanas_vs_mbv2(results: Mapping) -> str | None:
+def _instanas_vs_mbv2_path(results: Mapping) -> str | None:
     models, comparison = results["models"], results.get("comparison") or {}
     main, path = models.get("instanas"), models.get("mbv2-path")
     if not main or not path:
@@ -228,7 +228,7 @@ def _device_sentence(results: Mapping) -> str | None:
 
 def summary_sentences(results: Mapping) -> list[str]:
     sentences = (
-        _instanas_vs_mbv2(results),
+        _instanas_vs_mbv2_path(results),
         _dominance(results),
         _controller_vs_random(results),
         _routing(results),

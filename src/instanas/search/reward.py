@@ -34,7 +34,7 @@ def window_bounds(
         return lower, bounds.all_modules
     if schedule != "dynamic":
         raise ValueError(f"unknown window schedule {schedule!r}: use 'dynamic' or 'static'")
-    start, end = WINDOW_START * bounds.all_modules, 0.5 * bounds.mbv2
+    start, end = WINDOW_START * bounds.all_modules, 0.5 * bounds.mbv2_path
     upper = start - (start - end) * progress
     # A window narrower than zero would make every latency "outside"; keep it valid.
     return lower, max(upper, lower * 1.05)
@@ -96,7 +96,7 @@ def budget_target(bounds: LatencyBounds, progress: float, budget: float, warmup:
     upper bound (0.7 L_all) down to ``budget`` x L_mbv2 over the first ``warmup`` of the
     search, then held, so the controller is not pushed from every module to the budget at once.
     """
-    end = budget * bounds.mbv2
+    end = budget * bounds.mbv2_path
     if warmup <= 0 or progress >= warmup:
         return end
     start = max(WINDOW_START * bounds.all_modules, end)
@@ -148,7 +148,7 @@ class RewardFunction:
         if c.reward == "budget":
             self.target = budget_target(self.bounds, progress, c.budget, c.budget_warmup)
             score = prediction_score(correct, log_prob, c.signal, c.pos_w, c.neg_w)
-            return budget_reward(score, latency, self.dual.weight, self.bounds.mbv2, c.pos_w)
+            return budget_reward(score, latency, self.dual.weight, self.bounds.mbv2_path, c.pos_w)
         # The window advances per step so short searches still sweep the whole schedule.
         self.window = window_bounds(self.bounds, progress, c.window)
         return instance_reward(correct, latency, *self.window, c.pos_w, c.neg_w)

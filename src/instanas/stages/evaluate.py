@@ -22,7 +22,7 @@ from ..evaluation.test_passes import (
 )
 from ..latency.flops import count_flops
 from ..latency.table import LatencyTable
-from ..models.metagraph import ChildNetwork, MetaGraph, build_mbv2_baseline
+from ..models.metagraph import ChildNetwork, MetaGraph, mbv2_path_network
 from ..report.document import write_results_markdown
 from ..run_context import RunContext, run_identity
 from ..space import ChildArchitecture
@@ -66,7 +66,7 @@ def run(ctx: RunContext) -> dict:
 
 def baseline_models(ctx: RunContext, table: LatencyTable) -> dict[str, Evaluated]:
     """The MobileNetV2 path and the other standalone baselines, evaluated."""
-    baseline = build_mbv2_baseline(ctx.space)
+    baseline = mbv2_path_network(ctx.space)
     load_stage(ctx, "baseline", {"network": baseline})
     models = {"mbv2-path": evaluate_static(ctx, baseline, table, "mbv2", width=1.0)}
     for name, net in trained_references(ctx).items():

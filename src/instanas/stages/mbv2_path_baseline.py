@@ -3,7 +3,7 @@ many epochs as the meta-graph gets in all three stages together: ``mbv2-path``."
 
 from __future__ import annotations
 
-from ..models.metagraph import ChildNetwork, build_mbv2_baseline
+from ..models.metagraph import ChildNetwork, mbv2_path_network
 from ..run_context import RunContext
 from .common import stage_path
 from .standalone import train_standalone
@@ -11,5 +11,5 @@ from .standalone import train_standalone
 
 def run(ctx: RunContext) -> ChildNetwork:
     return train_standalone(
-        ctx, build_mbv2_baseline(ctx.space), "mbv2-path", stage_path(ctx, "baseline")
+        ctx, mbv2_path_network(ctx.space), "mbv2-path", stage_path(ctx, "baseline")
     )

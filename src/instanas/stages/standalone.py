@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..models.metagraph import ChildNetwork, build_mbv2_baseline, build_min_network, scaled_space
+from ..models.metagraph import ChildNetwork, build_min_network, mbv2_path_network, scaled_space
 from ..run_context import RunContext
 from ..training import EpochPlan, accuracy, cosine, sgd, supervised_epoch
 from .common import save_stage
@@ -25,8 +25,8 @@ def width_name(width: float) -> str:
 def reference_networks(ctx: RunContext) -> dict[str, ChildNetwork]:
     """The extra baselines this run's config asks for, untrained, by model name."""
     networks = {
-        width_name(w): build_mbv2_baseline(scaled_space(ctx.space, w))
-        for w in ctx.config.mbv2_widths()
+        width_name(w): mbv2_path_network(scaled_space(ctx.space, w))
+        for w in ctx.config.mbv2_path_widths()
     }
     if ctx.config.baseline.min_net:
         networks["min-net"] = build_min_network(ctx.space)
