@@ -62,8 +62,8 @@ class InstaNASPredictor(nn.Module):
 
         ``execution``: ``"sparse"`` (each selected module runs once on the rows that chose it),
         ``"grouped"`` (one pass per distinct child) or ``"dense"`` (masked reference). Sparse is
-        the default (bench/inference.py): as fast with one child per batch, faster with
-        several, since children share most modules and grouping repeats them per child.
+        the default because children share most modules and grouping repeats them per child
+        (docs/decisions.md, "Sparse execution is the deployed model's default").
         """
         policy = self.policies(images)
         return self.metagraph(images, policy, execution=execution), policy

@@ -10,9 +10,9 @@ letter is faster.
 A candidate is a controller: by default (``variants.metagraph: final``) every one is paired
 with the meta-graph weights of the search's last checkpoint, for scoring and as the start of its
 fine-tuning. In a short search the shared weights improve all the way, so with each
-checkpoint's own weights every later checkpoint is both faster and more accurate and the front
-collapses to the last one: a comparison of training time, not of architectures.
-(``own`` pairs each controller with the weights saved alongside it.)
+checkpoint's own weights the later checkpoints win on training time, not on architecture
+(docs/decisions.md, "Variants are scored with the search's final meta-graph"). (``own`` pairs
+each controller with the weights saved alongside it.)
 """
 
 from __future__ import annotations
