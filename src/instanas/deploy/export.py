@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import from_dict
 from ..data import DataBundle, images_of, load_configured
 from ..errors import ExportError
 from ..latency.table import LatencyTable, TimingStats, cpu_threads
@@ -42,8 +43,11 @@ from .runtime import (
     ExportedModel,
     Session,
     image_mode,
+    onnx_session,
+    read_json,
     sha256_file,
 )
+from .validation import validation_report
 
 log = logging.getLogger("instanas")
 FORMATS = ("onnx", "torchscript")
@@ -185,8 +189,6 @@ def run_data(run_dir: Path, space: SearchSpace | None = None) -> tuple[object, D
     at the shape of the model's ``space``."""
     import yaml
 
-    from ..config import from_dict
-
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     if space is not None and config.data.dataset == "folder":
         config.data.channels = config.data.channels or space.input_channels
@@ -309,7 +311,6 @@ def time_files(
     folder: Path, names: list[str], fmt: str, threads: int, image: np.ndarray
 ) -> dict[str, dict]:
     """Batch-1 latency of each file with its own runtime, the files interleaved per round."""
-    from .runtime import onnx_session
 
     factory = torchscript_session if fmt == "torchscript" else onnx_session
     sessions = {n: factory(folder / n, threads) for n in names}
@@ -443,7 +444,6 @@ def open_export(
     folder: Path, threads: int | None = None, trusted: bool = False, verify: bool = True
 ) -> ExportedModel:
     """An export folder of either format, loaded for inference (checksums checked)."""
-    from .runtime import read_json
 
     fmt = read_json(folder / ROUTING_FILE, "model").get("format", "onnx")
     return ExportedModel(
@@ -455,7 +455,6 @@ def validate_export(
     eager: InstaNASModel, folder: Path, data: DataBundle, threads: int, timed_images: int
 ) -> dict:
     """The export against the eager model on the test split (see ``validation_report``)."""
-    from .validation import validation_report
 
     # This process has just written the files: trusted, and no manifest yet to check against.
     exported = open_export(folder, threads=threads, trusted=True, verify=False)

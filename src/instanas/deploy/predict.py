@@ -24,6 +24,8 @@ from ..data import IMAGE_EXTENSIONS
 from ..errors import ExportError
 from ..space import ChildArchitecture
 from ..utils import atomic_write_text, progress_bar
+from .export import open_export
+from .inference import load
 from .runtime import MANIFEST_FILE, ROUTING_FILE, ExportedModel, read_image
 
 COLUMNS = ("path", "class", "class_index", "probability", "child", "note")
@@ -61,8 +63,6 @@ class EagerClassifier:
     """A run directory's model in torch (BatchNorm folded, only the chosen modules run)."""
 
     def __init__(self, run_dir: Path, model: str) -> None:
-        from .inference import load
-
         self.model = load(run_dir, model)
         self.classes = self.model.classes
         self.channels = self.model.space.input_channels
@@ -81,8 +81,6 @@ class ExportClassifier:
     """An export folder run by its runtime (onnxruntime, or TorchScript when trusted)."""
 
     def __init__(self, folder: Path, threads: int | None, trusted: bool) -> None:
-        from .export import open_export
-
         self.model: ExportedModel = open_export(folder, threads=threads, trusted=trusted)
         self.classes = self.model.classes
         self.channels = self.model.input_channels
