@@ -1,3 +1,5 @@
+"""`python -m instanas`: the same as the `instanas` command."""
+
 import sys
 
 from .cli import main
