@@ -19,23 +19,15 @@ RUN_HELP = (
     "fine-tune, random-policy model, best static child, variants A..E, other "
     "baselines, evaluate"
 )
-
-
 PROFILE_HELP = "measure the latency lookup table on this machine"
-
-
 # These read a finished run and take none of the run or config options.
 REPORT_HELP = (
     "plots, report.md and a self-contained report.html from a finished run (needs evaluate)"
 )
-
-
 EXPORT_HELP = (
     "the BatchNorm-folded controller and every child it uses as ONNX or TorchScript, "
     "with routing.json and manifest.json (needs finetune)"
 )
-
-
 PREDICT_HELP = (
     "classify PNG/JPEG files and folders with a run directory or an export folder; "
     "CSV of path, class, probability and child"
@@ -95,8 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Options as (flags, argparse keywords): one table per command, added by _add_options.
 Options = list[tuple[tuple[str, ...], dict]]
-
-
 EXPORT_OPTIONS: Options = [
     (("run_dir",), dict(metavar="RUN_DIR", help="directory of a run with finetune done")),
     (
@@ -164,8 +154,6 @@ EXPORT_OPTIONS: Options = [
     ),
     (("--quiet",), dict(action="store_true", help="no progress bars")),
 ]
-
-
 PREDICT_OPTIONS: Options = [
     (
         ("target",),
@@ -204,8 +192,6 @@ PREDICT_OPTIONS: Options = [
     ),
     (("--quiet",), dict(action="store_true", help="no progress bar")),
 ]
-
-
 PROFILE_OPTIONS: Options = [
     (("--table-out",), dict(default=None, help="also write the table to this JSON file")),
     (
@@ -245,8 +231,6 @@ PROFILE_OPTIONS: Options = [
         ),
     ),
 ]
-
-
 RESUME_HELP = {
     "run": "continue an interrupted run: finished stages are skipped, the unfinished one goes "
     "on from its last completed epoch",
