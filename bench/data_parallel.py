@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from instanas.latency.table import processor_name
+from instanas.latency.timing import processor_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ import torch
 import instanas
 from instanas.data import load_dataset
 from instanas.latency.side_by_side import measure_per_image
-from instanas.latency.table import cpu_threads, processor_name
+from instanas.latency.timing import cpu_threads, processor_name
 
 BATCH_PATHS = ("dense", "sparse", "grouped")
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from instanas.config import load_preset
-from instanas.latency.table import processor_name
+from instanas.latency.timing import processor_name
 from instanas.models.metagraph import MetaGraph
 from instanas.nn import smallconv
 from instanas.nn.backend import enlarge_primitive_cache

@@ -1,18 +1,22 @@
+"""The latency table in either backend: profiling, reuse by key, the arithmetic of prices and
+predictions, the calibration curve, FLOPs and the check against whole children."""
+
 import json
+import math
 
 import pytest
 import torch
 
+from instanas.latency.backends import EagerBackend, OnnxRuntimeBackend, make_backend
+from instanas.latency.calibration import fit_power_law, random_children
 from instanas.latency.flops import count_flops
-from instanas.latency.table import (
-    LatencyTable,
-    TimingStats,
-    load_or_profile,
-    profile_table,
-    table_key,
-)
+from instanas.latency.profiling import load_or_profile, profile_table
+from instanas.latency.table import LatencyTable, table_key
+from instanas.latency.timing import TimingStats
 from instanas.models.controller import Controller, ControllerSpec
 from instanas.models.metagraph import MetaGraph
+
+BACKENDS = [EagerBackend(), OnnxRuntimeBackend(1)]
 
 
 def _models(space):
@@ -21,30 +25,40 @@ def _models(space):
     )
 
 
-def test_profile_save_load_and_reuse(tiny_space, tmp_path, caplog):
+def _stat(value: float) -> TimingStats:
+    return TimingStats(value, value, 0.0, value, value, 30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_profile_save_load_and_reuse(tiny_space, tmp_path, caplog, backend):
     graph, ctrl = _models(tiny_space)
-    cpu = torch.device("cpu")
     path = tmp_path / "table.json"
-    table = load_or_profile(
-        path, graph, ctrl, cpu, threads=1, warmup=1, repeats=30, calibration_children=2
-    )
+    options = {"warmup": 1, "repeats": 30, "calibration_children": 3}
+    table = load_or_profile(path, graph, ctrl, backend, threads=1, **options)
     assert path.exists()
     assert len(table.modules) == 17 and len(table.modules[0]) == 5
-    assert all(s.repeats == 30 and s.median_ms > 0 for row in table.modules for s in row)
-    assert set(table.fixed) == {"stem", "head", "controller"}
+    assert all(s.repeats >= 30 and s.median_ms >= 0 for row in table.modules for s in row)
+    expected = {"stem", "head", "controller"} | ({"call"} if backend.name != "eager" else set())
+    assert set(table.fixed) == expected
     key = json.loads(path.read_text())["key"]
-    assert {"device", "torch", "threads", "dtype", "input_shape"} <= set(key)
+    assert {"device", "torch", "threads", "dtype", "input_shape", "backend", "runtime"} <= set(key)
+    assert key["backend"] == backend.name
     # Same setup: reused as is (no new profiling).
-    again = load_or_profile(
-        path, graph, ctrl, cpu, threads=1, warmup=1, repeats=30, calibration_children=2
-    )
+    again = load_or_profile(path, graph, ctrl, backend, threads=1, **options)
     assert again.to_dict() == table.to_dict()
     # Another thread count is another key: profiled again, with a warning.
-    other = load_or_profile(
-        path, graph, ctrl, cpu, threads=2, warmup=1, repeats=30, calibration_children=2
-    )
+    other = load_or_profile(path, graph, ctrl, backend, threads=2, **options)
     assert other.key["threads"] == 2
     assert "another setup" in caplog.text
+
+
+def test_a_table_of_another_backend_is_profiled_again(tiny_space, tmp_path, caplog):
+    graph, ctrl = _models(tiny_space)
+    path = tmp_path / "table.json"
+    options = {"threads": 1, "warmup": 0, "repeats": 30, "calibration_children": 0}
+    load_or_profile(path, graph, ctrl, EagerBackend(), **options)
+    table = load_or_profile(path, graph, ctrl, OnnxRuntimeBackend(1), **options)
+    assert table.backend == "onnxruntime" and "backend" in caplog.text
 
 
 def test_corrupt_table_is_reprofiled(tiny_space, tmp_path):
@@ -54,29 +68,18 @@ def test_corrupt_table_is_reprofiled(tiny_space, tmp_path):
     with pytest.raises(ValueError, match="unreadable"):
         LatencyTable.load(path)
     table = load_or_profile(
-        path,
-        graph,
-        ctrl,
-        torch.device("cpu"),
-        threads=1,
-        warmup=0,
-        repeats=30,
-        calibration_children=0,
+        path, graph, ctrl, EagerBackend(), threads=1, warmup=0, repeats=30, calibration_children=0
     )
     assert LatencyTable.load(path).key == table.key
 
 
 def test_table_arithmetic(tiny_space):
     graph, ctrl = _models(tiny_space)
-    stat = lambda v: TimingStats(v, v, 0.0, v, v, 30)  # noqa: E731
-    modules = [[stat(1.0 + m) for m in range(5)] for _ in range(17)]
-    table = LatencyTable(
-        table_key(graph, ctrl, torch.device("cpu"), 1),
-        modules,
-        {"stem": stat(0.5), "head": stat(0.25), "controller": stat(0.1)},
-    )
+    modules = [[_stat(1.0 + m) for m in range(5)] for _ in range(17)]
+    fixed = {"stem": _stat(0.5), "head": _stat(0.25), "controller": _stat(0.1)}
+    table = LatencyTable(table_key(graph, ctrl, EagerBackend(), 1), modules, fixed)
+    bounds = table.bounds(tiny_space)
     forced = tiny_space.forced_mask()
-    bounds = table.bounds(forced)
     assert bounds.all_modules == pytest.approx(17 * 15)
     assert bounds.mbv2_path == pytest.approx(17)
     assert bounds.minimum == pytest.approx(5.0 * int(forced.sum()))
@@ -84,12 +87,53 @@ def test_table_arithmetic(tiny_space):
     policy[1, :, 0] = True
     assert table.cells_ms(policy).tolist() == pytest.approx([0.0, 17.0])
     assert table.fixed_ms() == pytest.approx(0.85)
+    # A plain table (factor and exponent 1) predicts the sum.
+    assert table.predict_ms(policy).tolist() == pytest.approx([0.85, 17.85])
+    assert table.predict_ms(policy, include_controller=False)[1] == pytest.approx(17.75)
+
+
+def test_the_calibration_curve_prices_and_predicts(tiny_space):
+    """Modules are priced at the factor; whole networks follow the curve, exact at the
+    reference and bending away from it; the per-call cost is added once."""
+    graph, ctrl = _models(tiny_space)
+    modules = [[_stat(1.0) for _ in range(5)] for _ in range(17)]
+    fixed = {"stem": _stat(0.5), "head": _stat(0.25), "controller": _stat(0.25), "call": _stat(2)}
+    key = table_key(graph, ctrl, EagerBackend(), 1)
+    table = LatencyTable(key, modules, fixed, chain_factor=1.5, chain_exponent=1.2)
+    table.reference_ms = 18.0  # the MobileNetV2 path with the controller
+    assert table.unit_ms("stem") == pytest.approx(0.75)
+    assert table.fixed_ms() == pytest.approx(2 + 1.5)
+    assert table.bounds(tiny_space).mbv2_path == pytest.approx(17 * 1.5)
+    mbv2 = torch.zeros(1, 17, 5, dtype=torch.bool)
+    mbv2[0, :, 0] = True
+    assert float(table.predict_ms(mbv2)[0]) == pytest.approx(2 + 1.5 * 18.0, rel=1e-5)
+    everything = torch.ones(1, 17, 5, dtype=torch.bool)
+    units = 85 + 1.0
+    bent = 2 + 1.5 * units * (units / 18.0) ** 0.2
+    assert float(table.predict_ms(everything)[0]) == pytest.approx(bent, rel=1e-5)
+    again = LatencyTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert again.to_dict() == table.to_dict()
+
+
+def test_power_law_fit_recovers_the_curve():
+    units = [1.0, 2.0, 4.0, 8.0, 16.0]
+    work = [3.0 * u * (u / 4.0) ** 0.25 for u in units]
+    exponent, factor = fit_power_law(units, work, reference=4.0)
+    assert exponent == pytest.approx(1.25) and factor == pytest.approx(3.0)
+    assert fit_power_law([2.0, 2.0], [4.0, 6.0], 2.0)[0] == 1.0  # no spread: a plain factor
 
 
 def test_repeats_below_30_rejected(tiny_space):
     graph, ctrl = _models(tiny_space)
     with pytest.raises(ValueError, match="at least 30"):
-        profile_table(graph, ctrl, torch.device("cpu"), threads=1, repeats=5)
+        profile_table(graph, ctrl, EagerBackend(), threads=1, repeats=5)
+
+
+def test_unknown_backend_and_onnxruntime_on_a_gpu_are_one_line_errors():
+    with pytest.raises(ValueError, match="use one of onnxruntime, eager"):
+        make_backend("tflite", 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="--latency.backend eager"):
+        make_backend("onnxruntime", 1, torch.device("cuda"))
 
 
 def test_flops_table(tiny_space):
@@ -100,26 +144,14 @@ def test_flops_table(tiny_space):
     assert (flops.modules[:, 0] > flops.modules[:, 1]).all()
 
 
-def test_chain_factor_scales_predictions(tiny_space):
-    graph, ctrl = _models(tiny_space)
-    stat = lambda v: TimingStats(v, v, 0.0, v, v, 30)  # noqa: E731
-    modules = [[stat(1.0) for m in range(5)] for _ in range(17)]
-    fixed = {"stem": stat(0.5), "head": stat(0.25), "controller": stat(0.25)}
-    key = table_key(graph, ctrl, torch.device("cpu"), 1)
-    table = LatencyTable(key, modules, fixed, chain_factor=1.5)
-    assert table.fixed_ms() == pytest.approx(1.5)
-    assert table.unit_ms("stem") == pytest.approx(0.75)
-    assert table.bounds(tiny_space.forced_mask()).mbv2_path == pytest.approx(17 * 1.5)
-    again = LatencyTable.from_dict(json.loads(json.dumps(table.to_dict())))
-    assert again.chain_factor == 1.5 and again.fixed_ms() == pytest.approx(1.5)
-
-
-def test_profiled_table_is_calibrated(tiny_space):
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_profiled_table_is_calibrated(tiny_space, backend):
     graph, ctrl = _models(tiny_space)
     table = profile_table(
-        graph, ctrl, torch.device("cpu"), threads=1, warmup=1, repeats=30, calibration_children=4
+        graph, ctrl, backend, threads=1, warmup=1, repeats=30, calibration_children=4
     )
-    assert 0.3 < table.chain_factor < 3.0 and table.chain_factor != 1.0
+    assert 0.1 < table.chain_factor < 10.0 and table.chain_factor != 1.0
+    assert 0.3 < table.chain_exponent < 3.0 and math.isfinite(table.reference_ms)
 
 
 def test_spearman():
@@ -131,22 +163,25 @@ def test_spearman():
     assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
 
 
-def test_validation_compares_table_with_measured_children(tiny_space, tmp_path):
-    from instanas.latency.validation import plot_validation, random_children, validate_table
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_validation_compares_table_with_measured_children(tiny_space, tmp_path, backend):
+    from instanas.latency.validation import plot_validation, validate_table
 
     graph, ctrl = _models(tiny_space)
     table = profile_table(
-        graph, ctrl, torch.device("cpu"), threads=1, warmup=1, repeats=30, calibration_children=0
+        graph, ctrl, backend, threads=1, warmup=1, repeats=30, calibration_children=3
     )
     children = random_children(graph, 6, seed=0)
     assert len({str(c) for c in children}) == 6
     result = validate_table(
-        table, graph, ctrl, [(c, "random", 0) for c in children], threads=1, warmup=1, repeats=30
-    )
+        table, graph, ctrl, [(c, "random", 0) for c in children], backend,
+        threads=1, warmup=1, repeats=30,
+    )  # fmt: skip
     assert len(result.children) == 6
     assert all(c.measured_ms > 0 and c.predicted_ms > 0 for c in result.children)
     assert -1.0 <= result.spearman <= 1.0
     assert 0 <= result.median_relative_error <= result.p90_relative_error
+    assert result.device["backend"] == backend.name
     result.save(tmp_path / "v.json")
     assert json.loads((tmp_path / "v.json").read_text())["spearman"] == result.spearman
     plot_validation(result, tmp_path / "v.png")

@@ -18,7 +18,8 @@ from .budgets import describe, resolve_budgets
 from .config import Config, load_config_file, to_yaml
 from .data import DataBundle, default_augmentation, load_configured
 from .errors import ConfigError
-from .latency.table import LatencyTable, random_children
+from .latency.calibration import random_children
+from .latency.table import LatencyTable
 from .latency.validation import (
     TableValidation,
     controller_children,
@@ -36,12 +37,12 @@ from .run_context import RunContext
 from .stages import registry
 from .stages.common import (
     given_table,
+    latency_backend,
     latency_table,
     load_stage,
     new_models,
     require_previous,
     stage_path,
-    table_device,
     verify_output,
 )
 from .stages.resume import newest_readable, stop_after_epoch
@@ -279,9 +280,9 @@ def validate_latency_table(
     log.info("validating with %d random children and %d of the run's controller",
              random_count, len(children) - random_count - 1)  # fmt: skip
     options = {"threads": cfg.threads, "warmup": cfg.warmup, "repeats": cfg.repeats,
-               "seed": ctx.config.seed, "device": table_device(ctx)}  # fmt: skip
+               "seed": ctx.config.seed}  # fmt: skip
     graph, ctrl = metagraph.cpu().eval(), controller.cpu().eval()
-    result = validate_table(table, graph, ctrl, children, **options)
+    result = validate_table(table, graph, ctrl, children, latency_backend(ctx), **options)
     result.save(ctx.run_dir / "latency_validation.json")
     plot_validation(result, ctx.run_dir / "latency_validation.png")
     return result

@@ -43,7 +43,8 @@ CANDIDATES: tuple[CandidateModule, ...] = (
     CandidateModule("inverted_residual", 5, 3),
     CandidateModule("basic_block", 3, 1),
 )
-# Runs in a shape-changing cell whose policy selects nothing (the empty-cell rule).
+# Runs in a shape-changing cell whose policy selects nothing (the empty-cell rule): the paper's
+# basic block, unless a space names another (SearchSpace.forced_module).
 FORCED_DEFAULT_MODULE = 4
 # The MobileNetV2-like reference path: this module in every cell.
 MBV2_PATH_MODULE = 0
@@ -123,8 +124,15 @@ class SearchSpace:
     head_channels: int = 1280
     scale_head: bool = False  # MobileNetV2 keeps 1280 head channels for widths <= 1
     candidates: tuple[CandidateModule, ...] = field(default=CANDIDATES)
+    # The module an empty shape-changing cell runs (the empty-cell rule).
+    forced_module: int = FORCED_DEFAULT_MODULE
 
     def __post_init__(self) -> None:
+        if not 0 <= self.forced_module < len(self.candidates):
+            raise ValueError(
+                f"space.forced_module is {self.forced_module}: use a module id 0.."
+                f"{len(self.candidates) - 1}"
+            )
         object.__setattr__(
             self,
             "stages",
@@ -189,7 +197,19 @@ class SearchSpace:
         return torch.tensor([c.forced_default for c in self.cells()], dtype=torch.bool)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # The paper's forced module is left out, so checkpoints and cached latency tables made
+        # before it could be chosen keep matching.
+        data = asdict(self)
+        if data["forced_module"] == FORCED_DEFAULT_MODULE:
+            del data["forced_module"]
+        return data
+
+    def minimum_child(self) -> "ChildArchitecture":
+        """The cheapest child: nothing selected, so only the forced cells run their module."""
+        return ChildArchitecture(
+            tuple((self.forced_module,) if c.forced_default else () for c in self.cells()),
+            self.num_modules,
+        )
 
     @classmethod
     def from_dict(cls, data: dict) -> "SearchSpace":
@@ -205,7 +225,8 @@ class SearchSpace:
         for c in self.cells():
             rows.append(
                 f"{c.index:>4} {c.in_channels:>4} {c.out_channels:>4} {c.stride:>6} "
-                f"{c.input_size:>5}  {'module 4' if c.forced_default else 'identity'}"
+                f"{c.input_size:>5}  "
+                + (f"module {self.forced_module}" if c.forced_default else "identity")
             )
         return "\n".join(rows)
 
@@ -243,6 +264,10 @@ class ChildArchitecture:
                 )
             cells.append(tuple(sorted({int(ch) for ch in part})))
         return cls(tuple(cells), num_modules)
+
+    def module_pairs(self) -> frozenset[tuple[int, int]]:
+        """The (cell, module) pairs this child runs."""
+        return frozenset((c, m) for c, cell in enumerate(self.cells) for m in cell)
 
     def to_bits(self) -> tuple[int, ...]:
         bits = []
@@ -306,19 +331,33 @@ class ControllerSpec:
         return {k: v for k, v in asdict(self).items() if not (k == "form" and v == "free")}
 
 
-def apply_empty_cell_rule(policy: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+def apply_empty_cell_rule(
+    policy: torch.Tensor, forced: torch.Tensor, module: int = FORCED_DEFAULT_MODULE
+) -> torch.Tensor:
     """The one empty-cell rule (docs/design.md), for any leading batch shape.
 
     ``policy`` is bool [..., cells, modules]; ``forced`` bool [cells]. Returns a bool policy where
-    every shape-changing cell with nothing selected selects the forced default module. Empty
-    shape-preserving cells stay empty and act as the identity.
+    every shape-changing cell with nothing selected selects ``module`` (the space's forced
+    module). Empty shape-preserving cells stay empty and act as the identity.
     """
     policy = policy.bool()
     empty = ~policy.any(dim=-1)
     needs_default = empty & forced.to(policy.device)
     resolved = policy.clone()  # always: checking first would wait for the device
-    resolved[..., FORCED_DEFAULT_MODULE] |= needs_default
+    resolved[..., module] |= needs_default
     return resolved
+
+
+def nearest_child(child: str, exported: Sequence[str]) -> str:
+    """The child of ``exported`` that runs for ``child`` in an export: itself when exported,
+    else the one differing in the fewest (cell, module) entries, ties to the earlier (more
+    used). The exported graph computes the same choice (models/onnx_graph.py)."""
+    wanted = ChildArchitecture.from_string(child).module_pairs()
+
+    def distance(other: str) -> int:
+        return len(wanted ^ ChildArchitecture.from_string(other).module_pairs())
+
+    return min(exported, key=distance)
 
 
 def all_on_policy(space: SearchSpace) -> torch.Tensor:

@@ -141,7 +141,7 @@ def _profile(ctx: RunContext, args: argparse.Namespace) -> int:
             {
                 "key": table.key,
                 "fixed_ms": {k: v.median_ms for k, v in table.fixed.items()},
-                "cells_ms_mbv2": table.bounds(ctx.space.forced_mask()).mbv2_path,
+                "cells_ms_mbv2": table.bounds(ctx.space).mbv2_path,
             },
             indent=1,
         )

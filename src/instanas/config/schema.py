@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..data import DATASETS, VAL_FRACTION_RANGE
+from ..latency.backends import BACKENDS as LATENCY_BACKENDS
 from ..space import CellGroup, ControllerSpec, SearchSpace
 
 
@@ -114,6 +115,14 @@ class SpaceConfig:
     )
     head_channels: int = setting(1280, "channels of the 1x1 head convolution", gt=0)
     scale_head: bool = setting(False, "apply the width multiplier to the head as well")
+    forced_module: int = setting(
+        4,
+        "module an empty shape-changing cell runs (the empty-cell rule): 4, the basic block, "
+        "is the paper's; pick the cheapest module of your latency backend's table "
+        "(`instanas profile` names it)",
+        ge=0,
+        le=4,
+    )
 
 
 @dataclass
@@ -384,6 +393,13 @@ class VariantsConfig:
 class LatencyConfig:
     """How latency is measured: the lookup table and the batch-1 timing of every model."""
 
+    backend: str = setting(
+        "onnxruntime",
+        "runtime every latency is measured in: onnxruntime (the exported model's runtime, "
+        "CPU provider) | eager (PyTorch modules called directly, as the paper timed them); "
+        "eager timings are kept beside onnxruntime ones as a second figure",
+        choices=LATENCY_BACKENDS,
+    )
     threads: int = setting(1, "CPU threads for every latency measurement", gt=0)
     device: str = setting(
         "cpu",
@@ -477,6 +493,7 @@ class Config:
             stages=tuple(CellGroup(*st) for st in s.stages),
             head_channels=s.head_channels,
             scale_head=s.scale_head,
+            forced_module=s.forced_module,
         )
 
     def controller_spec(self) -> ControllerSpec:

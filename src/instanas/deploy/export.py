@@ -30,7 +30,8 @@ from torch import nn
 from ..config import from_dict
 from ..data import DataBundle, images_of, load_configured
 from ..errors import ExportError
-from ..latency.table import LatencyTable, TimingStats, cpu_threads
+from ..latency.table import LatencyTable
+from ..latency.timing import TimingStats, cpu_threads
 from ..provenance import code_commit, utc_now, versions
 from ..space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
 from ..utils import write_json

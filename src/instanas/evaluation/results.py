@@ -12,7 +12,8 @@ import torch
 
 from ..data import images_of
 from ..latency.side_by_side import measure_per_image
-from ..latency.table import LatencyTable, device_info
+from ..latency.table import LatencyTable
+from ..latency.timing import device_info
 from ..provenance import code_commit, utc_now
 from ..report.schema import RESULTS_SCHEMA_VERSION
 from ..run_context import RunContext
@@ -76,8 +77,13 @@ def table_summary(table: LatencyTable) -> dict:
         "stem_ms": table.unit_ms("stem"),
         "head_ms": table.unit_ms("head"),
         "controller_ms": table.unit_ms("controller"),
+        "call_ms": table.call_ms(),
         "chain_factor": table.chain_factor,
-        "profiled_on": {k: table.key.get(k) for k in ("device", "threads", "torch")},
+        "chain_exponent": table.chain_exponent,
+        "backend": table.backend,
+        "profiled_on": {
+            k: table.key.get(k) for k in ("device", "threads", "torch", "backend", "runtime")
+        },
     }
 
 
@@ -147,7 +153,7 @@ def per_image_arrays(
     per_class: int = 8,
 ) -> PerImage:
     main = models["instanas"]
-    predicted = (table.cells_ms(main.policies) + table.fixed_ms()).float()
+    predicted = table.predict_ms(main.policies).float()
     labels = ctx.data.test.labels.cpu()
     arrays = {
         "labels": labels.numpy(),

@@ -60,8 +60,7 @@ def policy_entry(
     include_controller: bool,
 ) -> dict:
     return {
-        "table_latency_ms": float(table.cells_ms(policies).mean())
-        + table.fixed_ms(include_controller),
+        "table_latency_ms": float(table.predict_ms(policies, include_controller).mean()),
         "flops": float(flops_per_image.mean()),
         **routing_summary(policies),
         "mean_active_modules": float(policies.sum(dim=(1, 2)).float().mean()),
@@ -111,9 +110,7 @@ def evaluate_static(
         # The cells it really runs: an empty child still runs the forced defaults.
         resolved = ChildArchitecture(network.cell_modules, space.num_modules)
         policy = resolved.to_policy().unsqueeze(0)
-        entry["table_latency_ms"] = float(table.cells_ms(policy)[0]) + table.fixed_ms(
-            include_controller=False
-        )
+        entry["table_latency_ms"] = float(table.predict_ms(policy, include_controller=False)[0])
     return Evaluated(kind, baseline_test_accuracy(ctx, deployed), deployed, entry)
 
 

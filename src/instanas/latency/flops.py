@@ -1,7 +1,7 @@
 """FLOPs of the latency table's units and of static networks (device independent).
 
 Counted once per unit with torch's ``FlopCounterMode`` (2 x multiply-adds of convolutions and
-linear layers), over the same units as the latency table (``latency.timing_units``).
+linear layers), over the same units as the latency table (``latency.profiling.timing_units``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
-from .table import timing_units
+from .backends import EagerBackend
+from .profiling import timing_units
 
 
 @dataclass
@@ -34,7 +35,8 @@ def count_flops(metagraph: MetaGraph, controller: Controller) -> FlopsTable:
     graph = metagraph.deploy().cpu()
     ctrl = controller.deploy().cpu()
     counts = {}
-    for name, fn in timing_units(graph, ctrl, torch.device("cpu")).items():
+    units, _ = timing_units(graph, ctrl, EagerBackend())
+    for name, fn in units.items():
         mode = FlopCounterMode(display=False)
         with mode, torch.inference_mode():
             fn()

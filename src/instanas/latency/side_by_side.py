@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..utils import progress_bar
-from .table import TimingStats, cpu_threads
+from .timing import TimingStats, cpu_threads
 
 
 def latency_summary(samples_ms: list[float]) -> dict:

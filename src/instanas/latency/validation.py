@@ -1,11 +1,12 @@
-"""Does the additive latency table predict what whole children cost? Measure and compare.
+"""Does the latency table predict what whole children cost? Measure and compare.
 
-Each child is materialised, BatchNorm-folded and timed end to end at batch 1 together with the
-controller (exactly what the deployed batch-1 path runs), interleaved in shuffled rounds with all
-other children. Its prediction is the table's sum over the child's (cell, module) entries plus
-the fixed stem, head and controller costs. Agreement is summarised by Spearman rank correlation
-(does the table order children correctly, which is what the reward needs) and the median and
-90th percentile of the relative error (does it get their size right).
+Each child is timed end to end at batch 1 in the table's backend as the deployed path runs it
+(controller, routing, the child's modules; in onnxruntime the exported graph), interleaved in
+shuffled rounds with all other children. Its prediction is the table's: the child's units and
+the fixed stem, head and controller costs on the calibration curve, fitted on other children.
+Agreement is summarised by Spearman rank correlation (does the table order children correctly,
+which is what the reward needs) and the median and 90th percentile of the relative error (does
+it get their size right).
 """
 
 from __future__ import annotations
@@ -23,15 +24,10 @@ from ..models.metagraph import MetaGraph
 from ..models.predictor import InstaNASPredictor
 from ..space import ChildArchitecture
 from ..utils import atomic_write_text
-from .table import (
-    CPU,
-    LatencyTable,
-    device_info,
-    measure_children,
-    predicted_ms,
-    quantile,
-)
-from .table import random_children as random_children  # re-exported: it used to live here
+from .backends import Backend, backend_info
+from .calibration import measure_children, predicted_ms
+from .table import LatencyTable
+from .timing import device_info, quantile
 
 
 @dataclass
@@ -52,6 +48,7 @@ class TableValidation:
     children: list[ChildTiming]
     device: dict
     chain_factor: float
+    chain_exponent: float
     spearman: float
     median_relative_error: float
     p90_relative_error: float
@@ -63,6 +60,7 @@ class TableValidation:
             "p90_relative_error": self.p90_relative_error,
             "device": self.device,
             "chain_factor": self.chain_factor,
+            "chain_exponent": self.chain_exponent,
             "children": [asdict(c) for c in self.children],
         }
 
@@ -88,17 +86,17 @@ def validate_table(
     metagraph: MetaGraph,
     controller: Controller,
     children: list[tuple[ChildArchitecture, str, int]],
+    backend: Backend,
     *,
     threads: int,
     warmup: int,
     repeats: int,
     seed: int = 0,
-    device: torch.device = CPU,
 ) -> TableValidation:
-    """Time ``children`` (child, source, images) end to end on ``device`` and compare with the
+    """Time ``children`` (child, source, images) end to end in ``backend`` and compare with the
     table."""
     timing = {"threads": threads, "warmup": warmup, "repeats": repeats, "seed": seed}
-    stats = measure_children(metagraph, controller, [c for c, _, _ in children], device=device,
+    stats = measure_children(metagraph, controller, [c for c, _, _ in children], backend,
                              **timing)  # fmt: skip
     timings = [
         ChildTiming(
@@ -113,8 +111,9 @@ def validate_table(
     errors = [t.relative_error for t in timings]
     return TableValidation(
         children=timings,
-        device=device_info(device, threads),
+        device=device_info(backend.device, threads, backend_info(backend)),
         chain_factor=table.chain_factor,
+        chain_exponent=table.chain_exponent,
         spearman=spearman([t.predicted_ms for t in timings], [t.measured_ms for t in timings]),
         median_relative_error=quantile(errors, 0.5),
         p90_relative_error=quantile(errors, 0.9),
@@ -189,5 +188,6 @@ def _validation_title(result: TableValidation) -> str:
         f"Latency table vs measured: Spearman {result.spearman:.3f}, median error "
         f"{100 * result.median_relative_error:.1f}%, p90 "
         f"{100 * result.p90_relative_error:.1f}%\n{d['name']}, {d['threads']} "
-        f"thread(s), torch {d['torch']}, chain factor {result.chain_factor:.3f}"
+        f"thread(s), {d.get('runtime', 'torch ' + d['torch'])}, curve "
+        f"{result.chain_factor:.2f} x S^{result.chain_exponent:.2f}"
     )

@@ -30,7 +30,7 @@ class ResidualBlock(nn.Module):
 # Adam moves a parameter by about its learning rate per step; the gain gives the two numbers
 # per module of the difficulty form the reach that the free form's logits get from summing
 # many feature weights, so a search of a few hundred steps can still settle each module.
-_PLACEMENT_GAIN = 10.0
+PLACEMENT_GAIN = 10.0
 
 
 class Controller(nn.Module):
@@ -58,6 +58,7 @@ class Controller(nn.Module):
     ) -> None:
         super().__init__()
         self.spec = spec
+        self.in_channels = in_channels
         self.num_cells, self.num_modules = num_cells, num_modules
         if spec.widths:
             self.stem = ConvBNAct(in_channels, spec.widths[0], 3)
@@ -105,20 +106,23 @@ class Controller(nn.Module):
         # harder image runs every module an easier one runs, and more.
         hardness = torch.sigmoid(difficulty.detach())[:, None, None] - 0.5
         position = self.base + F.softplus(self.slope) * hardness
-        return _PLACEMENT_GAIN * position, difficulty
+        return PLACEMENT_GAIN * position, difficulty
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features of the thumbnail (the thumbnail itself when linear)."""
-        if x.shape[-1] != self.spec.input_size:
-            if x.shape[-1] > self.spec.input_size:
-                x = F.adaptive_avg_pool2d(x, self.spec.input_size)
-            else:
-                x = F.interpolate(
-                    x, size=self.spec.input_size, mode="bilinear", align_corners=False
-                )
+        x = self.thumbnail(x)
         if self.spec.widths:
             return self.blocks(self.stem(x)).mean(dim=(2, 3))
         return x.flatten(1)
+
+    def thumbnail(self, x: torch.Tensor) -> torch.Tensor:
+        """Images resized to the controller's input side: area pooling down, bilinear up."""
+        size = self.spec.input_size
+        if x.shape[-1] > size:
+            return F.adaptive_avg_pool2d(x, size)
+        if x.shape[-1] < size:
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
 
     def deploy(self) -> "Controller":
         return fold_batchnorm(self)

@@ -142,7 +142,7 @@ class MetaGraph(nn.Module):
 
     def resolve(self, policy: torch.Tensor) -> torch.Tensor:
         """Apply the empty-cell rule to a [B, cells, modules] policy."""
-        return apply_empty_cell_rule(policy, self.forced)
+        return apply_empty_cell_rule(policy, self.forced, self.space.forced_module)
 
     def forward(
         self,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..space import FORCED_DEFAULT_MODULE
 from .controller import Controller
 from .metagraph import MetaGraph
 
@@ -41,7 +40,7 @@ class InstaNASPredictor(nn.Module):
         cells = []
         for row, forced in zip(rows, self.forced_cells):
             modules = tuple(m for m, on in enumerate(row) if on)
-            cells.append(modules if modules or not forced else (FORCED_DEFAULT_MODULE,))
+            cells.append(modules if modules or not forced else (self.space.forced_module,))
         return cells
 
     @torch.inference_mode()

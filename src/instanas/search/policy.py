@@ -98,7 +98,7 @@ def evaluate_policies(
     stats = PolicyStats(
         correct / len(data),
         float(cells.mean()),
-        float(cells.mean()) + table.fixed_ms(include_controller),
+        float(table.predict_ms(resolved, include_controller).mean()),
         routing["distinct_children"],
         float(resolved.sum(dim=(1, 2)).float().mean()),
         routing["effective_children"],

@@ -18,13 +18,9 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..errors import CheckpointError, ConfigError
-from ..latency.table import (
-    LatencyTable,
-    default_cache_path,
-    load_or_profile,
-    profile_table,
-    table_key,
-)
+from ..latency.backends import Backend, make_backend
+from ..latency.profiling import load_or_profile, profile_table
+from ..latency.table import LatencyTable, default_cache_path, table_key
 from ..models import build_models
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
@@ -124,7 +120,7 @@ def latency_table(ctx: RunContext, fresh: bool = False) -> LatencyTable:
             atomic_copy(Path(cfg.table), local)
         return table
     metagraph, controller = new_models(ctx)
-    target = table_device(ctx)
+    target = latency_backend(ctx)
     path = default_cache_path(table_key(metagraph, controller, target, cfg.threads))
     if local.exists():
         path = local
@@ -151,9 +147,18 @@ def table_device(ctx: RunContext) -> torch.device:
     return device
 
 
+def latency_backend(ctx: RunContext) -> Backend:
+    """The runtime every latency of the run is measured in (``latency.backend``)."""
+    cfg = ctx.config.latency
+    try:
+        return make_backend(cfg.backend, cfg.threads, table_device(ctx))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 # What a given table must share with the run. The device, torch version and thread count may
 # differ: that is the point of profiling on the deployment device (docs/deploy.md).
-_MODEL_KEYS = ("input_shape", "space", "controller", "dtype", "format")
+_MODEL_KEYS = ("input_shape", "space", "controller", "dtype", "format", "backend")
 
 
 def given_table(ctx: RunContext, path: Path) -> LatencyTable:
@@ -167,7 +172,7 @@ def given_table(ctx: RunContext, path: Path) -> LatencyTable:
         ) from exc
     with torch.random.fork_rng(devices=[]):  # building models must not move the seeded stream
         metagraph, controller = new_models(ctx)
-    key = table_key(metagraph, controller, table_device(ctx), ctx.config.latency.threads)
+    key = table_key(metagraph, controller, latency_backend(ctx), ctx.config.latency.threads)
     differ = [k for k in _MODEL_KEYS if table.key.get(k) != key[k]]
     if differ:
         raise ConfigError(

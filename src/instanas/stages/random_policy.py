@@ -32,8 +32,8 @@ def mean_random_ms(table: LatencyTable, space: SearchSpace, rate: float, seed: i
         generator=torch.Generator().manual_seed(seed),
     )
     # The same noise for every rate: the mean is then monotone in the rate, so bisection works.
-    resolved = apply_empty_cell_rule(noise < rate, space.forced_mask())
-    return float(table.cells_ms(resolved).mean()) + table.fixed_ms(include_controller=False)
+    resolved = apply_empty_cell_rule(noise < rate, space.forced_mask(), space.forced_module)
+    return float(table.predict_ms(resolved, include_controller=False).mean())
 
 
 def matching_rate(table: LatencyTable, space: SearchSpace, target_ms: float, seed: int) -> float:

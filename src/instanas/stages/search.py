@@ -48,7 +48,7 @@ def controller_epoch(
     (BatchNorm as ``search.controller_norm`` says); ``snapshot(part)`` is called after the
     steps where ``search.snapshots_per_epoch`` asks for a checkpoint."""
     cfg = ctx.config.search
-    reward_of = RewardFunction(ctx.config.controller, table.bounds(ctx.space.forced_mask()), dual)
+    reward_of = RewardFunction(ctx.config.controller, table.bounds(ctx.space), dual)
     steps = ctx.steps_per_epoch(cfg.batch_size)
     prepare_for_controller_epoch(ctx, metagraph, controller, epoch)
     sampler = ctx.generator("search/controller-sample", epoch)
@@ -166,9 +166,7 @@ def final_budget(ctx: RunContext, table: LatencyTable) -> float | None:
     ccfg = ctx.config.controller
     if ccfg.reward != "budget":
         return None
-    return budget_target(
-        table.bounds(ctx.space.forced_mask()), 1.0, ccfg.budget, ccfg.budget_warmup
-    )
+    return budget_target(table.bounds(ctx.space), 1.0, ccfg.budget, ccfg.budget_warmup)
 
 
 def refuse_weak_metagraph(ctx: RunContext, metagraph: MetaGraph) -> None:

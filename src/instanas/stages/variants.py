@@ -25,14 +25,22 @@ from pathlib import Path
 
 import torch
 
-from ..latency.table import LatencyTable, measure_children, predicted_ms
+from ..latency.calibration import measure_children, predicted_ms
+from ..latency.table import LatencyTable
 from ..models.metagraph import MetaGraph
 from ..run_context import RunContext
 from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
 from ..space import ChildArchitecture
 from ..training import EpochPlan, cosine, sgd, supervised_epoch
 from ..utils import atomic_copy, write_json
-from .common import latency_table, load_candidate, new_models, search_checkpoints, stage_path
+from .common import (
+    latency_backend,
+    latency_table,
+    load_candidate,
+    new_models,
+    search_checkpoints,
+    stage_path,
+)
 from .policy_tuning import finetune_under_controller
 from .resume import stop_if_requested
 
@@ -101,14 +109,10 @@ def measure_candidates(ctx: RunContext, table: LatencyTable, scored: list[dict])
     metagraph.eval()
     controller.eval()
     children = {n: ChildArchitecture.from_string(n, ctx.space.num_modules) for n in totals}
+    timing = {"threads": cfg.threads, "warmup": cfg.warmup, "repeats": cfg.repeats,
+              "seed": ctx.config.seed}  # fmt: skip
     stats = measure_children(
-        metagraph,
-        controller,
-        [children[n] for n in timed],
-        threads=cfg.threads,
-        warmup=cfg.warmup,
-        repeats=cfg.repeats,
-        seed=ctx.config.seed,
+        metagraph, controller, [children[n] for n in timed], latency_backend(ctx), **timing
     )
     for c in scored:
         total = sum(

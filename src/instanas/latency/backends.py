@@ -1,0 +1,182 @@
+"""Where latency is measured: onnxruntime (what ``instanas export`` ships) or eager PyTorch.
+
+A backend turns a deployed (BatchNorm-folded) network and an input shape into a zero-argument
+call that runs it once at batch 1, the way that runtime runs it:
+
+* ``onnxruntime``: the network is written as an ONNX graph (:mod:`instanas.onnx_graphs`, the
+  same graphs an export holds) and run by an ``InferenceSession`` on the CPU provider with the
+  configured threads; input and outputs are bound once (IO binding), as a serving loop does.
+  Calls are timed warm: each runs twice or more in a row and the first is not timed.
+* ``eager``: the module called under ``torch.inference_mode`` (the paper's timing); calls are
+  timed one each per round, as the project always timed them.
+
+The latency table, its check against whole children and the side-by-side timing of every
+model all time through a backend, so the search prices what the deployed model costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.controller import Controller
+from ..models.predictor import InstaNASPredictor
+from ..space import ChildArchitecture, SearchSpace
+
+BACKENDS = ("onnxruntime", "eager")
+Call = Callable[[], object]
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    burst: int  # calls per timing round; all but the first are timed
+
+    def runtime_version(self) -> str: ...
+    def call(self, network: nn.Module, shape: Sequence[int]) -> Call: ...
+    def call_overhead(self, shape: Sequence[int]) -> Call | None: ...
+    def controller_call(self, controller: Controller, space: SearchSpace) -> Call: ...
+    def routed_call(self, predictor: InstaNASPredictor, child: ChildArchitecture) -> Call: ...
+
+
+class EagerBackend:
+    """Eager PyTorch on ``device`` (CPU or CUDA); the caller sets threads and synchronises."""
+
+    name = "eager"
+    burst = 1
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+
+    def runtime_version(self) -> str:
+        return f"torch {torch.__version__}"
+
+    def call(self, network: nn.Module, shape: Sequence[int]) -> Call:
+        network = network.to(self.device).eval()
+        x = torch.randn(tuple(shape), device=self.device)
+        return lambda: network(x)
+
+    def call_overhead(self, shape: Sequence[int]) -> Call | None:
+        return None  # an eager call is its operators
+
+    def controller_call(self, controller: Controller, space: SearchSpace) -> Call:
+        return self.call(controller, _image(space))
+
+    def routed_call(self, predictor: InstaNASPredictor, child: ChildArchitecture) -> Call:
+        """Controller, then the materialised child: what the eager batch-1 path runs."""
+        space = predictor.space
+        controller = predictor.controller.to(self.device)
+        network = predictor.metagraph.cpu().materialize(child).to(self.device).eval()
+        x = torch.randn(_image(space), device=self.device)
+
+        def run() -> torch.Tensor:
+            controller(x)  # the deployed path always pays for the controller first
+            return network(x)
+
+        return run
+
+
+class OnnxRuntimeBackend:
+    """onnxruntime's CPU provider with ``threads`` intra-op threads and IO binding.
+
+    onnx and onnxruntime are imported when a graph is first built (about a second): the
+    configuration reads this module, and most commands never time anything.
+    """
+
+    name = "onnxruntime"
+    burst = 3
+    device = torch.device("cpu")
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def runtime_version(self) -> str:
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)"
+
+    def session(self, model):
+        return onnx_session(model.SerializeToString(), self.threads)
+
+    def model_call(self, model, shape: Sequence[int]) -> Call:
+        """A call of an ONNX model on a fixed random input."""
+        return bound_call(self.session(model), np.random.randn(*shape).astype(np.float32))
+
+    def call(self, network: nn.Module, shape: Sequence[int]) -> Call:
+        from ..models.onnx_graph import network_model
+
+        return self.model_call(network_model(network, shape), shape)
+
+    def call_overhead(self, shape: Sequence[int]) -> Call:
+        """A graph that only returns its input: the runtime's own cost of one call."""
+        from ..models.onnx_graph import identity_model
+
+        return self.model_call(identity_model(shape), shape)
+
+    def controller_call(self, controller: Controller, space: SearchSpace) -> Call:
+        """The controller with the routing the deployed graph runs after it."""
+        from ..models.onnx_graph import routing_probe_model
+
+        return self.model_call(routing_probe_model(controller, space), _image(space))
+
+    def routed_call(self, predictor: InstaNASPredictor, child: ChildArchitecture) -> Call:
+        """The deployed graph (controller, routing, the child) with ``child`` as its only
+        exported child, so every image runs it."""
+        from ..models.onnx_graph import routed_model
+
+        model = routed_model(predictor, [child], keep_controller=True)
+        return self.model_call(model, _image(predictor.space))
+
+
+def _image(space: SearchSpace) -> tuple[int, int, int, int]:
+    return (1, space.input_channels, space.input_size, space.input_size)
+
+
+def onnx_session(model: bytes | str, threads: int | None):
+    """An onnxruntime CPU session with ``threads`` intra-op threads (None: its default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # warnings about unused initialisers are noise here
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def bound_call(session, image: np.ndarray) -> Call:
+    """``session`` on ``image``: the image is copied into a bound input buffer per call (the
+    copy a serving loop makes), outputs stay in buffers the runtime owns."""
+    binding = session.io_binding()
+    buffer = np.zeros_like(image)
+    binding.bind_cpu_input(session.get_inputs()[0].name, buffer)
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cpu")
+
+    def run() -> None:
+        np.copyto(buffer, image)
+        session.run_with_iobinding(binding)
+
+    return run
+
+
+def make_backend(name: str, threads: int, device: torch.device) -> Backend:
+    if name == "eager":
+        return EagerBackend(device)
+    if name == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError(
+                f"latency.backend onnxruntime times on the CPU, not {device}: use "
+                "--latency.backend eager for a GPU table"
+            )
+        return OnnxRuntimeBackend(threads)
+    raise ValueError(f"unknown latency backend {name!r}: use one of {', '.join(BACKENDS)}")
+
+
+def backend_info(backend: Backend) -> dict:
+    """Which runtime timed a figure, recorded next to it."""
+    return {"backend": backend.name, "runtime": backend.runtime_version()}

@@ -1,0 +1,426 @@
+"""ONNX graphs written straight from the deployed (BatchNorm-folded) networks.
+
+
+The latency table is profiled in onnxruntime, so every unit it holds (stem, each cell's
+candidate modules, head, controller) and every whole child it is checked against must become
+an ONNX graph, a few hundred per profile. ``torch.onnx.export`` takes seconds per graph; these
+networks are built from five kinds of layer (convolution with an optional ReLU, addition,
+global average pooling, a linear layer, a fixed linear resize), so this module writes the
+graphs itself in milliseconds, and ``instanas export`` ships the same graphs that were timed.
+Tests check every graph against the eager network it was written from.
+
+Graphs take float32 NCHW images with a dynamic batch axis unless a caller fixes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from ..nn.ops import BasicBlock, FusedConvAct, InvertedResidual
+from ..space import ChildArchitecture, SearchSpace
+from .controller import PLACEMENT_GAIN, Controller, ResidualBlock
+from .metagraph import ChildNetwork, Head, MetaGraph, mbv2_path
+from .predictor import InstaNASPredictor
+
+OPSET = 17
+IR_VERSION = 8  # onnxruntime >= 1.15 reads it
+INPUT = "images"
+
+
+class GraphBuilder:
+    """Nodes and weights of one ONNX graph, appended in execution order."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.weights: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def fresh(self, base: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{base}_{self._count}"
+
+    def constant(self, array: np.ndarray | float | int, base: str = "const") -> str:
+        name = self.fresh(base)
+        self.weights.append(numpy_helper.from_array(np.ascontiguousarray(np.asarray(array)), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], **attributes: Any) -> str:
+        output = self.fresh(op_type.lower())
+        node = helper.make_node(op_type, list(inputs), [output], name=output, **attributes)
+        self.nodes.append(node)
+        return output
+
+    # --- layers ---------------------------------------------------------------------------
+
+    def conv(self, x: str, conv: nn.Conv2d, relu: bool) -> str:
+        inputs = [x, self.constant(_array(conv.weight), "weight")]
+        if conv.bias is not None:
+            inputs.append(self.constant(_array(conv.bias), "bias"))
+        kernel, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        y = self.op(
+            "Conv", inputs, kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=[pad] * 4,
+            group=conv.groups,
+        )  # fmt: skip
+        return self.op("Relu", [y]) if relu else y
+
+    def linear(self, x: str, layer: nn.Linear) -> str:
+        weight = self.constant(_array(layer.weight), "weight")
+        return self.op("Gemm", [x, weight, self.constant(_array(layer.bias), "bias")], transB=1)
+
+    def pooled(self, x: str) -> str:
+        """Global average pooling to [N, channels]."""
+        return self.op("Flatten", [self.op("GlobalAveragePool", [x])], axis=1)
+
+    def module(self, x: str, module: nn.Module) -> str:
+        """Any deployed building block of a child or of the controller."""
+        if isinstance(module, FusedConvAct):
+            return self.conv(x, module.conv, module.relu)
+        if isinstance(module, InvertedResidual):
+            y = self.module(self.module(self.module(x, module.expand), module.depthwise),
+                            module.project)  # fmt: skip
+            return self.op("Add", [x, y]) if module.residual else y
+        if isinstance(module, BasicBlock):
+            return self.module(self.module(x, module.conv1), module.conv2)
+        if isinstance(module, ResidualBlock):
+            shortcut = x if module.shortcut is None else self.module(x, module.shortcut)
+            y = self.module(self.module(x, module.conv1), module.conv2)
+            return self.op("Relu", [self.op("Add", [y, shortcut])])
+        if isinstance(module, Head):
+            return self.linear(self.pooled(self.module(x, module.conv)), module.classifier)
+        raise TypeError(
+            f"no ONNX form for {type(module).__name__}: deploy() the network (BatchNorm "
+            "folded) before writing it"
+        )
+
+    def cell_stack(self, x: str, cells: Sequence[Sequence[nn.Module]]) -> str:
+        """The cells in order: each the sum of its modules, the identity when it has none."""
+        for modules in cells:
+            out = None
+            for module in modules:
+                y = self.module(x, module)
+                out = y if out is None else self.op("Add", [out, y])
+            x = x if out is None else out
+        return x
+
+    # --- graphs ---------------------------------------------------------------------------
+
+    def graph(
+        self,
+        name: str,
+        inputs: Sequence[tuple[str, Sequence[Any]]],
+        outputs: Sequence[tuple[str, int]],
+    ) -> onnx.GraphProto:
+        return helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs],
+            [helper.make_tensor_value_info(n, t, None) for n, t in outputs],
+            initializer=self.weights,
+        )
+
+    def model(
+        self,
+        inputs: Sequence[tuple[str, Sequence[Any]]],
+        outputs: Sequence[tuple[str, int]],
+        name: str = "instanas",
+    ) -> onnx.ModelProto:
+        model = helper.make_model(
+            self.graph(name, inputs, outputs), opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="instanas",
+        )  # fmt: skip
+        model.ir_version = IR_VERSION
+        return model
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().float().numpy()
+
+
+def image_input(channels: int, size: int, batch: int | str = "batch") -> tuple[str, list]:
+    return INPUT, [batch, channels, size, size]
+
+
+# --- whole networks ---------------------------------------------------------------------------
+
+
+def child_model(network: ChildNetwork, batch: int | str = "batch") -> onnx.ModelProto:
+    """A deployed child (stem, its modules, head): images -> logits."""
+    space = network.space
+    b = GraphBuilder()
+    x = b.module(INPUT, network.stem)
+    logits = b.module(b.cell_stack(x, network.cells), network.head)
+    inputs = [image_input(space.input_channels, space.input_size, batch)]
+    return b.model(inputs, [(logits, TensorProto.FLOAT)])
+
+
+def network_model(network: nn.Module, shape: Sequence[int]) -> onnx.ModelProto:
+    """A deployed child (batch fixed by ``shape``) or any single building block."""
+    if isinstance(network, ChildNetwork):
+        return child_model(network, batch=shape[0])
+    return unit_model(network, shape)
+
+
+def unit_model(module: nn.Module, shape: Sequence[int]) -> onnx.ModelProto:
+    """One module on its own at a fixed input shape (a latency-table unit)."""
+    b = GraphBuilder()
+    y = b.module(INPUT, module)
+    return b.model([(INPUT, list(shape))], [(b.op("Identity", [y]), TensorProto.FLOAT)])
+
+
+def identity_model(shape: Sequence[int]) -> onnx.ModelProto:
+    """A graph that returns its input: what one call of the runtime costs with no work."""
+    b = GraphBuilder()
+    return b.model([(INPUT, list(shape))], [(b.op("Identity", [INPUT]), TensorProto.FLOAT)])
+
+
+def controller_model(controller: Controller, size: int) -> onnx.ModelProto:
+    """The deployed controller alone: images [N, channels, size, size] -> policy logits."""
+    b = GraphBuilder()
+    logits = controller_logits(b, INPUT, controller, size)
+    return b.model([image_input(controller.in_channels, size)], [(logits, TensorProto.FLOAT)])
+
+
+def routing_probe_model(controller: Controller, space: SearchSpace) -> onnx.ModelProto:
+    """Controller and routing between two children (the MobileNetV2 path and the minimum
+    network): what the deployed graph runs before a child, a latency-table unit."""
+    b = GraphBuilder()
+    logits = controller_logits(b, INPUT, controller, space.input_size)
+    children = [mbv2_path(space), space.minimum_child()]
+    index = routing_scores(b, logits, children, space.forced_mask().tolist(), space.forced_module)
+    return b.model([image_input(space.input_channels, space.input_size, 1)],
+                   [(index, TensorProto.INT64)])  # fmt: skip
+
+
+def controller_logits(b: GraphBuilder, x: str, controller: Controller, size: int) -> str:
+    """The deployed controller's policy logits [N, cells, modules] for images ``x``.
+
+    A linear controller on a small image is one matrix product: its resize and its read-out
+    are both linear, so they are folded into one weight matrix over the image's pixels.
+    """
+    spec = controller.spec
+    channels = controller.in_channels
+    if not spec.widths and channels * size * size <= _FOLDED_PIXELS:
+        if spec.form == "free":
+            logits = _folded_linear(b, x, controller, controller.logits, size)
+        else:
+            difficulty = _folded_linear(b, x, controller, controller.difficulty, size)
+            logits = _difficulty_logits(b, difficulty, controller)
+    else:
+        if size != spec.input_size:
+            x = _thumbnail(b, x, controller, size)
+        features = _features(b, x, controller)
+        if spec.form == "free":
+            logits = b.linear(features, controller.logits)
+        else:
+            logits = _difficulty_logits(b, b.linear(features, controller.difficulty), controller)
+    shape = b.constant(np.array([-1, controller.num_cells, controller.num_modules], np.int64))
+    return b.op("Reshape", [logits, shape])
+
+
+# Above this many input values a folded linear controller would carry a weight per pixel and
+# module (85 x 150,528 at 224 px): resize first instead.
+_FOLDED_PIXELS = 4096
+
+
+def _features(b: GraphBuilder, x: str, controller: Controller) -> str:
+    if not controller.spec.widths:
+        return b.op("Flatten", [x], axis=1)
+    y = b.module(x, controller.stem)
+    for block in controller.blocks:
+        y = b.module(y, block)
+    return b.pooled(y)
+
+
+def _folded_linear(
+    b: GraphBuilder, x: str, controller: Controller, layer: nn.Linear, size: int
+) -> str:
+    """``layer`` applied to the controller's thumbnail of ``x``, as one Gemm over the pixels:
+    the affine map read off by applying it to the zero image and to every unit image."""
+    pixels = controller.in_channels * size * size
+    probes = torch.cat([torch.zeros(1, pixels), torch.eye(pixels)])
+    probes = probes.view(-1, controller.in_channels, size, size)
+    with torch.no_grad():
+        out = layer(controller.thumbnail(probes).flatten(1))
+    bias, weight = out[0], out[1:] - out[0]  # weight: [pixels, outputs]
+    flat = b.op("Flatten", [x], axis=1)
+    return b.op("Gemm", [flat, b.constant(_array(weight.T), "weight"),
+                         b.constant(_array(bias), "bias")], transB=1)  # fmt: skip
+
+
+def _thumbnail(b: GraphBuilder, x: str, controller: Controller, size: int) -> str:
+    """The controller's resize (area pooling or bilinear) as two matrix products: both are
+    separable linear maps, read off by applying the torch operation to unit images."""
+    probe = torch.zeros(size, 1, size, size)
+    probe[torch.arange(size), 0, :, torch.arange(size)] = 1.0  # image i: column i lit
+    with torch.no_grad():
+        columns = controller.thumbnail(probe)[:, 0, 0, :]  # [size, s]: column i -> thumbnail
+    right = columns.numpy().astype(np.float32)
+    x = b.op("MatMul", [x, b.constant(right, "resize")])
+    return b.op("MatMul", [b.constant(right.T.copy(), "resize"), x])
+
+
+def _difficulty_logits(b: GraphBuilder, difficulty: str, controller: Controller) -> str:
+    """``gain * (base + softplus(slope) * (sigmoid(d) - 1/2))``, base and slope folded."""
+    hardness = b.op("Sub", [b.op("Sigmoid", [difficulty]), b.constant(np.float32(0.5))])
+    slope = PLACEMENT_GAIN * F.softplus(controller.slope).flatten()
+    base = PLACEMENT_GAIN * controller.base.flatten()
+    placed = b.op("Mul", [hardness, b.constant(_array(slope)[None], "slope")])
+    return b.op("Add", [placed, b.constant(_array(base)[None], "base")])
+
+
+# --- the deployed routed model -----------------------------------------------------------------
+
+
+def routing_scores(
+    b: GraphBuilder,
+    logits: str,
+    children: Sequence[ChildArchitecture],
+    forced: Sequence[bool],
+    default_module: int,
+) -> str:
+    """Index [N] (int64) of the exported child each image runs, from the policy logits.
+
+    The greedy policy is ``logit >= 0``; the child is the exported one at the fewest differing
+    (cell, module) entries from the policy after the empty-cell rule (0 when it was exported),
+    ties to the earlier (more frequent) child. The empty-cell rule is linear in whether each
+    forced cell is empty, so the whole distance is two matrix products:
+    d_k = p.(1 - 2 c_k) + |c_k| + sum_f empty_f * u_kf, where u_kf is -1 when child k runs
+    the default module in forced cell f (an empty cell then matches it) and +1 otherwise.
+    """
+    cells = len(forced)
+    modules = len(children[0].to_bits()) // cells
+    bits = np.array([child.to_bits() for child in children], dtype=np.float32)  # [K, c*m]
+    u = np.zeros((cells, len(children)), np.float32)
+    for k, child in enumerate(children):
+        for cell, is_forced in enumerate(forced):
+            if is_forced:
+                u[cell, k] = -1.0 if default_module in child.cells[cell] else 1.0
+    flat = b.op("Reshape", [logits, b.constant(np.array([-1, cells * modules], np.int64))])
+    chosen = b.op("Cast", [b.op("GreaterOrEqual", [flat, b.constant(np.float32(0))])],
+                  to=TensorProto.FLOAT)  # fmt: skip
+    per_cell = b.op("Reshape", [chosen, b.constant(np.array([-1, cells, modules], np.int64))])
+    occupied = b.op("ReduceMax", [per_cell], axes=[2], keepdims=0)  # [N, cells]: 1 - empty
+    distance = b.op("Add", [
+        b.op("MatMul", [chosen, b.constant((1 - 2 * bits).T.copy(), "routing")]),
+        b.op("MatMul", [occupied, b.constant(-u, "routing")]),
+    ])  # fmt: skip
+    tie_break = np.arange(len(children), dtype=np.float32) / (len(children) + 1)
+    offset = b.constant(bits.sum(1) + u.sum(0) + tie_break, "routing")
+    return b.op("ArgMin", [b.op("Add", [distance, offset])], axis=1, keepdims=0)
+
+
+def _branch(name: str, build) -> onnx.GraphProto:
+    """A subgraph for an If node; its weights are its own initialisers, so onnxruntime
+    optimises them as constants (outer-scope weights would be left unoptimised)."""
+    sub = GraphBuilder(prefix=f"{name}/")
+    output = sub.op("Identity", [build(sub)])
+    return sub.graph(name, [], [(output, TensorProto.FLOAT)])
+
+
+# The most used children are tested one by one, the rest by halving the index range, so the
+# graphs stay shallow (onnx limits nesting) and the usual child is found at the first test.
+_TESTED_ONE_BY_ONE = 4
+
+
+def _select(b: GraphBuilder, index: str, branches: Sequence[Callable]) -> str:
+    """Run exactly one of ``branches`` (builders of one output each) by the int64 ``index``
+    [1]: If nodes, the first branches (order them most used first) tested first."""
+    scalar = b.op("Squeeze", [index])
+    chosen = _choice(b, scalar, branches, 0, len(branches))
+    b.nodes.extend(chosen.node)
+    b.weights.extend(chosen.initializer)
+    return chosen.output[0].name
+
+
+def _choice(
+    b: GraphBuilder, scalar: str, branches: Sequence[Callable], low: int, high: int
+) -> onnx.GraphProto:
+    """A graph that runs the branch ``scalar`` names among ``branches[low:high]``."""
+    if high - low == 1:
+        return _branch(f"branch{low}", branches[low])
+    if low < _TESTED_ONE_BY_ONE:
+        test_op, split, first, rest = "Equal", low, low + 1, low + 1
+    else:
+        split = (low + high) // 2
+        test_op, first, rest = "Less", split, split
+    level = GraphBuilder(prefix=f"select{low}_{high}/")
+    test = level.op(test_op, [scalar, b.constant(np.int64(split), "branch_index")])
+    output = level.fresh("selected")
+    level.nodes.append(helper.make_node(
+        "If", [test], [output], then_branch=_choice(b, scalar, branches, low, first),
+        else_branch=_choice(b, scalar, branches, rest, high),
+    ))  # fmt: skip
+    return level.graph(f"select{low}_{high}", [], [(output, TensorProto.FLOAT)])
+
+
+def routed_model(
+    predictor: InstaNASPredictor,
+    children: Sequence[ChildArchitecture],
+    escalation: tuple[ChildNetwork, float] | None = None,
+    keep_controller: bool = False,
+) -> onnx.ModelProto:
+    """The deployed InstaNAS model as one batch-1 graph: controller, routing, the chosen
+    child's cells between the shared stem and head, and, with ``escalation`` (a deployed
+    network and a confidence threshold), that network instead for an image whose top softmax
+    probability is below the threshold.
+
+    Outputs: ``logits`` [1, classes], ``child`` [1] (the index into ``children``, most used
+    first) and ``escalated`` [1] (1.0 when the larger network answered). With one child the
+    controller cannot change what runs, so the graph holds no controller unless
+    ``keep_controller`` (to time the deployed path of one child).
+    """
+    space, graph = predictor.space, predictor.metagraph
+    b = GraphBuilder()
+    stem = b.module(INPUT, graph.stem)
+    if len(children) > 1 or keep_controller:
+        logits = controller_logits(b, INPUT, predictor.controller, space.input_size)
+        index = routing_scores(b, logits, children, space.forced_mask().tolist(),
+                               space.forced_module)  # fmt: skip
+        branches = [_cells_builder(graph, stem, c) for c in children]
+        features = _select(b, index, branches) if len(children) > 1 else branches[0](b)
+    else:
+        index = b.constant(np.zeros(1, np.int64), "child")
+        features = _cells_builder(graph, stem, children[0])(b)
+    logits = b.module(features, graph.head)
+    logits, escalated = _escalate(b, logits, escalation)
+    outputs = [(logits, TensorProto.FLOAT), (index, TensorProto.INT64),
+               (escalated, TensorProto.FLOAT)]  # fmt: skip
+    return b.model([image_input(space.input_channels, space.input_size, 1)], outputs)
+
+
+def _cells_builder(graph: MetaGraph, stem: str, child: ChildArchitecture):
+    cells = [[graph.cells[c].candidates[m] for m in modules]
+             for c, modules in enumerate(graph.resolved_cells(child))]  # fmt: skip
+    return lambda b: b.cell_stack(stem, cells)
+
+
+def _escalate(
+    b: GraphBuilder, logits: str, escalation: tuple[ChildNetwork, float] | None
+) -> tuple[str, str]:
+    if escalation is None:
+        return logits, b.constant(np.zeros(1, np.float32), "escalated")
+    network, threshold = escalation
+    confidence = b.op("ReduceMax", [b.op("Softmax", [logits], axis=1)], axes=[1], keepdims=0)
+    unsure = b.op("Less", [confidence, b.constant(np.float32(threshold), "threshold")])
+    flag = b.op("Cast", [unsure], to=TensorProto.FLOAT)
+    test = b.op("Squeeze", [unsure])
+    output = b.fresh("answer")
+
+    def larger(sub: GraphBuilder) -> str:
+        x = sub.module(INPUT, network.stem)
+        return sub.module(sub.cell_stack(x, network.cells), network.head)
+
+    b.nodes.append(helper.make_node(
+        "If", [test], [output], then_branch=_branch("escalated", larger),
+        else_branch=_branch("kept", lambda sub: logits),
+    ))  # fmt: skip
+    return output, flag
