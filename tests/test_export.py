@@ -1,14 +1,12 @@
 """instanas export / predict / runtime on a few-second run of the tiny config.
 
 One tiny run (class-folder PNGs, 4 cells) is trained once for the module; every test exports
-or reads it. ONNX tests need onnx, onnxscript and onnxruntime (the ``export`` extra, also in
-``test``) and are skipped with the reason when they are missing.
+or reads it.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 import subprocess
@@ -21,15 +19,8 @@ import torch
 from tiny_runs import snapshot, tiny_main_model_run
 
 from instanas.cli import main
-from instanas.deploy.runtime import ExportedModel, ExportError, fallback_child, resolve_policies
-
-HAVE_ONNX = all(
-    __import__("importlib").util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")
-)
-needs_onnx = pytest.mark.skipif(
-    not HAVE_ONNX,
-    reason="onnx, onnxscript or onnxruntime is not installed (pip install 'instanas[export]')",
-)
+from instanas.deploy.runtime import ExportedModel, ExportError, nearest_child, resolve_policies
+from instanas.space import nearest_child as package_nearest_child
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +30,6 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_export(tiny_run, tmp_path_factory) -> Path:
-    if not HAVE_ONNX:
-        pytest.skip("onnx, onnxscript or onnxruntime is not installed")
     out = tmp_path_factory.mktemp("exports") / "onnx"
     assert main(["export", str(tiny_run), "-o", str(out), "--validate", "--quiet"]) == 0
     return out
@@ -74,25 +63,25 @@ def _images(folder: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------- export, validate
 
 
-@needs_onnx
 def test_onnx_export_validates_against_eager(onnx_export, tiny_run):
     routing = json.loads((onnx_export / "routing.json").read_text())
     report = json.loads((onnx_export / "validation.json").read_text())
     manifest = json.loads((onnx_export / "manifest.json").read_text())
     assert report["passed"] and report["routing_differs"] == 0
-    assert report["routing_identical"] == report["images"] > 0
     assert report["prediction_agreement"] >= 0.999
+    if report["controller_in_export"]:
+        assert report["routing_identical"] == report["images"] > 0
     # The tiny run's controller depends on its measured latency table, so a test image may pick
-    # a child no validation image picked; only exported children must match eager closely.
-    assert report["max_logit_difference_exported_children"] < 1e-3
-    assert report["prediction_agreement_exported_children"] == 1.0
+    # a child no validation image picked; only images on the same child must match closely.
+    assert report["max_logit_difference_same_child"] < 1e-3
     latency = report["batch1_latency_ms"]
     assert latency["eager"]["mean"] > 0 and latency["exported"]["mean"] > 0
-    # Every child the controller used on the validation split is exported and timed.
+    # Every child the controller used on the validation split is exported, in one graph.
     assert routing["fallback"]["counted_share_exported"] == 1.0
+    assert (onnx_export / routing["model"]["file"]).is_file()
+    assert routing["model"]["measured_latency_ms"]["mean"] > 0
+    assert routing["model"]["outputs"][:3] == ["logits", "child", "escalated"]
     for child in routing["children"]:
-        assert (onnx_export / child["file"]).is_file()
-        assert child["measured_latency_ms"]["median"] > 0 and child["table_latency_ms"] > 0
         assert len(child["cells"]) == routing["cells"]
     assert routing["empty_cell_rule"]["default_module"] == 4
     assert routing["classes"] == ["class0", "class1"] and routing["source"]["model"] == "instanas"
@@ -105,42 +94,12 @@ def test_onnx_export_validates_against_eager(onnx_export, tiny_run):
     assert not list(onnx_export.parent.glob(".*tmp*"))  # the temporary folder is gone
 
 
-def test_torchscript_export_validates_and_needs_trust_to_load(tiny_run, tmp_path, capsys):
-    out = tmp_path / "ts"
-    assert (
-        main(
-            [
-                "export",
-                str(tiny_run),
-                "-o",
-                str(out),
-                "--format",
-                "torchscript",
-                "--validate",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    report = json.loads((out / "validation.json").read_text())
-    assert report["passed"] and report["routing_differs"] == 0
-    assert {p.suffix for p in (out / "children").iterdir()} == {".pt"}
-    files = _images(tmp_path / "images")
-    capsys.readouterr()
-    assert main(["predict", str(out), str(files["wide"]), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--trust-torchscript" in err
-    assert main(["predict", str(out), str(files["wide"]), "--trust-torchscript", "--quiet"]) == 0
-    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(rows) == 1 and rows[0]["class"] in ("class0", "class1")
-
-
 @pytest.mark.parametrize(
     "argv, words",
     [
         (["--children", "0"], "at least 1 child"),
         (["--model", "Z"], "has no model 'Z'"),
-        (["--format", "torchscript", "--threads", "0"], "--threads is 0"),
+        (["--threads", "0"], "--threads is 0"),
     ],
 )
 def test_export_bad_requests_fail_in_one_line(tiny_run, tmp_path, capsys, argv, words):
@@ -156,7 +115,7 @@ def test_export_never_overwrites(tiny_run, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     before = snapshot(out)
-    assert main(["export", str(tiny_run), "-o", str(out), "--format", "torchscript"]) == 2
+    assert main(["export", str(tiny_run), "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert snapshot(out) == before
     assert main(["export", str(tmp_path), "-o", str(tmp_path / "x")]) == 2
@@ -167,54 +126,27 @@ def test_export_never_overwrites(tiny_run, tmp_path, capsys):
 
 
 def test_fallback_rule():
+    """The nearest exported child (fewest differing entries), ties to the earlier; the runtime's
+    copy of the rule agrees with the package's."""
     exported = ["4-4-_-4", "0-4-_-4", "01-4-2-4", "0-04-2-4"]
-    assert fallback_child("0-4-_-4", exported) == "0-4-_-4"
-    # Supersets: the one with the fewest modules; ties go to the earlier (more frequent).
-    assert fallback_child("0-4-_-4", exported[2:]) == "01-4-2-4"  # a tie: earlier wins
-    assert fallback_child("1-4-_-4", exported) == "01-4-2-4"  # the only superset
-    assert fallback_child("_-4-_-4", exported) == "4-4-_-4"  # fewest modules, earlier first
-    # No superset: the fewest differing entries ("3-4-_-4" differs from "0-4-_-4" in two).
-    assert fallback_child("3-4-_-4", exported) == "4-4-_-4"
-
-
-def test_runtime_routes_a_missing_child_to_its_fallback(tmp_path):
-    """Fake sessions: the controller's logits pick a child that was not exported."""
-    routing = {
-        "format": "fake",
-        "classes": ["a", "b"],
-        "cells": 2,
-        "modules": 5,
-        "input": {"channels": 1, "size": 4},
-        "controller": {"file": "controller"},
-        "normalization": {"mean": [0.5], "std": [0.25]},
-        "empty_cell_rule": {"forced_cells": [True, False], "default_module": 4},
-        "children": [{"child": "4-_", "file": "small"}, {"child": "04-1", "file": "big"}],
-        "policy_to_file": {"4-_": "small", "04-1": "big"},
+    cases = {
+        "0-4-_-4": "0-4-_-4",  # exported: itself
+        "1-4-_-4": "4-4-_-4",  # two entries from 4-4-_-4 and from 0-4-_-4: the earlier
+        "01-4-_-4": "0-4-_-4",  # one entry from 0-4-_-4, two from 01-4-2-4
+        "0-04-2-3": "0-04-2-4",  # two entries from 0-04-2-4
     }
-    (tmp_path / "routing.json").write_text(json.dumps(routing))
-    logits = np.full((3, 2, 5), -1.0, dtype=np.float32)  # image 0: nothing -> "4-_"
-    logits[1, 0, 0] = logits[1, 1, 1] = 1.0  # image 1: "0-1", not exported -> superset "04-1"
-    logits[2, 0, [0, 4]] = logits[2, 1, 1] = 1.0  # image 2: "04-1" itself
-    calls = []
-
-    def factory(path, threads):
-        def run(x):
-            calls.append((path.name, len(x)))
-            if path.name == "controller":
-                return logits[: len(x)]
-            return np.tile([[1.0, 0.0]] if path.name == "small" else [[0.0, 1.0]], (len(x), 1))
-
-        return run
-
-    model = ExportedModel(tmp_path, session_factory=factory, verify=False)
-    out, wanted, ran = model.logits(np.zeros((3, 1, 4, 4), dtype=np.uint8))
-    assert wanted == ["4-_", "0-1", "04-1"] and ran == ["4-_", "04-1", "04-1"]
-    assert out.argmax(1).tolist() == [0, 1, 1]
-    assert sorted(calls[1:]) == [("big", 2), ("small", 1)]  # grouped: one pass per child
-    assert resolve_policies(logits, [True, False], 4)[0].sum() == 1
+    for child, expected in cases.items():
+        assert nearest_child(child, exported) == expected, child
+        assert package_nearest_child(child, exported) == expected, child
 
 
-@needs_onnx
+def test_resolve_policies_applies_the_empty_cell_rule():
+    logits = np.full((1, 2, 5), -1.0, dtype=np.float32)
+    resolved = resolve_policies(logits, [True, False], 1)
+    assert resolved[0, 0].tolist() == [False, True, False, False, False]
+    assert not resolved[0, 1].any()
+
+
 def test_export_of_the_top_child_only_uses_fallbacks(tiny_run, tmp_path):
     out = tmp_path / "top1"
     assert main(
@@ -225,17 +157,16 @@ def test_export_of_the_top_child_only_uses_fallbacks(tiny_run, tmp_path):
     assert len(routing["children"]) == 1 and report["routing_differs"] == 0
     model = ExportedModel(out)
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8).numpy()
-    _, wanted, ran = model.logits(images)
-    assert set(ran) == {routing["children"][0]["child"]}
+    answers = model.answers(images)
+    assert {a.child for a in answers} == {routing["children"][0]["child"]}
+    assert all(a.wanted is None for a in answers)  # one child: no controller in the graph
     if report["eager_distinct_children"] > 1:
         assert report["fallback_images"] > 0
-    assert all(r == w or r == fallback_child(w, model.children) for w, r in zip(wanted, ran))
 
 
 # --------------------------------------------------------------------------- runtime, predict
 
 
-@needs_onnx
 def test_runtime_runs_without_torch(onnx_export, tmp_path):
     """In a fresh interpreter where importing torch fails, both the package's runtime and the
     copy inside the export classify files, batched and at batch 1."""
@@ -248,10 +179,10 @@ import instanas.deploy.runtime, instanas_runtime
 for rt in (instanas.deploy.runtime, instanas_runtime):
     model = rt.load({str(onnx_export)!r})
     images = model.read_images([{str(files["wide"])!r}, {str(files["rgba"])!r}])
-    probs, children = model.predict_proba(images)
+    probs, answers = model.predict_proba(images)
     assert probs.shape == (2, 2) and abs(probs.sum() - 2) < 1e-5, probs
     one = model.logits_one(images[:1])
-    assert abs(one - model.logits(images)[0][:1]).max() < 1e-4
+    assert abs(one - model.logits(images)[:1]).max() < 1e-4
 print("torch" in sys.modules and sys.modules["torch"] is not None)
 """
     proc = subprocess.run(
@@ -261,7 +192,6 @@ print("torch" in sys.modules and sys.modules["torch"] is not None)
     assert proc.stdout.strip() == "False"
 
 
-@needs_onnx
 def test_predict_mixed_good_and_broken_files(onnx_export, tiny_run, tmp_path, capsys):
     files = _images(tmp_path / "images")
     outputs = {}
@@ -291,6 +221,7 @@ def test_predict_mixed_good_and_broken_files(onnx_export, tiny_run, tmp_path, ca
         good = [r for r in rows if r["class"]]
         assert len(good) == 4
         assert all(0.5 <= float(r["probability"]) <= 1 and r["child"] for r in good)
+        assert all(r["escalated"] in ("0", "1") for r in good)
         assert all(r["note"].startswith("fallback") for r in good if r["note"])
         bad = {r["path"]: r for r in rows if not r["class"]}
         assert set(bad) == {str(files["broken"]), str(files["missing"])}
@@ -332,17 +263,15 @@ def test_runtime_preprocessing_matches_the_training_loader(tmp_path):
         read_image(files["broken"], 3, 8)
 
 
-@needs_onnx
 def test_exported_files_are_checked_against_the_manifest(onnx_export, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(onnx_export, copy)
-    child = json.loads((copy / "routing.json").read_text())["children"][0]["file"]
-    (copy / child).write_bytes((copy / child).read_bytes()[:-10])
+    graph = json.loads((copy / "routing.json").read_text())["model"]["file"]
+    (copy / graph).write_bytes((copy / graph).read_bytes()[:-10])
     with pytest.raises(ExportError, match="changed since the export"):
         ExportedModel(copy)
 
 
-@needs_onnx
 def test_children_counted_on_train_and_validation(tiny_run, tmp_path):
     import instanas
 
@@ -355,3 +284,12 @@ def test_children_counted_on_train_and_validation(tiny_run, tmp_path):
     with pytest.raises(ExportError, match="unknown split"):
         instanas.export(tiny_run, tmp_path / "bad", split="test")
     assert not (tmp_path / "bad").exists()
+
+
+def test_every_static_network_of_the_run_exports_and_validates(tiny_run, tmp_path):
+    import instanas
+
+    result = instanas.export(tiny_run, tmp_path / "mbv2", model="mbv2-path", validate=True)
+    assert result.validation["passed"] and not result.validation["controller_in_export"]
+    assert len(result.routing["children"]) == 1 and result.routing["escalation"] is None
+    assert result.validation["max_logit_difference"] < 1e-3

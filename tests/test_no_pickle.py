@@ -34,10 +34,8 @@ ALLOWED_PICKLE_NAMES = {
     ("data/cifar.py", "pickle.UnpicklingError"),
 }
 ALLOWED_PICKLE_IMPORTS = {"data/cifar.py"}
-# TorchScript files are programs: deploy.export.torchscript_session loads them only for an export
-# this process has just written (export --validate) or when the user passes --trust-torchscript
-# (tests/test_export.py checks that predict refuses a TorchScript export without it).
-ALLOWED_CODE_LOADS = {("deploy/export.py", "torch.jit.load")}
+# No module loads code from files (TorchScript export was removed: exports are ONNX graphs).
+ALLOWED_CODE_LOADS: set[tuple[str, str]] = set()
 
 
 def _dotted(node: ast.AST) -> str:

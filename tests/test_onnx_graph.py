@@ -16,7 +16,7 @@ from instanas.models.onnx_graph import (
     routed_model,
     unit_model,
 )
-from instanas.models.predictor import InstaNASPredictor
+from instanas.models.predictor import Escalation, InstaNASPredictor
 from instanas.space import CellGroup, ChildArchitecture, ControllerSpec, SearchSpace, nearest_child
 
 ort = pytest.importorskip("onnxruntime")
@@ -102,7 +102,7 @@ def test_routing_picks_the_child_the_eager_model_runs_and_falls_back_to_the_near
     model = routed_model(predictor, exported)
     names = [str(c) for c in exported]
     for image, child in zip(images[:60], picked[:60]):
-        logits, index, escalated = _run(model, image[None].numpy())
+        logits, index, escalated, policy_logits = _run(model, image[None].numpy())
         expected = nearest_child(child, names)
         assert names[int(index[0])] == expected
         eager = predictor.metagraph.forward_child(image[None], exported[int(index[0])])
@@ -122,11 +122,14 @@ def test_an_empty_forced_cell_routes_to_the_child_with_the_forced_module():
     predictor = InstaNASPredictor(metagraph, controller)
     resolved = ChildArchitecture.from_policy(predictor.policies(torch.zeros(1, 1, 16, 16))[0])
     decoy = ChildArchitecture.from_string("0-0-_-0-_")  # one module away from the raw policy
-    _, index, _ = _run(routed_model(predictor, [decoy, resolved]), np.zeros((1, 1, 16, 16), "f4"))
+    _, index, _, _ = _run(
+        routed_model(predictor, [decoy, resolved]), np.zeros((1, 1, 16, 16), "f4")
+    )
     assert str(resolved) == "1-1-_-1-_" and int(index[0]) == 1
 
 
 def test_escalation_runs_the_larger_network_only_for_unsure_images():
+    """In the graph and in the eager predictor alike."""
     metagraph, controller = _models(ControllerSpec(input_size=8, widths=()))
     predictor = InstaNASPredictor(metagraph, controller)
     child = ChildArchitecture.from_policy(predictor.policies(torch.zeros(1, 1, 16, 16))[0])
@@ -137,13 +140,19 @@ def test_escalation_runs_the_larger_network_only_for_unsure_images():
         confidence = torch.softmax(small, 1).max(1).values
         big = larger(images)
     threshold = float(confidence.median())
-    model = routed_model(predictor, [child], escalation=(larger, threshold))
+    predictor.escalation = Escalation(larger, threshold)
+    model = routed_model(predictor, [child])
     for i in range(len(images)):
         logits, _, escalated = _run(model, images[i : i + 1].numpy())
         unsure = bool(confidence[i] < threshold)
         assert escalated[0] == float(unsure)
         expected = big[i : i + 1] if unsure else small[i : i + 1]
         np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-5)
+    eager_logits, _, eager_escalated = predictor.without_escalation().answer(images)
+    assert not eager_escalated.any()
+    routed, _, escalated = predictor.answer(images)
+    assert torch.equal(escalated, predictor.escalation.unsure(eager_logits))
+    np.testing.assert_allclose(routed[escalated], big[escalated], rtol=1e-5, atol=1e-6)
 
 
 def test_a_graph_builder_refuses_a_module_it_cannot_write():

@@ -18,8 +18,8 @@ from instanas.search.reward import (
     budget_target,
     prediction_score,
 )
-from instanas.space import routing_summary
-from instanas.stages.static_child import closest_not_below, used_children
+from instanas.space import ranked_children, routing_summary
+from instanas.stages.common import closest_not_below
 
 BOUNDS = LatencyBounds(all_modules=100.0, mbv2_path=20.0, minimum=4.0)
 
@@ -109,9 +109,9 @@ def test_routing_summary():
     assert 1.0 < skewed["effective_children"] < 2.0 and skewed["top_child_share"] == 0.9
 
 
-def test_used_children_most_used_first():
+def test_ranked_children_most_used_first():
     policies = _policies([[1]] * 3 + [[0, 2]] * 5 + [[2]])
-    ranked = used_children(policies, limit=2)
+    ranked = ranked_children(policies, limit=2)
     assert [count for _, count in ranked] == [5, 3]
     assert ranked[0][0].cells == ((0, 2), (0,))
 

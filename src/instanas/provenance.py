@@ -11,7 +11,7 @@ from pathlib import Path
 from .version import __version__
 
 # Packages whose versions change what an export or a result means.
-_TRACKED = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "pillow")
+_TRACKED = ("torch", "numpy", "onnx", "onnxruntime", "pillow")
 
 
 def utc_now() -> str:

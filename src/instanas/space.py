@@ -373,6 +373,18 @@ def child_counts(policies: Iterable[torch.Tensor]) -> Counter[bytes]:
     return counts
 
 
+def ranked_children(
+    policies: torch.Tensor, limit: int | None = None
+) -> list[tuple["ChildArchitecture", int]]:
+    """The distinct children of ``policies`` [N, cells, modules] with their counts, most used
+    first (at most ``limit``)."""
+    shape = policies.shape[1:]
+    ranked = child_counts([policies]).most_common(limit)
+    as_policy = [torch.frombuffer(bytearray(key), dtype=torch.uint8).view(shape).bool()
+                 for key, _ in ranked]  # fmt: skip
+    return [(ChildArchitecture.from_policy(p), n) for p, (_, n) in zip(as_policy, ranked)]
+
+
 def distinct_children(policies: Iterable[torch.Tensor]) -> int:
     """Number of distinct rows among [N, cells, modules] policy batches."""
     return len(child_counts(policies))

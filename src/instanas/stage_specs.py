@@ -80,6 +80,17 @@ STAGES: tuple[StageSpec, ...] = (
         budget="finetune",
         accuracy_field="train_accuracy",
     ),
+    StageSpec(
+        "escalation",
+        "choose on the validation split the confidence threshold below which the larger "
+        "network answers, within escalation.budget (needs finetune and baseline)",
+        "escalation/rule.json",
+        needs=("finetune", "baseline"),
+        enabled=lambda c: c.escalation.network != "off",
+        resumable=False,
+        refresh=True,
+        data_parallel=False,
+    ),
     _policy_tuned(
         "random-policy",
         "fine-tune the searched meta-graph on random policies of the controller's mean latency "
@@ -108,6 +119,17 @@ STAGES: tuple[StageSpec, ...] = (
         "baseline.widths, minimum network",
         "baseline/references.json",
         enabled=lambda c: bool(c.mbv2_path_widths()) or c.baseline.min_net,
+    ),
+    StageSpec(
+        "peer",
+        "train the MobileNetV2 path at the width whose deployed latency is closest to and not "
+        "below the main model's (needs finetune)",
+        "baseline/mbv2-peer.safetensors",
+        needs=("finetune",),
+        enabled=lambda c: c.baseline.peer,
+        budget="baseline",
+        accuracy_field="train_accuracy",
+        data_parallel=False,
     ),
     StageSpec(
         "evaluate",

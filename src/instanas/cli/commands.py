@@ -55,7 +55,7 @@ def export_command(args: argparse.Namespace) -> int:
             f"{run_dir} has no fine-tuned model (finetune/model.safetensors): "
             f"pass a finished run, or run `instanas finetune --output {run_dir}`"
         )
-    options = ("model", "fmt", "children", "validate", "threads", "timed_images", "split")
+    options = ("model", "children", "validate", "threads", "timed_images", "split")
     result = export(run_dir, args.output, **{name: getattr(args, name) for name in options})
     children = result.routing["children"]
     share = result.routing["fallback"]["counted_share_exported"]
@@ -80,9 +80,7 @@ def predict_command(args: argparse.Namespace) -> int:
         raise ExportError(
             f"no image files in {' '.join(args.paths)}: pass PNG/JPEG files or folders holding them"
         )
-    classifier = open_classifier(
-        Path(args.target), args.model, args.threads, args.trust_torchscript
-    )
+    classifier = open_classifier(Path(args.target), args.model, args.threads)
     predictions = list(predict_files(classifier, files, args.batch_size))
     write_predictions(predictions, output)
     failed = sum(p.failed for p in predictions)

@@ -25,12 +25,12 @@ REPORT_HELP = (
     "plots, report.md and a self-contained report.html from a finished run (needs evaluate)"
 )
 EXPORT_HELP = (
-    "the BatchNorm-folded controller and every child it uses as ONNX or TorchScript, "
-    "with routing.json and manifest.json (needs finetune)"
+    "a model of a run as one ONNX graph (controller, routing, the children it uses, "
+    "escalation) with routing.json and manifest.json (needs finetune)"
 )
 PREDICT_HELP = (
     "classify PNG/JPEG files and folders with a run directory or an export folder; "
-    "CSV of path, class, probability and child"
+    "CSV of path, class, probability, child and whether it escalated"
 )
 
 
@@ -93,16 +93,9 @@ EXPORT_OPTIONS: Options = [
         ("--model",),
         dict(
             default="instanas",
-            help="instanas (the main model, the default) or a variant letter A..E",
-        ),
-    ),
-    (
-        ("--format",),
-        dict(
-            dest="fmt",
-            choices=("onnx", "torchscript"),
-            default="onnx",
-            help="file format (default: %(default)s; TorchScript is deprecated in PyTorch)",
+            help="instanas (the main model, the default), a variant letter A..E, or a static "
+            "network of the run: mbv2-path, mbv2-peer, mbv2-0.5x (other widths), "
+            "static-child, min-net",
         ),
     ),
     (("--output", "-o"), dict(required=True, help="export folder (must not exist)")),
@@ -180,15 +173,6 @@ PREDICT_OPTIONS: Options = [
     (
         ("--threads",),
         dict(type=int, default=None, help="CPU threads (default: the runtime's own choice)"),
-    ),
-    (
-        ("--trust-torchscript",),
-        dict(
-            action="store_true",
-            help="allow a TorchScript export "
-            "(loading TorchScript runs code stored in its files: only "
-            "for exports you made)",
-        ),
     ),
     (("--quiet",), dict(action="store_true", help="no progress bar")),
 ]

@@ -354,6 +354,11 @@ class BaselineConfig:
         "also fine-tune a random-policy model of the same mean "
         "latency as the controller's children",
     )
+    peer: bool = setting(
+        False,
+        "also train the fair peer: the MobileNetV2 path at the width whose deployed latency is "
+        "closest to and not below the main model's, with the baseline's budget",
+    )
     oracle_children: int = setting(
         16, "children sampled per test image for the oracle bound (0: no oracle)", ge=0
     )
@@ -424,6 +429,30 @@ class LatencyConfig:
     )
 
 
+@dataclass
+class EscalationConfig:
+    """The second decision: after the routed child answers, an image it is unsure of (top
+    softmax probability below a threshold chosen on the validation split) runs a larger
+    network instead."""
+
+    network: str = setting(
+        "off",
+        "the larger network unsure images escalate to: mbv2-path (the run's trained "
+        "MobileNetV2 path) | off (the paper's model: the routed child answers every image)",
+        choices=("off", "mbv2-path"),
+    )
+    budget: float = setting(
+        0.6,
+        "mean deployed latency the main model may reach with escalation, as a fraction of the "
+        "MobileNetV2 path's deployed latency; the most accurate threshold on the validation "
+        "split within it is chosen",
+        gt=0.0,
+    )
+    timed_images: int = setting(
+        300, "validation images the deployed latencies of the threshold choice are timed on", gt=0
+    )
+
+
 AMP_MODES = ("off", "bf16", "fp16")
 
 
@@ -471,6 +500,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     variants: VariantsConfig = field(default_factory=VariantsConfig)
+    escalation: EscalationConfig = field(default_factory=EscalationConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def to_dict(self) -> dict:
@@ -515,6 +545,7 @@ SECTIONS = (
     FinetuneConfig,
     BaselineConfig,
     VariantsConfig,
+    EscalationConfig,
     LatencyConfig,
 )
 

@@ -1,2 +1,2 @@
-"""A trained model in use: the PyTorch predictor and `instanas.load`, export to ONNX or
-TorchScript, the torch-free runtime, `instanas predict` and export validation."""
+"""A trained model in use: the PyTorch predictor and `instanas.load`, `instanas export` (one
+ONNX graph), the torch-free runtime, `instanas predict` and export validation."""

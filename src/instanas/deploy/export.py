@@ -1,12 +1,15 @@
-"""``instanas export``: a trained model as files that run without the meta-graph.
+"""``instanas export``: a trained model of a run as one ONNX graph that runs without torch.
 
-A routed model is not one static graph, so the deployable form is three things: the
-BatchNorm-folded controller (images -> policy logits), one static network per child the
-controller uses (stem, that child's modules, head), and ``routing.json``, which says how a
-controller output becomes a child file (decision rule, empty-cell rule, fallback). The
-children exported are those the controller chose on the validation split (all of them, or the
-``children`` most frequent; ``split="train+val"`` counts the training split too, never the test
-split). ``manifest.json`` records versions and the SHA-256 of every file.
+The deployed form of a routed model is one batch-1 graph, ``model.onnx``
+(``models/onnx_graph.routed_model``): the BatchNorm-folded controller, the routing to one of
+the exported children, only that child's modules between the shared stem and head, and the
+escalation to the larger network when the run has one. The children exported are those the
+controller chose on the validation split (all of them, or the ``children`` most frequent;
+``split="train+val"`` counts the training split too, never the test split); a policy whose
+child was not exported runs the nearest exported one. A static network of the run (the
+MobileNetV2 path and its widths, the peer, the best static child, the minimum network) is
+exported the same way with one child and no controller. ``routing.json`` says what the graph's
+outputs mean and ``manifest.json`` records versions and the SHA-256 of every file.
 
 The folder is built under a temporary name beside ``output`` and renamed into place when it is
 whole, so an interrupted export leaves nothing at ``output``.
@@ -17,53 +20,46 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
+import yaml
 
-from ..config import from_dict
+from ..config import Config, from_dict
 from ..data import DataBundle, images_of, load_configured
 from ..errors import ExportError
-from ..latency.table import LatencyTable
-from ..latency.timing import TimingStats, cpu_threads
+from ..latency.backends import OnnxRuntimeBackend, image_call, onnx_session
+from ..latency.side_by_side import measure_per_image
+from ..models.metagraph import ChildNetwork
+from ..models.onnx_graph import routed_model, static_model
 from ..provenance import code_commit, utc_now, versions
-from ..space import FORCED_DEFAULT_MODULE, ChildArchitecture, SearchSpace
+from ..space import ChildArchitecture, SearchSpace
 from ..utils import write_json
 from . import runtime
-from .inference import InstaNASModel, load
+from .inference import MAIN_MODEL, InstaNASModel, load, load_network, static_checkpoints
 from .runtime import (
     EXPORT_FORMAT_VERSION,
     MANIFEST_FILE,
+    OUTPUTS,
     ROUTING_FILE,
     ExportedModel,
-    Session,
     image_mode,
-    onnx_session,
-    read_json,
     sha256_file,
 )
 from .validation import validation_report
 
 log = logging.getLogger("instanas")
-FORMATS = ("onnx", "torchscript")
 SPLITS = ("val", "train+val")
 RUNTIME_FILE = "instanas_runtime.py"
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+MODEL_FILE = "model.onnx"
 FALLBACK_RULE = (
-    "a policy whose child was not exported runs the exported child with the fewest "
-    "modules among those that run every module it selects (a superset); when none "
-    "is a superset, the exported child differing in the fewest (cell, module) "
-    "entries; ties go to the child more frequent on the validation split"
+    "a policy whose child was not exported runs the exported child differing from it in the "
+    "fewest (cell, module) entries after the empty-cell rule; ties go to the child more "
+    "frequent on the counted split"
 )
-# Batch-1 timing of each exported file: enough repeats for a stable median on a noisy machine.
-_REPEATS, _WARMUP = 50, 5
-_CHUNK = 500
+_TIMED_IMAGES, _CHUNK = 200, 500
 
 
 @dataclass
@@ -73,56 +69,81 @@ class ExportResult:
     validation: dict | None
 
 
-class ControllerLogits(nn.Module):
-    """The deployed controller with its policy logits [B, cells, modules] as the output."""
+@dataclass
+class Source:
+    """What is exported: a routed model (``routed``) or a static network of the run."""
 
-    def __init__(self, controller: nn.Module) -> None:
-        super().__init__()
-        self.controller = controller
+    name: str
+    model: InstaNASModel  # the run's main model: classes, normalisation, and the routed model
+    network: ChildNetwork | None = None  # set for a static network
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.controller.policy_logits(x)
+    @property
+    def space(self) -> SearchSpace:
+        return self.network.space if self.network is not None else self.model.space
 
 
 def export(
     run_dir: str | Path,
     output: str | Path,
     *,
-    model: str = "instanas",
-    fmt: str = "onnx",
+    model: str = MAIN_MODEL,
     children: int | None = None,
     validate: bool = False,
     threads: int | None = None,
     timed_images: int = 1000,
     split: str = "val",
 ) -> ExportResult:
-    """Export ``model`` ("instanas" or a variant letter) of ``run_dir`` to the folder ``output``.
+    """Export ``model`` of ``run_dir`` (the main model, a variant letter, or a static network
+    of the run by name) to the folder ``output``.
 
-    ``children``: only the K children most used on ``split`` (``"val"`` or ``"train+val"``);
-    ``validate``: compare with the eager model on the test split and time both at batch 1
-    (``timed_images`` images, ``threads`` threads) into ``validation.json``.
+    ``children``: only the K children most used on ``split``; ``validate``: compare with the
+    eager model on the test split and time both at batch 1 (``timed_images`` images,
+    ``threads`` threads) into ``validation.json``.
     """
     run_dir, output = Path(run_dir), Path(output)
-    check_request(output, fmt, children, split)
-    eager = load(run_dir, model)
-    config, data = run_data(run_dir, eager.space)
+    check_request(output, children, split)
+    config, data = run_data(run_dir)
+    source = open_source(run_dir, model)
     threads = threads or config.latency.threads
-    counts = chosen_children(eager, data, split)
-    chosen = [c for c, _ in counts.most_common(children)]
     temp = fresh_temp_folder(output)
-    timed = timed_images if validate else None
-    source = {"run": str(run_dir.resolve()), "model": eager.name, "children_counted_on": split}
     try:
-        routing, report = fill_folder(
-            temp, eager, data, (counts, chosen), fmt, threads, timed, run_dir, source
-        )
-        write_json(temp / MANIFEST_FILE, manifest(temp, fmt, run_dir))
+        routing = write_model(temp, source, data, children, split, threads)
+        routing["source"] = {"run": str(run_dir.resolve()), "model": source.name,
+                             "children_counted_on": split}  # fmt: skip
+        write_json(temp / ROUTING_FILE, routing)
+        # The runtime travels with the export: a machine without instanas imports it from here.
+        shutil.copyfile(runtime.__file__, temp / RUNTIME_FILE)
+        report = None
+        if validate:
+            exported = ExportedModel(temp, threads=threads, verify=False)
+            report = validation_report(source, exported, images_of(data.test), threads,
+                                       timed_images)  # fmt: skip
+            write_json(temp / "validation.json", report)
+        write_json(temp / MANIFEST_FILE, manifest(temp, run_dir))
         temp.rename(output)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    what = f"{len(chosen)} children ({fmt})"
-    log.info("exported %s of %s: %s to %s", eager.name, run_dir, what, output)
+    log.info("exported %s of %s: %d children to %s", source.name, run_dir,
+             len(routing["children"]), output)  # fmt: skip
     return ExportResult(output, routing, report)
+
+
+def open_source(run_dir: Path, model: str) -> Source:
+    """The model to export: routed (main model, variant) or a static network of the run."""
+    statics = static_checkpoints(run_dir)
+    if model in statics:
+        main = load(run_dir)
+        network = load_network(run_dir, model, main.space).deploy().eval()
+        return Source(model, main, network)
+    try:
+        routed = load(run_dir, model)
+    except Exception as exc:  # an unknown name: say every model the run can export
+        known = ", ".join([MAIN_MODEL, *sorted(statics)])
+        raise ExportError(
+            f"{run_dir} has no model {model!r} to export ({exc}): choose one of {known} or a "
+            "variant letter"
+        ) from None
+    return Source(routed.name, routed)
 
 
 def fresh_temp_folder(output: Path) -> Path:
@@ -134,38 +155,10 @@ def fresh_temp_folder(output: Path) -> Path:
     return temp
 
 
-def fill_folder(
-    folder: Path,
-    eager: InstaNASModel,
-    data,
-    children: tuple[Counter, list],
-    fmt: str,
-    threads: int,
-    timed_images: int | None,
-    run_dir: Path,
-    source: dict,
-) -> tuple[dict, dict | None]:
-    """Model files, routing.json, the runtime and, when ``timed_images`` is set,
-    validation.json; returns (the routing document, the validation report or None)."""
-    counts, chosen = children
-    routing = write_files(eager, chosen, counts, fmt, folder, threads, run_dir)
-    routing["source"] = source
-    write_json(folder / ROUTING_FILE, routing)
-    # The runtime travels with the export: a machine without instanas imports it from here.
-    shutil.copyfile(runtime.__file__, folder / RUNTIME_FILE)
-    if timed_images is None:
-        return routing, None
-    report = validate_export(eager, folder, data, threads, timed_images)
-    write_json(folder / "validation.json", report)
-    return routing, report
-
-
-def check_request(output: Path, fmt: str, children: int | None, split: str = "val") -> None:
+def check_request(output: Path, children: int | None, split: str = "val") -> None:
     """Fail before any work when the request cannot succeed."""
     if split not in SPLITS:
         raise ExportError(f"unknown split {split!r}: use --split val or --split train+val")
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}: use --format onnx or --format torchscript")
     if children is not None and children < 1:
         raise ExportError(
             f"--children is {children}: export at least 1 child (or leave it out "
@@ -173,29 +166,12 @@ def check_request(output: Path, fmt: str, children: int | None, split: str = "va
         )
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ExportError(f"{output} already exists: choose a new --output or delete it first")
-    if fmt == "onnx":
-        for package in ("onnx", "onnxscript", "onnxruntime"):
-            try:
-                __import__(package)
-            except ImportError:
-                raise ExportError(
-                    f"ONNX export needs {package}, which is not installed: pip "
-                    "install 'instanas[export]'"
-                ) from None
 
 
-def run_data(run_dir: Path, space: SearchSpace | None = None) -> tuple[object, DataBundle]:
-    """The run's config and its data splits, loaded the way the run loaded them; a folder tree
-    whose shape config.yaml leaves open (runs made before it recorded the inferred one) is read
-    at the shape of the model's ``space``."""
-    import yaml
-
+def run_data(run_dir: Path) -> tuple[Config, DataBundle]:
+    """The run's config and its data splits, loaded the way the run loaded them."""
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    if space is not None and config.data.dataset == "folder":
-        config.data.channels = config.data.channels or space.input_channels
-        config.data.image_size = config.data.image_size or space.input_size
-    data = load_configured(config)
-    return config, data
+    return config, load_configured(config)
 
 
 def chosen_children(model: InstaNASModel, data: DataBundle, split: str) -> Counter[str]:
@@ -215,185 +191,95 @@ def chosen_children(model: InstaNASModel, data: DataBundle, split: str) -> Count
     return counts
 
 
-def write_files(
-    model: InstaNASModel,
-    chosen: list[str],
-    counts: Counter[str],
-    fmt: str,
+def write_model(
     folder: Path,
+    source: Source,
+    data: DataBundle,
+    limit: int | None,
+    split: str,
     threads: int,
-    run_dir: Path,
 ) -> dict:
-    """Controller and child networks into ``folder``; returns the routing description."""
-    space = model.space
-    example = torch.zeros(2, space.input_channels, space.input_size, space.input_size)
-    (folder / "children").mkdir(parents=True)
-    controller_file = f"controller{SUFFIX[fmt]}"
-    save_network(
-        ControllerLogits(model.predictor.controller), example, folder / controller_file, fmt
-    )
-    files = {}
-    for rank, child in enumerate(chosen):
-        network = model.predictor.metagraph.materialize(ChildArchitecture.from_string(child))
-        files[child] = f"children/{rank:03d}{SUFFIX[fmt]}"
-        save_network(network.eval(), example, folder / files[child], fmt)
-    measured = time_files(
-        folder, [controller_file, *files.values()], fmt, threads, example[:1].numpy()
-    )
-    table, total = run_table(run_dir), sum(counts.values())
-    entries = [
-        child_entry(child, files[child], counts[child], total, measured[files[child]], table)
-        for child in chosen
-    ]
-    covered = sum(counts[c] for c in chosen) / max(total, 1)
-    timing = (controller_file, measured[controller_file], threads)
-    return routing_document(model, fmt, timing, table, entries, covered)
+    """model.onnx into ``folder``; returns the routing document (routing.json)."""
+    folder.mkdir(parents=True)
+    predictor = source.model.predictor
+    if source.network is not None:
+        counts = Counter({str(source.network.child): 1})
+        chosen = [ChildArchitecture(source.network.cell_modules, source.space.num_modules)]
+        graph = static_model(source.network)
+    else:
+        counts = chosen_children(source.model, data, split)
+        chosen = [ChildArchitecture.from_string(c) for c, _ in counts.most_common(limit)]
+        graph = routed_model(predictor, chosen)
+    (folder / MODEL_FILE).write_bytes(graph.SerializeToString())
+    measured = time_model(folder / MODEL_FILE, source, data, threads)
+    total = sum(counts.values())
+    entries = [child_entry(str(c), counts[str(c)], total) for c in chosen]
+    covered = sum(counts[str(c)] for c in chosen) / max(total, 1)
+    return routing_document(source, entries, covered, measured, threads)
 
 
-def save_network(network: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> None:
-    """One network to one file with a dynamic batch axis."""
-    network = network.eval()
-    if fmt == "torchscript":
-        # TorchScript is deprecated in PyTorch (docs/deploy.md says so), and the tracer warns
-        # that shape checks become constants (the input size is fixed): no warnings per file.
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(network, example)
-            torch.jit.save(traced, str(path))
-        return
-    # Their notices (progress, torchvision operators it skips; we use none) are not for users.
-    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            network,
-            (example,),
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-            input_names=["images"],
-            output_names=["output"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
-        )
-    program.save(str(path))
+def time_model(path: Path, source: Source, data: DataBundle, threads: int) -> dict:
+    """Mean batch-1 latency of the exported graph on validation images, as deployed."""
+    backend = OnnxRuntimeBackend(threads)
+    session = onnx_session(str(path), threads)
+    count = min(_TIMED_IMAGES, len(data.val))
+    images = source.model.normalise(images_of(data.val, torch.arange(count)))
+    stats = measure_per_image({"model": image_call(session)}, images, threads, warmup=10,
+                              burst=backend.burst)  # fmt: skip
+    return {**stats["model"], "runtime": backend.runtime_version()}
 
 
-def open_session(fmt: str, trusted: bool = False):
-    """The session factory for ``fmt``: onnxruntime, or TorchScript when ``trusted``."""
-    if fmt == "onnx":
-        return None  # ExportedModel's default: onnxruntime
-    if not trusted:
-        raise ExportError(
-            "this is a TorchScript export; loading TorchScript runs code stored in "
-            "the files: pass --trust-torchscript if you made it, or export with "
-            "--format onnx"
-        )
-    return torchscript_session
-
-
-def torchscript_session(path: Path, threads: int | None = None) -> Session:
-    """A TorchScript file as a numpy-in, numpy-out function (only for exports you trust)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        module = torch.jit.load(str(path)).eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            if threads is None:
-                return module(torch.from_numpy(x)).numpy()
-            with cpu_threads(threads):
-                return module(torch.from_numpy(x)).numpy()
-
-    return run
-
-
-def time_files(
-    folder: Path, names: list[str], fmt: str, threads: int, image: np.ndarray
-) -> dict[str, dict]:
-    """Batch-1 latency of each file with its own runtime, the files interleaved per round."""
-
-    factory = torchscript_session if fmt == "torchscript" else onnx_session
-    sessions = {n: factory(folder / n, threads) for n in names}
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    with cpu_threads(threads):
-        for round_ in range(_WARMUP + _REPEATS):
-            for name, run in sessions.items():
-                start = time.perf_counter_ns()
-                run(image)
-                if round_ >= _WARMUP:
-                    samples[name].append((time.perf_counter_ns() - start) / 1e6)
-    stats = {n: TimingStats.from_samples(s) for n, s in samples.items()}
-    return {
-        n: {"median": s.median_ms, "p90": s.p90_ms, "repeats": s.repeats} for n, s in stats.items()
-    }
-
-
-def run_table(run_dir: Path) -> LatencyTable | None:
-    path = run_dir / "latency_table.json"
-    return LatencyTable.load(path) if path.exists() else None
-
-
-def child_entry(
-    child: str, file: str, images: int, total: int, measured: dict, table: LatencyTable | None
-) -> dict:
-    """One exported child: its module table, how often it was chosen, table and measured ms."""
+def child_entry(child: str, images: int, total: int) -> dict:
+    """One exported child: its module table and how often it was chosen."""
     arch = ChildArchitecture.from_string(child)
-    entry = {
+    return {
         "child": child,
-        "file": file,
         "cells": [list(c) for c in arch.cells],
         "active_modules": arch.active_modules(),
         "counted_images": images,
         "counted_share": images / max(total, 1),
-        "measured_latency_ms": measured,
     }
-    if table is not None:
-        # Stem, cells and head; the controller is listed once, with its own cost.
-        cells = table.cells_ms(arch.to_policy().unsqueeze(0))[0]
-        entry["table_latency_ms"] = float(cells) + table.fixed_ms(include_controller=False)
-    return entry
 
 
 def routing_document(
-    model: InstaNASModel,
-    fmt: str,
-    timing: tuple[str, dict, int],
-    table: LatencyTable | None,
-    children: list[dict],
-    covered: float,
+    source: Source, children: list[dict], covered: float, measured: dict, threads: int
 ) -> dict:
-    """Everything a runtime needs to route an image to an exported child (routing.json).
-
-    ``timing``: the controller's file, its measured latency and the threads it was timed with.
-    """
-    controller_file, controller_ms, threads = timing
-    space, spec = model.space, model.predictor.controller.spec
-    controller = {
-        "file": controller_file,
-        "output": "policy logits [N, cells, modules]",
-        "input_size": spec.input_size,
-        "measured_latency_ms": controller_ms,
-    }
-    if table is not None:
-        controller["table_latency_ms"] = table.unit_ms("controller")
+    """Everything a runtime needs to read the graph's outputs (routing.json)."""
+    model, space = source.model, source.space
+    predictor = model.predictor
+    in_graph = source.network is None and len(children) > 1
+    escalation = predictor.escalation if source.network is None else None
     mean, std = model.mean.flatten().tolist(), model.std.flatten().tolist()
-    runtime_name = "onnxruntime" if fmt == "onnx" else "torch.jit"
     return {
         "format_version": EXPORT_FORMAT_VERSION,
-        "format": fmt,
+        "format": "onnx",
+        "model": {
+            "file": MODEL_FILE,
+            "batch": 1,
+            "outputs": list(OUTPUTS[: 4 if in_graph else 3]),
+            "measured_latency_ms": measured,
+            "threads": threads,
+        },
         "input": input_description(space),
         "normalization": {"mean": mean, "std": std, "formula": "(pixel / 255 - mean) / std"},
         "classes": model.classes,
         "cells": space.num_cells,
         "modules": space.num_modules,
-        "controller": controller,
-        "decision_rule": "a module is selected when its controller logit is >= 0 (p >= 0.5)",
+        "controller": {
+            "in_graph": in_graph,
+            "input_size": predictor.controller.spec.input_size,
+            "decision_rule": "a module is selected when its controller logit is >= 0",
+        },
         "empty_cell_rule": empty_cell_rule(space),
         "children": children,
-        "policy_to_file": {c["child"]: c["file"] for c in children},
         "fallback": {"rule": FALLBACK_RULE, "counted_share_exported": covered},
-        "latency": {"threads": threads, "batch": 1, "repeats": _REPEATS, "runtime": runtime_name},
+        "escalation": None
+        if escalation is None
+        else {
+            "threshold": escalation.threshold,
+            "rule": "when the child's top softmax probability is below threshold, the "
+            "larger network in the graph answers instead",
+        },
     }
 
 
@@ -414,19 +300,19 @@ def input_description(space: SearchSpace) -> dict:
 def empty_cell_rule(space: SearchSpace) -> dict:
     return {
         "forced_cells": space.forced_mask().tolist(),
-        "default_module": FORCED_DEFAULT_MODULE,
+        "default_module": space.forced_module,
         "text": "a forced (shape-changing) cell with nothing selected runs default_module; "
         "an empty shape-preserving cell is the identity",
     }
 
 
-def manifest(folder: Path, fmt: str, run_dir: Path) -> dict:
+def manifest(folder: Path, run_dir: Path) -> dict:
     """Versions, provenance and the SHA-256 of every file of the export."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     results = run_dir / "results.json"
     return {
         "instanas_export": EXPORT_FORMAT_VERSION,
-        "format": fmt,
+        "format": "onnx",
         "created_at": utc_now(),
         "versions": versions(),
         "code": code_commit(),
@@ -439,24 +325,3 @@ def manifest(folder: Path, fmt: str, run_dir: Path) -> dict:
             for p in files
         },
     }
-
-
-def open_export(
-    folder: Path, threads: int | None = None, trusted: bool = False, verify: bool = True
-) -> ExportedModel:
-    """An export folder of either format, loaded for inference (checksums checked)."""
-
-    fmt = read_json(folder / ROUTING_FILE, "model").get("format", "onnx")
-    return ExportedModel(
-        folder, threads=threads, session_factory=open_session(fmt, trusted), verify=verify
-    )
-
-
-def validate_export(
-    eager: InstaNASModel, folder: Path, data: DataBundle, threads: int, timed_images: int
-) -> dict:
-    """The export against the eager model on the test split (see ``validation_report``)."""
-
-    # This process has just written the files: trusted, and no manifest yet to check against.
-    exported = open_export(folder, threads=threads, trusted=True, verify=False)
-    return validation_report(eager, exported, images_of(data.test), threads, timed_images)

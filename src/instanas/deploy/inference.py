@@ -19,6 +19,8 @@ from ..checkpoint import load_tensors, read_checkpoint
 from ..config import from_dict
 from ..errors import CheckpointError
 from ..models import build_models
+from ..models.metagraph import ChildNetwork, MetaGraph, scaled_space
+from ..models.predictor import Escalation
 from ..models.predictor import InstaNASPredictor as InstaNASPredictor  # importable here too
 from ..nn.backend import enlarge_primitive_cache
 from ..space import ChildArchitecture, SearchSpace
@@ -177,6 +179,48 @@ def model_checkpoint(run_dir: Path, model: str) -> tuple[str, Path]:
     return name, run_dir / variants[name]["model"]
 
 
+ESCALATION_RULE = "escalation/rule.json"
+
+
+def escalation_rule(run_dir: Path, space: SearchSpace) -> Escalation | None:
+    """The main model's escalation (the threshold the escalation stage chose and the trained
+    larger network), or None when the run has none."""
+    path = run_dir / ESCALATION_RULE
+    if not path.exists():
+        return None
+    rule = json.loads(path.read_text())
+    network = load_network(run_dir, rule["network"], space)
+    return Escalation(network.deploy().eval(), float(rule["threshold"]))
+
+
+def static_checkpoints(run_dir: Path) -> dict[str, Path]:
+    """Every static network a run has trained, by model name."""
+    found = {"mbv2-path": run_dir / stage_specs.get("baseline").output,
+             "static-child": run_dir / stage_specs.get("static-child").output}  # fmt: skip
+    found.update({p.stem: p for p in (run_dir / "baseline").glob("*.safetensors")})
+    found.pop("mbv2", None)  # the MobileNetV2 path's own file, named above
+    return {name: path for name, path in found.items() if path.exists()}
+
+
+def load_network(run_dir: Path, name: str, space: SearchSpace) -> ChildNetwork:
+    """A trained static network of the run (``static_checkpoints``), in eval mode."""
+    path = static_checkpoints(run_dir).get(name)
+    if path is None:
+        known = ", ".join(sorted(static_checkpoints(run_dir)))
+        raise CheckpointError(f"{run_dir} has no network {name!r}: choose one of {known}")
+    tensors, meta = read_checkpoint(path)
+    if "metagraph" in {key.split(".")[0] for key in tensors}:  # the best static child
+        metagraph = MetaGraph(space)
+        load_tensors(path, tensors, meta, {"metagraph": metagraph})
+        child = ChildArchitecture(tuple(tuple(m) for m in meta["child"]), space.num_modules)
+        return metagraph.materialize(child).eval()
+    width = float(meta.get("width", space.width)) / space.width
+    child = ChildArchitecture.from_string(meta["child"], space.num_modules)
+    network = MetaGraph(scaled_space(space, width)).materialize(child)
+    load_tensors(path, tensors, meta, {"network": network})
+    return network.eval()
+
+
 def read_results(run_dir: Path) -> dict | None:
     path = run_dir / "results.json"
     if not path.exists():
@@ -211,8 +255,9 @@ def load(run_dir: str | Path, model: str = MAIN_MODEL) -> InstaNASModel:
     load_tensors(path, tensors, meta, {"metagraph": metagraph, "controller": controller})
     results = read_results(run_dir)
     norm = meta["normalization"]
+    escalation = escalation_rule(run_dir, space) if name == MAIN_MODEL else None
     return InstaNASModel(
-        InstaNASPredictor(metagraph.eval(), controller.eval()),
+        InstaNASPredictor(metagraph.eval(), controller.eval(), escalation),
         meta["classes"],
         tuple(norm["mean"]),
         tuple(norm["std"]),

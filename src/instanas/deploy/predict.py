@@ -24,11 +24,10 @@ from ..data import IMAGE_EXTENSIONS
 from ..errors import ExportError
 from ..space import ChildArchitecture
 from ..utils import atomic_write_text, progress_bar
-from .export import open_export
 from .inference import load
 from .runtime import MANIFEST_FILE, ROUTING_FILE, ExportedModel, read_image
 
-COLUMNS = ("path", "class", "class_index", "probability", "child", "note")
+COLUMNS = ("path", "class", "class_index", "probability", "child", "escalated", "note")
 
 
 @dataclass
@@ -38,6 +37,7 @@ class Prediction:
     index: int | None = None
     probability: float | None = None
     child: str = ""
+    escalated: bool | None = None
     note: str = ""
 
     @property
@@ -47,7 +47,18 @@ class Prediction:
     def row(self) -> list[str]:
         probability = "" if self.probability is None else f"{self.probability:.6f}"
         index = "" if self.index is None else str(self.index)
-        return [self.path, self.label, index, probability, self.child, self.note]
+        escalated = "" if self.escalated is None else str(int(self.escalated))
+        return [self.path, self.label, index, probability, self.child, escalated, self.note]
+
+
+@dataclass
+class Classified:
+    """A classifier's answer for a batch of images."""
+
+    probabilities: np.ndarray  # [N, classes]
+    wanted: list[str]  # the child the controller picked
+    ran: list[str]  # the child that ran (an exported one)
+    escalated: list[bool]  # the larger network answered
 
 
 class Classifier(Protocol):
@@ -55,8 +66,8 @@ class Classifier(Protocol):
     channels: int
     size: int
 
-    def classify(self, images: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
-        """uint8 [N, C, H, W] -> (probabilities [N, classes], children picked, children run)."""
+    def classify(self, images: np.ndarray) -> Classified:
+        """uint8 [N, C, H, W] -> probabilities, children picked and run, escalation flags."""
 
 
 class EagerClassifier:
@@ -68,33 +79,33 @@ class EagerClassifier:
         self.channels = self.model.space.input_channels
         self.size = self.model.space.input_size
 
-    def classify(self, images: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
+    def classify(self, images: np.ndarray) -> Classified:
         with torch.inference_mode():
-            logits, policy = self.model.predictor.logits(
+            logits, policy, escalated = self.model.predictor.answer(
                 self.model.normalise(torch.from_numpy(images))
             )
         children = [str(ChildArchitecture.from_policy(p)) for p in policy.cpu()]
-        return logits.softmax(1).cpu().numpy(), children, children
+        flags = escalated.cpu().tolist()
+        return Classified(logits.softmax(1).cpu().numpy(), children, children, flags)
 
 
 class ExportClassifier:
-    """An export folder run by its runtime (onnxruntime, or TorchScript when trusted)."""
+    """An export folder run by its runtime (onnxruntime, image by image)."""
 
-    def __init__(self, folder: Path, threads: int | None, trusted: bool) -> None:
-        self.model: ExportedModel = open_export(folder, threads=threads, trusted=trusted)
+    def __init__(self, folder: Path, threads: int | None) -> None:
+        self.model = ExportedModel(folder, threads=threads)
         self.classes = self.model.classes
         self.channels = self.model.input_channels
         self.size = self.model.input_size
 
-    def classify(self, images: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
-        logits, wanted, ran = self.model.logits(images)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True), wanted, ran
+    def classify(self, images: np.ndarray) -> Classified:
+        probabilities, answers = self.model.predict_proba(images)
+        ran = [a.child for a in answers]
+        wanted = [a.wanted or a.child for a in answers]
+        return Classified(probabilities, wanted, ran, [a.escalated for a in answers])
 
 
-def open_classifier(
-    target: Path, model: str | None, threads: int | None, trusted: bool
-) -> Classifier:
+def open_classifier(target: Path, model: str | None, threads: int | None) -> Classifier:
     """An export folder (has routing.json) or a run directory (has config.yaml)."""
     if (target / ROUTING_FILE).exists() or (target / MANIFEST_FILE).exists():
         if model is not None:
@@ -102,7 +113,7 @@ def open_classifier(
                 f"{target} is an export folder, which holds one model: drop "
                 "--model, or pass the run directory to choose a model"
             )
-        return ExportClassifier(target, threads, trusted)
+        return ExportClassifier(target, threads)
     if (target / "config.yaml").exists():
         if threads is not None:
             torch.set_num_threads(threads)
@@ -162,18 +173,20 @@ def _classify(
 ) -> list[Prediction]:
     if not paths:
         return []
-    probs, wanted, ran = classifier.classify(np.stack(images))
-    best = probs.argmax(axis=1)
+    out = classifier.classify(np.stack(images))
+    best = out.probabilities.argmax(axis=1)
+    rows = zip(paths, best, out.wanted, out.ran, out.escalated)
     return [
         Prediction(
             str(p),
             classifier.classes[i],
             int(i),
-            float(probs[row, i]),
+            float(out.probabilities[row, i]),
             r,
+            bool(e),
             "" if w == r else f"fallback: the controller chose {w}, not exported",
         )
-        for row, (p, i, w, r) in enumerate(zip(paths, best, wanted, ran))
+        for row, (p, i, w, r, e) in enumerate(rows)
     ]
 
 

@@ -1,10 +1,11 @@
 """Run an exported InstaNAS model without torch: numpy, Pillow and onnxruntime only.
 
-An export folder (``instanas export``) holds the BatchNorm-folded controller, one static network
-per exported child, ``routing.json`` (how a controller output becomes a child file) and
-``manifest.json`` (versions and checksums). This module reads that folder, routes each image
-the way the trained model does (greedy policy ``logit >= 0``, then the empty-cell rule) and
-runs only the chosen child: image by image or batched, one pass per child in the batch.
+An export folder (``instanas export``) holds ``model.onnx``, one batch-1 graph with everything
+the deployed model does for an image (the BatchNorm-folded controller, the routing to one of
+the exported children, only that child's modules, and the escalation to a larger network when
+the child is unsure), ``routing.json`` (what the graph's outputs mean, the children, the rules)
+and ``manifest.json`` (versions and checksums). This module runs that graph image by image in
+one onnxruntime session with bound input and output buffers.
 
 It must never import torch: deployment machines may not have it, and a test checks this in
 a fresh interpreter.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,12 @@ import numpy as np
 
 ROUTING_FILE = "routing.json"
 MANIFEST_FILE = "manifest.json"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2  # 2: one graph (model.onnx) with routing and escalation inside
 # Exceptions Pillow raises for files that are not (whole) images.
 _IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError)
 
-# A session maps a float32 batch [N, C, H, W] to the network's one output.
-Session = Callable[[np.ndarray], np.ndarray]
-SessionFactory = Callable[[Path, "int | None"], Session]
+# The outputs of model.onnx, in order (``policy_logits`` only when it holds a controller).
+OUTPUTS = ("logits", "child", "escalated", "policy_logits")
 
 
 try:  # inside the package: the class the command line reports (instanas.errors)
@@ -124,42 +124,31 @@ def child_modules(child: str) -> set[tuple[int, int]]:
     return {(c, int(m)) for c, part in enumerate(child.split("-")) if part != "_" for m in part}
 
 
-def fallback_child(child: str, exported: Sequence[str]) -> str:
-    """The exported child that stands in for ``child`` when it was not exported.
-
-    Rule: among exported children that run every module ``child`` runs (a superset), the one
-    with the fewest modules; when none is a superset, the one differing in the fewest
-    (cell, module) entries. Ties go to the earlier child of ``exported`` (the more frequent
-    on the validation split). A superset keeps all the features the image was routed to.
-    """
+def nearest_child(child: str, exported: Sequence[str]) -> str:
+    """The exported child that runs for ``child``: itself when exported, otherwise the one
+    differing in the fewest (cell, module) entries, ties to the earlier (more used) one. The
+    graph computes the same choice (``instanas.onnx_graphs.routing_scores``)."""
     wanted = child_modules(child)
-    sets = [child_modules(e) for e in exported]
-    supersets = [i for i, s in enumerate(sets) if wanted <= s]
-    if supersets:
-        return exported[min(supersets, key=lambda i: (len(sets[i]), i))]
-    return exported[min(range(len(sets)), key=lambda i: (len(wanted ^ sets[i]), i))]
+    return min(exported, key=lambda e: len(wanted ^ child_modules(e)))
 
 
 # --------------------------------------------------------------------------- sessions
 
 
-def onnx_session(path: Path, threads: int | None = None) -> Session:
-    """An onnxruntime CPU session for ``path`` as a function of one float32 batch."""
+def onnx_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise ExportError(
-            "onnxruntime is not installed: pip install 'instanas[export]' "
-            "(or pip install onnxruntime)"
+            "onnxruntime is not installed: pip install onnxruntime (instanas installs it)"
         ) from None
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initialisers are noise here
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def sha256_file(path: Path) -> str:
@@ -197,6 +186,18 @@ def verify_manifest(folder: Path, manifest: dict) -> None:
 # --------------------------------------------------------------------------- the model
 
 
+class Answer:
+    """What the deployed graph says about one image."""
+
+    __slots__ = ("logits", "child", "escalated", "wanted")
+
+    def __init__(self, logits: np.ndarray, child: str, escalated: bool, wanted: str | None):
+        self.logits = logits  # [classes]
+        self.child = child  # the exported child that ran
+        self.escalated = escalated  # the larger network answered instead
+        self.wanted = wanted  # the child the controller picked (None: no controller exported)
+
+
 class ExportedModel:
     """An export folder ready to classify: ``ExportedModel(folder).predict(images)``.
 
@@ -204,30 +205,29 @@ class ExportedModel:
     uint8 [N, C, H, W] at the model's input size, which is normalised here.
     """
 
-    def __init__(
-        self,
-        folder: str | Path,
-        threads: int | None = None,
-        session_factory: SessionFactory | None = None,
-        verify: bool = True,
-    ) -> None:
+    def __init__(self, folder: str | Path, threads: int | None = None, verify: bool = True) -> None:
         self.folder = Path(folder)
         self.routing = read_json(self.folder / ROUTING_FILE, "model")
+        if self.routing.get("format_version") != EXPORT_FORMAT_VERSION:
+            raise ExportError(
+                f"{self.folder} was exported in format "
+                f"{self.routing.get('format_version')}, this runtime reads format "
+                f"{EXPORT_FORMAT_VERSION}: export the model again with this instanas"
+            )
         if verify:
             verify_manifest(self.folder, read_json(self.folder / MANIFEST_FILE, "model"))
-        fmt = self.routing.get("format")
-        if session_factory is None and fmt != "onnx":
-            raise ExportError(
-                f"{self.folder} is a {fmt} export, which needs torch: use "
-                "`instanas predict` or export with --format onnx"
-            )
         self.threads = threads
-        self._factory = session_factory or onnx_session
-        self._sessions: dict[str, Session] = {}
         rule = self.routing["empty_cell_rule"]
         self.forced, self.default_module = rule["forced_cells"], rule["default_module"]
-        self.children = [c["child"] for c in self.routing["children"]]  # most frequent first
-        self.files = dict(self.routing["policy_to_file"])
+        self.children = [c["child"] for c in self.routing["children"]]  # most used first
+        self._session = onnx_session(self.folder / self.routing["model"]["file"], threads)
+        shape = (1, self.input_channels, self.input_size, self.input_size)
+        self._input = np.zeros(shape, dtype=np.float32)
+        self._binding = self._session.io_binding()
+        self._binding.bind_cpu_input(self._session.get_inputs()[0].name, self._input)
+        self._outputs = [o.name for o in self._session.get_outputs()]
+        for name in self._outputs:
+            self._binding.bind_output(name, "cpu")
 
     @property
     def classes(self) -> list[str]:
@@ -240,12 +240,6 @@ class ExportedModel:
     @property
     def input_size(self) -> int:
         return int(self.routing["input"]["size"])
-
-    def session(self, name: str) -> Session:
-        """The session of one file of the export, opened on first use."""
-        if name not in self._sessions:
-            self._sessions[name] = self._factory(self.folder / name, self.threads)
-        return self._sessions[name]
 
     def prepare(self, images: np.ndarray) -> np.ndarray:
         expected = (self.input_channels, self.input_size, self.input_size)
@@ -260,42 +254,48 @@ class ExportedModel:
             return normalise(images, norm["mean"], norm["std"])
         return np.ascontiguousarray(images, dtype=np.float32)
 
-    def route(self, images: np.ndarray) -> tuple[list[str], list[str]]:
-        """(the child the controller picks, the exported child that runs it) per image."""
-        x = self.prepare(images)
-        logits = self.session(self.routing["controller"]["file"])(x)
-        policies = resolve_policies(logits, self.forced, self.default_module)
-        wanted = [child_string(p) for p in policies]
-        return wanted, [c if c in self.files else fallback_child(c, self.children) for c in wanted]
+    def run_one(self, image: np.ndarray) -> None:
+        """The deployed path for one prepared image [1, C, H, W]: the graph, nothing else."""
+        np.copyto(self._input, image)
+        self._session.run_with_iobinding(self._binding)
 
-    def logits(self, images: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
-        """Batched: (logits [N, classes], picked children, children run), one pass per child."""
+    def answer_one(self, image: np.ndarray) -> Answer:
+        """Run one prepared image and read what the graph says."""
+        self.run_one(image)
+        outputs = dict(zip(self._outputs, self._binding.copy_outputs_to_cpu()))
+        wanted = None
+        if "policy_logits" in outputs:
+            policy = resolve_policies(outputs["policy_logits"], self.forced, self.default_module)
+            wanted = child_string(policy[0])
+        return Answer(outputs["logits"][0], self.children[int(outputs["child"][0])],
+                      bool(outputs["escalated"][0]), wanted)  # fmt: skip
+
+    def answers(self, images: np.ndarray) -> list[Answer]:
+        """One answer per image, each through the batch-1 graph."""
         x = self.prepare(images)
-        wanted, ran = self.route(x)
-        out = np.empty((len(x), len(self.classes)), dtype=np.float32)
-        for child in dict.fromkeys(ran):  # first-seen order, each child once
-            rows = np.array([i for i, c in enumerate(ran) if c == child])
-            out[rows] = self.session(self.files[child])(np.ascontiguousarray(x[rows]))
-        return out, wanted, ran
+        return [self.answer_one(x[i : i + 1]) for i in range(len(x))]
 
     def logits_one(self, image: np.ndarray) -> np.ndarray:
-        """Batch-1 path: controller, then the chosen child's network; logits [1, classes]."""
-        x = self.prepare(image)
-        logits = self.session(self.routing["controller"]["file"])(x)
-        child = child_string(resolve_policies(logits, self.forced, self.default_module)[0])
-        if child not in self.files:
-            child = fallback_child(child, self.children)
-        return self.session(self.files[child])(x)
+        """Batch-1 path: logits [1, classes]."""
+        return self.answer_one(self.prepare(image)).logits[None]
 
-    def predict_proba(self, images: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """(softmax probabilities [N, classes], the child each image ran)."""
-        logits, _, ran = self.logits(images)
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits [N, classes]."""
+        answers = self.answers(images)
+        if not answers:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return np.stack([a.logits for a in answers])
+
+    def predict_proba(self, images: np.ndarray) -> tuple[np.ndarray, list[Answer]]:
+        """(softmax probabilities [N, classes], each image's answer)."""
+        answers = self.answers(images)
+        logits = np.stack([a.logits for a in answers]) if answers else np.zeros((0, 1), "f4")
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True), ran
+        return shifted / shifted.sum(axis=1, keepdims=True), answers
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class indices [N]."""
-        return self.logits(images)[0].argmax(axis=1)
+        return self.logits(images).argmax(axis=1)
 
     def read_images(self, paths: Iterable[str | Path]) -> np.ndarray:
         """Image files -> uint8 [N, C, H, W] at the model's input size."""

@@ -5,18 +5,22 @@ the plots (test_per_image.npz).
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..data import images_of
+from ..latency.backends import Backend, ImageCall, backend_info
 from ..latency.side_by_side import measure_per_image
 from ..latency.table import LatencyTable
 from ..latency.timing import device_info
 from ..provenance import code_commit, utc_now
 from ..report.schema import RESULTS_SCHEMA_VERSION
 from ..run_context import RunContext
+from ..space import nearest_child, ranked_children
 from ..version import __version__
 from .test_passes import Evaluated
 
@@ -34,32 +38,38 @@ def assemble_results(
     table: LatencyTable,
     oracle_entry: dict | None,
     expected_ms: torch.Tensor,
+    backend: Backend,
+    overhead: dict[str, Callable[[Backend], ImageCall]] | None = None,
 ) -> tuple[dict, PerImage]:
     """Time every model side by side and assemble the ``results.json`` contract.
 
-    ``models`` must contain ``instanas`` and ``mbv2-path``; ``expected_ms`` is the main
-    controller's expected latency per test image (used to order the galleries).
+    Every model with a deployed form is timed in ``backend`` as deployed, image by image in
+    one loop; in onnxruntime the eager batch-1 paths are timed in a second loop and kept as
+    ``latency_ms_eager``. ``overhead`` holds the main model's parts (its routed graph without
+    escalation, each exported child alone), timed in the same loop, from which the cost of
+    the controller and the routing is read. ``models`` must contain ``instanas`` and
+    ``mbv2-path``; ``expected_ms`` is the main controller's expected latency per test image
+    (used to order the galleries).
     """
     cfg = ctx.config.latency
     started = utc_now()
     images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.test, 1000, train=False)])
-    timed = images[: cfg.eval_images] if cfg.eval_images else images
+    timed = (images[: cfg.eval_images] if cfg.eval_images else images).contiguous()
     samples: dict[str, list[float]] = {}
-    runners = {n: m.batch_one for n, m in models.items()}
-    seed = ctx.config.seed
-    measured = measure_per_image(
-        runners, timed.contiguous(), cfg.threads, cfg.warmup, seed, samples
-    )
-    entries = {
-        name: {"kind": m.kind, "test_accuracy": m.accuracy, "latency_ms": measured[name],
-               "latency_source": "measured", **m.entry}
-        for name, m in models.items()
-    }  # fmt: skip
+    calls = {n: m.deployed(backend) for n, m in models.items() if m.deployed is not None}
+    calls.update({f"overhead/{k}": build(backend) for k, build in (overhead or {}).items()})
+    timing = (cfg.threads, cfg.warmup, ctx.config.seed)
+    measured = measure_per_image(calls, timed, *timing, samples, burst=backend.burst)
+    eager = None
+    if backend.name != "eager":
+        eager = measure_per_image({n: m.batch_one for n, m in models.items()}, timed, *timing)
+    entries = {name: model_entry(m, measured.get(name), eager, name, backend.name)
+               for name, m in models.items()}  # fmt: skip
     if oracle_entry is not None:
         entries["oracle"] = oracle_entry
     results = {
         **contract_fields(started),
-        "device": device_info(torch.device("cpu"), cfg.threads),
+        "device": device_info(torch.device("cpu"), cfg.threads, backend_info(backend)),
         "models": entries,
         "comparison": comparison(entries),
         "latency_table": table_summary(table),
@@ -67,7 +77,48 @@ def assemble_results(
         "timed_images": len(timed),
         "reproducibility": reproducibility(ctx),
     }
+    if overhead:
+        results["deployed_overhead"] = overhead_summary(measured, models["instanas"])
     return results, per_image_arrays(ctx, models, table, samples, expected_ms)
+
+
+def model_entry(
+    model: Evaluated, measured: dict | None, eager: dict | None, name: str, backend: str
+) -> dict:
+    """One model's entry: its latency as deployed in ``backend`` (the table's prediction when
+    it has no deployed form), the eager figure beside it, accuracy and the rest."""
+    entry = {"kind": model.kind, "test_accuracy": model.accuracy}
+    if measured is not None:
+        entry.update(latency_ms=measured, latency_source="measured")
+    else:
+        predicted = model.entry["table_latency_ms"]
+        summary = {"mean": predicted, "std": 0.0, "p50": predicted, "p90": predicted, "images": 0}
+        entry.update(latency_ms=summary, latency_source="table")
+    entry["latency_backend"] = backend
+    if eager is not None:
+        entry["latency_ms_eager"] = eager[name]
+    return {**entry, **model.entry}
+
+
+def overhead_summary(measured: dict[str, dict], main: Evaluated) -> dict:
+    """The main model's controller and routing cost: its routed graph without escalation less
+    its exported children alone, weighted by how many test images each child answers."""
+    names = [str(c) for c in main.children]
+    routed_to: Counter[int] = Counter()
+    for child, count in ranked_children(main.policies):
+        routed_to[names.index(nearest_child(str(child), names))] += count
+    total = sum(routed_to.values())
+    children_ms = sum(n * measured[f"overhead/child-{k}"]["mean"] for k, n in routed_to.items())
+    children_ms /= total
+    routed_ms = measured["overhead/routed"]["mean"]
+    main_ms = measured["instanas"]["mean"]
+    return {
+        "routed_ms": routed_ms,
+        "children_ms": children_ms,
+        "controller_and_routing_ms": routed_ms - children_ms,
+        "share_of_main_model": (routed_ms - children_ms) / main_ms,
+        "exported_children": len(names),
+    }
 
 
 def table_summary(table: LatencyTable) -> dict:
@@ -132,6 +183,10 @@ def comparison(entries: dict[str, dict]) -> dict:
         out["static_child_latency_ratio"] = (
             static["latency_ms"]["mean"] / inst["latency_ms"]["mean"]
         )
+    peer = next((e for e in entries.values() if e.get("peer")), None)
+    if peer is not None:
+        out["peer_points"] = 100.0 * (inst["test_accuracy"] - peer["test_accuracy"])
+        out["peer_latency_ratio"] = peer["latency_ms"]["mean"] / inst["latency_ms"]["mean"]
     dynamic = [n for n, e in entries.items() if e["kind"] in ("instanas", "variant")]
     widths = [n for n, e in entries.items() if e["kind"] == "mbv2"]
     out["dominating"] = [

@@ -10,19 +10,25 @@ from typing import Callable
 
 import torch
 
+from ..latency.backends import Backend, ImageCall
 from ..latency.flops import FlopsTable, network_flops
 from ..latency.table import LatencyTable
 from ..models.controller import Controller
 from ..models.metagraph import ChildNetwork, MetaGraph
-from ..models.predictor import InstaNASPredictor
+from ..models.predictor import Escalation, InstaNASPredictor
 from ..run_context import RunContext
 from ..search.policy import RandomPolicy, shuffled_routing_accuracy
-from ..space import ChildArchitecture, routing_summary
+from ..space import ChildArchitecture, ranked_children, routing_summary
 
 
 @dataclass
 class Evaluated:
-    """One model's test-set outcome before timing."""
+    """One model's test-set outcome before timing.
+
+    ``batch_one`` is its eager batch-1 path; ``deployed`` its batch-1 path in a latency
+    backend (the exported graph in onnxruntime), None when it has no deployable form (the
+    random-policy model draws a child per image at random).
+    """
 
     kind: str
     accuracy: float
@@ -30,19 +36,44 @@ class Evaluated:
     entry: dict = field(default_factory=dict)
     policies: torch.Tensor | None = None  # resolved [N, cells, modules], dynamic models only
     correct: torch.Tensor | None = None
+    deployed: Callable[[Backend], ImageCall] | None = None
+    # Routed models only: the test pass, the deployed predictor and its exported children.
+    test_pass: "TestPass | None" = None
+    predictor: InstaNASPredictor | None = None
+    children: list[ChildArchitecture] = field(default_factory=list)
+
+
+@dataclass
+class TestPass:
+    """A routed model on the test split, per image."""
+
+    correct: torch.Tensor  # [N] bool, the model's answer (escalation included)
+    policies: torch.Tensor  # [N, cells, modules] resolved
+    escalated: torch.Tensor  # [N] bool
+    child_confidence: torch.Tensor  # [N] the routed child's top softmax probability
+    child_correct: torch.Tensor  # [N] bool, the routed child's answer
+    larger_correct: torch.Tensor | None  # [N] bool, the larger network's answer
 
 
 @torch.no_grad()
-def instanas_test_pass(
-    ctx: RunContext, predictor: InstaNASPredictor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched greedy evaluation: per-image correctness [N] and resolved policies."""
-    correct, policies = [], []
+def instanas_test_pass(ctx: RunContext, predictor: InstaNASPredictor) -> TestPass:
+    """Batched greedy evaluation with the child's and (with escalation) the larger network's
+    answers kept apart."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in TestPass.__dataclass_fields__}
+    routed = predictor.without_escalation()
     for batch in ctx.batches(ctx.data.test, 500, train=False):
-        logits, policy = predictor.logits(batch.images.contiguous())
-        correct.append((logits.argmax(1) == batch.labels).cpu())
-        policies.append(policy.cpu())
-    return torch.cat(correct), torch.cat(policies)
+        images, labels = batch.images.contiguous(), batch.labels
+        logits, policy, escalated = predictor.answer(images)
+        child_logits, _, _ = routed.answer(images)
+        parts["correct"].append((logits.argmax(1) == labels).cpu())
+        parts["policies"].append(policy.cpu())
+        parts["escalated"].append(escalated.cpu())
+        parts["child_confidence"].append(torch.softmax(child_logits, 1).amax(1).cpu())
+        parts["child_correct"].append((child_logits.argmax(1) == labels).cpu())
+        if predictor.escalation is not None:
+            larger = predictor.escalation.network(images)
+            parts["larger_correct"].append((larger.argmax(1) == labels).cpu())
+    return TestPass(**{k: torch.cat(v) if v else None for k, v in parts.items()})
 
 
 @torch.no_grad()
@@ -74,17 +105,35 @@ def evaluate_instanas(
     table: LatencyTable,
     flops_table: FlopsTable,
     kind: str,
+    escalation: Escalation | None = None,
+    limit: int | None = None,
 ) -> Evaluated:
-    predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval())
-    correct, policies = instanas_test_pass(ctx, predictor)
+    """A routed model (the main model or a variant); its deployed graph holds the children its
+    controller picks on the validation split (at most ``limit``, most used first)."""
+    predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval(), escalation)
+    result = instanas_test_pass(ctx, predictor)
+    policies, correct = result.policies, result.correct
     flops = flops_table.per_image(policies)
     entry = policy_entry(policies, table, flops, include_controller=True)
     entry["shuffled_routing_accuracy"] = shuffled_routing_accuracy(
         ctx, predictor.metagraph, policies, ctx.data.test, ctx.config.seed + 4
     )
-    return Evaluated(
-        kind, int(correct.sum()) / len(correct), predictor.logits_one, entry, policies, correct
-    )
+    children = [c for c, _ in ranked_children(validation_policies(ctx, predictor), limit)]
+
+    def deployed(backend: Backend) -> ImageCall:
+        return backend.model_image_call(predictor, children)
+
+    accuracy = int(correct.sum()) / len(correct)
+    evaluated = Evaluated(kind, accuracy, predictor.logits_one, entry, policies, correct, deployed)
+    evaluated.test_pass, evaluated.predictor, evaluated.children = result, predictor, children
+    return evaluated
+
+
+@torch.no_grad()
+def validation_policies(ctx: RunContext, predictor: InstaNASPredictor) -> torch.Tensor:
+    """Resolved policies [N, cells, modules] the controller picks on the validation split."""
+    batches = ctx.batches(ctx.data.val, 500, train=False)
+    return torch.cat([predictor.policies(b.images.cpu().contiguous()) for b in batches])
 
 
 def evaluate_static(
@@ -111,7 +160,12 @@ def evaluate_static(
         resolved = ChildArchitecture(network.cell_modules, space.num_modules)
         policy = resolved.to_policy().unsqueeze(0)
         entry["table_latency_ms"] = float(table.predict_ms(policy, include_controller=False)[0])
-    return Evaluated(kind, baseline_test_accuracy(ctx, deployed), deployed, entry)
+
+    def deployed_call(backend: Backend) -> ImageCall:
+        return backend.model_image_call(network)
+
+    accuracy = baseline_test_accuracy(ctx, deployed)
+    return Evaluated(kind, accuracy, deployed, entry, deployed=deployed_call)
 
 
 class RandomChildRunner:

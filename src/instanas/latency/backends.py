@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from ..models.controller import Controller
+from ..models.metagraph import ChildNetwork
 from ..models.predictor import InstaNASPredictor
 from ..space import ChildArchitecture, SearchSpace
 
 BACKENDS = ("onnxruntime", "eager")
 Call = Callable[[], object]
+ImageCall = Callable[[torch.Tensor], object]  # one image [1, C, H, W] through a deployed model
 
 
 class Backend(Protocol):
@@ -41,6 +43,9 @@ class Backend(Protocol):
     def call_overhead(self, shape: Sequence[int]) -> Call | None: ...
     def controller_call(self, controller: Controller, space: SearchSpace) -> Call: ...
     def routed_call(self, predictor: InstaNASPredictor, child: ChildArchitecture) -> Call: ...
+    def model_image_call(
+        self, model: InstaNASPredictor | ChildNetwork, children: Sequence[ChildArchitecture] = ()
+    ) -> ImageCall: ...
 
 
 class EagerBackend:
@@ -78,6 +83,15 @@ class EagerBackend:
             return network(x)
 
         return run
+
+    def model_image_call(
+        self, model: InstaNASPredictor | ChildNetwork, children: Sequence[ChildArchitecture] = ()
+    ) -> ImageCall:
+        """The deployed batch-1 path in torch: the predictor's ``logits_one`` (controller,
+        the chosen child's modules, escalation), or the BatchNorm-folded static network."""
+        if isinstance(model, InstaNASPredictor):
+            return model.logits_one
+        return model.deploy().eval()
 
 
 class OnnxRuntimeBackend:
@@ -131,6 +145,19 @@ class OnnxRuntimeBackend:
         model = routed_model(predictor, [child], keep_controller=True)
         return self.model_call(model, _image(predictor.space))
 
+    def model_image_call(
+        self, model: InstaNASPredictor | ChildNetwork, children: Sequence[ChildArchitecture] = ()
+    ) -> ImageCall:
+        """The exported graph of a model (a routed predictor with ``children`` exported, or a
+        static network) as a batch-1 function of an image."""
+        from ..models.onnx_graph import routed_model, static_model
+
+        if isinstance(model, InstaNASPredictor):
+            graph = routed_model(model, list(children))
+        else:
+            graph = static_model(model.deploy().eval())
+        return image_call(self.session(graph))
+
 
 def _image(space: SearchSpace) -> tuple[int, int, int, int]:
     return (1, space.input_channels, space.input_size, space.input_size)
@@ -146,6 +173,22 @@ def onnx_session(model: bytes | str, threads: int | None):
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initialisers are noise here
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def image_call(session) -> Callable[[torch.Tensor], None]:
+    """``session`` as a batch-1 function of an image tensor [1, C, H, W]: the image is copied
+    into the bound input buffer, outputs stay in the runtime's buffers."""
+    binding = session.io_binding()
+    buffer = np.zeros(session.get_inputs()[0].shape, dtype=np.float32)
+    binding.bind_cpu_input(session.get_inputs()[0].name, buffer)
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cpu")
+
+    def run(image: torch.Tensor) -> None:
+        np.copyto(buffer, image.numpy())
+        session.run_with_iobinding(binding)
+
+    return run
 
 
 def bound_call(session, image: np.ndarray) -> Call:

@@ -28,7 +28,7 @@ from ..nn.ops import BasicBlock, FusedConvAct, InvertedResidual
 from ..space import ChildArchitecture, SearchSpace
 from .controller import PLACEMENT_GAIN, Controller, ResidualBlock
 from .metagraph import ChildNetwork, Head, MetaGraph, mbv2_path
-from .predictor import InstaNASPredictor
+from .predictor import Escalation, InstaNASPredictor
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime >= 1.15 reads it
@@ -365,36 +365,63 @@ def _choice(
 def routed_model(
     predictor: InstaNASPredictor,
     children: Sequence[ChildArchitecture],
-    escalation: tuple[ChildNetwork, float] | None = None,
     keep_controller: bool = False,
 ) -> onnx.ModelProto:
     """The deployed InstaNAS model as one batch-1 graph: controller, routing, the chosen
-    child's cells between the shared stem and head, and, with ``escalation`` (a deployed
-    network and a confidence threshold), that network instead for an image whose top softmax
-    probability is below the threshold.
+    child's cells between the shared stem and head, and, when the predictor has an escalation
+    rule, the larger network instead for an image whose top softmax probability is below the
+    threshold.
 
-    Outputs: ``logits`` [1, classes], ``child`` [1] (the index into ``children``, most used
-    first) and ``escalated`` [1] (1.0 when the larger network answered). With one child the
-    controller cannot change what runs, so the graph holds no controller unless
+    Outputs (``OUTPUTS``): ``logits`` [1, classes], ``child`` [1] (the index into
+    ``children``, most used first), ``escalated`` [1] (1.0 when the larger network answered)
+    and, when the graph holds the controller, ``policy_logits`` [1, cells, modules]. With one
+    child the controller cannot change what runs, so the graph holds no controller unless
     ``keep_controller`` (to time the deployed path of one child).
     """
     space, graph = predictor.space, predictor.metagraph
     b = GraphBuilder()
     stem = b.module(INPUT, graph.stem)
+    outputs = []
     if len(children) > 1 or keep_controller:
-        logits = controller_logits(b, INPUT, predictor.controller, space.input_size)
-        index = routing_scores(b, logits, children, space.forced_mask().tolist(),
+        policy_logits = controller_logits(b, INPUT, predictor.controller, space.input_size)
+        index = routing_scores(b, policy_logits, children, space.forced_mask().tolist(),
                                space.forced_module)  # fmt: skip
         branches = [_cells_builder(graph, stem, c) for c in children]
         features = _select(b, index, branches) if len(children) > 1 else branches[0](b)
+        outputs.append((policy_logits, TensorProto.FLOAT))
     else:
         index = b.constant(np.zeros(1, np.int64), "child")
         features = _cells_builder(graph, stem, children[0])(b)
-    logits = b.module(features, graph.head)
-    logits, escalated = _escalate(b, logits, escalation)
+    logits, escalated = _escalate(b, b.module(features, graph.head), predictor.escalation)
     outputs = [(logits, TensorProto.FLOAT), (index, TensorProto.INT64),
-               (escalated, TensorProto.FLOAT)]  # fmt: skip
-    return b.model([image_input(space.input_channels, space.input_size, 1)], outputs)
+               (escalated, TensorProto.FLOAT), *outputs]  # fmt: skip
+    return b.model([image_input(space.input_channels, space.input_size, 1)], _named(b, outputs))
+
+
+# The deployed graph's outputs, by name, in order (``policy_logits`` only with a controller).
+OUTPUTS = ("logits", "child", "escalated", "policy_logits")
+
+
+def _named(b: GraphBuilder, outputs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The outputs renamed to ``OUTPUTS`` (Identity nodes), so a runtime reads them by name."""
+    named = []
+    for (value, dtype), name in zip(outputs, OUTPUTS):
+        b.nodes.append(helper.make_node("Identity", [value], [name], name=f"output/{name}"))
+        named.append((name, dtype))
+    return named
+
+
+def static_model(network: ChildNetwork) -> onnx.ModelProto:
+    """A static network (a baseline, the best static child) in the deployed graph's form:
+    ``logits``, ``child`` (always 0) and ``escalated`` (always 0)."""
+    space = network.space
+    b = GraphBuilder()
+    x = b.module(INPUT, network.stem)
+    logits = b.module(b.cell_stack(x, network.cells), network.head)
+    outputs = [(logits, TensorProto.FLOAT),
+               (b.constant(np.zeros(1, np.int64), "child"), TensorProto.INT64),
+               (b.constant(np.zeros(1, np.float32), "escalated"), TensorProto.FLOAT)]  # fmt: skip
+    return b.model([image_input(space.input_channels, space.input_size, 1)], _named(b, outputs))
 
 
 def _cells_builder(graph: MetaGraph, stem: str, child: ChildArchitecture):
@@ -403,12 +430,10 @@ def _cells_builder(graph: MetaGraph, stem: str, child: ChildArchitecture):
     return lambda b: b.cell_stack(stem, cells)
 
 
-def _escalate(
-    b: GraphBuilder, logits: str, escalation: tuple[ChildNetwork, float] | None
-) -> tuple[str, str]:
+def _escalate(b: GraphBuilder, logits: str, escalation: Escalation | None) -> tuple[str, str]:
     if escalation is None:
         return logits, b.constant(np.zeros(1, np.float32), "escalated")
-    network, threshold = escalation
+    network, threshold = escalation.network, escalation.threshold
     confidence = b.op("ReduceMax", [b.op("Softmax", [logits], axis=1)], axes=[1], keepdims=0)
     unsure = b.op("Less", [confidence, b.constant(np.float32(threshold), "threshold")])
     flag = b.op("Cast", [unsure], to=TensorProto.FLOAT)

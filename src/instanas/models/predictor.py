@@ -1,11 +1,15 @@
 """The deployed InstaNAS network: the BatchNorm-folded controller picks a child per image, then
-only that child's modules of the folded meta-graph run.
+only that child's modules of the folded meta-graph run; with an escalation rule, an image the
+child is unsure of (top softmax probability below the threshold) runs a larger network instead.
 
 One network for every place that runs a trained controller and meta-graph as deployed: the
 evaluation, ``instanas.load``, the latency table's validation and the static child's choice.
+The exported graph (``models/onnx_graph.routed_model``) computes the same thing.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,15 +18,33 @@ from .controller import Controller
 from .metagraph import MetaGraph
 
 
+@dataclass
+class Escalation:
+    """The second decision: ``network`` (deployed) answers when the child's top softmax
+    probability is below ``threshold``."""
+
+    network: nn.Module
+    threshold: float
+
+    def unsure(self, logits: torch.Tensor) -> torch.Tensor:
+        """Bool [N]: the rows the child is unsure of."""
+        return torch.softmax(logits, dim=1).amax(dim=1) < self.threshold
+
+
 class InstaNASPredictor(nn.Module):
     """BatchNorm-folded controller and meta-graph for inference at any batch size."""
 
-    def __init__(self, metagraph: MetaGraph, controller: Controller) -> None:
+    def __init__(
+        self, metagraph: MetaGraph, controller: Controller, escalation: Escalation | None = None
+    ) -> None:
         super().__init__()
         self.space = metagraph.space
         self.metagraph = metagraph.deploy()
         self.controller = controller.deploy()
         self.forced_cells = self.space.forced_mask().tolist()
+        self.escalation = escalation
+        if escalation is not None:
+            self.larger = escalation.network  # registered, so .to() and .eval() reach it
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of normalised images, each through the child its policy picks."""
@@ -45,8 +67,12 @@ class InstaNASPredictor(nn.Module):
 
     @torch.inference_mode()
     def logits_one(self, image: torch.Tensor) -> torch.Tensor:
-        """Batch-1 path: controller, then only the selected modules of each cell."""
-        return self.metagraph.forward_resolved(image, self.child_cells(image))
+        """Batch-1 path: controller, then only the selected modules of each cell (then the
+        larger network if the child is unsure)."""
+        logits = self.metagraph.forward_resolved(image, self.child_cells(image))
+        if self.escalation is not None and bool(self.escalation.unsure(logits)[0]):
+            return self.escalation.network(image)
+        return logits
 
     @torch.inference_mode()
     def policies(self, images: torch.Tensor) -> torch.Tensor:
@@ -64,5 +90,28 @@ class InstaNASPredictor(nn.Module):
         the default because children share most modules and grouping repeats them per child
         (docs/decisions.md, "Sparse execution is the deployed model's default").
         """
+        logits, policy, _ = self.answer(images, execution)
+        return logits, policy
+
+    @torch.inference_mode()
+    def answer(
+        self, images: torch.Tensor, execution: str = "sparse"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, resolved policies, escalated [N] bool) of a batch."""
         policy = self.policies(images)
-        return self.metagraph(images, policy, execution=execution), policy
+        logits = self.metagraph(images, policy, execution=execution)
+        escalated = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+        if self.escalation is not None:
+            escalated = self.escalation.unsure(logits)
+            if escalated.any():
+                logits = logits.clone()
+                logits[escalated] = self.escalation.network(images[escalated])
+        return logits, policy, escalated
+
+    def without_escalation(self) -> "InstaNASPredictor":
+        """The same routed model answering every image with its child."""
+        plain = InstaNASPredictor.__new__(InstaNASPredictor)
+        nn.Module.__init__(plain)
+        plain.space, plain.metagraph, plain.controller = self.space, self.metagraph, self.controller
+        plain.forced_cells, plain.escalation = self.forced_cells, None
+        return plain

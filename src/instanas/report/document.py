@@ -183,6 +183,47 @@ def _routing(results: Mapping) -> str | None:
             "its own child).")  # fmt: skip
 
 
+def _escalation(results: Mapping) -> str | None:
+    main = results["models"].get("instanas") or {}
+    esc = main.get("escalation")
+    if not esc:
+        return None
+    gain = 100.0 * (main["test_accuracy"] - esc["shuffled_accuracy"])
+    return (
+        f"Escalation: images whose routed child is less than {100 * esc['threshold']:.1f}% "
+        f"sure ({100 * esc['share']:.1f}% of the test images) run {esc['network']}; the child "
+        f"alone reaches {_percent(esc['child_accuracy'])}%, the model "
+        f"{_percent(main['test_accuracy'])}%, and escalating the same share at random "
+        f"{_percent(esc['shuffled_accuracy'])}% ({gain:+.2f} points for choosing by confidence)."
+    )
+
+
+def _peer(results: Mapping) -> str | None:
+    main = results["models"].get("instanas")
+    peer = next((m for m in results["models"].values() if m.get("peer")), None)
+    if not main or not peer:
+        return None
+    delta = 100.0 * (main["test_accuracy"] - peer["test_accuracy"])
+    return (
+        f"The MobileNetV2 path at {peer.get('width', 0):g}x width, the one whose deployed "
+        f"latency is closest to and not below the main model's, reaches "
+        f"{_percent(peer['test_accuracy'])}% at {_fixed(mean_latency(peer))} ms: the main model "
+        f"is {delta:+.2f} points at {_fixed(mean_latency(main))} ms."
+    )
+
+
+def _overhead(results: Mapping) -> str | None:
+    overhead = results.get("deployed_overhead")
+    if not overhead:
+        return None
+    return (
+        f"Controller and routing cost {_fixed(overhead['controller_and_routing_ms'])} ms, "
+        f"{100 * overhead['share_of_main_model']:.1f}% of the main model's deployed latency "
+        f"(its routed graph {_fixed(overhead['routed_ms'])} ms against its "
+        f"{overhead['exported_children']} children alone, {_fixed(overhead['children_ms'])} ms)."
+    )
+
+
 def _static_child(results: Mapping) -> str | None:
     main, static = results["models"].get("instanas"), results["models"].get("static-child")
     if not main or not static:
@@ -219,10 +260,16 @@ def _device_sentence(results: Mapping) -> str | None:
         None,
     )
     over = f" over {images} test images" if images is not None else ""
+    runtime = device.get("runtime", f"torch {device.get('torch', '?')}")
+    deployed = (
+        " as deployed (the exported graph); eager PyTorch figures are kept beside them"
+        if device.get("backend") == "onnxruntime"
+        else ""
+    )
     return (
         f"Latency is batch-1 wall clock per image{over} on {device.get('name', '?')} "
-        f"({device.get('type', '?')}, {device.get('threads', '?')} thread(s)), torch "
-        f"{device.get('torch', '?')}."
+        f"({device.get('type', '?')}, {device.get('threads', '?')} thread(s)), "
+        f"{runtime}{deployed}."
     )
 
 
@@ -232,6 +279,9 @@ def summary_sentences(results: Mapping) -> list[str]:
         _dominance(results),
         _controller_vs_random(results),
         _routing(results),
+        _escalation(results),
+        _peer(results),
+        _overhead(results),
         _static_child(results),
         _oracle(results),
         _device_sentence(results),
@@ -247,9 +297,9 @@ def results_markdown(results: dict) -> str:
     lines = [
         f"# InstaNAS results: {results.get('preset', '')} on {results.get('dataset', '')}",
         "",
-        "| model | kind | test accuracy | latency ms (mean ± std, p50, p90) | "
+        "| model | kind | test accuracy | latency ms (mean ± std, p50, p90) | eager ms | "
         "table latency ms | MFLOPs | distinct children | mean active modules |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in sorted_models(results["models"]):
         measured = (
@@ -262,7 +312,8 @@ def results_markdown(results: dict) -> str:
         )
         lines.append(
             f"| {name} | {model_kind(name, m)} | {_percent(m.get('test_accuracy'))}% | "
-            f"{measured} | {_fixed(m.get('table_latency_ms'))} | "
+            f"{measured} | {_fixed((m.get('latency_ms_eager') or {}).get('mean'))} | "
+            f"{_fixed(m.get('table_latency_ms'))} | "
             f"{_fixed(m.get('flops'), 2, 1e-6)} | {m.get('distinct_children', '–')} | "
             f"{_fixed(m.get('mean_active_modules'), 1)} |"
         )

@@ -216,6 +216,7 @@ def plot_error_vs_latency(results: Mapping, per_image: PerImage) -> Figure:
     for kind, members in groups.items():
         if kind != "instanas":
             _draw_series(ax, kind, members)
+    _draw_escalation_curve(ax, results["models"].get("instanas", {}))
     for name, model in groups.get("instanas", []):
         ax.errorbar(
             mean_latency(model),
@@ -236,7 +237,8 @@ def plot_error_vs_latency(results: Mapping, per_image: PerImage) -> Figure:
             transform=ax.transAxes,
             ha="center",
         )
-    ax.set_xlabel("mean latency per image, batch 1 (ms); bars: ± 1 std over images")
+    backend = results.get("device", {}).get("backend", "eager")
+    ax.set_xlabel(f"mean latency per image, batch 1, {backend} (ms); bars: ± 1 std over images")
     ax.set_ylabel("test error (%)")
     ax.set_title(
         f"Test error vs latency: lower left is better\n{_device_line(results)}", fontsize=10
@@ -245,6 +247,23 @@ def plot_error_vs_latency(results: Mapping, per_image: PerImage) -> Figure:
     if groups:
         ax.legend(fontsize=8)
     return figure
+
+
+def _draw_escalation_curve(ax: Axes, main: Model) -> None:
+    """The main model's escalation on the test split at every validation threshold: the
+    share escalated grows to the right (latency from the validation timing)."""
+    curve = (main.get("escalation") or {}).get("test_curve")
+    if not curve:
+        return
+    ax.plot(
+        [p["latency_ms"] for p in curve],
+        [100.0 * (1.0 - p["accuracy"]) for p in curve],
+        ".-",
+        color="tab:pink",
+        linewidth=1,
+        markersize=4,
+        label="InstaNAS with escalation, every threshold (test)",
+    )
 
 
 def _draw_series(ax: Axes, kind: str, members: list[tuple[str, Model]]) -> None:

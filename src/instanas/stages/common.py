@@ -17,6 +17,7 @@ from ..checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from ..deploy.inference import escalation_rule
 from ..errors import CheckpointError, ConfigError
 from ..latency.backends import Backend, make_backend
 from ..latency.profiling import load_or_profile, profile_table
@@ -24,7 +25,9 @@ from ..latency.table import LatencyTable, default_cache_path, table_key
 from ..models import build_models
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
+from ..models.predictor import InstaNASPredictor
 from ..run_context import RunContext, run_identity
+from ..space import ChildArchitecture, ranked_children
 from ..utils import atomic_copy
 
 log = logging.getLogger("instanas")
@@ -189,3 +192,38 @@ def given_table(ctx: RunContext, path: Path) -> LatencyTable:
         table.key.get("torch"),
     )
     return table
+
+
+def finetuned_predictor(ctx: RunContext, escalate: bool = True) -> InstaNASPredictor:
+    """The main model as deployed, on the CPU: the fine-tuned controller and meta-graph, and
+    (``escalate``) the escalation rule when the run has one."""
+    metagraph, controller = new_models(ctx)
+    load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})
+    escalation = escalation_rule(ctx.run_dir, ctx.space) if escalate else None
+    return InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval(), escalation)
+
+
+def validation_children(
+    ctx: RunContext, predictor: InstaNASPredictor, limit: int | None = None
+) -> list[ChildArchitecture]:
+    """The children the controller picks on the validation split, most used first: the ones a
+    deployed graph holds."""
+    images = validation_images(ctx)
+    policies = torch.cat(
+        [predictor.policies(images[i : i + 500]) for i in range(0, len(images), 500)]
+    )
+    return [child for child, _ in ranked_children(policies, limit)]
+
+
+def validation_images(ctx: RunContext, limit: int | None = None) -> torch.Tensor:
+    """Normalised validation images on the CPU (the first ``limit``)."""
+    images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.val, 500, train=False)])
+    return (images if limit is None else images[:limit]).contiguous()
+
+
+def closest_not_below(times: dict, target: float):
+    """The key whose time is the smallest at or above ``target``; else the slowest."""
+    above = {k: t for k, t in times.items() if t >= target}
+    if above:
+        return min(above, key=above.get)
+    return max(times, key=times.get)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import load_checkpoint
+from ..deploy.inference import ESCALATION_RULE, escalation_rule, load_network
+from ..evaluation.cascade import cascade_curve, shuffled_escalation
 from ..evaluation.oracle import oracle
 from ..evaluation.results import assemble_results
 from ..evaluation.test_passes import (
@@ -20,14 +22,21 @@ from ..evaluation.test_passes import (
     evaluate_static,
     expected_latency,
 )
-from ..latency.flops import count_flops
+from ..latency.flops import FlopsTable, count_flops
 from ..latency.table import LatencyTable
 from ..models.metagraph import ChildNetwork, MetaGraph, mbv2_path_network
 from ..report.document import write_results_markdown
 from ..run_context import RunContext, run_identity
 from ..space import ChildArchitecture
 from ..utils import atomic_write_bytes, write_json
-from .common import latency_table, load_candidate, load_stage, new_models, stage_path
+from .common import (
+    latency_backend,
+    latency_table,
+    load_candidate,
+    load_stage,
+    new_models,
+    stage_path,
+)
 from .standalone import reference_networks, reference_path
 
 
@@ -39,11 +48,36 @@ def run(ctx: RunContext) -> dict:
     metagraph, controller = new_models(ctx)
     load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})
     flops = count_flops(metagraph, controller)
-    models = {"instanas": evaluate_instanas(ctx, metagraph, controller, table, flops, "instanas")}
+    limit = ctx.config.variants.max_timed_children
+    rule = escalation_rule(ctx.run_dir, ctx.space)
+    main = evaluate_instanas(ctx, metagraph, controller, table, flops, "instanas", rule, limit)
+    models = {"instanas": main}
     for letter, path in trained_variants(ctx).items():
         graph, ctrl = load_candidate(ctx, path)
-        models[f"instanas-{letter}"] = evaluate_instanas(ctx, graph, ctrl, table, flops, "variant")
+        models[f"instanas-{letter}"] = evaluate_instanas(
+            ctx, graph, ctrl, table, flops, "variant", limit=limit
+        )
     models.update(baseline_models(ctx, table))
+    models.update(policy_tuned_models(ctx, table, flops))
+    samples = ctx.config.baseline.oracle_children
+    oracle_entry = oracle(ctx, metagraph, controller, table, samples) if samples else None
+    results, per_image = assemble_results(
+        ctx, models, table, oracle_entry, expected_latency(ctx, controller, table),
+        latency_backend(ctx), overhead_calls(main),
+    )  # fmt: skip
+    if rule is not None:
+        results["models"]["instanas"]["escalation"] = escalation_entry(ctx, main)
+        results["comparison"].update(escalation_comparison(results["models"]["instanas"]))
+    results = run_summary(ctx, results)
+    write_outputs(ctx, results, per_image.arrays)
+    return results
+
+
+def policy_tuned_models(
+    ctx: RunContext, table: LatencyTable, flops: FlopsTable
+) -> dict[str, Evaluated]:
+    """The random-policy model and the best static child, when the run has trained them."""
+    models = {}
     if stage_path(ctx, "random-policy").exists():
         graph, _ = new_models(ctx)
         meta = load_stage(ctx, "random-policy", {"metagraph": graph})
@@ -54,14 +88,55 @@ def run(ctx: RunContext) -> dict:
         models["static-child"] = evaluate_static(
             ctx, static_child_network(ctx), table, "static-child"
         )
-    samples = ctx.config.baseline.oracle_children
-    oracle_entry = oracle(ctx, metagraph, controller, table, samples) if samples else None
-    results, per_image = assemble_results(
-        ctx, models, table, oracle_entry, expected_latency(ctx, controller, table)
-    )
-    results = run_summary(ctx, results)
-    write_outputs(ctx, results, per_image.arrays)
-    return results
+    return models
+
+
+def overhead_calls(main: Evaluated) -> dict:
+    """What the main model's deployed path costs beyond its children: the routed graph without
+    escalation and each exported child alone, to be timed beside it."""
+    predictor = main.predictor.without_escalation()
+    calls = {"routed": lambda backend: backend.model_image_call(predictor, main.children)}
+    graph = predictor.metagraph
+    for k, child in enumerate(main.children):
+        network = graph.materialize(child).eval()
+        calls[f"child-{k}"] = lambda backend, n=network: backend.model_image_call(n)
+    return calls
+
+
+def escalation_entry(ctx: RunContext, main: Evaluated) -> dict:
+    """The escalation on the test split: the share escalated, the child's and the larger
+    network's accuracy, the same share escalated at random, and the curve at the validation
+    curve's thresholds (latency from the validation timing)."""
+    rule = json.loads((ctx.run_dir / ESCALATION_RULE).read_text())
+    test = main.test_pass
+    confident = test.child_confidence.numpy()
+    small, large = test.child_correct.numpy(), test.larger_correct.numpy()
+    never, always = rule["timing"]["never_ms"], rule["timing"]["always_ms"]
+    thresholds = np.array([p["threshold"] for p in rule["validation_curve"]])
+    curve = cascade_curve(confident, small, large, never, always - never, thresholds)
+    generator = np.random.default_rng(ctx.config.seed + 5)
+    escalated = test.escalated.numpy()
+    return {
+        "network": rule["network"],
+        "threshold": rule["threshold"],
+        "budget_ms": rule["budget_ms"],
+        "share": float(escalated.mean()),
+        "child_accuracy": float(small.mean()),
+        "larger_accuracy": float(large.mean()),
+        "shuffled_accuracy": shuffled_escalation(escalated, small, large, generator),
+        "validation": rule["validation"],
+        "test_curve": [p.to_dict() for p in curve],
+        "validation_curve": rule["validation_curve"],
+    }
+
+
+def escalation_comparison(entry: dict) -> dict:
+    """The escalation against the same share escalated at random and against no escalation."""
+    esc = entry["escalation"]
+    return {
+        "escalation_gain_points": 100.0 * (entry["test_accuracy"] - esc["shuffled_accuracy"]),
+        "escalation_vs_child_points": 100.0 * (entry["test_accuracy"] - esc["child_accuracy"]),
+    }
 
 
 def baseline_models(ctx: RunContext, table: LatencyTable) -> dict[str, Evaluated]:
@@ -73,6 +148,12 @@ def baseline_models(ctx: RunContext, table: LatencyTable) -> dict[str, Evaluated
         kind = "min-net" if name == "min-net" else "mbv2"
         width = None if kind == "min-net" else net.space.width / ctx.space.width
         models[name] = evaluate_static(ctx, net, table, kind, width)
+    if stage_path(ctx, "peer").exists():
+        peer = load_network(ctx.run_dir, "mbv2-peer", ctx.space)
+        models["mbv2-peer"] = evaluate_static(
+            ctx, peer, table, "mbv2", peer.space.width / ctx.space.width
+        )
+        models["mbv2-peer"].entry["peer"] = True
     return models
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import (
+    escalation,
     evaluate,
     finetune,
     mbv2_path_baseline,
+    peer,
     pretrain,
     random_policy,
     reference_baselines,
@@ -28,9 +30,11 @@ MODULES: dict[str, ModuleType] = {
     "pretrain": pretrain,
     "search": search,
     "finetune": finetune,
+    "escalation": escalation,
     "random-policy": random_policy,
     "static-child": static_child,
     "variants": variants,
     "baselines": reference_baselines,
+    "peer": peer,
     "evaluate": evaluate,
 }

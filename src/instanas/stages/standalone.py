@@ -37,8 +37,11 @@ def reference_path(ctx: RunContext, name: str):
     return ctx.run_dir / "baseline" / f"{name}.safetensors"
 
 
-def train_standalone(ctx: RunContext, net: ChildNetwork, name: str, output) -> ChildNetwork:
-    """Train ``net`` alone under ``baseline.*`` and save it to ``output`` (resumable per epoch)."""
+def train_standalone(
+    ctx: RunContext, net: ChildNetwork, name: str, output, extra: dict | None = None
+) -> ChildNetwork:
+    """Train ``net`` alone under ``baseline.*`` and save it to ``output`` (resumable per epoch);
+    ``extra`` goes into the checkpoint's metadata."""
     cfg = ctx.config.baseline
     epochs = ctx.config.baseline_epochs()
     net = ctx.prepare(net)
@@ -55,7 +58,7 @@ def train_standalone(ctx: RunContext, net: ChildNetwork, name: str, output) -> C
         return stats.record(val_accuracy=accuracy(ctx, net, ctx.data.val))
 
     meta = {"stage": stage, "epochs": epochs, "model": name, "child": str(net.child),
-            "width": net.space.width}  # fmt: skip
+            "width": net.space.width, **(extra or {})}  # fmt: skip
     write = partial(save_stage, ctx, output, {"network": net}, meta)
     EpochLoop(stage, epochs, {"network": net}, {"sgd": optimizer}).run(ctx, train_epoch, write)
     return net

@@ -1,18 +1,19 @@
 """The best static child: what the main model's per-image routing is worth against the one
 child that costs about as much.
 
-Among the children the searched controller picks on the validation split (the most used first,
-up to ``variants.max_timed_children``), each is timed at batch 1 side by side with the main model
-(controller included); the child whose measured latency is closest to and not below the main
-model's mean is chosen (the slowest one if every child is faster). It is then fine-tuned alone
-from the searched meta-graph with the InstaNAS fine-tuning budget and schedule, so the two
-differ only in routing.
+Among the children the search's controllers pick on the validation split (the selected one's
+first, the most used first, up to ``variants.max_timed_children``), each is timed at batch 1 in
+the run's latency backend side by side with the main model as deployed (controller, routing,
+escalation); the child whose measured latency is closest to and not below the main model's mean
+is chosen (the slowest one if every child is faster). It is then fine-tuned alone from the
+searched meta-graph with the InstaNAS fine-tuning budget and schedule.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
+from collections import Counter
 
 import torch
 
@@ -22,87 +23,101 @@ from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
 from ..models.predictor import InstaNASPredictor
 from ..run_context import RunContext
-from ..search.policy import evaluate_policies, greedy_of
-from ..space import ChildArchitecture, child_counts
-from .common import latency_table, searched_models, stage_path
+from ..space import ChildArchitecture, ranked_children
+from ..utils import write_json
+from .common import (
+    closest_not_below,
+    finetuned_predictor,
+    latency_backend,
+    latency_table,
+    load_candidate,
+    search_checkpoints,
+    searched_models,
+    stage_path,
+    validation_children,
+    validation_images,
+)
 from .policy_tuning import train_under_policy
 
 log = logging.getLogger("instanas")
 _TIMED_IMAGES = 300
 
 
-def used_children(policies: torch.Tensor, limit: int) -> list[tuple[ChildArchitecture, int]]:
-    """The distinct resolved children of ``policies`` with their counts, most used first."""
-    shape = policies.shape[1:]
-    ranked = child_counts([policies]).most_common(limit)
-    return [
-        (
-            ChildArchitecture.from_policy(
-                torch.frombuffer(bytearray(key), dtype=torch.uint8).view(shape).bool()
-            ),
-            count,
-        )
-        for key, count in ranked
-    ]
+def candidate_children(ctx: RunContext, limit: int) -> list[tuple[ChildArchitecture, int]]:
+    """The children the controller of every search checkpoint picks on the validation split
+    (the selected one first), most used first, with how many images pick them: the selected
+    controller's own children and, from the checkpoints before it, costlier ones, so that
+    there are children at the main model's latency when escalation raises it."""
+    counts: Counter[str] = Counter()
+    children: dict[str, ChildArchitecture] = {}
+    images = validation_images(ctx)
+    paths = [stage_path(ctx, "search"), *reversed(search_checkpoints(ctx.run_dir))]
+    for path in paths:
+        graph, controller = load_candidate(ctx, path)
+        predictor = InstaNASPredictor(graph.cpu(), controller.cpu())
+        policies = torch.cat([predictor.policies(images[i : i + 500])
+                              for i in range(0, len(images), 500)])  # fmt: skip
+        for child, count in ranked_children(policies):
+            children.setdefault(str(child), child)
+            counts[str(child)] += count if path == paths[0] else 0
+            if len(children) >= limit:
+                break
+    ranked = sorted(children, key=lambda c: -counts[c])
+    return [(children[c], counts[c]) for c in ranked]
 
 
-def closest_not_below(times: dict[int, float], target: float) -> int:
-    """Index whose time is the smallest at or above ``target``; else the largest."""
-    above = {i: t for i, t in times.items() if t >= target}
-    if above:
-        return min(above, key=above.get)
-    return max(times, key=times.get)
-
-
-def choose_static_child(
-    ctx: RunContext, metagraph: MetaGraph, controller: Controller, table: LatencyTable
-) -> tuple[ChildArchitecture, dict]:
-    """Time the controller's children and the main model; pick the child to compare with."""
-    _, policies = evaluate_policies(ctx, metagraph, greedy_of(controller), table, ctx.data.val)
-    candidates = used_children(policies, ctx.config.variants.max_timed_children)
-    # Timed on the CPU, from copies: the caller's modules stay on their device.
-    graph = copy.deepcopy(metagraph).cpu().eval()
-    models = {
-        "instanas": InstaNASPredictor(graph, copy.deepcopy(controller).cpu().eval()).logits_one
-    }
-    for i, (child, _) in enumerate(candidates):
-        models[f"child-{i}"] = graph.materialize(child).eval().deploy()
-    images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.val, 500, train=False)])
+def choose_static_child(ctx: RunContext) -> tuple[ChildArchitecture, dict]:
+    """Time the candidates and the main model as deployed; pick the child to compare with."""
+    limit = ctx.config.variants.max_timed_children
+    candidates = candidate_children(ctx, limit)
+    if stage_path(ctx, "finetune").exists():
+        predictor = finetuned_predictor(ctx)  # the main model, escalation included
+    else:
+        predictor = InstaNASPredictor(*(m.cpu() for m in searched_models(ctx)))
+    backend = latency_backend(ctx)
+    graph = predictor.metagraph
+    calls = {f"child-{i}": backend.model_image_call(graph.materialize(child).eval())
+             for i, (child, _) in enumerate(candidates)}  # fmt: skip
+    exported = validation_children(ctx, predictor, limit)
+    calls["instanas"] = backend.model_image_call(predictor, exported)
     cfg = ctx.config.latency
-    measured = measure_per_image(
-        models, images[:_TIMED_IMAGES].contiguous(), cfg.threads, cfg.warmup, ctx.config.seed
-    )
+    images = validation_images(ctx, _TIMED_IMAGES)
+    measured = measure_per_image(calls, images, cfg.threads, cfg.warmup, ctx.config.seed,
+                                 burst=backend.burst)  # fmt: skip
     times = {i: measured[f"child-{i}"]["mean"] for i in range(len(candidates))}
     target = measured["instanas"]["mean"]
     chosen = closest_not_below(times, target)
     child, count = candidates[chosen]
     info = {
         "child": [list(m) for m in child.cells],
-        "val_share": count / len(policies),
+        "val_share": count / len(ctx.data.val),
         "measured_ms": times[chosen],
         "instanas_measured_ms": target,
         "candidates": len(candidates),
-        "timed_images": min(_TIMED_IMAGES, len(images)),
+        "timed_images": len(images),
+        "backend": backend.name,
     }
-    log.info(
-        "static child: %d of %d candidates, %.3f ms measured against the main model's "
-        "%.3f ms (%.1f%% of validation images use it)",
-        chosen + 1,
-        len(candidates),
-        times[chosen],
-        target,
-        100 * info["val_share"],
-    )
+    log.info("static child: %d of %d candidates, %.3f ms measured against the main model's "
+             "%.3f ms (%.1f%% of validation images use it)", chosen + 1, len(candidates),
+             times[chosen], target, 100 * info["val_share"])  # fmt: skip
     return child, info
 
 
 def train_static_child(
     ctx: RunContext, metagraph: MetaGraph, controller: Controller, table: LatencyTable
 ) -> dict:
-    """Choose the child, then fine-tune the searched meta-graph on it alone."""
+    """Choose the child, then fine-tune the searched meta-graph on it alone. The choice is kept
+    before training, so a resumed run trains the child it chose."""
+    choice_path = ctx.run_dir / "static-child" / "choice.json"
+    if choice_path.exists():
+        info = json.loads(choice_path.read_text())
+        cells = tuple(tuple(m) for m in info["child"])
+        child = ChildArchitecture(cells, ctx.space.num_modules)
+    else:
+        child, info = choose_static_child(ctx.on_cpu())
+        write_json(choice_path, info)
     metagraph, controller = ctx.prepare(metagraph), ctx.prepare(controller)
     controller.eval()
-    child, info = choose_static_child(ctx, metagraph, controller, table)
     policy = child.to_policy()
 
     def constant(images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,114 @@
+"""Escalation: the threshold below which the routed child's answer is replaced by the larger
+network's, chosen on the validation split to the latency budget (``escalation.*``).
+
+On the validation split the fine-tuned model answers every image with its routed child; the
+child's confidence (top softmax probability) and whether the child and the larger network are
+right are kept per image. The deployed latency comes from the run's latency backend, timed on
+validation images side by side: the deployed graph that never escalates (its escalation test
+included), the one that always does, and the MobileNetV2 path. A threshold that escalates a
+share s of the images costs ``never + s * (always - never)``. Every candidate threshold is kept
+(``escalation/rule.json``); the most accurate within ``budget`` x the MobileNetV2 path's
+latency becomes the rule that the evaluation, ``instanas.load`` and ``instanas export`` use.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..deploy.inference import ESCALATION_RULE, load_network
+from ..evaluation.cascade import cascade_curve, choose_threshold, confidence
+from ..latency.side_by_side import measure_per_image
+from ..models.predictor import Escalation, InstaNASPredictor
+from ..run_context import RunContext
+from ..utils import write_json
+from .common import (
+    finetuned_predictor,
+    latency_backend,
+    validation_children,
+    validation_images,
+)
+
+log = logging.getLogger("instanas")
+# Thresholds no softmax probability reaches from below (never escalate) or always stays under.
+NEVER, ALWAYS = 0.0, 1.5
+
+
+def run(ctx: RunContext) -> dict:
+    ctx = ctx.on_cpu()
+    cfg = ctx.config.escalation
+    predictor = finetuned_predictor(ctx, escalate=False)
+    larger = load_network(ctx.run_dir, cfg.network, ctx.space).deploy().eval()
+    small_conf, small_correct, large_correct = validation_answers(ctx, predictor, larger)
+    timing = deployed_costs(ctx, predictor, larger)
+    curve = cascade_curve(small_conf, small_correct, large_correct, timing["never_ms"],
+                          timing["always_ms"] - timing["never_ms"])  # fmt: skip
+    budget_ms = cfg.budget * timing["mbv2_path_ms"]
+    chosen = choose_threshold(curve, budget_ms)
+    rule = {
+        "network": cfg.network,
+        "threshold": chosen.threshold,
+        "budget": cfg.budget,
+        "budget_ms": budget_ms,
+        "within_budget": chosen.latency_ms <= budget_ms,
+        "validation": chosen.to_dict(),
+        "validation_curve": [p.to_dict() for p in curve],
+        "timing": timing,
+        "backend": latency_backend(ctx).name,
+    }
+    write_json(ctx.run_dir / ESCALATION_RULE, rule)
+    log.info(
+        "escalation: threshold %.3f escalates %.1f%% of validation images to %s, accuracy "
+        "%.2f%%, %.3f ms against a budget of %.3f ms (%.2f x the MobileNetV2 path)",
+        chosen.threshold, 100 * chosen.share, cfg.network, 100 * chosen.accuracy,
+        chosen.latency_ms, budget_ms, cfg.budget,
+    )  # fmt: skip
+    return rule
+
+
+@torch.inference_mode()
+def validation_answers(
+    ctx: RunContext, predictor: InstaNASPredictor, larger: torch.nn.Module
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per validation image: the child's confidence, whether the child is right, whether the
+    larger network is right."""
+    conf, small, large = [], [], []
+    for batch in ctx.batches(ctx.data.val, 500, train=False):
+        images = batch.images.cpu().contiguous()
+        labels = batch.labels.cpu()
+        logits, _, _ = predictor.answer(images)
+        conf.append(confidence(torch.softmax(logits, 1).numpy()))
+        small.append((logits.argmax(1) == labels).numpy())
+        large.append((larger(images).argmax(1) == labels).numpy())
+    return np.concatenate(conf), np.concatenate(small), np.concatenate(large)
+
+
+def deployed_costs(
+    ctx: RunContext, predictor: InstaNASPredictor, larger: torch.nn.Module
+) -> dict[str, float]:
+    """Mean deployed batch-1 latency (ms) on validation images of the model that never
+    escalates, the one that always does, and the MobileNetV2 path, timed side by side."""
+    backend = latency_backend(ctx)
+    children = validation_children(ctx, predictor, ctx.config.variants.max_timed_children)
+    mbv2_path = load_network(ctx.run_dir, "mbv2-path", ctx.space)
+    models = {
+        "never": with_escalation(predictor, Escalation(larger, NEVER)),
+        "always": with_escalation(predictor, Escalation(larger, ALWAYS)),
+    }
+    calls = {name: backend.model_image_call(m, children) for name, m in models.items()}
+    calls["mbv2_path"] = backend.model_image_call(mbv2_path)
+    cfg = ctx.config.latency
+    images = validation_images(ctx, ctx.config.escalation.timed_images)
+    measured = measure_per_image(calls, images, cfg.threads, cfg.warmup, ctx.config.seed,
+                                 burst=backend.burst)  # fmt: skip
+    return {f"{name}_ms": stats["mean"] for name, stats in measured.items()}
+
+
+def with_escalation(predictor: InstaNASPredictor, escalation: Escalation) -> InstaNASPredictor:
+    """The same routed model with another escalation rule (weights shared)."""
+    other = predictor.without_escalation()
+    other.escalation = escalation
+    other.larger = escalation.network
+    return other
