@@ -1,6 +1,9 @@
 """One markdown table of several runs of the same preset (e.g. two seeds), from their results.json.
 
 python scripts/seeds_table.py runs/fashion-cpu-s0 runs/fashion-cpu-s1
+
+Latency cells give the run's latency backend first (the exported graph in onnxruntime for the
+default preset) and the eager PyTorch figure in brackets when the run kept one.
 """
 
 from __future__ import annotations
@@ -9,13 +12,20 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ("instanas", "static-child", "random-policy", "mbv2-path")
+ORDER = ("instanas", "static-child", "mbv2-peer", "random-policy", "mbv2-path")
 LABEL = {
     "instanas": "instanas (main model)",
     "static-child": "best static child",
+    "mbv2-peer": "MobileNetV2 width at the main model's latency (peer)",
     "random-policy": "random policy, same table latency",
     "mbv2-path": "MobileNetV2 path",
 }
+
+
+def latency(m: dict) -> str:
+    eager = m.get("latency_ms_eager")
+    second = f" (eager {eager['mean']:.3f})" if eager else ""
+    return f"{m['latency_ms']['mean']:.3f} ms{second}"
 
 
 def row(name: str, runs: list[dict]) -> str:
@@ -32,9 +42,9 @@ def row(name: str, runs: list[dict]) -> str:
             if name == "instanas"
             else ""
         )
-        cells.append(
-            f"{100 * m['test_accuracy']:.2f}% at {m['latency_ms']['mean']:.3f} ms{routing}"
-        )
+        if name == "mbv2-peer":
+            routing = f", width {m.get('width', 0):g}x"
+        cells.append(f"{100 * m['test_accuracy']:.2f}% at {latency(m)}{routing}")
     return f"| {LABEL.get(name, name)} | " + " | ".join(cells) + " |"
 
 
@@ -64,6 +74,33 @@ def comparison_rows(runs: list[dict]) -> list[str]:
             f"({100 * m['shuffled_routing_accuracy']:.2f}% shuffled)"
         )
 
+    def peer(r: dict) -> str:
+        c = r["comparison"]
+        if "peer_points" not in c:
+            return "–"
+        return f"{c['peer_points']:+.2f} points, peer at {c['peer_latency_ratio']:.2f}x the latency"
+
+    def escalation(r: dict) -> str:
+        m = r["models"]["instanas"]
+        esc = m.get("escalation")
+        if not esc:
+            return "–"
+        gain = 100 * (m["test_accuracy"] - esc["shuffled_accuracy"])
+        return (
+            f"{100 * esc['share']:.1f}% escalated, {gain:+.2f} points over the same share at "
+            f"random ({100 * esc['shuffled_accuracy']:.2f}%), child alone "
+            f"{100 * esc['child_accuracy']:.2f}%"
+        )
+
+    def overhead(r: dict) -> str:
+        o = r.get("deployed_overhead")
+        if not o:
+            return "–"
+        return (
+            f"{o['controller_and_routing_ms']:.3f} ms, "
+            f"{100 * o['share_of_main_model']:.1f}% of the main model"
+        )
+
     def wall(r: dict) -> str:
         total = r.get("wall_time_s", {}).get("total")
         return f"{total / 60:.1f} min" if total else "–"
@@ -71,7 +108,10 @@ def comparison_rows(runs: list[dict]) -> list[str]:
     return [
         f"| instanas vs MobileNetV2 path | {each(mbv2)} |",
         f"| instanas vs best static child | {each(static)} |",
+        f"| instanas vs peer | {each(peer)} |",
+        f"| escalation | {each(escalation)} |",
         f"| routing vs shuffled routing | {each(routed)} |",
+        f"| controller and routing, deployed | {each(overhead)} |",
         f"| wall time of the run | {each(wall)} |",
     ]
 

@@ -70,7 +70,7 @@ def test_load_is_an_nn_module_and_round_trips(tiny_run, tmp_path):
 
     raw = torch.from_numpy(np.stack([read_image(p, 3, 8) for p in paths]))
     assert torch.equal(model.predict(raw), model.predict(paths))
-    assert model.metrics["kind"] == "instanas" and model.results["schema_version"] == 1
+    assert model.metrics["kind"] == "instanas" and model.results["schema_version"] == 2
     with pytest.raises(ValueError, match="batch_size"):
         model.predict(paths, batch_size=0)
 
@@ -134,7 +134,7 @@ def test_results_of_a_run_validate_against_the_shipped_schema(tiny_run):
         assert len(results["code"]["commit"]) == 40
     for broken in (
         _without(results, "schema_version"),
-        _with(results, "schema_version", 2),
+        _with(results, "schema_version", 3),
         _with(results, "created_at", "yesterday"),
     ):
         with pytest.raises(jsonschema.ValidationError):
@@ -143,7 +143,7 @@ def test_results_of_a_run_validate_against_the_shipped_schema(tiny_run):
     wrong["models"]["instanas"]["test_accuracy"] = 1.5
     with pytest.raises(jsonschema.ValidationError):
         validate_results(wrong)
-    assert results_schema()["properties"]["schema_version"]["const"] == 1
+    assert results_schema()["properties"]["schema_version"]["enum"] == [1, 2]
 
 
 @needs_jsonschema

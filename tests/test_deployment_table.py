@@ -73,11 +73,14 @@ def test_a_table_profiled_on_the_target_drives_search_and_evaluation(tmp_path):
     assert given.read_bytes() == before  # the user's table is never overwritten
     assert json.loads((run / "latency_table.json").read_text())["key"]["device"] == "target-cpu"
     results = json.loads((run / "results.json").read_text())
-    assert results["latency_table"]["profiled_on"] == {
+    profiled_on = results["latency_table"]["profiled_on"]
+    assert {k: profiled_on[k] for k in ("device", "threads", "torch", "backend")} == {
         "device": "target-cpu",
         "threads": 1,
         "torch": "0.0-target",
+        "backend": "onnxruntime",
     }
+    assert profiled_on["runtime"].startswith("onnxruntime ")
     slow = LatencyTable.load(given)
     assert results["latency_table"]["stem_ms"] == pytest.approx(slow.unit_ms("stem"))
     # Evaluation predicts with the target's (10x) costs: at least its fixed part.

@@ -163,7 +163,10 @@ def test_torchrun_matches_one_process(tmp_path: Path) -> None:
         if a["stage"] in ("baseline", "pretrain"):
             assert abs(a["train_loss"] - b["train_loss"]) <= CLOSE_LOSS, a["stage"]
         for key in ("train_accuracy", "val_accuracy", "metagraph_train_accuracy"):
-            if key in a:
+            # The search's validation accuracy is that of the children the controller picks: a
+            # float difference between one and two ranks can flip a pick, and on 11 images
+            # one flipped child moves it by more than any tolerance.
+            if key in a and (a["stage"], key) != ("search", "val_accuracy"):
                 assert abs(a[key] - b[key]) <= LOOSE_ACCURACY, (a["stage"], key)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     results = json.loads((tmp_path / "two" / "results.json").read_text())

@@ -26,8 +26,8 @@ from instanas.data import (
 )
 from instanas.data.image_folders import _read_image, infer_shape, list_folder
 from instanas.data.streaming import eval_transform
-from instanas.deploy.export import run_data
 from instanas.deploy.runtime import read_image
+from instanas.deploy.source import run_data
 from instanas.errors import ConfigError
 from instanas.pipeline import open_run
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from instanas.config import load_preset
 from instanas.models.metagraph import MetaGraph
-from instanas.nn.smallconv import conv2d, matrix_form
+from instanas.nn.smallconv import MAX_DENSE_MATRIX, conv2d, matrix_form
 
 CASES = [  # in, out, kernel, stride, groups, map side
     (40, 240, 1, 1, 1, 2),
@@ -61,15 +61,17 @@ def test_large_maps_and_depthwise_on_4x4_keep_onednn():
     assert matrix_form(nn.Conv2d(8, 16, 3, padding=1, groups=4), 2, 2) is None
 
 
-def test_fashion_preset_cells_on_2x2_maps_never_call_onednn(monkeypatch):
-    """The small cells of the shipped preset run as matrix products in training."""
+def test_fashion_preset_cells_on_2x2_maps_call_onednn_only_for_wide_dense_kernels(monkeypatch):
+    """On the shipped preset's 2x2 maps, 1x1 and depthwise convolutions run as matrix products
+    in training; only dense k x k ones too wide for a tap matrix keep oneDNN."""
     space = load_preset("fashion-cpu").search_space(1, 28, 10)
     graph = MetaGraph(space).train()
-    sides = []
+    onednn_on_2x2 = []
     original = nn.Conv2d.forward
 
     def counting(self, x):
-        sides.append(x.shape[-1])
+        if x.shape[-1] <= 2:
+            onednn_on_2x2.append(self)
         return original(self, x)
 
     monkeypatch.setattr(nn.Conv2d, "forward", counting)
@@ -77,7 +79,9 @@ def test_fashion_preset_cells_on_2x2_maps_never_call_onednn(monkeypatch):
         torch.randn(8, 1, 28, 28),
         torch.ones(8, space.num_cells, space.num_modules, dtype=torch.bool),
     ).sum().backward()
-    assert sides and min(sides) >= 4  # every convolution on 2x2 maps took a matrix form
+    for conv in onednn_on_2x2:
+        assert conv.groups == 1 and conv.kernel_size != (1, 1), conv
+        assert 4 * conv.in_channels * 4 * conv.out_channels > MAX_DENSE_MATRIX, conv
 
 
 @pytest.mark.parametrize(

@@ -25,20 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..config import Config, from_dict
-from ..data import DataBundle, images_of, load_configured
+from ..data import DataBundle, images_of
 from ..errors import ExportError
 from ..latency.backends import OnnxRuntimeBackend, image_call, onnx_session
 from ..latency.side_by_side import measure_per_image
-from ..models.metagraph import ChildNetwork
 from ..models.onnx_graph import routed_model, static_model
 from ..provenance import code_commit, utc_now, versions
 from ..space import ChildArchitecture, SearchSpace
 from ..utils import write_json
 from . import runtime
-from .inference import MAIN_MODEL, InstaNASModel, load, load_network, static_checkpoints
+from .inference import MAIN_MODEL, InstaNASModel
 from .runtime import (
     EXPORT_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -48,6 +45,7 @@ from .runtime import (
     image_mode,
     sha256_file,
 )
+from .source import Source, open_source, run_data
 from .validation import validation_report
 
 log = logging.getLogger("instanas")
@@ -67,19 +65,6 @@ class ExportResult:
     folder: Path
     routing: dict
     validation: dict | None
-
-
-@dataclass
-class Source:
-    """What is exported: a routed model (``routed``) or a static network of the run."""
-
-    name: str
-    model: InstaNASModel  # the run's main model: classes, normalisation, and the routed model
-    network: ChildNetwork | None = None  # set for a static network
-
-    @property
-    def space(self) -> SearchSpace:
-        return self.network.space if self.network is not None else self.model.space
 
 
 def export(
@@ -102,8 +87,8 @@ def export(
     """
     run_dir, output = Path(run_dir), Path(output)
     check_request(output, children, split)
-    config, data = run_data(run_dir)
     source = open_source(run_dir, model)
+    config, data = run_data(run_dir, source.space)
     threads = threads or config.latency.threads
     temp = fresh_temp_folder(output)
     try:
@@ -113,12 +98,7 @@ def export(
         write_json(temp / ROUTING_FILE, routing)
         # The runtime travels with the export: a machine without instanas imports it from here.
         shutil.copyfile(runtime.__file__, temp / RUNTIME_FILE)
-        report = None
-        if validate:
-            exported = ExportedModel(temp, threads=threads, verify=False)
-            report = validation_report(source, exported, images_of(data.test), threads,
-                                       timed_images)  # fmt: skip
-            write_json(temp / "validation.json", report)
+        report = validate_into(temp, source, data, threads, timed_images) if validate else None
         write_json(temp / MANIFEST_FILE, manifest(temp, run_dir))
         temp.rename(output)
     finally:
@@ -128,22 +108,14 @@ def export(
     return ExportResult(output, routing, report)
 
 
-def open_source(run_dir: Path, model: str) -> Source:
-    """The model to export: routed (main model, variant) or a static network of the run."""
-    statics = static_checkpoints(run_dir)
-    if model in statics:
-        main = load(run_dir)
-        network = load_network(run_dir, model, main.space).deploy().eval()
-        return Source(model, main, network)
-    try:
-        routed = load(run_dir, model)
-    except Exception as exc:  # an unknown name: say every model the run can export
-        known = ", ".join([MAIN_MODEL, *sorted(statics)])
-        raise ExportError(
-            f"{run_dir} has no model {model!r} to export ({exc}): choose one of {known} or a "
-            "variant letter"
-        ) from None
-    return Source(routed.name, routed)
+def validate_into(
+    folder: Path, source: Source, data: DataBundle, threads: int, timed_images: int
+) -> dict:
+    """Check the export in ``folder`` against its eager model into ``validation.json``."""
+    exported = ExportedModel(folder, threads=threads, verify=False)
+    report = validation_report(source, exported, images_of(data.test), threads, timed_images)
+    write_json(folder / "validation.json", report)
+    return report
 
 
 def fresh_temp_folder(output: Path) -> Path:
@@ -166,12 +138,6 @@ def check_request(output: Path, children: int | None, split: str = "val") -> Non
         )
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ExportError(f"{output} already exists: choose a new --output or delete it first")
-
-
-def run_data(run_dir: Path) -> tuple[Config, DataBundle]:
-    """The run's config and its data splits, loaded the way the run loaded them."""
-    config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    return config, load_configured(config)
 
 
 def chosen_children(model: InstaNASModel, data: DataBundle, split: str) -> Counter[str]:

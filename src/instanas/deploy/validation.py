@@ -10,8 +10,6 @@ side by side in one process, image by image in shuffled order (``latency.side_by
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
@@ -19,9 +17,7 @@ from ..latency.backends import OnnxRuntimeBackend
 from ..latency.side_by_side import measure_per_image
 from ..space import ChildArchitecture
 from .runtime import ExportedModel
-
-if TYPE_CHECKING:
-    from .export import Source
+from .source import Source
 
 PREDICTION_AGREEMENT = 0.999
 _CHUNK = 500
@@ -98,11 +94,9 @@ def validation_report(
         "eager_distinct_children": len(set(eager["children"])),
     }
     report["passed"] = bool(routed.all() and report["prediction_agreement"] >= PREDICTION_AGREEMENT)
-    inputs = eager["inputs"]
-    timed = inputs[:timed_images] if timed_images else inputs
+    timed = eager["inputs"][:timed_images] if timed_images else eager["inputs"]
     report["batch1_latency_ms"] = batch_one_latency(source, exported, timed, threads)
-    report["timed_images"] = len(timed)
-    return report
+    return {**report, "timed_images": len(timed)}
 
 
 def _share(flags: np.ndarray) -> float | None:

@@ -41,32 +41,20 @@ def assemble_results(
     backend: Backend,
     overhead: dict[str, Callable[[Backend], ImageCall]] | None = None,
 ) -> tuple[dict, PerImage]:
-    """Time every model side by side and assemble the ``results.json`` contract.
-
-    Every model with a deployed form is timed in ``backend`` as deployed, image by image in
-    one loop; in onnxruntime the eager batch-1 paths are timed in a second loop and kept as
-    ``latency_ms_eager``. ``overhead`` holds the main model's parts (its routed graph without
-    escalation, each exported child alone), timed in the same loop, from which the cost of
-    the controller and the routing is read. ``models`` must contain ``instanas`` and
-    ``mbv2-path``; ``expected_ms`` is the main controller's expected latency per test image
-    (used to order the galleries).
-    """
+    """Time every model side by side (``time_models``) and assemble the ``results.json``
+    contract. ``overhead`` holds the main model's parts (its routed graph without escalation,
+    each exported child alone), from which the cost of the controller and the routing is read.
+    ``models`` must contain ``instanas`` and ``mbv2-path``; ``expected_ms`` is the main
+    controller's expected latency per test image (it orders the galleries)."""
     cfg = ctx.config.latency
     started = utc_now()
     images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.test, 1000, train=False)])
     timed = (images[: cfg.eval_images] if cfg.eval_images else images).contiguous()
     samples: dict[str, list[float]] = {}
-    calls = {n: m.deployed(backend) for n, m in models.items() if m.deployed is not None}
-    calls.update({f"overhead/{k}": build(backend) for k, build in (overhead or {}).items()})
-    timing = (cfg.threads, cfg.warmup, ctx.config.seed)
-    measured = measure_per_image(calls, timed, *timing, samples, burst=backend.burst)
-    eager = None
-    if backend.name != "eager":
-        eager = measure_per_image({n: m.batch_one for n, m in models.items()}, timed, *timing)
-    entries = {name: model_entry(m, measured.get(name), eager, name, backend.name)
-               for name, m in models.items()}  # fmt: skip
-    if oracle_entry is not None:
-        entries["oracle"] = oracle_entry
+    measured, eager = time_models(ctx, models, backend, overhead or {}, timed, samples)
+    entries = {name: model_entry(m, measured.get(name), eager, name, backend.name,
+                                 len(ctx.data.test)) for name, m in models.items()}  # fmt: skip
+    entries.update({"oracle": oracle_entry} if oracle_entry is not None else {})
     results = {
         **contract_fields(started),
         "device": device_info(torch.device("cpu"), cfg.threads, backend_info(backend)),
@@ -82,8 +70,35 @@ def assemble_results(
     return results, per_image_arrays(ctx, models, table, samples, expected_ms)
 
 
+def time_models(
+    ctx: RunContext,
+    models: dict[str, Evaluated],
+    backend: Backend,
+    overhead: dict[str, Callable[[Backend], ImageCall]],
+    timed: torch.Tensor,
+    samples: dict[str, list[float]],
+) -> tuple[dict, dict | None]:
+    """Every deployed model (and the main model's parts) in ``backend``, image by image in one
+    loop; then, unless ``backend`` is eager itself, the eager batch-1 paths in a second loop
+    (kept as ``latency_ms_eager``)."""
+    cfg = ctx.config.latency
+    calls = {n: m.deployed(backend) for n, m in models.items() if m.deployed is not None}
+    calls.update({f"overhead/{k}": build(backend) for k, build in overhead.items()})
+    timing = (cfg.threads, cfg.warmup, ctx.config.seed)
+    measured = measure_per_image(calls, timed, *timing, samples, burst=backend.burst)
+    if backend.name == "eager":
+        return measured, None
+    eager = {n: m.batch_one for n, m in models.items()}
+    return measured, measure_per_image(eager, timed, *timing)
+
+
 def model_entry(
-    model: Evaluated, measured: dict | None, eager: dict | None, name: str, backend: str
+    model: Evaluated,
+    measured: dict | None,
+    eager: dict | None,
+    name: str,
+    backend: str,
+    test_images: int,
 ) -> dict:
     """One model's entry: its latency as deployed in ``backend`` (the table's prediction when
     it has no deployed form), the eager figure beside it, accuracy and the rest."""
@@ -92,7 +107,8 @@ def model_entry(
         entry.update(latency_ms=measured, latency_source="measured")
     else:
         predicted = model.entry["table_latency_ms"]
-        summary = {"mean": predicted, "std": 0.0, "p50": predicted, "p90": predicted, "images": 0}
+        summary = {"mean": predicted, "std": 0.0, "p50": predicted, "p90": predicted,
+                   "images": test_images}  # fmt: skip
         entry.update(latency_ms=summary, latency_source="table")
     entry["latency_backend"] = backend
     if eager is not None:

@@ -218,25 +218,10 @@ def plot_error_vs_latency(results: Mapping, per_image: PerImage) -> Figure:
             _draw_series(ax, kind, members)
     _draw_escalation_curve(ax, results["models"].get("instanas", {}))
     for name, model in groups.get("instanas", []):
-        ax.errorbar(
-            mean_latency(model),
-            _error(model),
-            xerr=_std(model),
-            fmt="*",
-            markersize=16,
-            color="tab:red",
-            capsize=3,
-            zorder=5,
-            label=f"{name} (main model)",
-        )
+        _draw_main_model(ax, name, model)
     if not groups:
-        ax.text(
-            0.5,
-            0.5,
-            "no model has both a latency and an accuracy",
-            transform=ax.transAxes,
-            ha="center",
-        )
+        message = "no model has both a latency and an accuracy"
+        ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center")
     backend = results.get("device", {}).get("backend", "eager")
     ax.set_xlabel(f"mean latency per image, batch 1, {backend} (ms); bars: ± 1 std over images")
     ax.set_ylabel("test error (%)")
@@ -247,6 +232,11 @@ def plot_error_vs_latency(results: Mapping, per_image: PerImage) -> Figure:
     if groups:
         ax.legend(fontsize=8)
     return figure
+
+
+def _draw_main_model(ax: Axes, name: str, model: Model) -> None:
+    ax.errorbar(mean_latency(model), _error(model), xerr=_std(model), fmt="*", markersize=16,
+                color="tab:red", capsize=3, zorder=5, label=f"{name} (main model)")  # fmt: skip
 
 
 def _draw_escalation_curve(ax: Axes, main: Model) -> None:

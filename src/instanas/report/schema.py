@@ -6,7 +6,7 @@ import json
 from importlib import resources
 
 # Raised when a field is removed or changes meaning; new optional fields keep the version.
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 2  # 2: latency_ms is the latency backend's (onnxruntime by default)
 
 
 def results_schema() -> dict:
