@@ -66,7 +66,7 @@ def test_load_is_an_nn_module_and_round_trips(tiny_run, tmp_path):
     policies = model.policies(paths)
     assert routes == [str(instanas.ChildArchitecture.from_policy(p)) for p in policies]
     # uint8 tensors at the model's size go the same way as the decoded files.
-    from instanas.deploy.runtime import read_image
+    from instanas.runtime import read_image
 
     raw = torch.from_numpy(np.stack([read_image(p, 3, 8) for p in paths]))
     assert torch.equal(model.predict(raw), model.predict(paths))

@@ -19,7 +19,7 @@ import torch
 from tiny_runs import snapshot, tiny_main_model_run
 
 from instanas.cli import main
-from instanas.deploy.runtime import ExportedModel, ExportError, nearest_child, resolve_policies
+from instanas.runtime import ExportedModel, ExportError, nearest_child, resolve_policies
 from instanas.space import nearest_child as package_nearest_child
 
 
@@ -76,13 +76,15 @@ def test_onnx_export_validates_against_eager(onnx_export, tiny_run):
     assert report["max_logit_difference_same_child"] < 1e-3
     latency = report["batch1_latency_ms"]
     assert latency["eager"]["mean"] > 0 and latency["exported"]["mean"] > 0
-    # Every child the controller used on the validation split is exported, in one graph.
+    # Every child the controller used on the validation split is exported, each as a graph.
     assert routing["fallback"]["counted_share_exported"] == 1.0
-    assert (onnx_export / routing["model"]["file"]).is_file()
+    files = routing["model"]
+    assert (files["controller"] is not None) == (len(routing["children"]) > 1)
     assert routing["model"]["measured_latency_ms"]["mean"] > 0
-    assert routing["model"]["outputs"][:3] == ["logits", "child", "escalated"]
+    assert files["controller_outputs"] == ["child", "policy_logits"]
     for child in routing["children"]:
         assert len(child["cells"]) == routing["cells"]
+        assert (onnx_export / child["file"]).is_file()
     assert routing["empty_cell_rule"]["default_module"] == 4
     assert routing["classes"] == ["class0", "class1"] and routing["source"]["model"] == "instanas"
     assert set(manifest["files"]) == {
@@ -175,8 +177,8 @@ def test_runtime_runs_without_torch(onnx_export, tmp_path):
 import sys
 sys.modules["torch"] = None  # any import of torch now raises ImportError
 sys.path.insert(0, {str(onnx_export)!r})
-import instanas.deploy.runtime, instanas_runtime
-for rt in (instanas.deploy.runtime, instanas_runtime):
+import instanas.runtime, instanas_runtime
+for rt in (instanas.runtime, instanas_runtime):
     model = rt.load({str(onnx_export)!r})
     images = model.read_images([{str(files["wide"])!r}, {str(files["rgba"])!r}])
     probs, answers = model.predict_proba(images)
@@ -253,7 +255,7 @@ def test_predict_bad_target_and_no_images(tiny_run, tmp_path, capsys):
 
 def test_runtime_preprocessing_matches_the_training_loader(tmp_path):
     from instanas.data import _read_image
-    from instanas.deploy.runtime import read_image
+    from instanas.runtime import read_image
 
     files = _images(tmp_path / "images")
     for key in ("wide", "gray", "palette", "rgba"):
@@ -266,7 +268,7 @@ def test_runtime_preprocessing_matches_the_training_loader(tmp_path):
 def test_exported_files_are_checked_against_the_manifest(onnx_export, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(onnx_export, copy)
-    graph = json.loads((copy / "routing.json").read_text())["model"]["file"]
+    graph = json.loads((copy / "routing.json").read_text())["children"][0]["file"]
     (copy / graph).write_bytes((copy / graph).read_bytes()[:-10])
     with pytest.raises(ExportError, match="changed since the export"):
         ExportedModel(copy)

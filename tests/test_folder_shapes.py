@@ -26,10 +26,10 @@ from instanas.data import (
 )
 from instanas.data.image_folders import _read_image, infer_shape, list_folder
 from instanas.data.streaming import eval_transform
-from instanas.deploy.runtime import read_image
 from instanas.deploy.source import run_data
 from instanas.errors import ConfigError
 from instanas.pipeline import open_run
+from instanas.runtime import read_image
 
 
 @pytest.fixture(scope="module")

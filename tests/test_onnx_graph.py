@@ -13,10 +13,11 @@ from instanas.models.onnx_graph import (
     GraphBuilder,
     child_model,
     controller_model,
-    routed_model,
+    routed_graphs,
     unit_model,
 )
 from instanas.models.predictor import Escalation, InstaNASPredictor
+from instanas.runtime import RoutedSessions, onnx_session
 from instanas.space import CellGroup, ChildArchitecture, ControllerSpec, SearchSpace, nearest_child
 
 ort = pytest.importorskip("onnxruntime")
@@ -99,15 +100,17 @@ def test_routing_picks_the_child_the_eager_model_runs_and_falls_back_to_the_near
     ranked = sorted(counts, key=lambda c: -counts[c])
     exported = [ChildArchitecture.from_string(c) for c in ranked[:7]]
     assert len(ranked) > len(exported), "the test needs children that were not exported"
-    model = routed_model(predictor, exported)
+    path = _sessions(routed_graphs(predictor, exported))
     names = [str(c) for c in exported]
     for image, child in zip(images[:60], picked[:60]):
-        logits, index, escalated, policy_logits = _run(model, image[None].numpy())
-        expected = nearest_child(child, names)
-        assert names[int(index[0])] == expected
-        eager = predictor.metagraph.forward_child(image[None], exported[int(index[0])])
-        np.testing.assert_allclose(logits, eager.numpy(), rtol=1e-4, atol=1e-5)
-        assert escalated[0] == 0.0
+        logits, index, escalated, policy_logits = path(image[None].numpy())
+        assert names[index] == nearest_child(child, names)
+        eager = predictor.metagraph.forward_child(image[None], exported[index])
+        np.testing.assert_allclose(logits, eager[0].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            policy_logits, predictor.controller.policy_logits(image[None]).numpy(), atol=1e-4
+        )
+        assert not escalated
 
 
 def test_an_empty_forced_cell_routes_to_the_child_with_the_forced_module():
@@ -122,10 +125,9 @@ def test_an_empty_forced_cell_routes_to_the_child_with_the_forced_module():
     predictor = InstaNASPredictor(metagraph, controller)
     resolved = ChildArchitecture.from_policy(predictor.policies(torch.zeros(1, 1, 16, 16))[0])
     decoy = ChildArchitecture.from_string("0-0-_-0-_")  # one module away from the raw policy
-    _, index, _, _ = _run(
-        routed_model(predictor, [decoy, resolved]), np.zeros((1, 1, 16, 16), "f4")
-    )
-    assert str(resolved) == "1-1-_-1-_" and int(index[0]) == 1
+    path = _sessions(routed_graphs(predictor, [decoy, resolved]))
+    _, index, _, _ = path(np.zeros((1, 1, 16, 16), "f4"))
+    assert str(resolved) == "1-1-_-1-_" and index == 1
 
 
 def test_escalation_runs_the_larger_network_only_for_unsure_images():
@@ -141,18 +143,28 @@ def test_escalation_runs_the_larger_network_only_for_unsure_images():
         big = larger(images)
     threshold = float(confidence.median())
     predictor.escalation = Escalation(larger, threshold)
-    model = routed_model(predictor, [child])
+    graphs = routed_graphs(predictor, [child])
+    assert graphs.controller is None and graphs.threshold == threshold
+    path = _sessions(graphs)
     for i in range(len(images)):
-        logits, _, escalated = _run(model, images[i : i + 1].numpy())
+        logits, _, escalated, _ = path(images[i : i + 1].numpy())
         unsure = bool(confidence[i] < threshold)
-        assert escalated[0] == float(unsure)
-        expected = big[i : i + 1] if unsure else small[i : i + 1]
+        assert escalated == unsure
+        expected = big[i] if unsure else small[i]
         np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-5)
     eager_logits, _, eager_escalated = predictor.without_escalation().answer(images)
     assert not eager_escalated.any()
     routed, _, escalated = predictor.answer(images)
     assert torch.equal(escalated, predictor.escalation.unsure(eager_logits))
     np.testing.assert_allclose(routed[escalated], big[escalated], rtol=1e-5, atol=1e-6)
+
+
+def _sessions(graphs) -> RoutedSessions:
+    def session(graph):
+        return onnx_session(graph.SerializeToString(), 1) if graph is not None else None
+
+    return RoutedSessions(session(graphs.controller), [session(g) for g in graphs.children],
+                          session(graphs.escalation), graphs.threshold)  # fmt: skip
 
 
 def test_a_graph_builder_refuses_a_module_it_cannot_write():

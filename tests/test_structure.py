@@ -28,7 +28,7 @@ STAGE_MODULES = {module.__name__ for module in registry.MODULES.values()}
 # other. A new folder or top-level module must be placed here before the tests pass.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version", "distributed", "space"),  # import nothing of the package
-    ("utils", "provenance"),
+    ("utils", "provenance", "runtime"),  # runtime: the torch-free deployed model (errors only)
     ("checkpoint",),  # weights and their metadata on disk
     ("nn",),  # building blocks: candidate modules, row gathers, BatchNorm helpers
     ("models",),  # networks: meta-graph, controller, the deployed predictor

@@ -4,7 +4,7 @@ The building blocks are importable from here: ``SearchSpace`` and ``ChildArchite
 search space and child encodings), ``MetaGraph`` (the supernet), ``Controller`` (the policy
 network), ``load`` (a trained run as an ``nn.Module``, :class:`InstaNASModel`) and ``export``
 (a trained model as one ONNX graph). They are imported on first use, so that
-``instanas.deploy.runtime`` (which runs exports) works on machines without torch.
+``instanas.runtime`` (which runs exports) works on machines without torch.
 """
 
 from importlib import import_module as _import_module

@@ -3,7 +3,7 @@
 The command line prints these as ``instanas: error: ...`` with exit code 2 instead of a
 traceback (:data:`USER_ERRORS`). They live here, apart from the code that raises them, so a
 module that only reports a bad value does not import that code (and torch with it). This module
-imports nothing: ``deploy/runtime.py`` takes :class:`ExportError` from here inside the package
+imports nothing: ``runtime.py`` takes :class:`ExportError` from here inside the package
 and defines its own copy where it runs alone inside an export folder.
 """
 

@@ -257,7 +257,7 @@ def decode_rows(rows: FileRows, size: int, channels: int = 3) -> ImageSet:
 
 
 def open_image(path: str | Path, channels: int = 3) -> Image.Image:
-    """One image fully decoded to ``L`` (channels 1) or ``RGB``, as deploy.runtime's
+    """One image fully decoded to ``L`` (channels 1) or ``RGB``, as runtime's
     preprocess_image converts it; a corrupt or unreadable file raises DataError."""
     from PIL import Image  # imported lazily: only folder datasets need Pillow
 

@@ -1,15 +1,16 @@
-"""``instanas export``: a trained model of a run as one ONNX graph that runs without torch.
+"""``instanas export``: a trained model of a run as ONNX graphs that run without torch.
 
-The deployed form of a routed model is one batch-1 graph, ``model.onnx``
-(``models/onnx_graph.routed_model``): the BatchNorm-folded controller, the routing to one of
-the exported children, only that child's modules between the shared stem and head, and the
-escalation to the larger network when the run has one. The children exported are those the
-controller chose on the validation split (all of them, or the ``children`` most frequent;
+The deployed form of a routed model is a set of batch-1 graphs (``models/onnx_graph.
+routed_graphs``): ``controller.onnx`` (the BatchNorm-folded controller and the routing to one of
+the exported children), one graph per exported child under ``children/`` (the shared stem, only
+that child's modules, the head) and ``escalation.onnx``, the larger network, when the run has an
+escalation rule; ``instanas.runtime`` runs them image by image. The children exported are those
+the controller chose on the validation split (all of them, or the ``children`` most frequent;
 ``split="train+val"`` counts the training split too, never the test split); a policy whose
 child was not exported runs the nearest exported one. A static network of the run (the
 MobileNetV2 path and its widths, the peer, the best static child, the minimum network) is
-exported the same way with one child and no controller. ``routing.json`` says what the graph's
-outputs mean and ``manifest.json`` records versions and the SHA-256 of every file.
+exported the same way as one child without a controller. ``routing.json`` says what the files
+and their outputs mean and ``manifest.json`` records versions and the SHA-256 of every file.
 
 The folder is built under a temporary name beside ``output`` and renamed into place when it is
 whole, so an interrupted export leaves nothing at ``output``.
@@ -26,32 +27,38 @@ from pathlib import Path
 
 import torch
 
+from .. import runtime
 from ..data import DataBundle, images_of
 from ..errors import ExportError
-from ..latency.backends import OnnxRuntimeBackend, image_call, onnx_session
+from ..latency.backends import OnnxRuntimeBackend
 from ..latency.side_by_side import measure_per_image
-from ..models.onnx_graph import routed_model, static_model
+from ..models.onnx_graph import CONTROLLER_OUTPUTS, RoutedGraphs, routed_graphs, static_model
+from ..models.predictor import Escalation
 from ..provenance import code_commit, utc_now, versions
-from ..space import ChildArchitecture, SearchSpace
-from ..utils import write_json
-from . import runtime
-from .inference import MAIN_MODEL, InstaNASModel
-from .runtime import (
+from ..runtime import (
     EXPORT_FORMAT_VERSION,
     MANIFEST_FILE,
-    OUTPUTS,
     ROUTING_FILE,
     ExportedModel,
     image_mode,
     sha256_file,
 )
+from ..space import ChildArchitecture, SearchSpace
+from ..utils import write_json
+from .inference import MAIN_MODEL, InstaNASModel
 from .source import Source, open_source, run_data
 from .validation import validation_report
 
 log = logging.getLogger("instanas")
 SPLITS = ("val", "train+val")
 RUNTIME_FILE = "instanas_runtime.py"
-MODEL_FILE = "model.onnx"
+CONTROLLER_FILE, ESCALATION_FILE = "controller.onnx", "escalation.onnx"
+CHILD_FILE = "children/child-{:02d}.onnx"
+PATH_RULE = (
+    "per image: the controller graph gives the index of the child to run (no controller: "
+    "child 0), that child's graph gives the logits, and when the escalation graph exists and "
+    "the top softmax probability of those logits is below its threshold, its logits answer"
+)
 FALLBACK_RULE = (
     "a policy whose child was not exported runs the exported child differing from it in the "
     "fewest (cell, module) entries after the empty-cell rule; ties go to the child more "
@@ -165,33 +172,50 @@ def write_model(
     split: str,
     threads: int,
 ) -> dict:
-    """model.onnx into ``folder``; returns the routing document (routing.json)."""
+    """The deployed graphs into ``folder``; returns the routing document (routing.json)."""
     folder.mkdir(parents=True)
-    predictor = source.model.predictor
     if source.network is not None:
         counts = Counter({str(source.network.child): 1})
         chosen = [ChildArchitecture(source.network.cell_modules, source.space.num_modules)]
-        graph = static_model(source.network)
+        graphs = RoutedGraphs(None, [static_model(source.network)], None, 0.0)
     else:
         counts = chosen_children(source.model, data, split)
         chosen = [ChildArchitecture.from_string(c) for c, _ in counts.most_common(limit)]
-        graph = routed_model(predictor, chosen)
-    (folder / MODEL_FILE).write_bytes(graph.SerializeToString())
-    measured = time_model(folder / MODEL_FILE, source, data, threads)
+        graphs = routed_graphs(source.model.predictor, chosen)
+    files = write_graphs(folder, graphs)
+    measured = time_model(graphs, source, data, threads)
     total = sum(counts.values())
-    entries = [child_entry(str(c), counts[str(c)], total) for c in chosen]
+    entries = [child_entry(str(c), counts[str(c)], total) | {"file": f}
+               for c, f in zip(chosen, files["children"])]  # fmt: skip
     covered = sum(counts[str(c)] for c in chosen) / max(total, 1)
-    return routing_document(source, entries, covered, measured, threads)
+    return routing_document(source, entries, covered, measured, threads, files)
 
 
-def time_model(path: Path, source: Source, data: DataBundle, threads: int) -> dict:
-    """Mean batch-1 latency of the exported graph on validation images, as deployed."""
+def write_graphs(folder: Path, graphs: RoutedGraphs) -> dict:
+    """Each graph as its own file; the names the routing document gives them."""
+    files = {
+        "controller": CONTROLLER_FILE if graphs.controller is not None else None,
+        "children": [CHILD_FILE.format(k) for k in range(len(graphs.children))],
+        "escalation": ESCALATION_FILE if graphs.escalation is not None else None,
+    }
+    named = [(files["controller"], graphs.controller), (files["escalation"], graphs.escalation),
+             *zip(files["children"], graphs.children)]  # fmt: skip
+    for name, graph in named:
+        if graph is not None:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(graph.SerializeToString())
+    return files
+
+
+def time_model(graphs: RoutedGraphs, source: Source, data: DataBundle, threads: int) -> dict:
+    """Mean batch-1 latency of the exported graphs on validation images, run as the runtime
+    runs them."""
     backend = OnnxRuntimeBackend(threads)
-    session = onnx_session(str(path), threads)
+    path = backend.routed_sessions(graphs)
     count = min(_TIMED_IMAGES, len(data.val))
     images = source.model.normalise(images_of(data.val, torch.arange(count)))
-    stats = measure_per_image({"model": image_call(session)}, images, threads, warmup=10,
-                              burst=backend.burst)  # fmt: skip
+    call = {"model": lambda image: path(image.numpy())}
+    stats = measure_per_image(call, images, threads, warmup=10, burst=backend.burst)
     return {**stats["model"], "runtime": backend.runtime_version()}
 
 
@@ -208,21 +232,27 @@ def child_entry(child: str, images: int, total: int) -> dict:
 
 
 def routing_document(
-    source: Source, children: list[dict], covered: float, measured: dict, threads: int
+    source: Source,
+    children: list[dict],
+    covered: float,
+    measured: dict,
+    threads: int,
+    files: dict,
 ) -> dict:
-    """Everything a runtime needs to read the graph's outputs (routing.json)."""
-    model, space = source.model, source.space
-    predictor = model.predictor
-    in_graph = source.network is None and len(children) > 1
+    """Everything a runtime needs to run the graphs and read their outputs (routing.json)."""
+    model, space, predictor = source.model, source.space, source.model.predictor
     escalation = predictor.escalation if source.network is None else None
     mean, std = model.mean.flatten().tolist(), model.std.flatten().tolist()
     return {
         "format_version": EXPORT_FORMAT_VERSION,
         "format": "onnx",
         "model": {
-            "file": MODEL_FILE,
+            "controller": files["controller"],
+            "controller_outputs": list(CONTROLLER_OUTPUTS),
+            "child_outputs": ["logits"],
+            "escalation": files["escalation"],
             "batch": 1,
-            "outputs": list(OUTPUTS[: 4 if in_graph else 3]),
+            "path": PATH_RULE,
             "measured_latency_ms": measured,
             "threads": threads,
         },
@@ -232,21 +262,23 @@ def routing_document(
         "cells": space.num_cells,
         "modules": space.num_modules,
         "controller": {
-            "in_graph": in_graph,
+            "in_graph": files["controller"] is not None,
             "input_size": predictor.controller.spec.input_size,
             "decision_rule": "a module is selected when its controller logit is >= 0",
         },
         "empty_cell_rule": empty_cell_rule(space),
         "children": children,
         "fallback": {"rule": FALLBACK_RULE, "counted_share_exported": covered},
-        "escalation": None
-        if escalation is None
-        else {
-            "threshold": escalation.threshold,
-            "rule": "when the child's top softmax probability is below threshold, the "
-            "larger network in the graph answers instead",
-        },
+        "escalation": escalation_description(escalation),
     }
+
+
+def escalation_description(escalation: Escalation | None) -> dict | None:
+    if escalation is None:
+        return None
+    rule = ("when the child's top softmax probability is below threshold, the larger network "
+            "(model.escalation) answers instead")  # fmt: skip
+    return {"threshold": escalation.threshold, "rule": rule}
 
 
 def input_description(space: SearchSpace) -> dict:

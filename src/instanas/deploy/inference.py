@@ -23,8 +23,8 @@ from ..models.metagraph import ChildNetwork, MetaGraph, scaled_space
 from ..models.predictor import Escalation
 from ..models.predictor import InstaNASPredictor as InstaNASPredictor  # importable here too
 from ..nn.backend import enlarge_primitive_cache
+from ..runtime import preprocess_image, read_image
 from ..space import ChildArchitecture, SearchSpace
-from .runtime import preprocess_image, read_image
 
 if TYPE_CHECKING:
     import PIL.Image

@@ -22,10 +22,10 @@ import torch
 
 from ..data import IMAGE_EXTENSIONS
 from ..errors import ExportError
+from ..runtime import MANIFEST_FILE, ROUTING_FILE, ExportedModel, read_image
 from ..space import ChildArchitecture
 from ..utils import atomic_write_text, progress_bar
 from .inference import load
-from .runtime import MANIFEST_FILE, ROUTING_FILE, ExportedModel, read_image
 
 COLUMNS = ("path", "class", "class_index", "probability", "child", "escalated", "note")
 

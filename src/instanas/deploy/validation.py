@@ -15,8 +15,8 @@ import torch
 
 from ..latency.backends import OnnxRuntimeBackend
 from ..latency.side_by_side import measure_per_image
+from ..runtime import ExportedModel
 from ..space import ChildArchitecture
-from .runtime import ExportedModel
 from .source import Source
 
 PREDICTION_AGREEMENT = 0.999
@@ -76,9 +76,7 @@ def validation_report(
     agree = eager["logits"].argmax(1) == logits.argmax(1)
     diff = np.abs(eager["logits"] - logits).max(axis=1)
     report = {
-        "images": len(images),
-        "split": "test",
-        "threads": threads,
+        "images": len(images), "split": "test", "threads": threads,
         "controller_in_export": in_graph,
         "routing_identical": int(routed.sum()),
         "routing_differs": int((~routed).sum()),
@@ -87,13 +85,11 @@ def validation_report(
         "prediction_agreement_same_child": _share(agree[same_child]),
         "prediction_agreement_required": PREDICTION_AGREEMENT,
         "max_logit_difference": float(diff.max()),
-        "max_logit_difference_same_child": float(diff[same_child].max())
-        if same_child.any()
-        else None,
+        "max_logit_difference_same_child": _largest(diff[same_child]),
         "prediction_agreement_fallback_children": _share(agree[~same_child]),
         "fallback_images": int((~same_child).sum()),
         "eager_distinct_children": len(set(eager["children"])),
-    }
+    }  # fmt: skip
     # A fallback child is the export's documented answer for a child it does not hold, so only
     # images that ran the eager model's own child must agree.
     agreement = report["prediction_agreement_same_child"]
@@ -101,6 +97,10 @@ def validation_report(
     timed = eager["inputs"][:timed_images] if timed_images else eager["inputs"]
     report["batch1_latency_ms"] = batch_one_latency(source, exported, timed, threads)
     return {**report, "timed_images": len(timed)}
+
+
+def _largest(values: np.ndarray) -> float | None:
+    return float(values.max()) if len(values) else None
 
 
 def _share(flags: np.ndarray) -> float | None:

@@ -26,6 +26,7 @@ from torch import nn
 from ..models.controller import Controller
 from ..models.metagraph import ChildNetwork
 from ..models.predictor import InstaNASPredictor
+from ..runtime import RoutedSessions, onnx_session
 from ..space import ChildArchitecture, SearchSpace
 
 BACKENDS = ("onnxruntime", "eager")
@@ -138,41 +139,42 @@ class OnnxRuntimeBackend:
         return self.model_call(routing_probe_model(controller, space), _image(space))
 
     def routed_call(self, predictor: InstaNASPredictor, child: ChildArchitecture) -> Call:
-        """The deployed graph (controller, routing, the child) with ``child`` as its only
-        exported child, so every image runs it."""
-        from ..models.onnx_graph import routed_model
+        """The deployed path (controller with routing, then the child) with ``child`` as its
+        only exported child, so every image runs it."""
+        from ..models.onnx_graph import routed_graphs
 
-        model = routed_model(predictor, [child], keep_controller=True)
-        return self.model_call(model, _image(predictor.space))
+        path = self.routed_sessions(routed_graphs(predictor, [child], keep_controller=True))
+        image = np.random.randn(*_image(predictor.space)).astype(np.float32)
+        return lambda: path(image)
 
     def model_image_call(
         self, model: InstaNASPredictor | ChildNetwork, children: Sequence[ChildArchitecture] = ()
     ) -> ImageCall:
-        """The exported graph of a model (a routed predictor with ``children`` exported, or a
-        static network) as a batch-1 function of an image."""
-        from ..models.onnx_graph import routed_model, static_model
+        """A model as exported (a routed predictor with ``children`` exported, or a static
+        network), run the way ``instanas.runtime`` runs an export, as a batch-1 function of an
+        image."""
+        from ..models.onnx_graph import RoutedGraphs, routed_graphs, static_model
 
         if isinstance(model, InstaNASPredictor):
-            graph = routed_model(model, list(children))
+            graphs = routed_graphs(model, list(children))
         else:
-            graph = static_model(model.deploy().eval())
-        return image_call(self.session(graph))
+            graphs = RoutedGraphs(None, [static_model(model.deploy().eval())], None, 0.0)
+        path = self.routed_sessions(graphs)
+        return lambda image: path(image.numpy())
+
+    def routed_sessions(self, graphs) -> RoutedSessions:
+        """``RoutedGraphs`` as the sessions an export's runtime runs."""
+
+        def session(graph):
+            return self.session(graph) if graph is not None else None
+
+        children = [self.session(g) for g in graphs.children]
+        return RoutedSessions(session(graphs.controller), children, session(graphs.escalation),
+                              graphs.threshold)  # fmt: skip
 
 
 def _image(space: SearchSpace) -> tuple[int, int, int, int]:
     return (1, space.input_channels, space.input_size, space.input_size)
-
-
-def onnx_session(model: bytes | str, threads: int | None):
-    """An onnxruntime CPU session with ``threads`` intra-op threads (None: its default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # warnings about unused initialisers are noise here
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def image_call(session) -> Callable[[torch.Tensor], None]:

@@ -14,7 +14,8 @@ Graphs take float32 NCHW images with a dynamic batch axis unless a caller fixes 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,8 @@ from torch import nn
 from ..nn.ops import BasicBlock, FusedConvAct, InvertedResidual
 from ..space import ChildArchitecture, SearchSpace
 from .controller import PLACEMENT_GAIN, Controller, ResidualBlock
-from .metagraph import ChildNetwork, Head, MetaGraph, mbv2_path
-from .predictor import Escalation, InstaNASPredictor
+from .metagraph import ChildNetwork, Head, mbv2_path
+from .predictor import InstaNASPredictor
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime >= 1.15 reads it
@@ -191,13 +192,25 @@ def controller_model(controller: Controller, size: int) -> onnx.ModelProto:
 
 def routing_probe_model(controller: Controller, space: SearchSpace) -> onnx.ModelProto:
     """Controller and routing between two children (the MobileNetV2 path and the minimum
-    network): what the deployed graph runs before a child, a latency-table unit."""
+    network): what the deployed path runs before a child, a latency-table unit."""
+    return controller_routing_model(controller, space, [mbv2_path(space), space.minimum_child()])
+
+
+# The outputs of the deployed controller graph, by name, in order.
+CONTROLLER_OUTPUTS = ("child", "policy_logits")
+
+
+def controller_routing_model(
+    controller: Controller, space: SearchSpace, children: Sequence[ChildArchitecture]
+) -> onnx.ModelProto:
+    """The deployed controller graph: an image [1, C, H, W] -> ``child`` [1] (int64, the index
+    into ``children`` the image runs) and ``policy_logits`` [1, cells, modules]."""
     b = GraphBuilder()
     logits = controller_logits(b, INPUT, controller, space.input_size)
-    children = [mbv2_path(space), space.minimum_child()]
     index = routing_scores(b, logits, children, space.forced_mask().tolist(), space.forced_module)
-    return b.model([image_input(space.input_channels, space.input_size, 1)],
-                   [(index, TensorProto.INT64)])  # fmt: skip
+    outputs = _named(b, [(index, TensorProto.INT64), (logits, TensorProto.FLOAT)],
+                     CONTROLLER_OUTPUTS)  # fmt: skip
+    return b.model([image_input(space.input_channels, space.input_size, 1)], outputs)
 
 
 def controller_logits(b: GraphBuilder, x: str, controller: Controller, size: int) -> str:
@@ -318,134 +331,55 @@ def routing_scores(
     return b.op("ArgMin", [b.op("Add", [distance, offset])], axis=1, keepdims=0)
 
 
-def _branch(name: str, build) -> onnx.GraphProto:
-    """A subgraph for an If node; its weights are its own initialisers, so onnxruntime
-    optimises them as constants (outer-scope weights would be left unoptimised)."""
-    sub = GraphBuilder(prefix=f"{name}/")
-    output = sub.op("Identity", [build(sub)])
-    return sub.graph(name, [], [(output, TensorProto.FLOAT)])
+@dataclass
+class RoutedGraphs:
+    """The deployed form of a routed model: what ``instanas.runtime.RoutedSessions`` runs."""
+
+    controller: onnx.ModelProto | None  # None when one child is exported
+    children: list[onnx.ModelProto]  # most used first, each image -> logits
+    escalation: onnx.ModelProto | None  # the larger network, with its threshold
+    threshold: float
 
 
-# The most used children are tested one by one, the rest by halving the index range, so the
-# graphs stay shallow (onnx limits nesting) and the usual child is found at the first test.
-_TESTED_ONE_BY_ONE = 4
-
-
-def _select(b: GraphBuilder, index: str, branches: Sequence[Callable]) -> str:
-    """Run exactly one of ``branches`` (builders of one output each) by the int64 ``index``
-    [1]: If nodes, the first branches (order them most used first) tested first."""
-    scalar = b.op("Squeeze", [index])
-    chosen = _choice(b, scalar, branches, 0, len(branches))
-    b.nodes.extend(chosen.node)
-    b.weights.extend(chosen.initializer)
-    return chosen.output[0].name
-
-
-def _choice(
-    b: GraphBuilder, scalar: str, branches: Sequence[Callable], low: int, high: int
-) -> onnx.GraphProto:
-    """A graph that runs the branch ``scalar`` names among ``branches[low:high]``."""
-    if high - low == 1:
-        return _branch(f"branch{low}", branches[low])
-    if low < _TESTED_ONE_BY_ONE:
-        test_op, split, first, rest = "Equal", low, low + 1, low + 1
-    else:
-        split = (low + high) // 2
-        test_op, first, rest = "Less", split, split
-    level = GraphBuilder(prefix=f"select{low}_{high}/")
-    test = level.op(test_op, [scalar, b.constant(np.int64(split), "branch_index")])
-    output = level.fresh("selected")
-    level.nodes.append(helper.make_node(
-        "If", [test], [output], then_branch=_choice(b, scalar, branches, low, first),
-        else_branch=_choice(b, scalar, branches, rest, high),
-    ))  # fmt: skip
-    return level.graph(f"select{low}_{high}", [], [(output, TensorProto.FLOAT)])
-
-
-def routed_model(
+def routed_graphs(
     predictor: InstaNASPredictor,
     children: Sequence[ChildArchitecture],
     keep_controller: bool = False,
-) -> onnx.ModelProto:
-    """The deployed InstaNAS model as one batch-1 graph: controller, routing, the chosen
-    child's cells between the shared stem and head, and, when the predictor has an escalation
-    rule, the larger network instead for an image whose top softmax probability is below the
-    threshold.
-
-    Outputs (``OUTPUTS``): ``logits`` [1, classes], ``child`` [1] (the index into
-    ``children``, most used first), ``escalated`` [1] (1.0 when the larger network answered)
-    and, when the graph holds the controller, ``policy_logits`` [1, cells, modules]. With one
-    child the controller cannot change what runs, so the graph holds no controller unless
-    ``keep_controller`` (to time the deployed path of one child).
-    """
-    space, graph = predictor.space, predictor.metagraph
-    b = GraphBuilder()
-    stem = b.module(INPUT, graph.stem)
-    outputs = []
+) -> RoutedGraphs:
+    """The deployed InstaNAS model as batch-1 graphs: the controller with the routing to one of
+    ``children``, each child (shared stem, its modules, head), and, when the predictor has an
+    escalation rule, the larger network that answers for an image whose top softmax
+    probability is below the threshold. With one child the controller cannot change what runs,
+    so there is none unless ``keep_controller`` (to time the deployed path of one child)."""
+    space, graph, escalation = predictor.space, predictor.metagraph, predictor.escalation
+    controller = None
     if len(children) > 1 or keep_controller:
-        policy_logits = controller_logits(b, INPUT, predictor.controller, space.input_size)
-        index = routing_scores(b, policy_logits, children, space.forced_mask().tolist(),
-                               space.forced_module)  # fmt: skip
-        branches = [_cells_builder(graph, stem, c) for c in children]
-        features = _select(b, index, branches) if len(children) > 1 else branches[0](b)
-        outputs.append((policy_logits, TensorProto.FLOAT))
-    else:
-        index = b.constant(np.zeros(1, np.int64), "child")
-        features = _cells_builder(graph, stem, children[0])(b)
-    logits, escalated = _escalate(b, b.module(features, graph.head), predictor.escalation)
-    outputs = [(logits, TensorProto.FLOAT), (index, TensorProto.INT64),
-               (escalated, TensorProto.FLOAT), *outputs]  # fmt: skip
-    return b.model([image_input(space.input_channels, space.input_size, 1)], _named(b, outputs))
+        controller = controller_routing_model(predictor.controller, space, children)
+    return RoutedGraphs(
+        controller,
+        [static_model(graph.materialize(child).eval().deploy()) for child in children],
+        static_model(escalation.network) if escalation is not None else None,
+        escalation.threshold if escalation is not None else 0.0,
+    )
 
 
-# The deployed graph's outputs, by name, in order (``policy_logits`` only with a controller).
-OUTPUTS = ("logits", "child", "escalated", "policy_logits")
-
-
-def _named(b: GraphBuilder, outputs: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """The outputs renamed to ``OUTPUTS`` (Identity nodes), so a runtime reads them by name."""
+def _named(
+    b: GraphBuilder, outputs: list[tuple[str, int]], names: Sequence[str]
+) -> list[tuple[str, int]]:
+    """The outputs renamed to ``names`` (Identity nodes), so a runtime reads them by name."""
     named = []
-    for (value, dtype), name in zip(outputs, OUTPUTS):
+    for (value, dtype), name in zip(outputs, names):
         b.nodes.append(helper.make_node("Identity", [value], [name], name=f"output/{name}"))
         named.append((name, dtype))
     return named
 
 
 def static_model(network: ChildNetwork) -> onnx.ModelProto:
-    """A static network (a baseline, the best static child) in the deployed graph's form:
-    ``logits``, ``child`` (always 0) and ``escalated`` (always 0)."""
+    """A deployed network (a child, a baseline, the escalation's larger network) as the batch-1
+    graph an export holds: an image [1, C, H, W] -> ``logits`` [1, classes]."""
     space = network.space
     b = GraphBuilder()
     x = b.module(INPUT, network.stem)
     logits = b.module(b.cell_stack(x, network.cells), network.head)
-    outputs = [(logits, TensorProto.FLOAT),
-               (b.constant(np.zeros(1, np.int64), "child"), TensorProto.INT64),
-               (b.constant(np.zeros(1, np.float32), "escalated"), TensorProto.FLOAT)]  # fmt: skip
-    return b.model([image_input(space.input_channels, space.input_size, 1)], _named(b, outputs))
-
-
-def _cells_builder(graph: MetaGraph, stem: str, child: ChildArchitecture):
-    cells = [[graph.cells[c].candidates[m] for m in modules]
-             for c, modules in enumerate(graph.resolved_cells(child))]  # fmt: skip
-    return lambda b: b.cell_stack(stem, cells)
-
-
-def _escalate(b: GraphBuilder, logits: str, escalation: Escalation | None) -> tuple[str, str]:
-    if escalation is None:
-        return logits, b.constant(np.zeros(1, np.float32), "escalated")
-    network, threshold = escalation.network, escalation.threshold
-    confidence = b.op("ReduceMax", [b.op("Softmax", [logits], axis=1)], axes=[1], keepdims=0)
-    unsure = b.op("Less", [confidence, b.constant(np.float32(threshold), "threshold")])
-    flag = b.op("Cast", [unsure], to=TensorProto.FLOAT)
-    test = b.op("Squeeze", [unsure])
-    output = b.fresh("answer")
-
-    def larger(sub: GraphBuilder) -> str:
-        x = sub.module(INPUT, network.stem)
-        return sub.module(sub.cell_stack(x, network.cells), network.head)
-
-    b.nodes.append(helper.make_node(
-        "If", [test], [output], then_branch=_branch("escalated", larger),
-        else_branch=_branch("kept", lambda sub: logits),
-    ))  # fmt: skip
-    return output, flag
+    outputs = _named(b, [(logits, TensorProto.FLOAT)], ("logits",))
+    return b.model([image_input(space.input_channels, space.input_size, 1)], outputs)

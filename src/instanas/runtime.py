@@ -1,14 +1,19 @@
 """Run an exported InstaNAS model without torch: numpy, Pillow and onnxruntime only.
 
-An export folder (``instanas export``) holds ``model.onnx``, one batch-1 graph with everything
-the deployed model does for an image (the BatchNorm-folded controller, the routing to one of
-the exported children, only that child's modules, and the escalation to a larger network when
-the child is unsure), ``routing.json`` (what the graph's outputs mean, the children, the rules)
-and ``manifest.json`` (versions and checksums). This module runs that graph image by image in
-one onnxruntime session with bound input and output buffers.
+An export folder (``instanas export``) holds the deployed model as batch-1 ONNX graphs: a
+``controller.onnx`` (the BatchNorm-folded controller and the routing: which exported child an
+image runs), one graph per exported child (the shared stem, only that child's modules, the
+head) and, when the run has an escalation rule, ``escalation.onnx`` (the larger network that
+answers when the child's top softmax probability is below the threshold). ``routing.json`` says
+what the files and their outputs mean; ``manifest.json`` records versions and checksums.
+
+Per image this module runs the controller's session, then the chosen child's session, then the
+escalation's when the child is unsure: each session with bound input and output buffers. A
+child is chosen here rather than by If nodes inside one graph because onnxruntime's If costs
+more per image than a second session call (docs/latency.md, "The deployed path").
 
 It must never import torch: deployment machines may not have it, and a test checks this in
-a fresh interpreter.
+a fresh interpreter. Inside the package it is ``instanas.runtime``; an export carries a copy.
 """
 
 from __future__ import annotations
@@ -23,16 +28,16 @@ import numpy as np
 
 ROUTING_FILE = "routing.json"
 MANIFEST_FILE = "manifest.json"
-EXPORT_FORMAT_VERSION = 2  # 2: one graph (model.onnx) with routing and escalation inside
+EXPORT_FORMAT_VERSION = 3  # 3: controller, children and escalation as graphs of their own
 # Exceptions Pillow raises for files that are not (whole) images.
 _IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError)
 
-# The outputs of model.onnx, in order (``policy_logits`` only when it holds a controller).
-OUTPUTS = ("logits", "child", "escalated", "policy_logits")
+# The outputs of controller.onnx, in order: the exported child's index, the policy logits.
+CONTROLLER_OUTPUTS = ("child", "policy_logits")
 
 
 try:  # inside the package: the class the command line reports (instanas.errors)
-    from ..errors import ExportError
+    from .errors import ExportError
 except ImportError:  # the copy in an export folder runs without the package
 
     class ExportError(ValueError):  # type: ignore[no-redef]
@@ -135,8 +140,8 @@ def nearest_child(child: str, exported: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- sessions
 
 
-def onnx_session(path: Path, threads: int | None = None):
-    """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads."""
+def onnx_session(model: Path | bytes, threads: int | None = None):
+    """An onnxruntime CPU session for a graph (a file or its bytes), ``threads`` intra-op."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -148,7 +153,60 @@ def onnx_session(path: Path, threads: int | None = None):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initialisers are noise here
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+class BoundSession:
+    """A batch-1 session whose input buffer and outputs stay bound between calls, as a
+    serving loop keeps them: a call copies the image in and runs the graph."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        shape = [1, *session.get_inputs()[0].shape[1:]]
+        self.buffer = np.zeros(shape, dtype=np.float32)
+        self.binding = session.io_binding()
+        self.binding.bind_cpu_input(session.get_inputs()[0].name, self.buffer)
+        for output in session.get_outputs():
+            self.binding.bind_output(output.name, "cpu")
+
+    def __call__(self, image: np.ndarray) -> list[np.ndarray]:
+        np.copyto(self.buffer, image)
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.copy_outputs_to_cpu()
+
+
+def top_probability(logits: np.ndarray) -> float:
+    """The largest softmax probability of one image's logits [classes]."""
+    return float(1.0 / np.exp(logits - logits.max()).sum())
+
+
+class RoutedSessions:
+    """The deployed path of one image: controller (absent with one child), the chosen child,
+    and the larger network when the child's top softmax probability is below ``threshold``."""
+
+    def __init__(
+        self,
+        controller: Any | None,
+        children: Sequence[Any],
+        escalation: Any | None = None,
+        threshold: float = 0.0,
+    ) -> None:
+        self.controller = BoundSession(controller) if controller is not None else None
+        self.children = [BoundSession(child) for child in children]
+        self.escalation = BoundSession(escalation) if escalation is not None else None
+        self.threshold = threshold
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, int, bool, np.ndarray | None]:
+        """(logits [classes], the child's index, escalated, policy logits or None)."""
+        index, policy_logits = 0, None
+        if self.controller is not None:
+            chosen, policy_logits = self.controller(image)
+            index = int(chosen[0])
+        logits = self.children[index](image)[0][0]
+        if self.escalation is not None and top_probability(logits) < self.threshold:
+            return self.escalation(image)[0][0], index, True, policy_logits
+        return logits, index, False, policy_logits
 
 
 def sha256_file(path: Path) -> str:
@@ -220,14 +278,16 @@ class ExportedModel:
         rule = self.routing["empty_cell_rule"]
         self.forced, self.default_module = rule["forced_cells"], rule["default_module"]
         self.children = [c["child"] for c in self.routing["children"]]  # most used first
-        self._session = onnx_session(self.folder / self.routing["model"]["file"], threads)
-        shape = (1, self.input_channels, self.input_size, self.input_size)
-        self._input = np.zeros(shape, dtype=np.float32)
-        self._binding = self._session.io_binding()
-        self._binding.bind_cpu_input(self._session.get_inputs()[0].name, self._input)
-        self._outputs = [o.name for o in self._session.get_outputs()]
-        for name in self._outputs:
-            self._binding.bind_output(name, "cpu")
+        self.path = self._sessions(self.routing["model"])
+
+    def _sessions(self, files: dict) -> RoutedSessions:
+        def session(name: str | None) -> Any:
+            return onnx_session(self.folder / name, self.threads) if name else None
+
+        threshold = (self.routing["escalation"] or {}).get("threshold", 0.0)
+        children = [session(c["file"]) for c in self.routing["children"]]
+        return RoutedSessions(session(files["controller"]), children,
+                              session(files["escalation"]), threshold)  # fmt: skip
 
     @property
     def classes(self) -> list[str]:
@@ -255,20 +315,17 @@ class ExportedModel:
         return np.ascontiguousarray(images, dtype=np.float32)
 
     def run_one(self, image: np.ndarray) -> None:
-        """The deployed path for one prepared image [1, C, H, W]: the graph, nothing else."""
-        np.copyto(self._input, image)
-        self._session.run_with_iobinding(self._binding)
+        """The deployed path for one prepared image [1, C, H, W], nothing else."""
+        self.path(image)
 
     def answer_one(self, image: np.ndarray) -> Answer:
-        """Run one prepared image and read what the graph says."""
-        self.run_one(image)
-        outputs = dict(zip(self._outputs, self._binding.copy_outputs_to_cpu()))
+        """Run one prepared image and read what the deployed path says."""
+        logits, index, escalated, policy_logits = self.path(image)
         wanted = None
-        if "policy_logits" in outputs:
-            policy = resolve_policies(outputs["policy_logits"], self.forced, self.default_module)
+        if policy_logits is not None:
+            policy = resolve_policies(policy_logits, self.forced, self.default_module)
             wanted = child_string(policy[0])
-        return Answer(outputs["logits"][0], self.children[int(outputs["child"][0])],
-                      bool(outputs["escalated"][0]), wanted)  # fmt: skip
+        return Answer(logits, self.children[index], escalated, wanted)
 
     def answers(self, images: np.ndarray) -> list[Answer]:
         """One answer per image, each through the batch-1 graph."""
