@@ -1,13 +1,14 @@
-"""What the routing costs inside the deployed graph of a trained run, in onnxruntime.
+"""What the controller and the routing cost the deployed path of a trained run, in onnxruntime.
 
     .venv/bin/python bench/routed_graph_cost.py RUN_DIR [--rounds 300]
 
 For the run's main model (escalation left out), on a validation image the controller sends to
 its most used child: that child's graph alone, the controller with the routing over every child
-as a graph of its own, the child with the controller in one graph, and the routed graph with the
-top 2, 8 and all children (If nodes select the child), every graph timed at batch 1 in
-onnxruntime (1 thread, IO binding, warm), interleaved in shuffled rounds. The gap between the
-child alone and the routed graphs is what routing costs the deployed model.
+as a graph of its own, and the deployed path (``instanas.runtime.RoutedSessions``: the
+controller's session, then the child's) with the top 1, 8, 32 and all children exported, each
+timed at batch 1 in onnxruntime (1 thread, IO binding, warm), interleaved in shuffled rounds.
+The gap between the child alone and the deployed path is what routing costs. (At commit
+743b000 this script timed the earlier one-graph form, the child selected by If nodes.)
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from instanas.models.onnx_graph import (
     GraphBuilder,
     controller_logits,
     image_input,
-    routed_model,
+    routed_graphs,
     routing_scores,
+    static_model,
 )
 from instanas.space import ChildArchitecture
 
@@ -56,21 +58,27 @@ def main() -> None:
         call = image_call(ort.session(graph))
         return lambda: call(x)
 
+    def deployed(graphs):
+        path = ort.routed_sessions(graphs)
+        return lambda: path(x.numpy())
+
     b = GraphBuilder()
     logits = controller_logits(b, INPUT, predictor.controller, space.input_size)
     index = routing_scores(b, logits, children, space.forced_mask().tolist(), space.forced_module)
     shape = image_input(space.input_channels, space.input_size, 1)
     calls = {
-        "most used child alone": timed(routed_model(predictor, children[:1])),
+        "most used child alone": timed(
+            static_model(predictor.metagraph.materialize(children[0]).eval().deploy())
+        ),
         f"controller + routing over {len(children)} children": timed(
             b.model([shape], [(index, TensorProto.INT64)])
         ),
-        "most used child + controller, one graph": timed(
-            routed_model(predictor, children[:1], keep_controller=True)
+        "deployed path, top 1 child (controller kept)": deployed(
+            routed_graphs(predictor, children[:1], keep_controller=True)
         ),
     }
-    for k in sorted({min(k, len(children)) for k in (2, 8, len(children))} - {1}):
-        calls[f"routed graph, top {k} children"] = timed(routed_model(predictor, children[:k]))
+    for k in sorted({min(k, len(children)) for k in (8, 32, len(children))} - {1}):
+        calls[f"deployed path, top {k} children"] = deployed(routed_graphs(predictor, children[:k]))
     with cpu_threads(1):
         stats = time_units(calls, warmup=5, repeats=args.rounds, burst=ort.burst)
     alone = stats["most used child alone"].median_ms

@@ -4,7 +4,8 @@ child is unsure of (top softmax probability below the threshold) runs a larger n
 
 One network for every place that runs a trained controller and meta-graph as deployed: the
 evaluation, ``instanas.load``, the latency table's validation and the static child's choice.
-The exported graph (``models/onnx_graph.routed_model``) computes the same thing.
+The exported graphs (``models/onnx_graph.routed_graphs``, run by ``instanas.runtime``) compute
+the same thing.
 """
 
 from __future__ import annotations
