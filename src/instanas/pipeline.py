@@ -338,7 +338,11 @@ def _previous_timings(run_dir: Path) -> dict[str, float]:
 
 
 def save_timings(run_dir: Path, timings: dict[str, float]) -> None:
-    write_json(run_dir / "timings.json", {**_previous_timings(run_dir), **timings})
+    """Merge ``timings`` into the run's timings.json; ``total`` is the sum of every stage's
+    time, so a resumed run's total counts the stages its earlier invocations ran."""
+    merged = {**_previous_timings(run_dir), **timings}
+    merged.pop("total", None)
+    write_json(run_dir / "timings.json", {**merged, "total": sum(merged.values())})
 
 
 def run_all(ctx: RunContext, resume: bool = False) -> dict[str, float]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from .. import distributed, stage_specs
@@ -112,7 +111,6 @@ def pipeline_command(args: argparse.Namespace) -> int:
 
 
 def _run_all(ctx: RunContext) -> int:
-    start = time.perf_counter()
     timings = run_all(ctx, resume=ctx.resume)
     if not timings and (ctx.run_dir / "results.md").exists():
         # Resumed a finished run: nothing ran, so nothing is rewritten.
@@ -122,7 +120,6 @@ def _run_all(ctx: RunContext) -> int:
         )
         _print_summary(ctx.run_dir)
         return 0
-    timings["total"] = time.perf_counter() - start
     save_timings(ctx.run_dir, timings)
     if distributed.is_main():
         finalize_results(ctx)

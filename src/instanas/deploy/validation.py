@@ -4,7 +4,7 @@ Both see the same normalised test images. Routing (the child the controller pick
 fallback) must be identical for every image where the export holds the controller, the
 escalation decision identical wherever the two run the same child, and predictions identical
 for at least ``PREDICTION_AGREEMENT`` of the images; the largest logit difference is reported.
-Batch-1 latency of the exported graph in onnxruntime and of the eager deployed path is measured
+Batch-1 latency of the exported graphs in onnxruntime and of the eager deployed path is measured
 side by side in one process, image by image in shuffled order (``latency.side_by_side``).
 """
 

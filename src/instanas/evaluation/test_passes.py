@@ -26,7 +26,7 @@ class Evaluated:
     """One model's test-set outcome before timing.
 
     ``batch_one`` is its eager batch-1 path; ``deployed`` its batch-1 path in a latency
-    backend (the exported graph in onnxruntime), None when it has no deployable form (the
+    backend (the exported graphs in onnxruntime), None when it has no deployable form (the
     random-policy model draws a child per image at random).
     """
 

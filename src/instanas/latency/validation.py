@@ -1,7 +1,7 @@
 """Does the latency table predict what whole children cost? Measure and compare.
 
 Each child is timed end to end at batch 1 in the table's backend as the deployed path runs it
-(controller, routing, the child's modules; in onnxruntime the exported graph), interleaved in
+(controller, routing, the child's modules; in onnxruntime the exported graphs), interleaved in
 shuffled rounds with all other children. Its prediction is the table's: the child's units and
 the fixed stem, head and controller costs on the calibration curve, fitted on other children.
 Agreement is summarised by Spearman rank correlation (does the table order children correctly,

@@ -262,7 +262,8 @@ def _device_sentence(results: Mapping) -> str | None:
     over = f" over {images} test images" if images is not None else ""
     runtime = device.get("runtime", f"torch {device.get('torch', '?')}")
     deployed = (
-        " as deployed (the exported graph); eager PyTorch figures are kept beside them"
+        " as deployed (the exported graphs, run as instanas.runtime runs them); eager PyTorch "
+        "figures are kept beside them"
         if device.get("backend") == "onnxruntime"
         else ""
     )
