@@ -12,7 +12,7 @@ def test_full_data_keeps_the_preset_epochs():
     before = {s: getattr(config, s).epochs for s in ("pretrain", "search", "finetune")}
     resolve_budgets(config, 54000)
     assert {s: getattr(config, s).epochs for s in before} == before
-    assert config.pretrain.steps == 2 * steps_per_epoch(54000, 256)
+    assert config.pretrain.steps == config.pretrain.epochs * steps_per_epoch(54000, 256)
 
 
 def test_a_smaller_data_set_keeps_the_preset_step_count():
@@ -71,8 +71,12 @@ def test_epochs_on_the_command_line_win_over_recorded_steps():
 def test_the_log_line_says_epochs_and_steps():
     config = load_preset("fashion-cpu")
     line = describe(config, "baseline", 54000)
+    epochs = config.baseline_epochs()
     assert line == (
-        f"baseline: 14 epochs = {14 * 210:,} steps of 256 images (54,000 training images)"
+        f"baseline: {epochs} epochs = {epochs * 210:,} steps of 256 images "
+        "(54,000 training images)"
     )
-    assert describe(config, "static-child", 54000).startswith("static-child: 9 epochs")
+    assert describe(config, "static-child", 54000).startswith(
+        f"static-child: {config.finetune.epochs} epochs"
+    )
     assert describe(config, "evaluate", 54000) is None
