@@ -73,8 +73,7 @@ def test_the_log_line_says_epochs_and_steps():
     line = describe(config, "baseline", 54000)
     epochs = config.baseline_epochs()
     assert line == (
-        f"baseline: {epochs} epochs = {epochs * 210:,} steps of 256 images "
-        "(54,000 training images)"
+        f"baseline: {epochs} epochs = {epochs * 210:,} steps of 256 images (54,000 training images)"
     )
     assert describe(config, "static-child", 54000).startswith(
         f"static-child: {config.finetune.epochs} epochs"

@@ -349,8 +349,9 @@ def routed_graphs(
     """The deployed InstaNAS model as batch-1 graphs: the controller with the routing to one of
     ``children``, each child (shared stem, its modules, head), and, when the predictor has an
     escalation rule that can escalate (a threshold above 0), the larger network that answers
-    for an image whose top softmax probability is below the threshold. With one child the controller cannot change what runs,
-    so there is none unless ``keep_controller`` (to time the deployed path of one child)."""
+    for an image whose top softmax probability is below the threshold. With one child the
+    controller cannot change what runs, so there is none unless ``keep_controller`` (to time
+    the deployed path of one child)."""
     space, graph, escalation = predictor.space, predictor.metagraph, predictor.escalation
     if escalation is not None and escalation.threshold <= 0.0:
         escalation = None  # no top probability is below 0: the larger network never runs
