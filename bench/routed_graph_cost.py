@@ -3,12 +3,14 @@
     .venv/bin/python bench/routed_graph_cost.py RUN_DIR [--rounds 300]
 
 For the run's main model (escalation left out), on a validation image the controller sends to
-its most used child: that child's graph alone, the controller with the routing over every child
-as a graph of its own, and the deployed path (``instanas.runtime.RoutedSessions``: the
-controller's session, then the child's) with the top 1, 8, 32 and all children exported, each
-timed at batch 1 in onnxruntime (1 thread, IO binding, warm), interleaved in shuffled rounds.
-The gap between the child alone and the deployed path is what routing costs. (At commit
-743b000 this script timed the earlier one-graph form, the child selected by If nodes.)
+its most used child: that child's graph alone, the controller's graph alone and with the
+runtime's routing over every child (``instanas.runtime.Router``), and the deployed path
+(``instanas.runtime.RoutedSessions``: the controller's session, the routing, the child's
+session) with the top 1, 8, 32 and all children exported, each timed at batch 1 in onnxruntime
+(1 thread, IO binding, warm), interleaved in shuffled rounds. The gap between the child alone
+and the deployed path is what the controller and the routing cost. (At commit 743b000 this
+script timed the one-graph form, the child selected by If nodes; at e32b311 the routing was
+ten nodes inside the controller's graph.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from onnx import TensorProto
 
 from instanas.data import images_of
 from instanas.deploy.inference import load
@@ -26,14 +27,12 @@ from instanas.deploy.source import run_data
 from instanas.latency.backends import OnnxRuntimeBackend, image_call
 from instanas.latency.timing import cpu_threads, processor_name, time_units
 from instanas.models.onnx_graph import (
-    INPUT,
-    GraphBuilder,
-    controller_logits,
-    image_input,
+    deployed_controller_model,
     routed_graphs,
-    routing_scores,
+    router_for,
     static_model,
 )
+from instanas.runtime import BoundSession
 from instanas.space import ChildArchitecture
 
 
@@ -62,17 +61,14 @@ def main() -> None:
         path = ort.routed_sessions(graphs)
         return lambda: path(x.numpy())
 
-    b = GraphBuilder()
-    logits = controller_logits(b, INPUT, predictor.controller, space.input_size)
-    index = routing_scores(b, logits, children, space.forced_mask().tolist(), space.forced_module)
-    shape = image_input(space.input_channels, space.input_size, 1)
+    controller = BoundSession(ort.session(deployed_controller_model(predictor.controller, space)))
+    router, image = router_for(space, children), x.numpy()
     calls = {
         "most used child alone": timed(
             static_model(predictor.metagraph.materialize(children[0]).eval().deploy())
         ),
-        f"controller + routing over {len(children)} children": timed(
-            b.model([shape], [(index, TensorProto.INT64)])
-        ),
+        "controller graph alone": lambda: controller(image),
+        f"controller + routing over {len(children)} children": lambda: router(*controller(image)),
         "deployed path, top 1 child (controller kept)": deployed(
             routed_graphs(predictor, children[:1], keep_controller=True)
         ),

@@ -19,7 +19,14 @@ import torch
 from tiny_runs import snapshot, tiny_main_model_run
 
 from instanas.cli import main
-from instanas.runtime import ExportedModel, ExportError, nearest_child, resolve_policies
+from instanas.runtime import (
+    ExportedModel,
+    ExportError,
+    Router,
+    child_string,
+    nearest_child,
+    resolve_policies,
+)
 from instanas.space import nearest_child as package_nearest_child
 
 
@@ -81,7 +88,7 @@ def test_onnx_export_validates_against_eager(onnx_export, tiny_run):
     files = routing["model"]
     assert (files["controller"] is not None) == (len(routing["children"]) > 1)
     assert routing["model"]["measured_latency_ms"]["mean"] > 0
-    assert files["controller_outputs"] == ["child", "policy_logits"]
+    assert files["controller_outputs"] == ["policy", "policy_logits"]
     for child in routing["children"]:
         assert len(child["cells"]) == routing["cells"]
         assert (onnx_export / child["file"]).is_file()
@@ -295,3 +302,31 @@ def test_every_static_network_of_the_run_exports_and_validates(tiny_run, tmp_pat
     assert result.validation["passed"] and not result.validation["controller_in_export"]
     assert len(result.routing["children"]) == 1 and result.routing["escalation"] is None
     assert result.validation["max_logit_difference"] < 1e-3
+
+
+def test_router_picks_the_nearest_child_after_the_empty_cell_rule():
+    """The runtime's per-image routing agrees with ``nearest_child`` of the resolved policy,
+    for exported policies (the lookup), empty forced cells and unexported ones alike."""
+    forced, default = [True, False, True, False], 1
+    exported = ["1-_-1-_", "0-2-1-_", "01-_-3-4", "1-4-1-0"]
+    router = Router(exported, forced, default, 5)
+    rng = np.random.default_rng(0)
+    policies = [rng.random((4, 5)) < p for p in (0.1, 0.2, 0.3) for _ in range(300)]
+    for child in exported:  # every exported child and its raw forms with emptied cells
+        policies.append(_bits(child, 4))
+    policies.append(np.zeros((4, 5), bool))  # empty: the rule makes it 1-_-1-_
+    for raw in policies:
+        logits = np.where(raw, 1.0, -1.0).astype(np.float32)[None]
+        wanted = child_string(resolve_policies(logits, forced, default)[0])
+        picked = router(raw.astype(np.uint8)[None], logits)
+        assert exported[picked] == nearest_child(wanted, exported), wanted
+    empty = np.full((1, 4, 5), -1.0, np.float32)
+    assert router(np.zeros((1, 4, 5), np.uint8), empty) == 0
+
+
+def _bits(child: str, cells: int) -> np.ndarray:
+    bits = np.zeros((cells, 5), bool)
+    for c, part in enumerate(child.split("-")):
+        for m in part.replace("_", ""):
+            bits[c, int(m)] = True
+    return bits

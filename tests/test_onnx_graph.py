@@ -80,7 +80,7 @@ def test_children_match_eager(child):
 
 
 @pytest.mark.parametrize("form", ["free", "difficulty"])
-@pytest.mark.parametrize("widths,size", [((4, 8), 8), ((4,), 16), ((), 5), ((), 32)])
+@pytest.mark.parametrize("widths,size", [((4, 8), 8), ((4,), 16), ((), 8), ((), 5), ((), 32)])
 def test_controller_logits_match_eager(form, widths, size):
     _, controller = _models(ControllerSpec(input_size=size, widths=widths, form=form))
     deployed = controller.deploy()
@@ -114,7 +114,7 @@ def test_routing_picks_the_child_the_eager_model_runs_and_falls_back_to_the_near
 
 
 def test_an_empty_forced_cell_routes_to_the_child_with_the_forced_module():
-    """The empty-cell rule inside the graph: a policy that leaves a forced cell empty is the
+    """The empty-cell rule in the routing: a policy that leaves a forced cell empty is the
     child with the forced module there, not a child one module away."""
     space = _space(forced_module=1)
     metagraph, controller = _models(ControllerSpec(input_size=8, widths=()), space)
@@ -164,7 +164,8 @@ def _sessions(graphs) -> RoutedSessions:
         return onnx_session(graph.SerializeToString(), 1) if graph is not None else None
 
     return RoutedSessions(session(graphs.controller), [session(g) for g in graphs.children],
-                          session(graphs.escalation), graphs.threshold)  # fmt: skip
+                          session(graphs.escalation), graphs.threshold,
+                          graphs.router)  # fmt: skip
 
 
 def test_a_graph_builder_refuses_a_module_it_cannot_write():

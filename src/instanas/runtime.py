@@ -7,10 +7,13 @@ head) and, when the run has an escalation rule, ``escalation.onnx`` (the larger 
 answers when the child's top softmax probability is below the threshold). ``routing.json`` says
 what the files and their outputs mean; ``manifest.json`` records versions and checksums.
 
-Per image this module runs the controller's session, then the chosen child's session, then the
-escalation's when the child is unsure: each session with bound input and output buffers. A
-child is chosen here rather than by If nodes inside one graph because onnxruntime's If costs
-more per image than a second session call (docs/latency.md, "The deployed path").
+Per image this module runs the controller's session, routes its policy to an exported child
+(``Router``: one dictionary lookup when the policy is an exported child), then runs the chosen
+child's session, then the escalation's when the child is unsure: each session with bound input
+and output buffers. A child is chosen here rather than by If nodes inside one graph because
+onnxruntime's If costs more per image than a second session call, and the routing is done here
+rather than in the controller's graph because ten small graph nodes cost more than the lookup
+(docs/latency.md, "The deployed path").
 
 It must never import torch: deployment machines may not have it, and a test checks this in
 a fresh interpreter. Inside the package it is ``instanas.runtime``; an export carries a copy.
@@ -28,12 +31,14 @@ import numpy as np
 
 ROUTING_FILE = "routing.json"
 MANIFEST_FILE = "manifest.json"
-EXPORT_FORMAT_VERSION = 3  # 3: controller, children and escalation as graphs of their own
+# 3: controller, children and escalation as graphs of their own; 4: the routing in the runtime
+EXPORT_FORMAT_VERSION = 4
 # Exceptions Pillow raises for files that are not (whole) images.
 _IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError)
 
-# The outputs of controller.onnx, in order: the exported child's index, the policy logits.
-CONTROLLER_OUTPUTS = ("child", "policy_logits")
+# The outputs of controller.onnx, in order: the greedy policy (uint8 [1, cells, modules], 1
+# where the logit is >= 0, before the empty-cell rule) and the policy logits.
+CONTROLLER_OUTPUTS = ("policy", "policy_logits")
 
 
 try:  # inside the package: the class the command line reports (instanas.errors)
@@ -131,10 +136,66 @@ def child_modules(child: str) -> set[tuple[int, int]]:
 
 def nearest_child(child: str, exported: Sequence[str]) -> str:
     """The exported child that runs for ``child``: itself when exported, otherwise the one
-    differing in the fewest (cell, module) entries, ties to the earlier (more used) one. The
-    graph computes the same choice (``instanas.onnx_graphs.routing_scores``)."""
+    differing in the fewest (cell, module) entries, ties to the earlier (more used) one.
+    ``Router`` makes the same choice from policy logits."""
     wanted = child_modules(child)
     return min(exported, key=lambda e: len(wanted ^ child_modules(e)))
+
+
+class Router:
+    """The exported child an image runs, from its policy logits: ``nearest_child`` of its
+    greedy policy after the empty-cell rule.
+
+    Deployed images mostly pick an exported child, so every raw greedy policy (the graph's
+    uint8 ``policy`` output) that the rule turns into an exported child is a key of one
+    dictionary: the common case is one lookup, no numpy arithmetic. Other policies get the
+    rule and the nearest child by counting differences.
+    """
+
+    # Per child, the raw policies tried as keys double with every forced cell that runs only
+    # the default module (empty or not); above this many such cells the rest go the slow way.
+    _MAX_OPTIONAL_CELLS = 10
+
+    def __init__(
+        self, children: Sequence[str], forced: Sequence[bool], default_module: int, modules: int
+    ) -> None:
+        self.forced = np.asarray(forced, dtype=bool)
+        self.default_module = default_module
+        bits = np.zeros((len(children), len(forced), modules), dtype=bool)
+        for k, child in enumerate(children):
+            for cell, module in child_modules(child):
+                bits[k, cell, module] = True
+        self.bits = bits.reshape(len(children), -1)
+        self.exact: dict[bytes, int] = {}
+        for k in range(len(children)):
+            for raw in self._raw_policies(bits[k]):
+                self.exact.setdefault(raw.astype(np.uint8).tobytes(), k)
+
+    def _raw_policies(self, resolved: np.ndarray) -> list[np.ndarray]:
+        """The greedy policies [cells * modules] that the empty-cell rule turns into
+        ``resolved``: in a forced cell running only the default module, that module may be
+        off."""
+        alone = np.zeros(resolved.shape[1], dtype=bool)
+        alone[self.default_module] = True
+        optional = [c for c in np.flatnonzero(self.forced) if (resolved[c] == alone).all()]
+        policies = [resolved.copy()]
+        for cell in optional[: self._MAX_OPTIONAL_CELLS]:
+            for policy in list(policies):
+                emptied = policy.copy()
+                emptied[cell, self.default_module] = False
+                policies.append(emptied)
+        return [p.reshape(-1) for p in policies]
+
+    def __call__(self, policy: np.ndarray, policy_logits: np.ndarray) -> int:
+        """The index of the child one image runs, from its greedy policy (uint8) and its
+        logits, both [1, cells, modules]."""
+        index = self.exact.get(policy.tobytes())
+        if index is not None:
+            return index
+        cells = self.forced.shape[0]
+        resolved = resolve_policies(policy_logits.reshape(cells, -1), self.forced,
+                                    self.default_module)  # fmt: skip
+        return int(np.argmin((self.bits != resolved.reshape(-1)).sum(axis=1)))
 
 
 # --------------------------------------------------------------------------- sessions
@@ -158,32 +219,46 @@ def onnx_session(model: Path | bytes, threads: int | None = None):
 
 
 class BoundSession:
-    """A batch-1 session whose input buffer and outputs stay bound between calls, as a
-    serving loop keeps them: a call copies the image in and runs the graph."""
+    """A batch-1 session whose input and output buffers stay bound between calls, as a serving
+    loop keeps them: the graph reads ``buffer`` (shared when given, so that several sessions
+    read one copy of the image) and writes its outputs into the same arrays each time (read
+    or copy them before the next call)."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, buffer: np.ndarray | None = None) -> None:
+        import onnxruntime as ort
+
         self.session = session
+        name = session.get_inputs()[0].name
         shape = [1, *session.get_inputs()[0].shape[1:]]
-        self.buffer = np.zeros(shape, dtype=np.float32)
+        self.buffer = np.zeros(shape, dtype=np.float32) if buffer is None else buffer
+        # One run on zeros gives every output's shape and type; the graphs have fixed shapes.
+        zeros = np.zeros(shape, dtype=np.float32)
+        self.outputs = [np.empty_like(o) for o in session.run(None, {name: zeros})]
         self.binding = session.io_binding()
-        self.binding.bind_cpu_input(session.get_inputs()[0].name, self.buffer)
-        for output in session.get_outputs():
-            self.binding.bind_output(output.name, "cpu")
+        self.binding.bind_cpu_input(name, self.buffer)
+        for output, array in zip(session.get_outputs(), self.outputs):
+            self.binding.bind_ortvalue_output(output.name, ort.OrtValue.ortvalue_from_numpy(array))
 
     def __call__(self, image: np.ndarray) -> list[np.ndarray]:
         np.copyto(self.buffer, image)
+        return self.run()
+
+    def run(self) -> list[np.ndarray]:
+        """The graph on what the input buffer holds now."""
         self.session.run_with_iobinding(self.binding)
-        return self.binding.copy_outputs_to_cpu()
+        return self.outputs
 
 
 def top_probability(logits: np.ndarray) -> float:
-    """The largest softmax probability of one image's logits [classes]."""
+    """The largest softmax probability of one image's logits [classes], in float32 as the
+    eager model computes it (a threshold picked at an image's own value must agree)."""
     return float(1.0 / np.exp(logits - logits.max()).sum())
 
 
 class RoutedSessions:
-    """The deployed path of one image: controller (absent with one child), the chosen child,
-    and the larger network when the child's top softmax probability is below ``threshold``."""
+    """The deployed path of one image: the controller and its ``router`` (absent with one
+    child), the chosen child, and the larger network when the child's top softmax
+    probability is below ``threshold``. Every session reads one shared copy of the image."""
 
     def __init__(
         self,
@@ -191,21 +266,33 @@ class RoutedSessions:
         children: Sequence[Any],
         escalation: Any | None = None,
         threshold: float = 0.0,
+        router: Router | None = None,
     ) -> None:
-        self.controller = BoundSession(controller) if controller is not None else None
-        self.children = [BoundSession(child) for child in children]
-        self.escalation = BoundSession(escalation) if escalation is not None else None
+        if controller is not None and router is None:
+            raise ValueError("a controller needs a router to say which child its policy runs")
+        shape = [1, *children[0].get_inputs()[0].shape[1:]]
+        self.image = np.zeros(shape, dtype=np.float32)
+
+        def bound(session: Any | None) -> BoundSession | None:
+            return BoundSession(session, self.image) if session is not None else None
+
+        self.controller = bound(controller)
+        self.router = router
+        self.children = [BoundSession(child, self.image) for child in children]
+        self.escalation = bound(escalation)
         self.threshold = threshold
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, int, bool, np.ndarray | None]:
-        """(logits [classes], the child's index, escalated, policy logits or None)."""
+        """(logits [classes], the child's index, escalated, policy logits or None): arrays the
+        next call overwrites."""
+        np.copyto(self.image, image)
         index, policy_logits = 0, None
         if self.controller is not None:
-            chosen, policy_logits = self.controller(image)
-            index = int(chosen[0])
-        logits = self.children[index](image)[0][0]
+            policy, policy_logits = self.controller.run()
+            index = self.router(policy, policy_logits)  # type: ignore[misc]
+        logits = self.children[index].run()[0][0]
         if self.escalation is not None and top_probability(logits) < self.threshold:
-            return self.escalation(image)[0][0], index, True, policy_logits
+            return self.escalation.run()[0][0], index, True, policy_logits
         return logits, index, False, policy_logits
 
 
@@ -286,8 +373,10 @@ class ExportedModel:
 
         threshold = (self.routing["escalation"] or {}).get("threshold", 0.0)
         children = [session(c["file"]) for c in self.routing["children"]]
+        router = Router(self.children, self.forced, self.default_module,
+                        int(self.routing["modules"]))  # fmt: skip
         return RoutedSessions(session(files["controller"]), children,
-                              session(files["escalation"]), threshold)  # fmt: skip
+                              session(files["escalation"]), threshold, router)  # fmt: skip
 
     @property
     def classes(self) -> list[str]:
@@ -325,7 +414,7 @@ class ExportedModel:
         if policy_logits is not None:
             policy = resolve_policies(policy_logits, self.forced, self.default_module)
             wanted = child_string(policy[0])
-        return Answer(logits, self.children[index], escalated, wanted)
+        return Answer(logits.copy(), self.children[index], escalated, wanted)
 
     def answers(self, images: np.ndarray) -> list[Answer]:
         """One answer per image, each through the batch-1 graph."""

@@ -155,6 +155,9 @@ def _profile(ctx: RunContext, args: argparse.Namespace) -> int:
         f", p90 {100 * check.p90_relative_error:.1f}% "
         f"({ctx.run_dir / 'latency_validation.png'})"
     )
+    for source, group in check.by_source().items():
+        print(f"  {source} children ({group['children']}): Spearman {group['spearman']:.3f}, "
+              f"median {100 * group['median_relative_error']:.1f}%")  # fmt: skip
     return 0
 
 

@@ -55,9 +55,11 @@ RUNTIME_FILE = "instanas_runtime.py"
 CONTROLLER_FILE, ESCALATION_FILE = "controller.onnx", "escalation.onnx"
 CHILD_FILE = "children/child-{:02d}.onnx"
 PATH_RULE = (
-    "per image: the controller graph gives the index of the child to run (no controller: "
-    "child 0), that child's graph gives the logits, and when the escalation graph exists and "
-    "the top softmax probability of those logits is below its threshold, its logits answer"
+    "per image: the controller graph gives the policy logits, a module runs where its logit "
+    "is >= 0, the empty-cell rule applies, and the exported child equal to that policy runs "
+    "(else the fallback rule's; no controller: child 0); that child's graph gives the logits, "
+    "and when the escalation graph exists and the top softmax probability of those logits is "
+    "below its threshold, its logits answer"
 )
 FALLBACK_RULE = (
     "a policy whose child was not exported runs the exported child differing from it in the "

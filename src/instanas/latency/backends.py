@@ -26,7 +26,7 @@ from torch import nn
 from ..models.controller import Controller
 from ..models.metagraph import ChildNetwork
 from ..models.predictor import InstaNASPredictor
-from ..runtime import RoutedSessions, onnx_session
+from ..runtime import BoundSession, RoutedSessions, onnx_session, resolve_policies
 from ..space import ChildArchitecture, SearchSpace
 
 BACKENDS = ("onnxruntime", "eager")
@@ -133,10 +133,18 @@ class OnnxRuntimeBackend:
         return self.model_call(identity_model(shape), shape)
 
     def controller_call(self, controller: Controller, space: SearchSpace) -> Call:
-        """The controller with the routing the deployed graph runs after it."""
-        from ..models.onnx_graph import routing_probe_model
+        """The controller's graph and the runtime's routing after it, as deployed: the image's
+        own child is among the exported ones (with the minimum network), so the routing takes
+        its common path, one lookup."""
+        from ..models.onnx_graph import deployed_controller_model, router_for
 
-        return self.model_call(routing_probe_model(controller, space), _image(space))
+        session = BoundSession(self.session(deployed_controller_model(controller, space)))
+        image = np.random.randn(*_image(space)).astype(np.float32)
+        logits = session(image)[1]
+        own = resolve_policies(logits, space.forced_mask().tolist(), space.forced_module)[0]
+        children = [ChildArchitecture.from_policy(torch.from_numpy(own)), space.minimum_child()]
+        router = router_for(space, children)
+        return lambda: router(*session(image))
 
     def routed_call(self, predictor: InstaNASPredictor, child: ChildArchitecture) -> Call:
         """The deployed path (controller with routing, then the child) with ``child`` as its
@@ -170,7 +178,7 @@ class OnnxRuntimeBackend:
 
         children = [self.session(g) for g in graphs.children]
         return RoutedSessions(session(graphs.controller), children, session(graphs.escalation),
-                              graphs.threshold)  # fmt: skip
+                              graphs.threshold, graphs.router)  # fmt: skip
 
 
 def _image(space: SearchSpace) -> tuple[int, int, int, int]:

@@ -35,7 +35,7 @@ from .backends import Backend
 from .timing import TimingStats, device_name
 
 log = logging.getLogger(__name__)
-TABLE_FORMAT = 3  # 3: latency backends, per-call cost, calibration curve
+TABLE_FORMAT = 4  # 3: backends, per-call cost, calibration curve; 4: routing in the runtime
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,27 @@ class TableValidation:
             "spearman": self.spearman,
             "median_relative_error": self.median_relative_error,
             "p90_relative_error": self.p90_relative_error,
+            "by_source": self.by_source(),
             "device": self.device,
             "chain_factor": self.chain_factor,
             "chain_exponent": self.chain_exponent,
             "children": [asdict(c) for c in self.children],
         }
+
+    def by_source(self) -> dict[str, dict]:
+        """Spearman and median relative error within each source: random children span the
+        space, the controller's differ in a few modules and test the table's fine ranking."""
+        found: dict[str, dict] = {}
+        for source in sorted({c.source for c in self.children}):
+            group = [c for c in self.children if c.source == source]
+            found[source] = {
+                "children": len(group),
+                "spearman": spearman(
+                    [c.predicted_ms for c in group], [c.measured_ms for c in group]
+                ),  # fmt: skip
+                "median_relative_error": quantile([c.relative_error for c in group], 0.5),
+            }
+        return found
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))

@@ -26,9 +26,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..nn.ops import BasicBlock, FusedConvAct, InvertedResidual
+from ..runtime import Router
 from ..space import ChildArchitecture, SearchSpace
 from .controller import PLACEMENT_GAIN, Controller, ResidualBlock
-from .metagraph import ChildNetwork, Head, mbv2_path
+from .metagraph import ChildNetwork, Head
 from .predictor import InstaNASPredictor
 
 OPSET = 17
@@ -190,27 +191,27 @@ def controller_model(controller: Controller, size: int) -> onnx.ModelProto:
     return b.model([image_input(controller.in_channels, size)], [(logits, TensorProto.FLOAT)])
 
 
-def routing_probe_model(controller: Controller, space: SearchSpace) -> onnx.ModelProto:
-    """Controller and routing between two children (the MobileNetV2 path and the minimum
-    network): what the deployed path runs before a child, a latency-table unit."""
-    return controller_routing_model(controller, space, [mbv2_path(space), space.minimum_child()])
-
-
 # The outputs of the deployed controller graph, by name, in order.
-CONTROLLER_OUTPUTS = ("child", "policy_logits")
+CONTROLLER_OUTPUTS = ("policy", "policy_logits")
 
 
-def controller_routing_model(
-    controller: Controller, space: SearchSpace, children: Sequence[ChildArchitecture]
-) -> onnx.ModelProto:
-    """The deployed controller graph: an image [1, C, H, W] -> ``child`` [1] (int64, the index
-    into ``children`` the image runs) and ``policy_logits`` [1, cells, modules]."""
+def deployed_controller_model(controller: Controller, space: SearchSpace) -> onnx.ModelProto:
+    """The controller graph an export holds: an image [1, C, H, W] -> ``policy`` (uint8, 1
+    where a logit is >= 0) and ``policy_logits``, both [1, cells, modules]; the runtime's
+    ``Router`` turns the policy into the child to run."""
     b = GraphBuilder()
     logits = controller_logits(b, INPUT, controller, space.input_size)
-    index = routing_scores(b, logits, children, space.forced_mask().tolist(), space.forced_module)
-    outputs = _named(b, [(index, TensorProto.INT64), (logits, TensorProto.FLOAT)],
+    selected = b.op("GreaterOrEqual", [logits, b.constant(np.float32(0))])
+    policy = b.op("Cast", [selected], to=TensorProto.UINT8)
+    outputs = _named(b, [(policy, TensorProto.UINT8), (logits, TensorProto.FLOAT)],
                      CONTROLLER_OUTPUTS)  # fmt: skip
     return b.model([image_input(space.input_channels, space.input_size, 1)], outputs)
+
+
+def router_for(space: SearchSpace, children: Sequence[ChildArchitecture]) -> Router:
+    """The runtime's routing to ``children`` under the space's empty-cell rule."""
+    forced = space.forced_mask().tolist()
+    return Router([str(c) for c in children], forced, space.forced_module, space.num_modules)
 
 
 def controller_logits(b: GraphBuilder, x: str, controller: Controller, size: int) -> str:
@@ -221,6 +222,9 @@ def controller_logits(b: GraphBuilder, x: str, controller: Controller, size: int
     """
     spec = controller.spec
     channels = controller.in_channels
+    if _pools_to_thumbnail(size, spec.input_size):
+        x = _pooled_thumbnail(b, x, size // spec.input_size)
+        size = spec.input_size
     if not spec.widths and channels * size * size <= _FOLDED_PIXELS:
         if spec.form == "free":
             logits = _folded_linear(b, x, controller, controller.logits, size)
@@ -237,6 +241,17 @@ def controller_logits(b: GraphBuilder, x: str, controller: Controller, size: int
             logits = _difficulty_logits(b, b.linear(features, controller.difficulty), controller)
     shape = b.constant(np.array([-1, controller.num_cells, controller.num_modules], np.int64))
     return b.op("Reshape", [logits, shape])
+
+
+def _pools_to_thumbnail(size: int, thumbnail: int) -> bool:
+    """Whether the controller's area pooling is a plain average pool (a whole factor down):
+    one pooling node is cheaper than folding it into the read-out, whose weight matrix would
+    then be ``factor**2`` times larger and crowd the child's weights out of the caches."""
+    return size > thumbnail and size % thumbnail == 0
+
+
+def _pooled_thumbnail(b: GraphBuilder, x: str, factor: int) -> str:
+    return b.op("AveragePool", [x], kernel_shape=[factor] * 2, strides=[factor] * 2)
 
 
 # Above this many input values a folded linear controller would carry a weight per pixel and
@@ -293,44 +308,6 @@ def _difficulty_logits(b: GraphBuilder, difficulty: str, controller: Controller)
 # --- the deployed routed model -----------------------------------------------------------------
 
 
-def routing_scores(
-    b: GraphBuilder,
-    logits: str,
-    children: Sequence[ChildArchitecture],
-    forced: Sequence[bool],
-    default_module: int,
-) -> str:
-    """Index [N] (int64) of the exported child each image runs, from the policy logits.
-
-    The greedy policy is ``logit >= 0``; the child is the exported one at the fewest differing
-    (cell, module) entries from the policy after the empty-cell rule (0 when it was exported),
-    ties to the earlier (more frequent) child. The empty-cell rule is linear in whether each
-    forced cell is empty, so the whole distance is two matrix products:
-    d_k = p.(1 - 2 c_k) + |c_k| + sum_f empty_f * u_kf, where u_kf is -1 when child k runs
-    the default module in forced cell f (an empty cell then matches it) and +1 otherwise.
-    """
-    cells = len(forced)
-    modules = len(children[0].to_bits()) // cells
-    bits = np.array([child.to_bits() for child in children], dtype=np.float32)  # [K, c*m]
-    u = np.zeros((cells, len(children)), np.float32)
-    for k, child in enumerate(children):
-        for cell, is_forced in enumerate(forced):
-            if is_forced:
-                u[cell, k] = -1.0 if default_module in child.cells[cell] else 1.0
-    flat = b.op("Reshape", [logits, b.constant(np.array([-1, cells * modules], np.int64))])
-    chosen = b.op("Cast", [b.op("GreaterOrEqual", [flat, b.constant(np.float32(0))])],
-                  to=TensorProto.FLOAT)  # fmt: skip
-    per_cell = b.op("Reshape", [chosen, b.constant(np.array([-1, cells, modules], np.int64))])
-    occupied = b.op("ReduceMax", [per_cell], axes=[2], keepdims=0)  # [N, cells]: 1 - empty
-    distance = b.op("Add", [
-        b.op("MatMul", [chosen, b.constant((1 - 2 * bits).T.copy(), "routing")]),
-        b.op("MatMul", [occupied, b.constant(-u, "routing")]),
-    ])  # fmt: skip
-    tie_break = np.arange(len(children), dtype=np.float32) / (len(children) + 1)
-    offset = b.constant(bits.sum(1) + u.sum(0) + tie_break, "routing")
-    return b.op("ArgMin", [b.op("Add", [distance, offset])], axis=1, keepdims=0)
-
-
 @dataclass
 class RoutedGraphs:
     """The deployed form of a routed model: what ``instanas.runtime.RoutedSessions`` runs."""
@@ -339,6 +316,7 @@ class RoutedGraphs:
     children: list[onnx.ModelProto]  # most used first, each image -> logits
     escalation: onnx.ModelProto | None  # the larger network, with its threshold
     threshold: float
+    router: Router | None = None  # with a controller: its policy -> the child's index
 
 
 def routed_graphs(
@@ -355,14 +333,16 @@ def routed_graphs(
     space, graph, escalation = predictor.space, predictor.metagraph, predictor.escalation
     if escalation is not None and escalation.threshold <= 0.0:
         escalation = None  # no top probability is below 0: the larger network never runs
-    controller = None
+    controller, router = None, None
     if len(children) > 1 or keep_controller:
-        controller = controller_routing_model(predictor.controller, space, children)
+        controller = deployed_controller_model(predictor.controller, space)
+        router = router_for(space, children)
     return RoutedGraphs(
         controller,
         [static_model(graph.materialize(child).eval().deploy()) for child in children],
         static_model(escalation.network) if escalation is not None else None,
         escalation.threshold if escalation is not None else 0.0,
+        router,
     )
 
 
