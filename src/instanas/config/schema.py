@@ -264,7 +264,7 @@ class SearchConfig:
     recalibrate_batches: int = setting(
         8,
         "training batches used to re-estimate BatchNorm statistics "
-        "for the greedy policies before validation",
+        "for the greedy policies before validation (they go through the network as one batch)",
         gt=0,
     )
     select_tolerance: float = setting(

@@ -25,18 +25,25 @@ def recalibrate_batchnorm(
 
     A weight-sharing module sees very different inputs under different policies (a cell that sums
     five modules vs one), so running statistics gathered under one policy distribution are wrong
-    under another and eval-mode accuracy collapses. This replaces them with the exact average
-    over ``batches``; modules that no batch selects keep their previous statistics.
+    under another and eval-mode accuracy collapses. The images of ``batches`` go through
+    ``forward`` as one batch, in training mode: every BatchNorm then normalises with the
+    statistics of all the images that run its module, exactly the statistics it keeps, so each
+    layer's statistics are measured on the inputs it gets at evaluation. Batch by batch, a
+    module that runs for a few images of a batch is normalised with those few images' statistics
+    and every layer after it measures inputs it never gets at evaluation: on the fashion-cpu main
+    job that cost 5-40 points of validation accuracy, varying with the batches drawn
+    (docs/decisions.md). Modules that no image selects keep their previous statistics.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.momentum = None  # cumulative average: of one batch, its statistics exactly
     was_training = model.training
     model.train()
-    for images in batches:
-        forward(images)
+    images = list(batches)
+    if images:
+        forward(torch.cat(images))
     for m, (mean, var, momentum) in zip(norms, saved):
         if int(m.num_batches_tracked) == 0:
             m.running_mean.copy_(mean)
