@@ -156,6 +156,9 @@ def test_torchrun_matches_one_process(tmp_path: Path) -> None:
     # which one the Pareto front offers depends on the search, so variants are left out here.
     one, two = ([r for r in _records(tmp_path / run) if not r["stage"].startswith("variants/")]
                 for run in ("one", "two"))  # fmt: skip
+    # The static child is the one whose measured latency is nearest the main model's: timing
+    # noise can pick another child in the other run, which then trains to other accuracies.
+    same_static = _static_child(tmp_path / "one") == _static_child(tmp_path / "two")
     assert [(r["stage"], r["epoch"]) for r in one] == [(r["stage"], r["epoch"]) for r in two]
     for a, b in zip(one, two):
         for key in ("steps", "controller_steps", "metagraph_steps"):
@@ -166,11 +169,17 @@ def test_torchrun_matches_one_process(tmp_path: Path) -> None:
             # The search's validation accuracy is that of the children the controller picks: a
             # float difference between one and two ranks can flip a pick, and on 11 images
             # one flipped child moves it by more than any tolerance.
-            if key in a and (a["stage"], key) != ("search", "val_accuracy"):
+            timed_choice = a["stage"] == "static-child" and not same_static
+            if key in a and (a["stage"], key) != ("search", "val_accuracy") and not timed_choice:
                 assert abs(a[key] - b[key]) <= LOOSE_ACCURACY, (a["stage"], key)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert {"instanas", "mbv2-path"} <= set(results["models"])
+
+
+def _static_child(run: Path) -> list | None:
+    choice = run / "static-child" / "choice.json"
+    return json.loads(choice.read_text())["child"] if choice.exists() else None
 
 
 def _rank_pid(launcher: int, rank: int) -> int | None:
