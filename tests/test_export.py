@@ -23,6 +23,7 @@ from instanas.runtime import (
     ExportedModel,
     ExportError,
     Router,
+    child_modules,
     child_string,
     nearest_child,
     resolve_policies,
@@ -326,7 +327,6 @@ def test_router_picks_the_nearest_child_after_the_empty_cell_rule():
 
 def _bits(child: str, cells: int) -> np.ndarray:
     bits = np.zeros((cells, 5), bool)
-    for c, part in enumerate(child.split("-")):
-        for m in part.replace("_", ""):
-            bits[c, int(m)] = True
+    for cell, module in child_modules(child):
+        bits[cell, module] = True
     return bits
