@@ -57,15 +57,17 @@ def job_options(opts: argparse.Namespace) -> list[str]:
     """The shortened paper-cifar job's options."""
     data = ["--data.dataset", "cifar10", "--data.root", opts.cifar] if opts.cifar else [
         "--data.dataset", "fashion-mnist", "--data.image_size", "32"]  # fmt: skip
-    size = ["--data.limit_train", "512", "--data.limit_test", "200", "--space.width", "0.25",
+    size = ["--data.limit_train", "256", "--data.limit_test", "100", "--space.width", "0.25",
             "--pretrain.batch_size", "64", "--search.batch_size", "32",
             "--finetune.batch_size", "64", "--baseline.batch_size", "64",
             "--latency.repeats", "30", "--latency.calibration_children", "4",
-            "--baseline.oracle_children", "0", "--controller.input_size", "16"] if opts.tiny else [
-            "--data.limit_train", "20000", "--data.limit_test", "2000"]  # fmt: skip
-    epochs = ["--pretrain.epochs", "2", "--search.epochs", "1", "--finetune.epochs", "1",
+            "--baseline.oracle_children", "0", "--controller.input_size", "16",
+            "--baseline.random_policy", "false", "--pretrain.epochs", "1"] if opts.tiny else [
+            "--data.limit_train", "20000", "--data.limit_test", "2000",
+            "--pretrain.epochs", "2"]  # fmt: skip
+    epochs = ["--search.epochs", "1", "--finetune.epochs", "1",
               "--baseline.epochs", "1", "--variants.count", "0", "--baseline.widths", "[1.0]",
-              "--baseline.min_net", "false", "--latency.eval_images", "100",
+              "--baseline.min_net", "false", "--latency.eval_images", "20" if opts.tiny else "100",
               "--search.min_pretrain_accuracy", "0"]  # fmt: skip
     device = ["--device", opts.device, "--amp", opts.amp, "--latency.device", opts.device]
     return ["--preset", "paper-cifar", *data, *size, *epochs, *device]

@@ -427,6 +427,12 @@ class LatencyConfig:
     eval_images: int | None = setting(
         None, "test images timed end to end at batch 1 (default: all)", gt=0
     )
+    eager_images: int | None = setting(
+        500,
+        "of those, images timed again in eager PyTorch for the second figure beside the "
+        "deployed one (null: all of them)",
+        gt=0,
+    )
 
 
 @dataclass

@@ -79,8 +79,8 @@ def time_models(
     samples: dict[str, list[float]],
 ) -> tuple[dict, dict | None]:
     """Every deployed model (and the main model's parts) in ``backend``, image by image in one
-    loop; then, unless ``backend`` is eager itself, the eager batch-1 paths in a second loop
-    (kept as ``latency_ms_eager``)."""
+    loop; then, unless ``backend`` is eager itself, the eager batch-1 paths in a second loop on
+    the first ``latency.eager_images`` of them (kept as ``latency_ms_eager``)."""
     cfg = ctx.config.latency
     calls = {n: m.deployed(backend) for n, m in models.items() if m.deployed is not None}
     calls.update({f"overhead/{k}": build(backend) for k, build in overhead.items()})
@@ -89,7 +89,7 @@ def time_models(
     if backend.name == "eager":
         return measured, None
     eager = {n: m.batch_one for n, m in models.items()}
-    return measured, measure_per_image(eager, timed, *timing)
+    return measured, measure_per_image(eager, timed[: cfg.eager_images], *timing)
 
 
 def model_entry(
