@@ -241,7 +241,7 @@ def test_two_pretraining_epochs_of_the_main_preset_are_reproducible_at_two_threa
             "--threads",
             "2",
             "--limit-train",
-            "1500",
+            "800",
             "--epochs",
             "2",
         ],

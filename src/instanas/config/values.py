@@ -6,6 +6,7 @@ failure a one-line :class:`ConfigError` that names the key and the fix.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import types
 import typing
@@ -20,6 +21,12 @@ from .schema import SECTIONS, Config, ControllerConfig
 
 def all_keys() -> dict[str, Any]:
     """Every dotted key (``section.field`` or top-level ``field``) with its dataclass field."""
+    return dict(_keys())
+
+
+@functools.cache
+def _keys() -> dict[str, Any]:
+    # Resolving the annotations costs about 1 ms a call, and the parser asks once per key.
     keys: dict[str, Any] = {}
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
