@@ -221,7 +221,11 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     widths = [models[f"mbv2-{w}"]["flops"] for w in ("0.5x", "0.75x", "path", "1.4x")]
     assert widths == sorted(widths) and widths[0] < widths[-1]
     main = models["instanas"]
-    assert main["distinct_children"] >= 1
+    # The preset deploys the 4 children the controller picks most on the validation split.
+    deployed = json.loads((run / "finetune" / "children.json").read_text())
+    assert deployed["count"] == 4 and 1 <= len(deployed["children"]) <= 4
+    assert 1 <= main["distinct_children"] <= len(deployed["children"])
+    assert results["deployed_overhead"]["exported_children"] == len(deployed["children"])
     assert 1.0 <= main["effective_children"] <= main["distinct_children"]
     assert 0.0 < main["top_child_share"] <= 1.0
     assert 0.0 <= main["shuffled_routing_accuracy"] <= 1.0
@@ -290,6 +294,7 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     import instanas
 
     model = instanas.load(run)
+    assert [str(c) for c in model.predictor.child_set] == deployed["children"]
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     assert model.predict(images).shape == (3,)
     assert model.policies(images).shape == (3, 17, 5)

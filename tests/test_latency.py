@@ -186,3 +186,27 @@ def test_validation_compares_table_with_measured_children(tiny_space, tmp_path, 
     assert json.loads((tmp_path / "v.json").read_text())["spearman"] == result.spearman
     plot_validation(result, tmp_path / "v.png")
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("burst", [1, 3])
+def test_side_by_side_timing_runs_each_model_on_a_stream_of_images(burst):
+    """Every image is timed once per model; with warm-up runs each model first answers the
+    images just before its block, then the block's consecutive images (a routed model pays
+    for switching children as a service does), never the same image twice in a row."""
+    from instanas.latency.side_by_side import STREAM_BLOCK, measure_per_image
+
+    images = torch.arange(70, dtype=torch.float32).view(70, 1, 1, 1)
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+
+    def model(name):
+        return lambda x: seen[name].append(int(x.item()))
+
+    samples: dict[str, list[float]] = {}
+    stats = measure_per_image({n: model(n) for n in seen}, images, 1, 0, 0, samples, burst)
+    assert [len(samples[n]) for n in seen] == [70, 70] and stats["a"]["images"] == 70
+    block = STREAM_BLOCK if burst > 1 else 1
+    expected = []
+    for start in range(0, 70, block):
+        expected += [(start - k) % 70 for k in range(burst - 1, 0, -1)]
+        expected += list(range(start, min(start + block, 70)))
+    assert seen["a"] == seen["b"] == expected

@@ -113,6 +113,32 @@ def test_routing_picks_the_child_the_eager_model_runs_and_falls_back_to_the_near
         assert not escalated
 
 
+def test_a_child_set_routes_the_eager_model_as_the_exported_router_does():
+    """controller.deployed_children: the batched policies, the batch-1 path and the exported
+    graphs all map a policy outside the set to the same nearest child."""
+    metagraph, controller = _models(ControllerSpec(input_size=8, widths=()))
+    free = InstaNASPredictor(metagraph, controller)
+    images = torch.randn(200, 1, 16, 16)
+    picked = [str(ChildArchitecture.from_policy(p)) for p in free.policies(images)]
+    ranked = sorted(set(picked), key=lambda c: (-picked.count(c), picked.index(c)))
+    children = [ChildArchitecture.from_string(c) for c in ranked[:3]]
+    assert len(ranked) > 3, "the test needs policies outside the set"
+    names = [str(c) for c in children]
+    capped = InstaNASPredictor(metagraph, controller, children=children)
+    mapped = [str(ChildArchitecture.from_policy(p)) for p in capped.policies(images)]
+    assert mapped == [nearest_child(c, names) for c in picked]
+    assert set(mapped) <= set(names) and any(c not in names for c in picked)
+    path = _sessions(routed_graphs(capped, children))
+    logits, _ = capped.logits(images[:40])
+    for i, image in enumerate(images[:40]):
+        one = capped.logits_one(image[None])
+        np.testing.assert_allclose(one[0].numpy(), logits[i].numpy(), rtol=1e-4, atol=1e-5)
+        exported, index, _, _ = path(image[None].numpy())
+        assert names[index] == mapped[i]
+        np.testing.assert_allclose(exported, logits[i].numpy(), rtol=1e-4, atol=1e-5)
+    assert capped.without_escalation().child_set == children
+
+
 def test_an_empty_forced_cell_routes_to_the_child_with_the_forced_module():
     """The empty-cell rule in the routing: a policy that leaves a forced cell empty is the
     child with the forced module there, not a child one module away."""

@@ -222,6 +222,14 @@ class ControllerConfig:
         "more modules fix; one more forward per controller step)",
         choices=("wrong", "helped"),
     )
+    deployed_children: int = setting(
+        0,
+        "children the main model deploys: the most used on the validation split after "
+        "fine-tuning; an image whose policy is none of them runs the nearest (fewest differing "
+        "modules). Fewer children keep each one's weights warm in the cache between images "
+        "(0: every child the controller picks)",
+        ge=0,
+    )
 
 
 @dataclass

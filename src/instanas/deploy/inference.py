@@ -23,7 +23,7 @@ from ..models.metagraph import ChildNetwork, MetaGraph, scaled_space
 from ..models.predictor import Escalation
 from ..models.predictor import InstaNASPredictor as InstaNASPredictor  # importable here too
 from ..nn.backend import enlarge_primitive_cache
-from ..runtime import preprocess_image, read_image
+from ..runtime import preprocess_image, read_image, sha256_file
 from ..space import ChildArchitecture, SearchSpace
 
 if TYPE_CHECKING:
@@ -180,6 +180,22 @@ def model_checkpoint(run_dir: Path, model: str) -> tuple[str, Path]:
 
 
 ESCALATION_RULE = "escalation/rule.json"
+# The main model's deployed child set (controller.deployed_children), with the fine-tuned
+# checkpoint it was read from: a set from other weights is stale.
+DEPLOYED_CHILDREN = "finetune/children.json"
+
+
+def deployed_children(run_dir: Path, space: SearchSpace, count: int) -> list | None:
+    """The saved child set of ``count`` children, or None when there is none for these
+    fine-tuned weights and this count."""
+    path = run_dir / DEPLOYED_CHILDREN
+    if count == 0 or not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    model = run_dir / stage_specs.get("finetune").output
+    if saved.get("count") != count or saved.get("model_sha256") != sha256_file(model):
+        return None
+    return [ChildArchitecture.from_string(c, space.num_modules) for c in saved["children"]]
 
 
 def escalation_rule(run_dir: Path, space: SearchSpace) -> Escalation | None:
@@ -256,8 +272,13 @@ def load(run_dir: str | Path, model: str = MAIN_MODEL) -> InstaNASModel:
     results = read_results(run_dir)
     norm = meta["normalization"]
     escalation = escalation_rule(run_dir, space) if name == MAIN_MODEL else None
+    children = (
+        deployed_children(run_dir, space, config.controller.deployed_children)
+        if name == MAIN_MODEL
+        else None
+    )
     return InstaNASModel(
-        InstaNASPredictor(metagraph.eval(), controller.eval(), escalation),
+        InstaNASPredictor(metagraph.eval(), controller.eval(), escalation, children),
         meta["classes"],
         tuple(norm["mean"]),
         tuple(norm["std"]),

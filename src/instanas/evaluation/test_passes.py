@@ -5,6 +5,7 @@ and the batch-1 function that the side-by-side timing runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -107,10 +108,14 @@ def evaluate_instanas(
     kind: str,
     escalation: Escalation | None = None,
     limit: int | None = None,
+    children: Sequence[ChildArchitecture] | None = None,
 ) -> Evaluated:
-    """A routed model (the main model or a variant); its deployed graph holds the children its
-    controller picks on the validation split (at most ``limit``, most used first)."""
-    predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval(), escalation)
+    """A routed model (the main model or a variant); its deployed graph holds ``children`` (its
+    child set, every policy mapped to the nearest) or else the children its controller picks
+    on the validation split (at most ``limit``, most used first)."""
+    predictor = InstaNASPredictor(
+        metagraph.cpu().eval(), controller.cpu().eval(), escalation, children
+    )
     result = instanas_test_pass(ctx, predictor)
     policies, correct = result.policies, result.correct
     flops = flops_table.per_image(policies)
@@ -118,7 +123,8 @@ def evaluate_instanas(
     entry["shuffled_routing_accuracy"] = shuffled_routing_accuracy(
         ctx, predictor.metagraph, policies, ctx.data.test, ctx.config.seed + 4
     )
-    children = [c for c, _ in ranked_children(validation_policies(ctx, predictor), limit)]
+    if children is None:
+        children = [c for c, _ in ranked_children(validation_policies(ctx, predictor), limit)]
 
     def deployed(backend: Backend) -> ImageCall:
         return backend.model_image_call(predictor, children)

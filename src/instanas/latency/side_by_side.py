@@ -1,5 +1,6 @@
-"""Wall-clock latency of several models at batch 1, measured side by side: image by image, the
-models in a shuffled order per image, so that drift of the machine hits every model alike."""
+"""Wall-clock latency of several models at batch 1, measured side by side: image by image (or
+block by block of consecutive images), the models in a shuffled order each time, so that drift
+of the machine hits every model alike."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def latency_summary(samples_ms: list[float]) -> dict:
     }
 
 
+# With warm-up runs (``burst`` > 1), images are timed in blocks of this many consecutive ones.
+STREAM_BLOCK = 32
+
+
 def measure_per_image(
     models: dict[str, Callable[[torch.Tensor], object]],
     images: torch.Tensor,
@@ -33,29 +38,39 @@ def measure_per_image(
     samples_out: dict[str, list[float]] | None = None,
     burst: int = 1,
 ) -> dict[str, dict]:
-    """Wall-clock per image at batch 1, the models interleaved image by image (same conditions).
+    """Wall-clock per image at batch 1, the models interleaved (same conditions).
 
-    With ``burst`` > 1 each model runs each image that many times in a row and the last run is
-    timed: the model's weights are in the caches, as in a service answering one request after
-    another (the onnxruntime backend's way). ``samples_out`` receives every model's per-image
-    times (ms) in image order.
+    ``burst`` = 1: image by image, the models in a shuffled order per image, every call cold.
+    ``burst`` > 1 (the onnxruntime backend's way): block by block of ``STREAM_BLOCK``
+    consecutive images, the models in a shuffled order per block; each model answers the
+    ``burst - 1`` images before the block (untimed; the stream wraps around), then the block's
+    images one after another, each timed. That is a service answering one request after
+    another: a static network's weights stay warm, and a routed model pays for switching
+    between children when consecutive images run different ones. ``samples_out`` receives
+    every model's per-image times (ms) in image order.
     """
     names = list(models)
     samples: dict[str, list[float]] = {n: [] for n in names}
     order = random.Random(seed)
+    block = STREAM_BLOCK if burst > 1 else 1
     with cpu_threads(threads), torch.inference_mode():
         for i in range(min(warmup, len(images))):
             for name in names:
                 models[name](images[i : i + 1])
-        for i in progress_bar(range(len(images)), desc="batch-1 latency", unit="image"):
-            x = images[i : i + 1]
+        starts = range(0, len(images), block)
+        for start in progress_bar(starts, desc="batch-1 latency", unit="block"):
+            stop = min(start + block, len(images))
+            before = [(start - k) % len(images) for k in range(burst - 1, 0, -1)]
             order.shuffle(names)
             for name in names:
-                for _ in range(burst - 1):
-                    models[name](x)
-                start = time.perf_counter_ns()
-                models[name](x)
-                samples[name].append((time.perf_counter_ns() - start) / 1e6)
+                model, times = models[name], samples[name]
+                for j in before:
+                    model(images[j : j + 1])
+                for j in range(start, stop):
+                    x = images[j : j + 1]
+                    began = time.perf_counter_ns()
+                    model(x)
+                    times.append((time.perf_counter_ns() - began) / 1e6)
     if samples_out is not None:
         samples_out.update(samples)
     return {n: latency_summary(s) for n, s in samples.items()}

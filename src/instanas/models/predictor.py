@@ -10,11 +10,13 @@ the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..space import ChildArchitecture
 from .controller import Controller
 from .metagraph import MetaGraph
 
@@ -33,10 +35,19 @@ class Escalation:
 
 
 class InstaNASPredictor(nn.Module):
-    """BatchNorm-folded controller and meta-graph for inference at any batch size."""
+    """BatchNorm-folded controller and meta-graph for inference at any batch size.
+
+    ``children``: the deployed child set (``controller.deployed_children``); a policy that is
+    none of them runs the one differing in the fewest (cell, module) entries, ties to the
+    earlier (more used), as the exported router does. None: every policy runs as picked.
+    """
 
     def __init__(
-        self, metagraph: MetaGraph, controller: Controller, escalation: Escalation | None = None
+        self,
+        metagraph: MetaGraph,
+        controller: Controller,
+        escalation: Escalation | None = None,
+        children: Sequence[ChildArchitecture] | None = None,
     ) -> None:
         super().__init__()
         self.space = metagraph.space
@@ -46,6 +57,35 @@ class InstaNASPredictor(nn.Module):
         self.escalation = escalation
         if escalation is not None:
             self.larger = escalation.network  # registered, so .to() and .eval() reach it
+        self.child_set: list[ChildArchitecture] | None = None
+        self.set_children(children)
+
+    def set_children(self, children: Sequence[ChildArchitecture] | None) -> None:
+        """Route within ``children`` from now on (None: no set)."""
+        self.child_set = list(children) if children else None
+        bits = None
+        if self.child_set is not None:
+            bits = torch.stack([c.to_policy().flatten() for c in self.child_set])
+            self._child_cells = {c.cells: c.cells for c in self.child_set}
+        self.register_buffer("child_bits", bits, persistent=False)
+
+    def nearest_policies(self, resolved: torch.Tensor) -> torch.Tensor:
+        """Resolved policies [B, cells, modules] -> the deployed child each runs."""
+        if self.child_bits is None:
+            return resolved
+        bits = self.child_bits.to(resolved.device)
+        distance = (resolved.flatten(1).bool()[:, None, :] != bits[None]).sum(-1)
+        return bits[distance.argmin(1)].view_as(resolved).to(resolved.dtype)
+
+    def _nearest_cells(self, cells: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        if self.child_set is None:
+            return cells
+        found = self._child_cells.get(tuple(cells))
+        if found is not None:
+            return list(found)
+        wanted = {(c, m) for c, modules in enumerate(cells) for m in modules}
+        best = min(self.child_set, key=lambda child: len(wanted ^ child.module_pairs()))
+        return list(best.cells)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of normalised images, each through the child its policy picks."""
@@ -64,7 +104,7 @@ class InstaNASPredictor(nn.Module):
         for row, forced in zip(rows, self.forced_cells):
             modules = tuple(m for m, on in enumerate(row) if on)
             cells.append(modules if modules or not forced else (self.space.forced_module,))
-        return cells
+        return self._nearest_cells(cells)
 
     @torch.inference_mode()
     def logits_one(self, image: torch.Tensor) -> torch.Tensor:
@@ -77,8 +117,10 @@ class InstaNASPredictor(nn.Module):
 
     @torch.inference_mode()
     def policies(self, images: torch.Tensor) -> torch.Tensor:
-        """Resolved greedy policies [B, cells, modules] the controller picks (p >= 0.5)."""
-        return self.metagraph.resolve(self.controller.policy_logits(images) >= 0)
+        """Resolved greedy policies [B, cells, modules] the controller picks (p >= 0.5),
+        each mapped to the nearest deployed child when there is a child set."""
+        resolved = self.metagraph.resolve(self.controller.policy_logits(images) >= 0)
+        return self.nearest_policies(resolved)
 
     @torch.inference_mode()
     def logits(
@@ -115,4 +157,5 @@ class InstaNASPredictor(nn.Module):
         nn.Module.__init__(plain)
         plain.space, plain.metagraph, plain.controller = self.space, self.metagraph, self.controller
         plain.forced_cells, plain.escalation = self.forced_cells, None
+        plain.set_children(self.child_set)
         return plain

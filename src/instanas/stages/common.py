@@ -17,7 +17,7 @@ from ..checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from ..deploy.inference import escalation_rule
+from ..deploy.inference import DEPLOYED_CHILDREN, deployed_children, escalation_rule
 from ..errors import CheckpointError, ConfigError
 from ..latency.backends import Backend, make_backend
 from ..latency.profiling import load_or_profile, profile_table
@@ -27,8 +27,9 @@ from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
 from ..models.predictor import InstaNASPredictor
 from ..run_context import RunContext, run_identity
+from ..runtime import sha256_file
 from ..space import ChildArchitecture, ranked_children
-from ..utils import atomic_copy
+from ..utils import atomic_copy, write_json
 
 log = logging.getLogger("instanas")
 
@@ -195,19 +196,48 @@ def given_table(ctx: RunContext, path: Path) -> LatencyTable:
 
 
 def finetuned_predictor(ctx: RunContext, escalate: bool = True) -> InstaNASPredictor:
-    """The main model as deployed, on the CPU: the fine-tuned controller and meta-graph, and
-    (``escalate``) the escalation rule when the run has one."""
+    """The main model as deployed, on the CPU: the fine-tuned controller and meta-graph, its
+    deployed child set (``controller.deployed_children``) and (``escalate``) the escalation
+    rule when the run has one."""
     metagraph, controller = new_models(ctx)
     load_stage(ctx, "finetune", {"metagraph": metagraph, "controller": controller})
     escalation = escalation_rule(ctx.run_dir, ctx.space) if escalate else None
-    return InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval(), escalation)
+    predictor = InstaNASPredictor(metagraph.cpu().eval(), controller.cpu().eval(), escalation)
+    predictor.set_children(main_model_children(ctx, predictor))
+    return predictor
+
+
+def main_model_children(
+    ctx: RunContext, predictor: InstaNASPredictor
+) -> list[ChildArchitecture] | None:
+    """The main model's deployed child set: the ``controller.deployed_children`` children its
+    fine-tuned controller picks most on the validation split (saved beside the fine-tuned
+    weights the first time; None when the setting is 0)."""
+    count = ctx.config.controller.deployed_children
+    saved = deployed_children(ctx.run_dir, ctx.space, count)
+    if count == 0 or saved is not None:
+        return saved
+    free = predictor.without_escalation()
+    free.set_children(None)
+    children = validation_children(ctx, free, count)
+    model = stage_path(ctx, "finetune")
+    write_json(ctx.run_dir / DEPLOYED_CHILDREN, {
+        "count": count,
+        "children": [str(c) for c in children],
+        "model_sha256": sha256_file(model),
+    })  # fmt: skip
+    log.info("the main model deploys %d children: %s", len(children),
+             ", ".join(str(c) for c in children))  # fmt: skip
+    return children
 
 
 def validation_children(
     ctx: RunContext, predictor: InstaNASPredictor, limit: int | None = None
 ) -> list[ChildArchitecture]:
     """The children the controller picks on the validation split, most used first: the ones a
-    deployed graph holds."""
+    deployed graph holds (the predictor's child set when it has one)."""
+    if predictor.child_set is not None:
+        return list(predictor.child_set[:limit])
     images = validation_images(ctx)
     policies = torch.cat(
         [predictor.policies(images[i : i + 500]) for i in range(0, len(images), 500)]

@@ -25,6 +25,7 @@ from ..evaluation.test_passes import (
 from ..latency.flops import FlopsTable, count_flops
 from ..latency.table import LatencyTable
 from ..models.metagraph import ChildNetwork, MetaGraph, mbv2_path_network
+from ..models.predictor import InstaNASPredictor
 from ..report.document import write_results_markdown
 from ..run_context import RunContext, run_identity
 from ..space import ChildArchitecture
@@ -34,6 +35,7 @@ from .common import (
     latency_table,
     load_candidate,
     load_stage,
+    main_model_children,
     new_models,
     stage_path,
 )
@@ -50,7 +52,9 @@ def run(ctx: RunContext) -> dict:
     flops = count_flops(metagraph, controller)
     limit = ctx.config.variants.max_timed_children
     rule = escalation_rule(ctx.run_dir, ctx.space)
-    main = evaluate_instanas(ctx, metagraph, controller, table, flops, "instanas", rule, limit)
+    children = main_model_children(ctx, InstaNASPredictor(metagraph.cpu(), controller.cpu()))
+    main = evaluate_instanas(ctx, metagraph, controller, table, flops, "instanas", rule, limit,
+                             children)  # fmt: skip
     models = {"instanas": main}
     for letter, path in trained_variants(ctx).items():
         graph, ctrl = load_candidate(ctx, path)
