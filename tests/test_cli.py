@@ -221,9 +221,9 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     widths = [models[f"mbv2-{w}"]["flops"] for w in ("0.5x", "0.75x", "path", "1.4x")]
     assert widths == sorted(widths) and widths[0] < widths[-1]
     main = models["instanas"]
-    # The preset deploys the 4 children the controller picks most on the validation split.
+    # The preset deploys the child the controller picks most on the validation split.
     deployed = json.loads((run / "finetune" / "children.json").read_text())
-    assert deployed["count"] == 4 and 1 <= len(deployed["children"]) <= 4
+    assert deployed["count"] == 1 and len(deployed["children"]) == 1
     assert 1 <= main["distinct_children"] <= len(deployed["children"])
     assert results["deployed_overhead"]["exported_children"] == len(deployed["children"])
     assert 1.0 <= main["effective_children"] <= main["distinct_children"]
@@ -236,6 +236,10 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     assert comparison["static_child_latency_ratio"] > 0
     # The fashion-cpu presets escalate unsure images and train the peer.
     escalation = main["escalation"]
+    timing = json.loads((run / "escalation" / "rule.json").read_text())["timing"]
+    # Escalation is priced by shares timed on a stream, from never (0) to always (1).
+    shares = sorted(share for share, _ in timing["share_points"])
+    assert len(shares) == 5 and shares[0] == 0.0 and shares[-1] == 1.0
     assert escalation["network"] == "mbv2-path" and 0.0 <= escalation["share"] <= 1.0
     assert len(escalation["test_curve"]) == len(escalation["validation_curve"]) > 1
     assert "escalation_gain_points" in comparison and "peer_points" in comparison

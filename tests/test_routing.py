@@ -188,3 +188,26 @@ def test_imitation_objective_trains_the_controller(tmp_path, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, controller.parameters()))
     assert 0.0 <= record["sampled_train_accuracy"] <= 1.0
     assert record["greedy_cells_ms"] > 0 and record["latency_weight"] >= 0.0
+
+
+def test_escalation_latency_is_interpolated_between_shares_timed_on_a_stream():
+    """A few escalated images cost more each than when every image escalates (the larger
+    network's weights are cold): the rule prices shares between the timed points, and a
+    timing-noise dip never makes a larger share cheaper."""
+    import numpy as np
+
+    from instanas.evaluation.cascade import cascade_curve, choose_threshold, rule_latency
+
+    points = [[0.0, 0.18], [1.0, 0.61], [0.05, 0.24], [0.1, 0.23], [0.2, 0.32]]
+    timing = {"never_ms": 0.18, "always_ms": 0.61, "share_points": points}
+    latency = rule_latency(timing)
+    assert latency(0.05) == pytest.approx(0.24) and latency(0.1) == pytest.approx(0.24)
+    assert latency(0.15) == pytest.approx(0.28) and latency(0.025) == pytest.approx(0.21)
+    line = rule_latency({"never_ms": 0.18, "always_ms": 0.61})  # a rule without points
+    assert line(0.05) == pytest.approx(0.18 + 0.05 * 0.43)
+    confident = np.linspace(0.3, 1.0, 100)
+    small = confident > 0.5  # the unsure images are the ones the child gets wrong
+    large = np.ones(100, dtype=bool)
+    curve = cascade_curve(confident, small, large, latency)
+    chosen = choose_threshold(curve, budget_ms=0.235)
+    assert chosen.share < 0.05 and chosen.latency_ms <= 0.235

@@ -463,7 +463,7 @@ class EscalationConfig:
         gt=0.0,
     )
     timed_images: int = setting(
-        300, "validation images the deployed latencies of the threshold choice are timed on", gt=0
+        1000, "validation images the deployed latencies of the threshold choice are timed on", gt=0
     )
 
 

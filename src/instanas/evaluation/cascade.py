@@ -3,14 +3,15 @@ network instead (a confidence cascade, the second decision of "easy images cheap
 expensive").
 
 Confidence is the child's top softmax probability. The threshold is chosen on the validation
-split: among thresholds whose mean deployed latency (the routed model, plus the larger network
-for the share escalated) stays within the latency budget, the most accurate one. Every
+split: among thresholds whose mean deployed latency (interpolated between the shares escalated
+that were timed on a stream) stays within the latency budget, the most accurate one. Every
 candidate threshold is kept as a curve (share escalated, accuracy, mean latency) so reports can
 show the whole trade-off, and the same share escalated at random is the control.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,34 +36,47 @@ def confidence(probabilities: np.ndarray) -> np.ndarray:
     return probabilities.max(axis=1)
 
 
+def latency_by_share(points: list[list[float]]) -> Callable[[float], float]:
+    """Mean deployed latency (ms) as a function of the share escalated: piecewise linear
+    through measured (share, ms) points, made non-decreasing (a larger share never costs
+    less; timing noise could say otherwise)."""
+    shares, ms = np.array(sorted(points), dtype=np.float64).T
+    ms = np.maximum.accumulate(ms)
+    return lambda share: float(np.interp(share, shares, ms))
+
+
+def rule_latency(timing: dict) -> Callable[[float], float]:
+    """The latency model of an escalation rule's ``timing``: its measured points on a stream,
+    or (rules written before them) the straight line from never to always escalating."""
+    points = timing.get("share_points") or [[0.0, timing["never_ms"]], [1.0, timing["always_ms"]]]
+    return latency_by_share(points)
+
+
 def cascade_point(
     threshold: float,
     confident: np.ndarray,
     small_correct: np.ndarray,
     large_correct: np.ndarray,
-    small_ms: float | np.ndarray,
-    large_ms: float,
+    latency: Callable[[float], float],
 ) -> CascadePoint:
     """Accuracy and mean latency when images with confidence below ``threshold`` escalate."""
     escalated = confident < threshold
     correct = np.where(escalated, large_correct, small_correct)
-    latency = np.mean(small_ms) + escalated.mean() * large_ms
-    return CascadePoint(float(threshold), float(escalated.mean()), float(correct.mean()),
-                        float(latency))  # fmt: skip
+    share = float(escalated.mean())
+    return CascadePoint(float(threshold), share, float(correct.mean()), latency(share))
 
 
 def cascade_curve(
     confident: np.ndarray,
     small_correct: np.ndarray,
     large_correct: np.ndarray,
-    small_ms: float | np.ndarray,
-    large_ms: float,
+    latency: Callable[[float], float],
     thresholds: np.ndarray | None = None,
 ) -> list[CascadePoint]:
     """One point per threshold; by default the confidences at ``CURVE_SHARES`` escalated."""
     if thresholds is None:
         thresholds = share_thresholds(confident)
-    return [cascade_point(t, confident, small_correct, large_correct, small_ms, large_ms)
+    return [cascade_point(t, confident, small_correct, large_correct, latency)
             for t in thresholds]  # fmt: skip
 
 

@@ -4,9 +4,11 @@ network's, chosen on the validation split to the latency budget (``escalation.*`
 On the validation split the fine-tuned model answers every image with its routed child; the
 child's confidence (top softmax probability) and whether the child and the larger network are
 right are kept per image. The deployed latency comes from the run's latency backend, timed on
-validation images side by side: the deployed graph that never escalates (its escalation test
-included), the one that always does, and the MobileNetV2 path. A threshold that escalates a
-share s of the images costs ``never + s * (always - never)``. Every candidate threshold is kept
+validation images side by side on a stream: the deployed graph that never escalates (its
+escalation test included), the one that always does, the MobileNetV2 path, and the graph at
+thresholds that escalate a few shares of the images. A threshold that escalates a share s of
+the images costs what the timed points say, interpolated between them (an image that escalates
+now and then finds the larger network's weights cold). Every candidate threshold is kept
 (``escalation/rule.json``); the most accurate within ``budget`` x the MobileNetV2 path's
 latency becomes the rule that the evaluation, ``instanas.load`` and ``instanas export`` use.
 """
@@ -19,7 +21,13 @@ import numpy as np
 import torch
 
 from ..deploy.inference import ESCALATION_RULE, load_network
-from ..evaluation.cascade import cascade_curve, choose_threshold, confidence
+from ..evaluation.cascade import (
+    cascade_curve,
+    choose_threshold,
+    confidence,
+    rule_latency,
+    share_thresholds,
+)
 from ..latency.side_by_side import measure_per_image
 from ..models.predictor import Escalation, InstaNASPredictor
 from ..run_context import RunContext
@@ -42,9 +50,8 @@ def run(ctx: RunContext) -> dict:
     predictor = finetuned_predictor(ctx, escalate=False)
     larger = load_network(ctx.run_dir, cfg.network, ctx.space).deploy().eval()
     small_conf, small_correct, large_correct = validation_answers(ctx, predictor, larger)
-    timing = deployed_costs(ctx, predictor, larger)
-    curve = cascade_curve(small_conf, small_correct, large_correct, timing["never_ms"],
-                          timing["always_ms"] - timing["never_ms"])  # fmt: skip
+    timing = deployed_costs(ctx, predictor, larger, small_conf)
+    curve = cascade_curve(small_conf, small_correct, large_correct, rule_latency(timing))
     budget_ms = cfg.budget * timing["mbv2_path_ms"]
     chosen = choose_threshold(curve, budget_ms)
     rule = {
@@ -85,25 +92,41 @@ def validation_answers(
     return np.concatenate(conf), np.concatenate(small), np.concatenate(large)
 
 
+# Shares of the timed images escalated in the timing that prices an escalated image.
+COST_SHARES = (0.05, 0.1, 0.2)
+
+
 def deployed_costs(
-    ctx: RunContext, predictor: InstaNASPredictor, larger: torch.nn.Module
+    ctx: RunContext, predictor: InstaNASPredictor, larger: torch.nn.Module, confident: np.ndarray
 ) -> dict[str, float]:
-    """Mean deployed batch-1 latency (ms) on validation images of the model that never
-    escalates, the one that always does, and the MobileNetV2 path, timed side by side."""
+    """Mean deployed batch-1 latency (ms) on a stream of validation images, timed side by side:
+    the model that never escalates, the one that always does, the MobileNetV2 path, and the
+    model at the thresholds that escalate ``COST_SHARES`` of the timed images; ``share_points``
+    holds (share escalated, ms) for all of them. On a stream the larger network runs now and
+    then, its weights cold, so a few escalated images cost more each than when it answers every
+    image: the latency between shares is interpolated between measured points, not along the
+    line from never to always."""
     backend = latency_backend(ctx)
     children = validation_children(ctx, predictor, ctx.config.variants.max_timed_children)
     mbv2_path = load_network(ctx.run_dir, "mbv2-path", ctx.space)
-    models = {
-        "never": with_escalation(predictor, Escalation(larger, NEVER)),
-        "always": with_escalation(predictor, Escalation(larger, ALWAYS)),
-    }
-    calls = {name: backend.model_image_call(m, children) for name, m in models.items()}
+    images = validation_images(ctx, ctx.config.escalation.timed_images)
+    timed_conf = confident[: len(images)]
+    thresholds = {"never": NEVER, "always": ALWAYS}
+    thresholds.update({f"share_{s:g}": t for s, t in
+                       zip(COST_SHARES, share_thresholds(timed_conf, COST_SHARES))})  # fmt: skip
+    calls = {name: backend.model_image_call(
+                 with_escalation(predictor, Escalation(larger, t)), children)
+             for name, t in thresholds.items()}  # fmt: skip
     calls["mbv2_path"] = backend.model_image_call(mbv2_path)
     cfg = ctx.config.latency
-    images = validation_images(ctx, ctx.config.escalation.timed_images)
     measured = measure_per_image(calls, images, cfg.threads, cfg.warmup, ctx.config.seed,
                                  burst=backend.burst)  # fmt: skip
-    return {f"{name}_ms": stats["mean"] for name, stats in measured.items()}
+    costs = {f"{name}_ms": stats["mean"] for name, stats in measured.items()}
+    shares = [float((timed_conf < thresholds[f"share_{s:g}"]).mean()) for s in COST_SHARES]
+    costs["share_points"] = [[0.0, costs["never_ms"]], [1.0, costs["always_ms"]]] + [
+        [share, costs[f"share_{s:g}_ms"]] for share, s in zip(shares, COST_SHARES)
+    ]
+    return costs
 
 
 def with_escalation(predictor: InstaNASPredictor, escalation: Escalation) -> InstaNASPredictor:

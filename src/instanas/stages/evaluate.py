@@ -12,7 +12,7 @@ import numpy as np
 
 from ..checkpoint import load_checkpoint
 from ..deploy.inference import ESCALATION_RULE, escalation_rule, load_network
-from ..evaluation.cascade import cascade_curve, shuffled_escalation
+from ..evaluation.cascade import cascade_curve, rule_latency, shuffled_escalation
 from ..evaluation.oracle import oracle
 from ..evaluation.results import assemble_results
 from ..evaluation.test_passes import (
@@ -115,9 +115,8 @@ def escalation_entry(ctx: RunContext, main: Evaluated) -> dict:
     test = main.test_pass
     confident = test.child_confidence.numpy()
     small, large = test.child_correct.numpy(), test.larger_correct.numpy()
-    never, always = rule["timing"]["never_ms"], rule["timing"]["always_ms"]
     thresholds = np.array([p["threshold"] for p in rule["validation_curve"]])
-    curve = cascade_curve(confident, small, large, never, always - never, thresholds)
+    curve = cascade_curve(confident, small, large, rule_latency(rule["timing"]), thresholds)
     generator = np.random.default_rng(ctx.config.seed + 5)
     escalated = test.escalated.numpy()
     return {
