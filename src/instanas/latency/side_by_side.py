@@ -63,14 +63,22 @@ def measure_per_image(
             before = [(start - k) % len(images) for k in range(burst - 1, 0, -1)]
             order.shuffle(names)
             for name in names:
-                model, times = models[name], samples[name]
-                for j in before:
-                    model(images[j : j + 1])
-                for j in range(start, stop):
-                    x = images[j : j + 1]
-                    began = time.perf_counter_ns()
-                    model(x)
-                    times.append((time.perf_counter_ns() - began) / 1e6)
+                samples[name] += _stream(models[name], images, before, range(start, stop))
     if samples_out is not None:
         samples_out.update(samples)
     return {n: latency_summary(s) for n, s in samples.items()}
+
+
+def _stream(
+    model: Callable[[torch.Tensor], object], images: torch.Tensor, before: list[int], timed: range
+) -> list[float]:
+    """``model`` on the images ``before`` (untimed), then on the ``timed`` ones: ms each."""
+    for j in before:
+        model(images[j : j + 1])
+    times = []
+    for j in timed:
+        x = images[j : j + 1]
+        began = time.perf_counter_ns()
+        model(x)
+        times.append((time.perf_counter_ns() - began) / 1e6)
+    return times
