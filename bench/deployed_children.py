@@ -47,19 +47,16 @@ def main() -> None:
     calls = {
         "mbv2-path": backend.model_image_call(load_network(ctx.run_dir, "mbv2-path", ctx.space))
     }
+    free = [str(ChildArchitecture.from_policy(p)) for images, _ in test
+            for p in predictor.policies(images)]  # fmt: skip
+    total = len(free)
     rows = {}
     for count in args.counts:
         children = ranked[:count] if count else ranked
         predictor.set_children(children)
-        correct = own = 0
         names = {str(c) for c in children}
-        for images, labels in test:
-            predictor.set_children(None)
-            free = [str(ChildArchitecture.from_policy(p)) for p in predictor.policies(images)]
-            predictor.set_children(children)
-            own += sum(c in names for c in free)
-            correct += int((predictor(images).argmax(1) == labels).sum())
-        total = sum(len(labels) for _, labels in test)
+        own = sum(c in names for c in free)
+        correct = sum(int((predictor(images).argmax(1) == labels).sum()) for images, labels in test)
         rows[count] = {"children": len(children), "test_accuracy": correct / total,
                        "own_policy_share": own / total}  # fmt: skip
         calls[f"K={count}"] = backend.model_image_call(predictor.without_escalation(), children)

@@ -66,7 +66,7 @@ class InstaNASPredictor(nn.Module):
         bits = None
         if self.child_set is not None:
             bits = torch.stack([c.to_policy().flatten() for c in self.child_set])
-            self._child_cells = {c.cells: c.cells for c in self.child_set}
+            self._child_cells = {c.cells for c in self.child_set}
         self.register_buffer("child_bits", bits, persistent=False)
 
     def nearest_policies(self, resolved: torch.Tensor) -> torch.Tensor:
@@ -80,9 +80,8 @@ class InstaNASPredictor(nn.Module):
     def _nearest_cells(self, cells: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         if self.child_set is None:
             return cells
-        found = self._child_cells.get(tuple(cells))
-        if found is not None:
-            return list(found)
+        if tuple(cells) in self._child_cells:
+            return cells
         wanted = {(c, m) for c, modules in enumerate(cells) for m in modules}
         best = min(self.child_set, key=lambda child: len(wanted ^ child.module_pairs()))
         return list(best.cells)

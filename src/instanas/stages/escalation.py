@@ -112,8 +112,9 @@ def deployed_costs(
     images = validation_images(ctx, ctx.config.escalation.timed_images)
     timed_conf = confident[: len(images)]
     thresholds = {"never": NEVER, "always": ALWAYS}
-    thresholds.update({f"share_{s:g}": t for s, t in
-                       zip(COST_SHARES, share_thresholds(timed_conf, COST_SHARES))})  # fmt: skip
+    # One threshold per share (share_thresholds drops repeats, which would misalign a zip).
+    thresholds.update({f"share_{s:g}": float(share_thresholds(timed_conf, (s,))[0])
+                       for s in COST_SHARES})  # fmt: skip
     calls = {name: backend.model_image_call(
                  with_escalation(predictor, Escalation(larger, t)), children)
              for name, t in thresholds.items()}  # fmt: skip
