@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from tiny_runs import snapshot
 
 from instanas.cli import main
+from instanas.space import ChildArchitecture
 
 TINY = [
     "--preset",
@@ -163,6 +166,20 @@ def test_help_explains_options():
         assert key in out
 
 
+def _assert_finetune_trained_only(run: Path, child: ChildArchitecture) -> None:
+    """Fine-tuning under a one-child set trains that child's modules and leaves every other
+    module's weights and statistics as the search left them."""
+    searched = load_file(run / "search" / "selected.safetensors")
+    tuned = load_file(run / "finetune" / "model.safetensors")
+    changed: dict[tuple[int, int], bool] = {}
+    for key, value in tuned.items():
+        found = re.match(r"metagraph\.cells\.(\d+)\.candidates\.(\d+)\.", key)
+        if found and not key.endswith("num_batches_tracked"):  # recalibration resets them all
+            module = (int(found[1]), int(found[2]))
+            changed[module] = changed.get(module, False) or not torch.equal(value, searched[key])
+    assert {m for m, c in changed.items() if c} == set(child.module_pairs())
+
+
 def test_end_to_end_tiny_run(tmp_path, cache_dir):
     """The whole pipeline on a Fashion-MNIST subset, through the real command (< 2 minutes)."""
     if not Path("/usr/share/datasets/fashion-mnist").exists():
@@ -224,6 +241,8 @@ def test_end_to_end_tiny_run(tmp_path, cache_dir):
     # The preset deploys the child the controller picks most on the validation split.
     deployed = json.loads((run / "finetune" / "children.json").read_text())
     assert deployed["count"] == 1 and len(deployed["children"]) == 1
+    assert {"search_sha256", "model_sha256"} <= set(deployed)
+    _assert_finetune_trained_only(run, ChildArchitecture.from_string(deployed["children"][0]))
     assert 1 <= main["distinct_children"] <= len(deployed["children"])
     assert results["deployed_overhead"]["exported_children"] == len(deployed["children"])
     assert 1.0 <= main["effective_children"] <= main["distinct_children"]

@@ -65,7 +65,7 @@ class InstaNASPredictor(nn.Module):
         self.child_set = list(children) if children else None
         bits = None
         if self.child_set is not None:
-            bits = torch.stack([c.to_policy().flatten() for c in self.child_set])
+            bits = child_policy_bits(self.child_set)
             self._child_cells = {c.cells for c in self.child_set}
         self.register_buffer("child_bits", bits, persistent=False)
 
@@ -73,9 +73,7 @@ class InstaNASPredictor(nn.Module):
         """Resolved policies [B, cells, modules] -> the deployed child each runs."""
         if self.child_bits is None:
             return resolved
-        bits = self.child_bits.to(resolved.device)
-        distance = (resolved.flatten(1).bool()[:, None, :] != bits[None]).sum(-1)
-        return bits[distance.argmin(1)].view_as(resolved).to(resolved.dtype)
+        return nearest_child_policies(resolved, self.child_bits)
 
     def _nearest_cells(self, cells: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         if self.child_set is None:
@@ -158,3 +156,16 @@ class InstaNASPredictor(nn.Module):
         plain.forced_cells, plain.escalation = self.forced_cells, None
         plain.set_children(self.child_set)
         return plain
+
+
+def child_policy_bits(children: Sequence[ChildArchitecture]) -> torch.Tensor:
+    """Each child's policy, flattened: the rows :func:`nearest_child_policies` picks from."""
+    return torch.stack([c.to_policy().flatten() for c in children])
+
+
+def nearest_child_policies(resolved: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Resolved policies [B, cells, modules] -> the policy of the child in ``bits`` (one
+    flattened policy per row) that differs from each in the fewest (cell, module) choices."""
+    bits = bits.to(resolved.device)
+    distance = (resolved.flatten(1).bool()[:, None, :] != bits[None]).sum(-1)
+    return bits[distance.argmin(1)].view_as(resolved).to(resolved.dtype)

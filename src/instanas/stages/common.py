@@ -3,6 +3,8 @@ the run directory and how it is read back, and the run's latency table."""
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import re
 from pathlib import Path
@@ -212,7 +214,8 @@ def main_model_children(
 ) -> list[ChildArchitecture] | None:
     """The main model's deployed child set: the ``controller.deployed_children`` children its
     fine-tuned controller picks most on the validation split (saved beside the fine-tuned
-    weights the first time; None when the setting is 0)."""
+    weights; None when the setting is 0). Fine-tuning leaves the controller as it is, so the
+    set chosen before fine-tuning (:func:`children_to_finetune`) is this one."""
     count = ctx.config.controller.deployed_children
     saved = deployed_children(ctx.run_dir, ctx.space, count)
     if count == 0 or saved is not None:
@@ -220,15 +223,44 @@ def main_model_children(
     free = predictor.without_escalation()
     free.set_children(None)
     children = validation_children(ctx, free, count)
-    model = stage_path(ctx, "finetune")
-    write_json(ctx.run_dir / DEPLOYED_CHILDREN, {
-        "count": count,
-        "children": [str(c) for c in children],
-        "model_sha256": sha256_file(model),
-    })  # fmt: skip
+    _save_children(ctx, children, model_sha256=sha256_file(stage_path(ctx, "finetune")))
+    return children
+
+
+def children_to_finetune(ctx: RunContext, controller: Controller) -> list[ChildArchitecture] | None:
+    """The child set the main model will deploy, chosen from the searched ``controller``'s
+    picks on the validation split before fine-tuning, which then trains these children alone
+    (docs/decisions.md). Saved with the search output's hash; None when the setting is 0."""
+    count = ctx.config.controller.deployed_children
+    if count == 0:
+        return None
+    source = sha256_file(stage_path(ctx, "search"))
+    path = ctx.run_dir / DEPLOYED_CHILDREN
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("count") == count and saved.get("search_sha256") == source:
+        return [ChildArchitecture.from_string(c, ctx.space.num_modules) for c in saved["children"]]
+    metagraph, _ = new_models(ctx)  # the policies need only the space's empty-cell rule
+    predictor = InstaNASPredictor(metagraph.eval(), copy.deepcopy(controller).cpu().eval())
+    children = validation_children(ctx, predictor, count)
+    _save_children(ctx, children, search_sha256=source)
+    return children
+
+
+def record_finetuned_children(ctx: RunContext) -> None:
+    """Key the child set chosen before fine-tuning to the fine-tuned weights as well."""
+    path = ctx.run_dir / DEPLOYED_CHILDREN
+    if path.exists():
+        saved = json.loads(path.read_text())
+        saved["model_sha256"] = sha256_file(stage_path(ctx, "finetune"))
+        write_json(path, saved)
+
+
+def _save_children(ctx: RunContext, children: list[ChildArchitecture], **keys: str) -> None:
+    count = ctx.config.controller.deployed_children
+    write_json(ctx.run_dir / DEPLOYED_CHILDREN,
+               {"count": count, "children": [str(c) for c in children], **keys})  # fmt: skip
     log.info("the main model deploys %d children: %s", len(children),
              ", ".join(str(c) for c in children))  # fmt: skip
-    return children
 
 
 def validation_children(

@@ -4,6 +4,7 @@ function differs)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import torch
 from ..latency.table import LatencyTable
 from ..models.controller import Controller
 from ..models.metagraph import MetaGraph
+from ..models.predictor import child_policy_bits, nearest_child_policies
 from ..run_context import RunContext
 from ..search.policy import PolicyFn, calibrate, evaluate_policies, greedy_of, policy_forward
+from ..space import ChildArchitecture
 from ..training import EpochPlan, cosine, sgd, supervised_epoch
 from .common import save_stage
 from .loop import EpochLoop
@@ -27,21 +30,35 @@ def finetune_under_controller(
     *,
     stage: str,
     output: Path,
+    children: Sequence[ChildArchitecture] | None = None,
 ) -> MetaGraph:
-    """Fine-tune under the frozen controller; saves meta-graph and controller to ``output``."""
+    """Fine-tune under the frozen controller; saves meta-graph and controller to ``output``.
+    ``children``: the child set the model deploys; every image then trains the child of that
+    set nearest to its policy, as the deployed model runs it."""
     controller = ctx.prepare(controller)
     controller.eval()
     for p in controller.parameters():
         p.requires_grad_(False)
+    policy_fn = greedy_of(controller)
+    if children:
+        policy_fn = routed_within(metagraph, policy_fn, children)
     return train_under_policy(
         ctx,
         metagraph,
-        greedy_of(controller),
+        policy_fn,
         table,
         stage=stage,
         output=output,
         extra_modules={"controller": controller},
     )
+
+
+def routed_within(
+    metagraph: MetaGraph, policy_fn: PolicyFn, children: Sequence[ChildArchitecture]
+) -> PolicyFn:
+    """``policy_fn`` with each image's resolved policy replaced by the nearest of ``children``."""
+    bits = child_policy_bits(children)
+    return lambda images: nearest_child_policies(metagraph.resolve(policy_fn(images)), bits)
 
 
 def train_under_policy(
