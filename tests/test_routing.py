@@ -211,3 +211,21 @@ def test_escalation_latency_is_interpolated_between_shares_timed_on_a_stream():
     curve = cascade_curve(confident, small, large, latency)
     chosen = choose_threshold(curve, budget_ms=0.235)
     assert chosen.share < 0.05 and chosen.latency_ms <= 0.235
+
+
+def test_fine_tuning_under_a_child_set_trains_only_its_children(tiny_space):
+    """Every image's policy becomes the nearest child of the set: the rows training runs."""
+    from instanas.models.metagraph import MetaGraph
+    from instanas.space import ChildArchitecture
+    from instanas.stages.policy_tuning import routed_within
+
+    metagraph = MetaGraph(tiny_space)
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.rand(64, tiny_space.num_cells, tiny_space.num_modules, generator=generator) < 0.4
+    resolved = metagraph.resolve(raw)
+    children = [ChildArchitecture.from_policy(resolved[i]) for i in (0, 1)]
+    routed = routed_within(metagraph, lambda images: raw, children)(torch.zeros(64, 1))
+    allowed = {c.cells for c in children}
+    assert {ChildArchitecture.from_policy(p).cells for p in routed} <= allowed
+    assert ChildArchitecture.from_policy(routed[0]).cells == children[0].cells
+    assert ChildArchitecture.from_policy(routed[1]).cells == children[1].cells

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .. import distributed, stage_specs
 from ..budgets import pinned_stages
-from ..deploy.export import export
 from ..deploy.predict import (
     check_output,
     collect_files,
@@ -54,6 +53,8 @@ def export_command(args: argparse.Namespace) -> int:
             f"{run_dir} has no fine-tuned model (finetune/model.safetensors): "
             f"pass a finished run, or run `instanas finetune --output {run_dir}`"
         )
+    from ..deploy.export import export  # onnx takes a second to import: only here
+
     options = ("model", "children", "validate", "threads", "timed_images", "split")
     result = export(run_dir, args.output, **{name: getattr(args, name) for name in options})
     children = result.routing["children"]
