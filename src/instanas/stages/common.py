@@ -34,6 +34,10 @@ from ..space import ChildArchitecture, ranked_children
 from ..utils import atomic_copy, write_json
 
 log = logging.getLogger("instanas")
+# Validation images on which the static child's and the peer's choices time the main model
+# beside their candidates: its mean includes the few escalated images, each several times
+# dearer than the rest, so a few hundred images leave it noisy by several percent.
+CHOICE_TIMED_IMAGES = 1000
 
 
 def new_models(ctx: RunContext) -> tuple[MetaGraph, Controller]:

@@ -17,6 +17,7 @@ from ..models.metagraph import ChildNetwork, mbv2_path_network, scaled_space
 from ..run_context import RunContext
 from ..utils import write_json
 from .common import (
+    CHOICE_TIMED_IMAGES,
     closest_not_below,
     finetuned_predictor,
     latency_backend,
@@ -28,7 +29,6 @@ from .standalone import train_standalone
 
 log = logging.getLogger("instanas")
 WIDTH_FACTORS = tuple(round(0.25 + 0.05 * i, 2) for i in range(16))  # 0.25 .. 1.0
-_TIMED_IMAGES = 300
 
 
 def candidates(ctx: RunContext) -> dict[float, ChildNetwork]:
@@ -50,7 +50,7 @@ def choose_width(ctx: RunContext) -> tuple[float, dict]:
     calls = {f"{f:g}": backend.model_image_call(n.eval()) for f, n in networks.items()}
     calls["instanas"] = backend.model_image_call(predictor, children)
     cfg = ctx.config.latency
-    measured = measure_per_image(calls, validation_images(ctx, _TIMED_IMAGES), cfg.threads,
+    measured = measure_per_image(calls, validation_images(ctx, CHOICE_TIMED_IMAGES), cfg.threads,
                                  cfg.warmup, ctx.config.seed, burst=backend.burst)  # fmt: skip
     target = measured.pop("instanas")["mean"]
     times = {float(k): v["mean"] for k, v in measured.items()}

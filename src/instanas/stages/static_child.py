@@ -26,6 +26,7 @@ from ..run_context import RunContext
 from ..space import ChildArchitecture, ranked_children
 from ..utils import write_json
 from .common import (
+    CHOICE_TIMED_IMAGES,
     closest_not_below,
     finetuned_predictor,
     latency_backend,
@@ -40,7 +41,6 @@ from .common import (
 from .policy_tuning import train_under_policy
 
 log = logging.getLogger("instanas")
-_TIMED_IMAGES = 300
 
 
 def candidate_children(ctx: RunContext, limit: int) -> list[tuple[ChildArchitecture, int]]:
@@ -81,7 +81,7 @@ def choose_static_child(ctx: RunContext) -> tuple[ChildArchitecture, dict]:
     exported = validation_children(ctx, predictor, limit)
     calls["instanas"] = backend.model_image_call(predictor, exported)
     cfg = ctx.config.latency
-    images = validation_images(ctx, _TIMED_IMAGES)
+    images = validation_images(ctx, CHOICE_TIMED_IMAGES)
     measured = measure_per_image(calls, images, cfg.threads, cfg.warmup, ctx.config.seed,
                                  burst=backend.burst)  # fmt: skip
     times = {i: measured[f"child-{i}"]["mean"] for i in range(len(candidates))}
