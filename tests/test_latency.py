@@ -3,6 +3,7 @@ predictions, the calibration curve, FLOPs and the check against whole children."
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -210,3 +211,39 @@ def test_side_by_side_timing_runs_each_model_on_a_stream_of_images(burst):
         expected += [(start - k) % 70 for k in range(burst - 1, 0, -1)]
         expected += list(range(start, min(start + block, 70)))
     assert seen["a"] == seen["b"] == expected
+
+
+def _paced_model(times_ms: list[float]):
+    """A model whose n-th call sleeps ``times_ms[n]`` (then the last value)."""
+    calls = iter(times_ms)
+
+    def run(x):
+        time.sleep(next(calls, times_ms[-1]) / 1000)
+
+    return run
+
+
+def test_a_disturbed_timing_pass_is_timed_again_and_the_quiet_one_kept():
+    """A pass whose models' per-image times spread widely (std/mean above 0.5) is repeated;
+    the figures are the quiet pass's, and every pass is recorded."""
+    from instanas.latency.side_by_side import measure_per_image
+
+    images = torch.zeros(12, 1, 1, 1)
+    erratic = [0.2, 6.0] * 6  # the first pass: std about the mean
+    model = _paced_model(erratic + [2.0] * 12)
+    samples: dict[str, list[float]] = {}
+    passes: list[dict] = []
+    stats = measure_per_image({"m": model}, images, 1, 0, 0, samples, 1, 2, passes)
+    assert [(p["disturbed"], p["kept"]) for p in passes] == [(True, False), (False, True)]
+    assert passes[0]["disturbance"] > 0.5 > passes[1]["disturbance"]
+    assert 1.9 < stats["m"]["mean"] < 4.0 and min(samples["m"]) > 1.9
+    assert stats["m"]["mean"] == pytest.approx(passes[1]["mean_ms"]["m"])
+
+
+def test_without_retries_a_disturbed_pass_is_kept_and_says_so():
+    from instanas.latency.side_by_side import measure_per_image
+
+    passes: list[dict] = []
+    model = _paced_model([0.2, 6.0] * 6)
+    measure_per_image({"m": model}, torch.zeros(12, 1, 1, 1), 1, 0, 0, passes_out=passes)
+    assert [(p["disturbed"], p["kept"]) for p in passes] == [(True, True)]

@@ -329,3 +329,19 @@ def test_without_matplotlib_the_report_is_written_without_plots(tmp_path, monkey
     assert "matplotlib is not installed" in md_path.read_text()
     assert "matplotlib is not installed" in html_path.read_text()
     assert not (run / "plots").exists()
+
+
+def _passes(*scores: float, kept: int) -> list[dict]:
+    return [{"disturbance": s, "disturbed": s > 0.5, "kept": i == kept, "mean_ms": {"m": 1.0}}
+            for i, s in enumerate(scores)]  # fmt: skip
+
+
+def test_results_say_when_the_timing_was_repeated_or_disturbed():
+    from instanas.report.document import results_markdown
+
+    quiet = results_markdown({**_results(), "timing_passes": _passes(0.3, kept=0)})
+    assert "timing loop" not in quiet and "disturbed" not in quiet
+    repeated = results_markdown({**_results(), "timing_passes": _passes(0.8, 0.3, kept=1)})
+    assert "ran 2 times" in repeated and "quiet pass's (0.30)" in repeated
+    noisy = results_markdown({**_results(), "timing_passes": _passes(0.8, 0.7, 0.9, kept=1)})
+    assert "disturbed in every pass (3;" in noisy and "instanas evaluate --output RUN" in noisy

@@ -435,6 +435,13 @@ class LatencyConfig:
     eval_images: int | None = setting(
         None, "test images timed end to end at batch 1 (default: all)", gt=0
     )
+    noisy_retries: int = setting(
+        2,
+        "times a side-by-side batch-1 timing is repeated when it was disturbed (the models' "
+        "median per-image std/mean above 0.5: other work shared the machine); the quietest "
+        "pass is kept and every pass recorded",
+        ge=0,
+    )
     eager_images: int | None = setting(
         500,
         "of those, images timed again in eager PyTorch for the second figure beside the "

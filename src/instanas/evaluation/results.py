@@ -51,7 +51,8 @@ def assemble_results(
     images = torch.cat([b.images.cpu() for b in ctx.batches(ctx.data.test, 1000, train=False)])
     timed = (images[: cfg.eval_images] if cfg.eval_images else images).contiguous()
     samples: dict[str, list[float]] = {}
-    measured, eager = time_models(ctx, models, backend, overhead or {}, timed, samples)
+    passes: list[dict] = []
+    measured, eager = time_models(ctx, models, backend, overhead or {}, timed, samples, passes)
     entries = {name: model_entry(m, measured.get(name), eager, name, backend.name,
                                  len(ctx.data.test)) for name, m in models.items()}  # fmt: skip
     entries.update({"oracle": oracle_entry} if oracle_entry is not None else {})
@@ -63,6 +64,7 @@ def assemble_results(
         "latency_table": table_summary(table),
         "test_images": len(ctx.data.test),
         "timed_images": len(timed),
+        "timing_passes": passes,
         "reproducibility": reproducibility(ctx),
     }
     if overhead:
@@ -77,15 +79,18 @@ def time_models(
     overhead: dict[str, Callable[[Backend], ImageCall]],
     timed: torch.Tensor,
     samples: dict[str, list[float]],
+    passes: list[dict],
 ) -> tuple[dict, dict | None]:
     """Every deployed model (and the main model's parts) in ``backend``, image by image in one
-    loop; then, unless ``backend`` is eager itself, the eager batch-1 paths in a second loop on
-    the first ``latency.eager_images`` of them (kept as ``latency_ms_eager``)."""
+    loop (timed again when disturbed; ``passes`` receives every pass); then, unless ``backend``
+    is eager itself, the eager batch-1 paths in a second loop on the first
+    ``latency.eager_images`` of them (kept as ``latency_ms_eager``)."""
     cfg = ctx.config.latency
     calls = {n: m.deployed(backend) for n, m in models.items() if m.deployed is not None}
     calls.update({f"overhead/{k}": build(backend) for k, build in overhead.items()})
     timing = (cfg.threads, cfg.warmup, ctx.config.seed)
-    measured = measure_per_image(calls, timed, *timing, samples, burst=backend.burst)
+    measured = measure_per_image(calls, timed, *timing, samples, burst=backend.burst,
+                                 retries=cfg.noisy_retries, passes_out=passes)  # fmt: skip
     if backend.name == "eager":
         return measured, None
     eager = {n: m.batch_one for n, m in models.items()}

@@ -274,6 +274,26 @@ def _device_sentence(results: Mapping) -> str | None:
     )
 
 
+def _timing(results: Mapping) -> str | None:
+    """What the deployed timing loop met: nothing to say after one quiet pass."""
+    passes = results.get("timing_passes") or []
+    kept = next((p for p in passes if p.get("kept")), None)
+    if kept is None or len(passes) == 1 and not kept["disturbed"]:
+        return None
+    scores = ", ".join(f"{p['disturbance']:.2f}" for p in passes)
+    if kept["disturbed"]:
+        return (
+            f"The timing was disturbed in every pass ({len(passes)}; median per-image std/mean "
+            f"{scores}, above 0.5: other work shared the machine), so its latencies are not to "
+            "be relied on: time again on a quiet machine with `instanas evaluate --output RUN`."
+        )
+    return (
+        f"The timing loop ran {len(passes)} times (median per-image std/mean {scores}): a pass "
+        "above 0.5 shared the machine with other work and was timed again; the latencies are "
+        f"the quiet pass's ({kept['disturbance']:.2f})."
+    )
+
+
 def summary_sentences(results: Mapping) -> list[str]:
     sentences = (
         _instanas_vs_mbv2_path(results),
@@ -286,6 +306,7 @@ def summary_sentences(results: Mapping) -> list[str]:
         _static_child(results),
         _oracle(results),
         _device_sentence(results),
+        _timing(results),
         undertrained_sentence(results.get("undertrained") or []),
     )
     return [s for s in sentences if s]

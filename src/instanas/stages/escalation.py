@@ -98,14 +98,15 @@ COST_SHARES = (0.05, 0.1, 0.2)
 
 def deployed_costs(
     ctx: RunContext, predictor: InstaNASPredictor, larger: torch.nn.Module, confident: np.ndarray
-) -> dict[str, float]:
+) -> dict:
     """Mean deployed batch-1 latency (ms) on a stream of validation images, timed side by side:
     the model that never escalates, the one that always does, the MobileNetV2 path, and the
     model at the thresholds that escalate ``COST_SHARES`` of the timed images; ``share_points``
     holds (share escalated, ms) for all of them. On a stream the larger network runs now and
     then, its weights cold, so a few escalated images cost more each than when it answers every
     image: the latency between shares is interpolated between measured points, not along the
-    line from never to always."""
+    line from never to always. ``timing_passes``: the timing's passes (a disturbed one is timed
+    again, ``latency.noisy_retries``)."""
     backend = latency_backend(ctx)
     children = validation_children(ctx, predictor, ctx.config.variants.max_timed_children)
     mbv2_path = load_network(ctx.run_dir, "mbv2-path", ctx.space)
@@ -120,9 +121,12 @@ def deployed_costs(
              for name, t in thresholds.items()}  # fmt: skip
     calls["mbv2_path"] = backend.model_image_call(mbv2_path)
     cfg = ctx.config.latency
+    passes: list[dict] = []
     measured = measure_per_image(calls, images, cfg.threads, cfg.warmup, ctx.config.seed,
-                                 burst=backend.burst)  # fmt: skip
+                                 burst=backend.burst, retries=cfg.noisy_retries,
+                                 passes_out=passes)  # fmt: skip
     costs = {f"{name}_ms": stats["mean"] for name, stats in measured.items()}
+    costs["timing_passes"] = passes
     shares = [float((timed_conf < thresholds[f"share_{s:g}"]).mean()) for s in COST_SHARES]
     costs["share_points"] = [[0.0, costs["never_ms"]], [1.0, costs["always_ms"]]] + [
         [share, costs[f"share_{s:g}_ms"]] for share, s in zip(shares, COST_SHARES)

@@ -51,7 +51,8 @@ def choose_width(ctx: RunContext) -> tuple[float, dict]:
     calls["instanas"] = backend.model_image_call(predictor, children)
     cfg = ctx.config.latency
     measured = measure_per_image(calls, validation_images(ctx, CHOICE_TIMED_IMAGES), cfg.threads,
-                                 cfg.warmup, ctx.config.seed, burst=backend.burst)  # fmt: skip
+                                 cfg.warmup, ctx.config.seed, burst=backend.burst,
+                                 retries=cfg.noisy_retries)  # fmt: skip
     target = measured.pop("instanas")["mean"]
     times = {float(k): v["mean"] for k, v in measured.items()}
     factor = closest_not_below(times, target)

@@ -83,7 +83,7 @@ def choose_static_child(ctx: RunContext) -> tuple[ChildArchitecture, dict]:
     cfg = ctx.config.latency
     images = validation_images(ctx, CHOICE_TIMED_IMAGES)
     measured = measure_per_image(calls, images, cfg.threads, cfg.warmup, ctx.config.seed,
-                                 burst=backend.burst)  # fmt: skip
+                                 burst=backend.burst, retries=cfg.noisy_retries)  # fmt: skip
     times = {i: measured[f"child-{i}"]["mean"] for i in range(len(candidates))}
     target = measured["instanas"]["mean"]
     chosen = closest_not_below(times, target)
