@@ -7,6 +7,12 @@ replaces the child's (what the run deploys), or the two softmax outputs are aver
 same share escalated at random (seeded), both forms. Also printed: each network alone and the
 two averaged on every image (the bound of the averaging form). Accuracy only: no timing.
 
+``ceiling`` says what any escalation to this larger network can give: the share of test images
+only the larger network gets right (all that replacing can fix) and only the child gets right
+(what replacing can break); per share, both networks' accuracy on the images escalated by
+confidence, and the best any rule could do with that share (an oracle that escalates only
+images the larger network fixes).
+
     .venv/bin/python bench/escalation_forms.py runs/q0 --shares 0.02 0.04 0.06 0.1 0.2
 """
 
@@ -70,12 +76,34 @@ def main() -> None:
             "by_confidence": accuracies(small, large, labels, by_confidence),
             "at_random": accuracies(small, large, labels, at_random),
         }
+    rows_ceiling = ceiling(small, large, labels, unsure_first, args.shares)
     alone = {
         "child": 100 * float((small.argmax(1) == labels).mean()),
         "mbv2_path": 100 * float((large.argmax(1) == labels).mean()),
         "both_averaged": 100 * float(((small + large).argmax(1) == labels).mean()),
     }
-    print(json.dumps({"run": str(args.run_dir), "alone": alone, "shares": rows}, indent=1))
+    report = {"run": str(args.run_dir), "alone": alone, "shares": rows, "ceiling": rows_ceiling}
+    print(json.dumps(report, indent=1))
+
+
+def ceiling(small, large, labels, unsure_first: np.ndarray, shares) -> dict:
+    """What escalating to ``large`` can give at all, and what confidence gets of it."""
+    child_right, large_right = small.argmax(1) == labels, large.argmax(1) == labels
+    fixable = float((~child_right & large_right).mean())
+    per_share = {}
+    for share in shares:
+        escalated = unsure_first[: int(round(share * len(labels)))]
+        per_share[f"{share:g}"] = {
+            "child_on_escalated": 100 * float(child_right[escalated].mean()),
+            "larger_on_escalated": 100 * float(large_right[escalated].mean()),
+            "oracle_gain_points": 100 * min(share, fixable),
+        }
+    return {
+        "only_larger_right": 100 * fixable,
+        "only_child_right": 100 * float((child_right & ~large_right).mean()),
+        "both_wrong": 100 * float((~child_right & ~large_right).mean()),
+        "by_confidence": per_share,
+    }
 
 
 if __name__ == "__main__":
