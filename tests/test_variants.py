@@ -41,3 +41,43 @@ def test_cheapest_correct_child_per_image():
     assert solved.tolist() == [True, False, True]
     # Image 0: the cheapest correct is column 2; image 1: none, the greedy (column 0) cost.
     assert cost.tolist() == [2.0, 3.0, 1.0]
+
+
+def test_the_static_child_ladder_grows_the_controllers_child_by_its_preference(tiny_space):
+    from instanas.latency.backends import EagerBackend
+    from instanas.latency.table import LatencyTable, table_key
+    from instanas.latency.timing import TimingStats
+    from instanas.models.controller import Controller, ControllerSpec
+    from instanas.models.metagraph import MetaGraph
+    from instanas.space import ChildArchitecture
+    from instanas.stages.static_child import LADDER_STEPS, ladder_children
+
+    torch.manual_seed(0)
+    graph = MetaGraph(tiny_space)
+    controller = Controller(1, 17, 5, ControllerSpec(12, (4, 8, 8))).eval()
+    stat = lambda v: TimingStats(v, v, 0.0, v, v, 30)  # noqa: E731
+    modules = [[stat(0.01 * (1 + m)) for m in range(5)] for _ in range(17)]
+    fixed = {n: stat(0.05) for n in ("stem", "head", "controller", "call")}
+    table = LatencyTable(table_key(graph, controller, EagerBackend(), 1), modules, fixed)
+    start = tiny_space.minimum_child()
+    images = torch.randn(40, 1, *(tiny_space.input_size,) * 2)
+    ladder = ladder_children(graph, controller, images, table, start)
+
+    def ms(child: ChildArchitecture) -> float:
+        policy = graph.resolve(child.to_policy().unsqueeze(0))
+        return float(table.predict_ms(policy, include_controller=False)[0])
+
+    base = ms(start)
+    assert 1 < len(ladder) <= len(LADDER_STEPS)
+    times = [ms(child) for child in ladder]
+    assert times == sorted(times) and times[0] >= LADDER_STEPS[0] * base
+    assert times[-1] >= LADDER_STEPS[-1] * base  # the ladder reaches its last step
+    # Nested: each child holds the one before it, and the start's modules stay.
+    pairs = [start.module_pairs(), *(c.module_pairs() for c in ladder)]
+    assert all(a <= b for a, b in zip(pairs, pairs[1:]))
+    # Modules join in the order of the controller's mean probability.
+    with torch.no_grad():
+        probs = torch.sigmoid(controller.policy_logits(images)).mean(0)
+    added = ladder[0].module_pairs() - start.module_pairs()
+    rest = {(c, m) for c in range(17) for m in range(5)} - ladder[0].module_pairs()
+    assert min(probs[c, m] for c, m in added) >= max(probs[c, m] for c, m in rest)

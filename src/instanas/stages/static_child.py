@@ -2,10 +2,13 @@
 child that costs about as much.
 
 Among the children the search's controllers pick on the validation split (the selected one's
-first, the most used first, up to ``variants.max_timed_children``), each is timed at batch 1 in
-the run's latency backend side by side with the main model as deployed (controller, routing,
-escalation); the child whose measured latency is closest to and not below the main model's mean
-is chosen (the slowest one if every child is faster). It is then fine-tuned alone from the
+first, the most used first, up to ``variants.max_timed_children``) and a ladder of larger
+children of the selected controller (its most used child with more modules added in the order
+of their mean probability, one child per step of table latency: the controllers' picks can leave
+a wide gap right where escalation puts the main model), each is timed at batch 1 in the run's
+latency backend side by side with the main model as deployed (controller, routing, escalation);
+the child whose measured latency is closest to and not below the main model's mean is chosen
+(the slowest one if every child is faster). It is then fine-tuned alone from the
 searched meta-graph with the InstaNAS fine-tuning budget and schedule.
 """
 
@@ -42,12 +45,16 @@ from .policy_tuning import train_under_policy
 
 log = logging.getLogger("instanas")
 
+# Table latency of the ladder's children relative to the controller's most used child.
+LADDER_STEPS = tuple(round(1 + 0.1 * k, 1) for k in range(1, 11))
 
-def candidate_children(ctx: RunContext, limit: int) -> list[tuple[ChildArchitecture, int]]:
+
+def candidate_children(ctx: RunContext, limit: int) -> list[tuple[ChildArchitecture, int, str]]:
     """The children the controller of every search checkpoint picks on the validation split
     (the selected one first), most used first, with how many images pick them: the selected
     controller's own children and, from the checkpoints before it, costlier ones, so that
-    there are children at the main model's latency when escalation raises it."""
+    there are children at the main model's latency when escalation raises it; then the
+    selected controller's ladder. Each with its source, ``controller`` or ``ladder``."""
     counts: Counter[str] = Counter()
     children: dict[str, ChildArchitecture] = {}
     images = validation_images(ctx)
@@ -63,7 +70,39 @@ def candidate_children(ctx: RunContext, limit: int) -> list[tuple[ChildArchitect
             if len(children) >= limit:
                 break
     ranked = sorted(children, key=lambda c: -counts[c])
-    return [(children[c], counts[c]) for c in ranked]
+    found = [(children[c], counts[c], "controller") for c in ranked]
+    graph, controller = load_candidate(ctx, paths[0])
+    ladder = ladder_children(graph.cpu(), controller.cpu(), images, latency_table(ctx), found[0][0])
+    return found + [(child, 0, "ladder") for child in ladder if str(child) not in children]
+
+
+@torch.inference_mode()
+def ladder_children(
+    graph: MetaGraph,
+    controller: Controller,
+    images: torch.Tensor,
+    table: LatencyTable,
+    start: ChildArchitecture,
+) -> list[ChildArchitecture]:
+    """Larger children along the controller's own preference: ``start`` with the modules it
+    lacks added one at a time, most probable first (mean probability over ``images``); the
+    first child whose table latency reaches each of LADDER_STEPS x ``start``'s is kept."""
+    probs = torch.cat([torch.sigmoid(controller.policy_logits(images[i : i + 500]))
+                       for i in range(0, len(images), 500)]).mean(0)  # fmt: skip
+    policy = graph.resolve(start.to_policy().unsqueeze(0))[0]
+    base_ms = float(table.predict_ms(policy, include_controller=False))
+    steps, ladder = list(LADDER_STEPS), []
+    for flat in torch.argsort(probs.flatten(), descending=True).tolist():
+        cell, module = divmod(flat, policy.shape[1])
+        if policy[cell, module]:
+            continue
+        policy = policy.clone()
+        policy[cell, module] = True
+        ms = float(table.predict_ms(policy, include_controller=False))
+        if steps and ms >= steps[0] * base_ms:
+            ladder.append(ChildArchitecture.from_policy(policy))
+            steps = [s for s in steps if ms < s * base_ms]
+    return ladder
 
 
 def choose_static_child(ctx: RunContext) -> tuple[ChildArchitecture, dict]:
@@ -77,7 +116,7 @@ def choose_static_child(ctx: RunContext) -> tuple[ChildArchitecture, dict]:
     backend = latency_backend(ctx)
     graph = predictor.metagraph
     calls = {f"child-{i}": backend.model_image_call(graph.materialize(child).eval())
-             for i, (child, _) in enumerate(candidates)}  # fmt: skip
+             for i, (child, _, _) in enumerate(candidates)}  # fmt: skip
     exported = validation_children(ctx, predictor, limit)
     calls["instanas"] = backend.model_image_call(predictor, exported)
     cfg = ctx.config.latency
@@ -87,10 +126,11 @@ def choose_static_child(ctx: RunContext) -> tuple[ChildArchitecture, dict]:
     times = {i: measured[f"child-{i}"]["mean"] for i in range(len(candidates))}
     target = measured["instanas"]["mean"]
     chosen = closest_not_below(times, target)
-    child, count = candidates[chosen]
+    child, count, source = candidates[chosen]
     info = {
         "child": [list(m) for m in child.cells],
         "val_share": count / len(ctx.data.val),
+        "source": source,
         "measured_ms": times[chosen],
         "instanas_measured_ms": target,
         "candidates": len(candidates),
