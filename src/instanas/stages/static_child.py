@@ -59,9 +59,11 @@ def candidate_children(ctx: RunContext, limit: int) -> list[tuple[ChildArchitect
     children: dict[str, ChildArchitecture] = {}
     images = validation_images(ctx)
     paths = [stage_path(ctx, "search"), *reversed(search_checkpoints(ctx.run_dir))]
+    selected = None
     for path in paths:
         graph, controller = load_candidate(ctx, path)
         predictor = InstaNASPredictor(graph.cpu(), controller.cpu())
+        selected = selected or predictor
         policies = torch.cat([predictor.policies(images[i : i + 500])
                               for i in range(0, len(images), 500)])  # fmt: skip
         for child, count in ranked_children(policies):
@@ -71,8 +73,8 @@ def candidate_children(ctx: RunContext, limit: int) -> list[tuple[ChildArchitect
                 break
     ranked = sorted(children, key=lambda c: -counts[c])
     found = [(children[c], counts[c], "controller") for c in ranked]
-    graph, controller = load_candidate(ctx, paths[0])
-    ladder = ladder_children(graph.cpu(), controller.cpu(), images, latency_table(ctx), found[0][0])
+    ladder = ladder_children(selected.metagraph, selected.controller, images,
+                             latency_table(ctx), found[0][0])  # fmt: skip
     return found + [(child, 0, "ladder") for child in ladder if str(child) not in children]
 
 
@@ -96,8 +98,7 @@ def ladder_children(
         cell, module = divmod(flat, policy.shape[1])
         if policy[cell, module]:
             continue
-        policy = policy.clone()
-        policy[cell, module] = True
+        policy[cell, module] = True  # from_policy below copies it
         ms = float(table.predict_ms(policy, include_controller=False))
         if steps and ms >= steps[0] * base_ms:
             ladder.append(ChildArchitecture.from_policy(policy))
